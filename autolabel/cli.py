@@ -1,0 +1,131 @@
+"""The `autolabel` command. Each subcommand is a thin shell over a library stage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autolabel.config import RunConfig, config_yaml, load_config
+from autolabel.errors import AutolabelError
+
+app = typer.Typer(help="Label and audit the features of transcoders of language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+corpus_app = typer.Typer(help="Build and inspect the corpus of plain text and chat transcripts.", no_args_is_help=True)
+model_app = typer.Typer(help="Inspect the subject model and its hook points.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(model_app, name="model")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")]
+StoreOption = Annotated[Optional[str], typer.Option("--store", help="DuckDB file (overrides the config).")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _config(config: Path | None, store: str | None = None, model: str | None = None) -> RunConfig:
+    run_config = load_config(config)
+    if store:
+        run_config.store = store
+    if model:
+        run_config.model.source = model
+    return run_config
+
+
+def _print_table(title: str, columns: list[str], rows: list[tuple]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    console.print(table)
+
+
+def _print_corpus_summary(summary) -> None:
+    state = "reused (already built)" if summary.reused else f"built, {summary.generated} assistant turns generated"
+    console.print(f"corpus [bold]{summary.corpus_id}[/]: {summary.n_docs} documents, {summary.n_tokens:,} tokens; {state}")
+    _print_table("tokens by role", ["role", "tokens"], sorted(summary.tokens_by_role.items()))
+    _print_table("tokens by category", ["category", "tokens"], sorted(summary.tokens_by_category.items()))
+
+
+@app.command()
+def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False) -> None:
+    """Run the default audit pipeline: every stage that exists so far (today: the corpus)."""
+    from autolabel.pipeline import run_pipeline
+
+    run_id, summary = run_pipeline(_config(config, store, model), show_progress=not quiet)
+    _print_corpus_summary(summary)
+    console.print(f"run [bold]{run_id}[/] complete; query it with: autolabel query \"select * from runs\"")
+
+
+@corpus_app.command("build")
+def corpus_build(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
+                 quiet: QuietOption = False) -> None:
+    """Read the corpus sources, generate assistant turns, tag every token with its role, store it."""
+    from autolabel.corpus import build_corpus
+    from autolabel.models import load_subject_model
+    from autolabel.store import Store
+
+    run_config = _config(config, store, model)
+    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
+    with Store(run_config.store) as db:
+        _print_corpus_summary(build_corpus(db, run_config.corpus, subject, show_progress=not quiet))
+
+
+@model_app.command("info")
+def model_info(model: ModelOption = None, config: ConfigOption = None,
+               layer: Annotated[int, typer.Option(help="Layer whose hook points to resolve.")] = 0) -> None:
+    """Load the subject model and show its shape and resolved hook points."""
+    from autolabel.models import HOOK_ALIASES, load_subject_model
+
+    run_config = _config(config, model=model)
+    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
+    console.print(f"{subject.model_id}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
+    rows = [(alias, subject.hook_point(alias, layer).name) for alias in sorted(HOOK_ALIASES)]
+    _print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
+
+
+@app.command()
+def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only connection.")],
+          store: StoreOption = None, config: ConfigOption = None,
+          format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table") -> None:
+    """Run SQL against the store (read-only) and print the result."""
+    from autolabel.store import Store
+
+    if format not in {"table", "csv", "json"}:
+        raise AutolabelError(f"--format must be table, csv or json, not {format!r}")
+    with Store(_config(config, store).store, read_only=True) as db:
+        columns, rows = db.query(sql)
+    if format == "table":
+        _print_table("", columns, rows)
+    elif format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        sys.stdout.write(buffer.getvalue())
+    else:
+        sys.stdout.write(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1) + "\n")
+
+
+@app.command("config")
+def show_config(config: ConfigOption = None) -> None:
+    """Print the effective run config as YAML (the defaults when no --config is given)."""
+    sys.stdout.write(config_yaml(load_config(config)))
+
+
+def main() -> None:
+    try:
+        app()
+    except AutolabelError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,105 @@
+"""One typed run config, loaded from YAML; its defaults describe the embedded offline run.
+
+Unknown keys are errors (a typo in a config should never be silently ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autolabel.errors import AutolabelError
+
+ROLES = ("system", "user", "assistant", "template", "text")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    # "embedded:smollm2", a local HF folder, a local .gguf file, or a hub id (online only).
+    source: str = "embedded:smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class SourceConfig(Strict):
+    # A built-in source name (see autolabel.corpus.sources.BUILTIN_SOURCES) or "file".
+    name: str
+    path: str | None = None
+    # For "file": the category of rows that carry none. For built-ins: replaces theirs.
+    category: str | None = None
+    # Keep at most this many items (chosen by a seeded shuffle); None keeps all.
+    limit: int | None = Field(default=None, ge=1)
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(name="bbc_news", limit=100),
+        SourceConfig(name="chitchat", limit=100),
+        SourceConfig(name="chatterbot", limit=60),
+        SourceConfig(name="rho_refusal", limit=60),
+        SourceConfig(name="rho_over_refusal", limit=60),
+        SourceConfig(name="rho_sycophancy", limit=60),
+        SourceConfig(name="bastion_injection", limit=100),
+        SourceConfig(name="prompts", path=str(PROJECT_ROOT / "audits" / "prompts")),
+    ]
+
+
+class GenerationConfig(Strict):
+    """Assistant turns the subject model writes for chats that end on a user turn."""
+
+    enabled: bool = True
+    max_new_tokens: int = Field(default=128, ge=1)
+    # Greedy decoding of a small model loops on one phrase without a mild penalty.
+    repetition_penalty: float = Field(default=1.15, ge=1.0)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class CorpusConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=_default_sources)
+    ctx_len: int = Field(default=256, ge=8)
+    seed: int = 0
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class RunConfig(Strict):
+    store: str = "autolabel.duckdb"
+    # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get(
+            "AUTOLABEL_CACHE_DIR", str(Path.home() / ".cache" / "autolabel")
+        )
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise AutolabelError(f"config file {path} does not exist; pass an existing YAML file or omit --config for the defaults")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise AutolabelError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise AutolabelError(f"config file {path} must hold a mapping at the top level, found {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise AutolabelError(f"config file {path} is invalid: {problems} (see `autolabel config` for the defaults)") from err
+
+
+def config_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,307 @@
+"""DuckDB store: the only place that creates tables, and the one write path.
+
+Every stage writes through `write_shard`, one transaction per (run_id, stage,
+shard): rows are upserted on their primary keys and the shard is recorded in
+`shards` in the same transaction. A killed stage therefore leaves either a whole
+shard or nothing, and a re-run skips the shards already recorded, so nothing is
+lost or doubled. Corpus-scoped tables use the corpus_id in the run_id slot.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from autolabel.config import ROLES
+from autolabel.errors import AutolabelError
+
+SCHEMA_VERSION = 1
+
+_ROLE_ENUM = ", ".join(f"'{r}'" for r in ROLES)
+
+# Table name -> CREATE statement. Order matters only for readability.
+SCHEMA: dict[str, str] = {
+    "schema_version": """
+        CREATE TABLE IF NOT EXISTS schema_version (
+            version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)""",
+    "runs": """
+        CREATE TABLE IF NOT EXISTS runs (
+            run_id VARCHAR PRIMARY KEY, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ,
+            status VARCHAR, config_json JSON, model_id VARCHAR, transcoder_id VARCHAR,
+            corpus_id VARCHAR, parent_run_id VARCHAR, error VARCHAR)""",
+    "shards": """
+        CREATE TABLE IF NOT EXISTS shards (
+            run_id VARCHAR, stage VARCHAR, shard VARCHAR, committed_at TIMESTAMPTZ,
+            n_rows BIGINT, PRIMARY KEY (run_id, stage, shard))""",
+    "corpora": """
+        CREATE TABLE IF NOT EXISTS corpora (
+            corpus_id VARCHAR PRIMARY KEY, created_at TIMESTAMPTZ, status VARCHAR,
+            spec_json JSON, tokenizer_id VARCHAR, ctx_len INTEGER, n_docs BIGINT,
+            n_tokens BIGINT)""",
+    "documents": """
+        CREATE TABLE IF NOT EXISTS documents (
+            corpus_id VARCHAR, doc_id VARCHAR, kind VARCHAR, source VARCHAR,
+            category VARCHAR, n_tokens INTEGER, n_turns INTEGER, text VARCHAR,
+            messages_json JSON, PRIMARY KEY (corpus_id, doc_id))""",
+    "doc_tokens": """
+        CREATE TABLE IF NOT EXISTS doc_tokens (
+            corpus_id VARCHAR, doc_id VARCHAR, token_ids INTEGER[], roles token_role[],
+            turns SMALLINT[], PRIMARY KEY (corpus_id, doc_id))""",
+    "generations": """
+        CREATE TABLE IF NOT EXISTS generations (
+            model_id VARCHAR, prompt_hash VARCHAR, params_json JSON, prompt_json JSON,
+            response VARCHAR, created_at TIMESTAMPTZ, PRIMARY KEY (model_id, prompt_hash))""",
+    "transcoders": """
+        CREATE TABLE IF NOT EXISTS transcoders (
+            transcoder_id VARCHAR PRIMARY KEY, source_format VARCHAR, path VARCHAR,
+            model_id VARCHAR, d_in INTEGER, d_feat INTEGER, layers INTEGER[],
+            activation VARCHAR, input_hook VARCHAR, output_hook VARCHAR,
+            fvu_by_layer MAP(INTEGER, DOUBLE), l0_by_layer MAP(INTEGER, DOUBLE),
+            dead_by_layer MAP(INTEGER, DOUBLE), checked_at TIMESTAMPTZ)""",
+    "features": """
+        CREATE TABLE IF NOT EXISTS features (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, n_tokens BIGINT,
+            n_active BIGINT, density DOUBLE, max_act DOUBLE, mean_act DOUBLE,
+            quantile_edges DOUBLE[], histogram BIGINT[],
+            PRIMARY KEY (run_id, layer, feature))""",
+    "role_stats": """
+        CREATE TABLE IF NOT EXISTS role_stats (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, role token_role,
+            n_tokens BIGINT, n_active BIGINT, sum_act DOUBLE, max_act DOUBLE,
+            n_turns BIGINT, n_turns_active BIGINT,
+            PRIMARY KEY (run_id, layer, feature, role))""",
+    "category_stats": """
+        CREATE TABLE IF NOT EXISTS category_stats (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, category VARCHAR,
+            role token_role, n_tokens BIGINT, n_active BIGINT, sum_act DOUBLE,
+            n_turns BIGINT, n_turns_active BIGINT,
+            PRIMARY KEY (run_id, layer, feature, category, role))""",
+    "examples": """
+        CREATE TABLE IF NOT EXISTS examples (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, kind VARCHAR, rank INTEGER,
+            doc_id VARCHAR, turn INTEGER, role token_role, start INTEGER,
+            tokens INTEGER[], acts FLOAT[], max_act DOUBLE,
+            PRIMARY KEY (run_id, layer, feature, kind, rank))""",
+    "labels": """
+        CREATE TABLE IF NOT EXISTS labels (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, labeler VARCHAR,
+            label VARCHAR, explanation VARCHAR, prompt_hash VARCHAR, status VARCHAR,
+            error VARCHAR, created_at TIMESTAMPTZ,
+            PRIMARY KEY (run_id, layer, feature, labeler))""",
+    "scores": """
+        CREATE TABLE IF NOT EXISTS scores (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, scorer VARCHAR,
+            value DOUBLE, n INTEGER, status VARCHAR, unreliable BOOLEAN,
+            details_json JSON, PRIMARY KEY (run_id, layer, feature, scorer))""",
+    "llm_cache": """
+        CREATE TABLE IF NOT EXISTS llm_cache (
+            cache_key VARCHAR PRIMARY KEY, model VARCHAR, request_json JSON,
+            response_json JSON, created_at TIMESTAMPTZ)""",
+    "llm_calls": """
+        CREATE TABLE IF NOT EXISTS llm_calls (
+            call_id VARCHAR PRIMARY KEY, run_id VARCHAR, stage VARCHAR, model VARCHAR,
+            prompt_hash VARCHAR, tokens_in INTEGER, tokens_out INTEGER, cost_usd DOUBLE,
+            latency_s DOUBLE, status VARCHAR, error VARCHAR, cached BOOLEAN,
+            created_at TIMESTAMPTZ)""",
+    "feature_map": """
+        CREATE TABLE IF NOT EXISTS feature_map (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, umap_x DOUBLE, umap_y DOUBLE,
+            cluster_id INTEGER, reliable BOOLEAN, PRIMARY KEY (run_id, layer, feature))""",
+    "clusters": """
+        CREATE TABLE IF NOT EXISTS clusters (
+            run_id VARCHAR, cluster_id INTEGER, name VARCHAR, description VARCHAR,
+            size INTEGER, PRIMARY KEY (run_id, cluster_id))""",
+    "groups": """
+        CREATE TABLE IF NOT EXISTS groups (
+            run_id VARCHAR, group_name VARCHAR, layer INTEGER, feature INTEGER,
+            similarity DOUBLE, lift DOUBLE, PRIMARY KEY (run_id, group_name, layer, feature))""",
+    "audit_findings": """
+        CREATE TABLE IF NOT EXISTS audit_findings (
+            run_id VARCHAR, audit VARCHAR, layer INTEGER, feature INTEGER, metric VARCHAR,
+            value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, flagged BOOLEAN,
+            details_json JSON, PRIMARY KEY (run_id, audit, layer, feature, metric))""",
+}
+
+# One row per token, for SQL over roles and categories without unnesting by hand.
+TOKENS_VIEW = """
+    CREATE OR REPLACE VIEW tokens AS
+    SELECT t.corpus_id, t.doc_id, d.kind, d.source, d.category,
+           UNNEST(range(len(t.token_ids))) AS pos, UNNEST(t.token_ids) AS token_id,
+           UNNEST(t.roles) AS role, UNNEST(t.turns) AS turn
+    FROM doc_tokens t JOIN documents d USING (corpus_id, doc_id)"""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_arrow(rows: pa.Table | list[dict[str, Any]]) -> pa.Table:
+    return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+
+
+class Store:
+    """A DuckDB file holding every table of every run."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        if read_only and not self.path.is_file():
+            raise AutolabelError(f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as err:
+            raise AutolabelError(f"cannot open store {self.path}: {err}") from err
+        if not read_only:
+            self._migrate()
+        self._check_version()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            has_enum = self.one("SELECT count(*) FROM duckdb_types() WHERE type_name = 'token_role'")[0]
+            if not has_enum:
+                self.con.execute(f"CREATE TYPE token_role AS ENUM ({_ROLE_ENUM})")
+            for ddl in SCHEMA.values():
+                self.con.execute(ddl)
+            self.con.execute(TOKENS_VIEW)
+            self.con.execute(
+                "INSERT INTO schema_version VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [SCHEMA_VERSION, now()],
+            )
+
+    def _check_version(self) -> None:
+        try:
+            version = self.one("SELECT max(version) FROM schema_version")[0]
+        except duckdb.CatalogException as err:
+            raise AutolabelError(f"{self.path} is not an autolabel store (no schema_version table)") from err
+        if version is not None and version > SCHEMA_VERSION:
+            raise AutolabelError(
+                f"store {self.path} has schema version {version}, newer than this autolabel "
+                f"({SCHEMA_VERSION}); upgrade autolabel or use another --store"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # -- the write path -------------------------------------------------------
+
+    def write_shard(
+        self,
+        run_id: str,
+        stage: str,
+        shard: str,
+        tables: dict[str, pa.Table | list[dict[str, Any]]],
+        replace: bool = False,
+    ) -> bool:
+        """Upsert `tables` and record the shard, all or nothing.
+
+        Returns False (and writes nothing) when the shard was already committed
+        and `replace` is not set, which is what makes resuming safe.
+        """
+        with self.transaction() as con:
+            done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
+                            [run_id, stage, shard])[0]
+            if done and not replace:
+                return False
+            n_rows = sum(self._upsert(con, table, rows) for table, rows in tables.items())
+            con.execute(
+                "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
+                [run_id, stage, shard, now(), n_rows],
+            )
+        return True
+
+    def upsert(self, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
+        """Insert-or-replace rows by primary key, outside the shard ledger (for caches)."""
+        with self.transaction() as con:
+            return self._upsert(con, table, rows)
+
+    @staticmethod
+    def _upsert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
+        if table not in SCHEMA:
+            raise ValueError(f"unknown table {table!r}")
+        incoming = _as_arrow(rows)
+        if incoming.num_rows == 0:
+            return 0
+        con.register("_incoming", incoming)
+        try:
+            con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _incoming")
+        finally:
+            con.unregister("_incoming")
+        return incoming.num_rows
+
+    def one(self, sql: str, params: list[Any] | None = None) -> tuple | None:
+        """The first row of a query (DuckDB wants every result drained before the next call)."""
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0] if rows else None
+
+    def committed_shards(self, run_id: str, stage: str) -> set[str]:
+        rows = self.con.execute(
+            "SELECT shard FROM shards WHERE run_id = ? AND stage = ?", [run_id, stage]
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def delete_scope(self, run_id: str, stage: str, tables: dict[str, str]) -> None:
+        """Remove a stage's rows and shard records for one run, in one transaction.
+
+        `tables` maps table name -> the column that holds the run (or corpus) id.
+        """
+        with self.transaction() as con:
+            for table, column in tables.items():
+                con.execute(f"DELETE FROM {table} WHERE {column} = ?", [run_id])
+            con.execute("DELETE FROM shards WHERE run_id = ? AND stage = ?", [run_id, stage])
+
+    # -- runs -----------------------------------------------------------------
+
+    def start_run(self, config_json: str, model_id: str, corpus_id: str | None = None,
+                  transcoder_id: str | None = None, parent_run_id: str | None = None) -> str:
+        run_id = now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.con.execute(
+            "INSERT INTO runs (run_id, started_at, status, config_json, model_id, transcoder_id,"
+            " corpus_id, parent_run_id) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+            [run_id, now(), config_json, model_id, transcoder_id, corpus_id, parent_run_id],
+        )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str = "complete", error: str | None = None,
+                   **fields: str | None) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.con.execute(
+            f"UPDATE runs SET finished_at = ?, status = ?, error = ?{', ' + sets if sets else ''}"
+            " WHERE run_id = ?",
+            [now(), status, error, *fields.values(), run_id],
+        )
+
+    # -- reads ----------------------------------------------------------------
+
+    def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        try:
+            cursor = self.con.execute(sql, params or [])
+        except duckdb.Error as err:
+            raise AutolabelError(f"query failed: {err}") from err
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return columns, cursor.fetchall()
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)

