@@ -68,6 +68,40 @@ class CorpusConfig(Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
+class TranscoderTrainConfig(Strict):
+    """How `autolabel transcoder train` trains per-layer transcoders (defaults: the embedded set)."""
+
+    layers: list[int] = Field(default_factory=lambda: [6, 15, 24])
+    input_hook: str = "mlp_in"
+    output_hook: str = "mlp_out"
+    activation: Literal["topk", "jumprelu"] = "topk"
+    d_feat: int = Field(default=2048, ge=1)
+    k: int = Field(default=32, ge=1)
+    n_tokens: int = Field(default=400_000, ge=1)  # training tokens, in epochs over the corpus as needed
+    batch_tokens: int = Field(default=1024, ge=1)
+    buffer_tokens: int = Field(default=200_000, ge=1)  # shuffled activation buffer, per layer
+    batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
+    lr: float | None = None  # None: 2e-4 / sqrt(d_feat / 2**14)
+    aux_k: int = 256
+    aux_coef: float = 1 / 32
+    dead_after_tokens: int = 100_000
+    l0_coef: float = 2e-3  # jumprelu only
+    jumprelu_init_threshold: float = 0.1
+    jumprelu_bandwidth: float = 0.05
+    heldout_every: int = Field(default=10, ge=2)  # every n-th document (by hash) is kept for checking
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    seed: int = 0
+
+
+class TranscoderConfig(Strict):
+    # "embedded:smollm2" (trained at first use and cached), or a folder/file in any supported format.
+    source: str = "embedded:smollm2"
+    format: str = "auto"
+    max_fvu: float = 0.5  # a run refuses a transcoder that reconstructs worse than this
+    check_tokens: int = Field(default=8192, ge=1)
+    train: TranscoderTrainConfig = Field(default_factory=TranscoderTrainConfig)
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -78,6 +112,7 @@ class RunConfig(Strict):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    transcoder: TranscoderConfig = Field(default_factory=TranscoderConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
