@@ -1,0 +1,159 @@
+"""One Transcoder type for every format autolabel reads or trains.
+
+Internal convention (loaders convert to it; nothing else ever transposes):
+  W_enc [d_in, d_feat], b_enc [d_feat]
+  W_dec [d_feat, d_out]               per-layer transcoder
+  W_dec [d_feat, n_out_layers, d_out] cross-layer transcoder: one source layer writing
+                                      to itself and every later layer
+  b_dec [d_out] (or [n_out_layers, d_out]), optional W_skip [d_in, d_out]
+  optional b_in [d_in], subtracted from the input before encoding (SAELens'
+  apply_b_dec_to_input; zero for most transcoders)
+Activations: relu, jumprelu (per-feature threshold), topk (k largest, then ReLU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+Activation = Literal["relu", "jumprelu", "topk"]
+
+
+class Transcoder(nn.Module):
+    """Reads one layer's MLP input and predicts its MLP output (or, cross-layer, later layers' outputs)."""
+
+    def __init__(self, layer: int, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                 b_dec: torch.Tensor, activation: Activation = "relu", threshold: torch.Tensor | None = None,
+                 k: int | None = None, W_skip: torch.Tensor | None = None, b_in: torch.Tensor | None = None):
+        super().__init__()
+        d_in, d_feat = W_enc.shape
+        if W_dec.shape[0] != d_feat:
+            raise ValueError(f"W_dec has {W_dec.shape[0]} rows but W_enc has {d_feat} features")
+        if activation == "jumprelu" and threshold is None:
+            raise ValueError("a jumprelu transcoder needs a threshold per feature")
+        if activation == "topk" and not k:
+            raise ValueError("a topk transcoder needs k")
+        self.layer, self.activation, self.k = layer, activation, k
+        self.W_enc = nn.Parameter(W_enc.float())
+        self.b_enc = nn.Parameter(b_enc.float())
+        self.W_dec = nn.Parameter(W_dec.float())
+        self.b_dec = nn.Parameter(b_dec.float())
+        self.threshold = None if threshold is None else nn.Parameter(threshold.float(), requires_grad=False)
+        self.W_skip = None if W_skip is None else nn.Parameter(W_skip.float())
+        self.b_in = None if b_in is None else nn.Parameter(b_in.float(), requires_grad=False)
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_feat(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[-1]
+
+    @property
+    def cross_layer(self) -> bool:
+        return self.W_dec.dim() == 3
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_feat], before the nonlinearity."""
+        if self.b_in is not None:
+            x = x - self.b_in
+        return x.float() @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(pre)
+        if self.activation == "jumprelu":
+            return pre * (pre > self.threshold)
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations [..., d_in] -> [..., d_feat]."""
+        return self.activate(self.pre_acts(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active features per token: values, indices [n_tokens, k_max], padded with value 0.
+
+        k_max is k for topk and the largest number of active features in the batch otherwise.
+        """
+        pre = self.pre_acts(x.reshape(-1, self.d_in))
+        if self.activation == "topk":
+            values, indices = pre.topk(self.k, dim=-1)
+            return torch.relu(values), indices
+        acts = self.activate(pre)
+        k_max = max(int((acts > 0).sum(-1).max()), 1) if acts.numel() else 1
+        return acts.topk(k_max, dim=-1)
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature activations [..., d_feat] -> prediction [..., d_out] (cross-layer: [..., n_out, d_out])."""
+        if self.cross_layer:
+            out = torch.einsum("...f,fod->...od", acts, self.W_dec) + self.b_dec
+        else:
+            out = acts @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("this transcoder has a skip connection: decode needs the input x")
+            skip = x.float() @ self.W_skip
+            out = out + (skip.unsqueeze(-2) if self.cross_layer else skip)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x)
+
+
+@dataclass
+class TranscoderSet:
+    """Transcoders for several layers of one model, read at `input_hook`, predicting `output_hook`.
+
+    For a cross-layer set, the prediction of layer L's output is the sum over source
+    layers i <= L of transcoder i's decoder slice for L.
+    """
+
+    transcoders: dict[int, Transcoder]
+    input_hook: str = "mlp_in"
+    output_hook: str = "mlp_out"
+    source_format: str = "autolabel"
+    path: str = ""
+    model_name: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.transcoders)
+
+    @property
+    def d_feat(self) -> int:
+        return next(iter(self.transcoders.values())).d_feat
+
+    @property
+    def activation(self) -> str:
+        return next(iter(self.transcoders.values())).activation
+
+    @property
+    def cross_layer(self) -> bool:
+        return next(iter(self.transcoders.values())).cross_layer
+
+    def __getitem__(self, layer: int) -> Transcoder:
+        return self.transcoders[layer]
+
+    def reconstruct(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Predicted outputs per layer from the inputs at every layer, [n, d_in] -> [n, d_out]."""
+        if not self.cross_layer:
+            return {layer: self.transcoders[layer](x) for layer, x in inputs.items()}
+        first = self.layers[0]
+        predictions: dict[int, torch.Tensor] = {}
+        for source, x in inputs.items():
+            out = self.transcoders[source](x)  # [n, n_out, d_out]; slot j is layer source + j
+            for j in range(out.shape[-2]):
+                target = source + j
+                if target in inputs:
+                    predictions[target] = predictions.get(target, 0) + out[..., j, :]
+        return {layer: predictions[layer] for layer in sorted(predictions) if layer >= first}

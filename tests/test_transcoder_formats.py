@@ -1,0 +1,474 @@
+"""Every supported transcoder layout: random weights written in the format's own orientation,
+loaded with auto-detection, and checked against a reference computed here from the raw arrays
+with that format's own formulas (never with autolabel's Transcoder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file as load_numpy, save_file
+
+from autolabel.errors import AutolabelError
+from autolabel.transcoders.formats import load_transcoders, save_circuit_tracer
+from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
+
+D, F, N_LAYERS, N_TOK = 16, 24, 3, 7
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def rand(rng, *shape, scale=0.5):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def relu(a):
+    return np.maximum(a, 0.0)
+
+
+def top_k(pre, k, apply_relu=True):
+    """Keep the k largest pre-activations per row (then ReLU, unless the format skips it)."""
+    idx = np.argsort(-pre, axis=-1)[:, :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, idx, np.take_along_axis(pre, idx, -1), -1)
+    return relu(out) if apply_relu else out
+
+
+def run(tc: Transcoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        return tc.encode(xt).numpy(), tc(xt).numpy()
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+def ct_config(folder: Path, **extra) -> None:
+    write_yaml(folder / "config.yaml", {"model_name": "tiny", "model_kind": "transcoder_set",
+                                        "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out", **extra})
+
+
+def ct_layer(rng, threshold=False, skip=False):
+    t = {"W_enc": rand(rng, F, D), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D)}
+    if threshold:
+        t["activation_function.threshold"] = np.abs(rand(rng, F))
+    if skip:
+        t["W_skip"] = rand(rng, D, D)
+    return t
+
+
+# ---------------------------------------------------------------- circuit-tracer per-layer sets
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu_skip", "topk"])
+def test_circuit_tracer_set(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    files = {}
+    for i in range(N_LAYERS):
+        files[i] = ct_layer(rng, threshold=kind.startswith("jump"), skip=kind.endswith("skip"))
+        if kind == "topk":
+            files[i]["b_enc"] += 3.0  # circuit-tracer's TopK keeps negative values; keep the top k positive
+        save_file(files[i], str(tmp_path / f"layer_{i}.safetensors"))
+    ct_config(tmp_path, **({"activation": "topk", "k": 5} if kind == "topk" else {}))
+
+    tset = load_transcoders(tmp_path)
+    assert (tset.source_format, tset.layers, tset.model_name) == ("circuit-tracer", [0, 1, 2], "tiny")
+    assert (tset.input_hook, tset.output_hook) == ("mlp.hook_in", "mlp.hook_out")
+    for i, t in files.items():
+        x = rand(rng, N_TOK, D, scale=1.0)
+        pre = x @ t["W_enc"].T + t["b_enc"]  # circuit-tracer: F.linear(x, W_enc, b_enc)
+        if kind == "relu":
+            acts = relu(pre)
+        elif kind == "topk":
+            acts = top_k(pre, 5, apply_relu=False)
+            assert (np.sort(pre, -1)[:, -5:] > 0).all()
+        else:
+            acts = pre * (pre > t["activation_function.threshold"])
+            assert not np.allclose(acts, relu(pre))  # the threshold matters in this test
+        out = acts @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "W_skip" in t else 0)
+        got_acts, got_out = run(tset[i], x)
+        np.testing.assert_allclose(got_acts, acts, **TOL)
+        np.testing.assert_allclose(got_out, out, **TOL)
+
+
+def test_circuit_tracer_k_tensor_in_layer_file(tmp_path):
+    rng = np.random.default_rng(1)
+    t = ct_layer(rng)
+    t["b_enc"] += 3.0
+    save_file({**t, "k": np.array(3, dtype=np.int64)}, str(tmp_path / "layer_0.safetensors"))
+    ct_config(tmp_path, activation="topk")
+    tc = load_transcoders(tmp_path)[0]
+    x = rand(rng, N_TOK, D, scale=1.0)
+    np.testing.assert_allclose(run(tc, x)[0], top_k(x @ t["W_enc"].T + t["b_enc"], 3, False), **TOL)
+
+
+def test_circuit_tracer_clt_reconstruction_sums_sources(tmp_path):
+    rng = np.random.default_rng(2)
+    enc, dec = {}, {}
+    for i in range(N_LAYERS):
+        enc[i] = {f"W_enc_{i}": rand(rng, F, D), f"b_enc_{i}": rand(rng, F, scale=0.1),
+                  f"b_dec_{i}": rand(rng, D), f"threshold_{i}": np.abs(rand(rng, F, scale=0.3))}
+        dec[i] = {f"W_dec_{i}": rand(rng, F, N_LAYERS - i, D)}
+        save_file(enc[i], str(tmp_path / f"W_enc_{i}.safetensors"))
+        save_file(dec[i], str(tmp_path / f"W_dec_{i}.safetensors"))
+    write_yaml(tmp_path / "config.yaml", {"model_name": "tiny", "model_kind": "cross_layer_transcoder",
+                                          "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"})
+    tset = load_transcoders(tmp_path)
+    assert tset.source_format == "circuit-tracer-clt" and tset.cross_layer
+    assert (tset.input_hook, tset.output_hook) == ("hook_resid_mid", "hook_mlp_out")
+
+    xs = {i: rand(rng, N_TOK, D, scale=1.0) for i in range(N_LAYERS)}
+    acts = {}
+    for i in range(N_LAYERS):
+        pre = xs[i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
+        acts[i] = pre * (pre > enc[i][f"threshold_{i}"])
+        np.testing.assert_allclose(run(tset[i], xs[i])[0], acts[i], **TOL)
+    # circuit-tracer: recon[l] = sum over sources i <= l of acts_i @ W_dec_i[:, l - i] + b_dec[l]
+    expected = {l: sum(acts[i] @ dec[i][f"W_dec_{i}"][:, l - i] for i in range(l + 1)) + enc[l][f"b_dec_{l}"]
+                for l in range(N_LAYERS)}
+    with torch.no_grad():
+        got = tset.reconstruct({i: torch.from_numpy(x) for i, x in xs.items()})
+    assert sorted(got) == [0, 1, 2]
+    for l in range(N_LAYERS):
+        np.testing.assert_allclose(got[l].numpy(), expected[l], **TOL)
+    assert torch.equal(tset[1].b_dec[0], torch.from_numpy(enc[1]["b_dec_1"]))
+    assert not tset[1].b_dec[1:].any()  # each layer's bias lives only in its own source's slot 0
+
+
+# ---------------------------------------------------------------- Gemma Scope 1 and 2
+
+def gemma_scope_1(rng, folder: Path) -> dict:
+    params = {}
+    for i in range(N_LAYERS):
+        sub = folder / f"layer_{i}" / "width_16k" / "average_l0_10"
+        sub.mkdir(parents=True)
+        threshold = rand(rng, F, scale=0.4)  # some negative: relu(pre) * (pre > thr) must still hold
+        params[i] = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1),
+                     "b_dec": rand(rng, D), "threshold": threshold}
+        np.savez(sub / "params.npz", **params[i])
+    return params
+
+
+def gemma_reference(p: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys = {k.lower(): v for k, v in p.items()}
+    pre = x @ keys["w_enc"] + keys["b_enc"]
+    acts = (pre > keys["threshold"]) * relu(pre)
+    out = acts @ keys["w_dec"] + keys["b_dec"]
+    if "affine_skip_connection" in keys:
+        out = out + x @ keys["affine_skip_connection"]
+    return acts, out
+
+
+def test_gemma_scope_1_npz(tmp_path):
+    rng = np.random.default_rng(3)
+    params = gemma_scope_1(rng, tmp_path)
+    tset = load_transcoders(tmp_path)
+    assert (tset.source_format, tset.layers) == ("gemma-scope", [0, 1, 2])
+    assert (tset.input_hook, tset.output_hook) == ("ln2.hook_normalized", "hook_mlp_out")
+    for i, p in params.items():
+        x = rand(rng, N_TOK, D, scale=1.0)
+        acts, out = gemma_reference(p, x)
+        got_acts, got_out = run(tset[i], x)
+        np.testing.assert_allclose(got_acts, acts, **TOL)
+        np.testing.assert_allclose(got_out, out, **TOL)
+    single = load_transcoders(tmp_path / "layer_1" / "width_16k" / "average_l0_10" / "params.npz")
+    assert single.layers == [1]
+
+
+def test_circuit_tracer_config_listing_gemma_scope_files(tmp_path):
+    rng = np.random.default_rng(4)
+    params = gemma_scope_1(rng, tmp_path)
+    uris = [f"hf://google/gemma-scope-2b-pt-transcoders/layer_{i}/width_16k/average_l0_10/params.npz" for i in range(N_LAYERS)]
+    write_yaml(tmp_path / "config.yaml", {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set",
+                                          "feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out",
+                                          "transcoders": uris})
+    tset = load_transcoders(tmp_path, layers=[2])
+    assert (tset.source_format, tset.layers, tset.model_name) == ("circuit-tracer", [2], "google/gemma-2-2b")
+    x = rand(rng, N_TOK, D, scale=1.0)
+    np.testing.assert_allclose(run(tset[2], x)[1], gemma_reference(params[2], x)[1], **TOL)
+
+
+def test_gemma_scope_2_safetensors_with_affine_skip(tmp_path):
+    rng = np.random.default_rng(5)
+    params = {}
+    for i in range(N_LAYERS):
+        sub = tmp_path / "transcoder_all" / f"layer_{i}_width_16k_l0_small_affine"
+        sub.mkdir(parents=True)
+        params[i] = {"w_enc": rand(rng, D, F), "w_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1),
+                     "b_dec": rand(rng, D), "threshold": np.abs(rand(rng, F, scale=0.4)),
+                     "affine_skip_connection": rand(rng, D, D)}
+        save_file(params[i], str(sub / "params.safetensors"))
+        (sub / "config.json").write_text(json.dumps({
+            "model_name": "google/gemma-3-1b-pt", "architecture": "jump_relu", "width": F,
+            "hf_hook_point_in": f"model.layers.{i}.pre_feedforward_layernorm.output",
+            "hf_hook_point_out": f"model.layers.{i}.post_feedforward_layernorm.output"}))
+    tset = load_transcoders(tmp_path)
+    assert (tset.source_format, tset.layers, tset.model_name) == ("gemma-scope-2", [0, 1, 2], "google/gemma-3-1b-pt")
+    assert (tset.input_hook, tset.output_hook) == ("mlp_in", "mlp_out")
+    for i, p in params.items():
+        x = rand(rng, N_TOK, D, scale=1.0)
+        acts, out = gemma_reference(p, x)
+        got_acts, got_out = run(tset[i], x)
+        np.testing.assert_allclose(got_acts, acts, **TOL)
+        np.testing.assert_allclose(got_out, out, **TOL)
+
+
+# ---------------------------------------------------------------- SAELens
+
+D_OUT = 12  # transcoders may write a different width than they read
+
+
+def saelens_folder(folder: Path, cfg: dict, weights: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder", "jumprelu_transcoder"])
+def test_saelens_transcoders(tmp_path, arch):
+    rng = np.random.default_rng(6)
+    weights = {}
+    for i in range(2):
+        w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D_OUT), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D_OUT)}
+        if arch == "skip_transcoder":
+            w["W_skip"] = rand(rng, D_OUT, D)
+        if arch == "jumprelu_transcoder":
+            w["threshold"] = rand(rng, F, scale=0.4)
+        cfg = {"architecture": arch, "d_in": D, "d_sae": F, "d_out": D_OUT, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": False, "normalize_activations": "none",
+               "metadata": {"model_name": "gpt2", "hook_name": f"blocks.{i}.ln2.hook_normalized",
+                            "hook_name_out": f"blocks.{i}.hook_mlp_out", "sae_lens_version": "6.6.0"}}
+        saelens_folder(tmp_path / f"tc_{i}", cfg, w)
+        weights[i] = w
+    tset = load_transcoders(tmp_path)
+    assert (tset.source_format, tset.layers, tset.model_name) == ("saelens", [0, 1], "gpt2")
+    assert (tset.input_hook, tset.output_hook) == ("ln2.hook_normalized", "hook_mlp_out")
+    for i, w in weights.items():
+        x = rand(rng, N_TOK, D, scale=1.0)
+        pre = x @ w["W_enc"] + w["b_enc"]
+        acts = relu(pre) * (pre > w["threshold"]) if "threshold" in w else relu(pre)
+        out = acts @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if "W_skip" in w else 0)
+        got_acts, got_out = run(tset[i], x)
+        np.testing.assert_allclose(got_acts, acts, **TOL)
+        np.testing.assert_allclose(got_out, out, **TOL)
+
+
+def test_saelens_pre_6_topk_sae_applies_b_dec_to_input_and_scaling_factor(tmp_path):
+    rng = np.random.default_rng(7)
+    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D),
+         "scaling_factor": (1 + np.abs(rand(rng, F))).astype(np.float32)}
+    cfg = {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
+           "d_in": D, "d_sae": F, "hook_point": "blocks.2.hook_mlp_out", "hook_point_layer": 2,
+           "finetuning_scaling_factor": True, "model_name": "gpt2", "sae_lens_training_version": "3.13.0"}
+    saelens_folder(tmp_path / "sae", cfg, w)
+    tset = load_transcoders(tmp_path / "sae")  # the SAE's own folder works too
+    assert (tset.layers, tset.input_hook, tset.output_hook) == ([2], "hook_mlp_out", "hook_mlp_out")
+    x = rand(rng, N_TOK, D, scale=1.0)
+    acts = top_k((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 4)
+    out = (acts * w["scaling_factor"]) @ w["W_dec"] + w["b_dec"]
+    got_acts, got_out = run(tset[2], x)
+    np.testing.assert_allclose(got_acts, acts, **TOL)
+    np.testing.assert_allclose(got_out, out, **TOL)
+
+
+def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
+    rng = np.random.default_rng(8)
+    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D)}
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 5, "rescale_acts_by_decoder_norm": True,
+           "apply_b_dec_to_input": False, "metadata": {"hook_name": "blocks.0.hook_mlp_out", "sae_lens_version": "6.6.0"}}
+    saelens_folder(tmp_path / "sae", cfg, w)
+    tc = load_transcoders(tmp_path)[0]
+    x = rand(rng, N_TOK, D, scale=1.0)
+    norms = np.linalg.norm(w["W_dec"], axis=-1)
+    acts = top_k((x @ w["W_enc"] + w["b_enc"]) * norms, 5)  # SAELens encode output
+    out = (acts / norms) @ w["W_dec"] + w["b_dec"]
+    got_acts, got_out = run(tc, x)
+    np.testing.assert_allclose(got_acts, acts, **TOL)
+    np.testing.assert_allclose(got_out, out, **TOL)
+
+
+# ---------------------------------------------------------------- sparsify
+
+@pytest.mark.parametrize("transcode", [True, False])
+def test_sparsify_hookpoint_folders(tmp_path, transcode):
+    rng = np.random.default_rng(9)
+    weights = {}
+    for i in range(2):
+        sub = tmp_path / f"layers.{i}.mlp"
+        sub.mkdir()
+        w = {"encoder.weight": rand(rng, F, D), "encoder.bias": rand(rng, F, scale=0.1), "W_dec": rand(rng, F, D),
+             "b_dec": rand(rng, D), "W_skip": rand(rng, D, D)}
+        save_file(w, str(sub / "sae.safetensors"))
+        (sub / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+                                                  "num_latents": F, "k": 4, "multi_topk": False, "skip_connection": True,
+                                                  "transcode": transcode, "d_in": D}))
+        weights[i] = w
+    tset = load_transcoders(tmp_path)
+    assert (tset.source_format, tset.layers) == ("sparsify", [0, 1])
+    assert (tset.input_hook, tset.output_hook) == (("mlp_in" if transcode else "mlp_out"), "mlp_out")
+    for i, w in weights.items():
+        x = rand(rng, N_TOK, D, scale=1.0)
+        x_enc = x if transcode else x - w["b_dec"]  # autoencoders subtract b_dec first
+        pre = relu(x_enc @ w["encoder.weight"].T + w["encoder.bias"])  # sparsify: ReLU, then top k
+        acts = top_k(pre, 4, apply_relu=False)
+        out = acts @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T
+        got_acts, got_out = run(tset[i], x)
+        np.testing.assert_allclose(got_acts, acts, **TOL)
+        np.testing.assert_allclose(got_out, out, **TOL)
+
+
+# ---------------------------------------------------------------- saving for circuit-tracer
+
+def test_save_circuit_tracer_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(10)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.5  # noqa: E731
+    transcoders = {
+        0: Transcoder(0, r(D, F), r(F), r(F, D), r(D), "jumprelu", r(F).abs(), W_skip=r(D, D)),
+        1: Transcoder(1, r(D, F), r(F), r(F, D), r(D), "jumprelu", r(F).abs()),
+    }
+    tset = TranscoderSet(transcoders, "mlp.hook_in", "hook_mlp_out", metadata={"trained_on": "tiny corpus", "steps": 3})
+    save_circuit_tracer(tset, tmp_path / "out", "tiny-model")
+
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert config["model_kind"] == "transcoder_set" and config["model_name"] == "tiny-model"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "hook_mlp_out")
+    assert json.loads((tmp_path / "out" / "autolabel.json").read_text()) == tset.metadata
+
+    back = load_transcoders(tmp_path / "out")
+    assert (back.layers, back.input_hook, back.output_hook, back.metadata) == ([0, 1], "mlp.hook_in", "hook_mlp_out", tset.metadata)
+    for layer, tc in transcoders.items():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"):
+            a, b = getattr(tc, name), getattr(back[layer], name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        # the saved file, read with circuit-tracer's own formulas, computes what autolabel computes
+        f = load_numpy(str(tmp_path / "out" / f"layer_{layer}.safetensors"))
+        x = rand(np.random.default_rng(layer), N_TOK, D, scale=1.0)
+        pre = x @ f["W_enc"].T + f["b_enc"]
+        out = (pre * (pre > f["activation_function.threshold"])) @ f["W_dec"] + f["b_dec"]
+        out = out + (x @ f["W_skip"].T if "W_skip" in f else 0)
+        np.testing.assert_allclose(run(tc, x)[1], out, **TOL)
+
+
+def test_save_circuit_tracer_topk_and_input_bias(tmp_path):
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.5  # noqa: E731
+    tc = Transcoder(3, r(D, F), r(F) + 3, r(F, D), r(D), "topk", k=6, b_in=r(D))
+    save_circuit_tracer(TranscoderSet({3: tc}), tmp_path, "m")  # a set that does not start at layer 0
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (config["activation"], config["k"], config["layers"]) == ("topk", 6, [3])
+    save_file({"junk": np.zeros(1, np.float32)}, str(tmp_path / "layer_0.safetensors"))  # stale file of another set
+    assert load_transcoders(tmp_path).layers == [3]
+    back = load_transcoders(tmp_path / "config.yaml")[3]
+    assert back.activation == "topk" and back.k == 6 and back.b_in is None
+    x = torch.randn(N_TOK, D, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), tc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_save_circuit_tracer_refuses_cross_layer(tmp_path):
+    clt = Transcoder(0, torch.zeros(D, F), torch.zeros(F), torch.zeros(F, 2, D), torch.zeros(2, D))
+    with pytest.raises(AutolabelError, match="cross-layer"):
+        save_circuit_tracer(TranscoderSet({0: clt}), tmp_path, "m")
+
+
+# ---------------------------------------------------------------- errors
+
+def plt_folder(tmp_path: Path, n: int = 2, **layer_changes) -> Path:
+    rng = np.random.default_rng(12)
+    for i in range(n):
+        t = ct_layer(rng)
+        t.update(layer_changes)
+        for key in [k for k, v in layer_changes.items() if v is None]:
+            del t[key]
+        save_file(t, str(tmp_path / f"layer_{i}.safetensors"))
+    ct_config(tmp_path)
+    return tmp_path
+
+
+def test_error_missing_folder(tmp_path):
+    with pytest.raises(AutolabelError, match="does not exist"):
+        load_transcoders(tmp_path / "nope")
+
+
+def test_error_unknown_format_lists_expected_files(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(AutolabelError) as err:
+        load_transcoders(tmp_path)
+    for needle in ("unknown transcoder format", "weights.bin", "config.yaml", "sae_weights.safetensors", "params.npz"):
+        assert needle in str(err.value)
+    with pytest.raises(AutolabelError, match="unknown transcoder format 'pickle'"):
+        load_transcoders(tmp_path, fmt="pickle")
+
+
+def test_error_missing_layer_file(tmp_path):
+    plt_folder(tmp_path, n=3)
+    (tmp_path / "layer_1.safetensors").unlink()
+    with pytest.raises(AutolabelError, match=r"missing layer_1\.safetensors"):
+        load_transcoders(tmp_path)
+    assert load_transcoders(tmp_path, layers=[0, 2]).layers == [0, 2]
+    with pytest.raises(AutolabelError, match=r"no transcoder for layer\(s\) \[5\]"):
+        load_transcoders(tmp_path, layers=[5])
+
+
+def test_error_layer_files_without_config(tmp_path):
+    plt_folder(tmp_path)
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(AutolabelError, match="no config.yaml"):
+        load_transcoders(tmp_path)
+
+
+def test_error_truncated_safetensors(tmp_path):
+    plt_folder(tmp_path)
+    path = tmp_path / "layer_1.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(AutolabelError, match=r"layer_1\.safetensors.*truncated or corrupt"):
+        load_transcoders(tmp_path)
+
+
+def test_error_corrupt_npz(tmp_path):
+    gemma_scope_1(np.random.default_rng(13), tmp_path)
+    path = tmp_path / "layer_0" / "width_16k" / "average_l0_10" / "params.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(AutolabelError, match=r"params\.npz.*truncated or corrupt"):
+        load_transcoders(tmp_path)
+
+
+def test_error_wrong_shape_names_tensor_and_shapes(tmp_path):
+    plt_folder(tmp_path, W_dec=np.zeros((F - 1, D), np.float32))
+    with pytest.raises(AutolabelError) as err:
+        load_transcoders(tmp_path)
+    message = str(err.value)
+    assert "layer_0.safetensors" in message and "W_dec" in message and f"[{F - 1}, {D}]" in message and f"[{F}, {D}]" in message
+
+
+def test_error_transposed_gemma_scope_encoder(tmp_path):
+    params = gemma_scope_1(np.random.default_rng(14), tmp_path)
+    sub = tmp_path / "layer_2" / "width_16k" / "average_l0_10"
+    np.savez(sub / "params.npz", **{**params[2], "W_enc": params[2]["W_enc"].T.copy()})
+    with pytest.raises(AutolabelError, match=r"layer_2.*params\.npz.*W_dec has shape \[24, 16\] but \[16, 16\]"):
+        load_transcoders(tmp_path)
+
+
+def test_error_missing_tensor_and_config_key(tmp_path):
+    (tmp_path / "a").mkdir()
+    plt_folder(tmp_path / "a", b_enc=None)
+    with pytest.raises(AutolabelError, match=r"layer_0\.safetensors has no tensor 'b_enc'"):
+        load_transcoders(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    plt_folder(tmp_path / "b")
+    ct_config(tmp_path / "b", feature_output_hook=None)
+    with pytest.raises(AutolabelError, match="lacks the required key 'feature_output_hook'"):
+        load_transcoders(tmp_path / "b")
+
+
+def test_error_unresolvable_hook_and_missing_listed_file(tmp_path):
+    plt_folder(tmp_path)
+    ct_config(tmp_path, feature_input_hook="hook_resid_pre")
+    with pytest.raises(AutolabelError, match="'hook_resid_pre' is not a hook autolabel can capture"):
+        load_transcoders(tmp_path)
+    ct_config(tmp_path, transcoders=["hf://org/repo/layer_0/params.npz"])
+    with pytest.raises(AutolabelError, match="config.yaml lists hf://org/repo/layer_0/params.npz for layer 0"):
+        load_transcoders(tmp_path)
