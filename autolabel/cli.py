@@ -20,8 +20,10 @@ app = typer.Typer(help="Label and audit the features of transcoders of language 
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 corpus_app = typer.Typer(help="Build and inspect the corpus of plain text and chat transcripts.", no_args_is_help=True)
 model_app = typer.Typer(help="Inspect the subject model and its hook points.", no_args_is_help=True)
+transcoder_app = typer.Typer(help="Check or train transcoders.", no_args_is_help=True)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
+app.add_typer(transcoder_app, name="transcoder")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -92,6 +94,67 @@ def model_info(model: ModelOption = None, config: ConfigOption = None,
     console.print(f"{subject.model_id}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
     rows = [(alias, subject.hook_point(alias, layer).name) for alias in sorted(HOOK_ALIASES)]
     _print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
+
+
+TranscoderOption = Annotated[Optional[str], typer.Option(
+    "--transcoder", "-t", help="embedded:smollm2 or a transcoder folder/file (circuit-tracer, Gemma Scope, SAELens, sparsify).")]
+
+
+def _print_quality(quality) -> None:
+    rows = [(q.layer, f"{q.fvu:.3f}", f"{q.l0:.1f}", f"{q.dead_fraction:.1%}", q.n_tokens)
+            for q in sorted(quality.values(), key=lambda q: q.layer)]
+    _print_table("held-out reconstruction", ["layer", "FVU", "L0", "dead", "tokens"], rows)
+
+
+@transcoder_app.command("check")
+def transcoder_check(transcoder: TranscoderOption = None,
+                     format: Annotated[Optional[str], typer.Option("--format", help="auto, circuit_tracer, clt, gemma_scope, saelens, sparsify.")] = None,
+                     tokens: Annotated[Optional[int], typer.Option(help="Held-out tokens to measure on.")] = None,
+                     max_fvu: Annotated[Optional[float], typer.Option(help="Refuse above this FVU.")] = None,
+                     config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
+                     quiet: QuietOption = False) -> None:
+    """Measure FVU, L0 and dead fraction per layer on held-out corpus tokens; store them; refuse a bad fit."""
+    from autolabel.models import load_subject_model
+    from autolabel.store import Store
+    from autolabel.transcoders.stage import check_stage
+
+    run_config = _config(config, store, model)
+    settings = run_config.transcoder
+    settings.source = transcoder or settings.source
+    settings.format = format or settings.format
+    settings.check_tokens = tokens or settings.check_tokens
+    settings.max_fvu = settings.max_fvu if max_fvu is None else max_fvu
+    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
+    with Store(run_config.store) as db:
+        transcoder_id, quality = check_stage(db, subject, run_config, show_progress=not quiet)
+    _print_quality(quality)
+    console.print(f"transcoder [bold]{transcoder_id}[/] fits (FVU <= {settings.max_fvu} on every layer); recorded in `transcoders`")
+
+
+@transcoder_app.command("train")
+def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the transcoder set to.")],
+                     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers, e.g. 6,15,24.")] = None,
+                     tokens: Annotated[Optional[int], typer.Option(help="Training tokens.")] = None,
+                     config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
+                     quiet: QuietOption = False) -> None:
+    """Train per-layer TopK/JumpReLU transcoders on the corpus; save them in the circuit-tracer layout."""
+    from autolabel.models import load_subject_model
+    from autolabel.store import Store
+    from autolabel.transcoders.stage import train_stage
+
+    run_config = _config(config, store, model)
+    train_config = run_config.transcoder.train
+    if layers:
+        try:
+            train_config.layers = [int(x) for x in layers.split(",")]
+        except ValueError as err:
+            raise AutolabelError(f"--layers must be comma-separated integers such as 6,15,24, not {layers!r}") from err
+    train_config.n_tokens = tokens or train_config.n_tokens
+    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
+    with Store(run_config.store) as db:
+        _, quality = train_stage(db, subject, run_config, out, show_progress=not quiet)
+    _print_quality(quality)
+    console.print(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)")
 
 
 @app.command()

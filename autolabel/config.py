@@ -78,10 +78,11 @@ class TranscoderTrainConfig(Strict):
     d_feat: int = Field(default=2048, ge=1)
     k: int = Field(default=32, ge=1)
     n_tokens: int = Field(default=400_000, ge=1)  # training tokens, in epochs over the corpus as needed
-    batch_tokens: int = Field(default=1024, ge=1)
+    batch_tokens: int = Field(default=512, ge=1)
     buffer_tokens: int = Field(default=200_000, ge=1)  # shuffled activation buffer, per layer
+    passes_per_buffer: int = Field(default=4, ge=1)  # training passes over each filled buffer
     batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
-    lr: float | None = None  # None: 2e-4 / sqrt(d_feat / 2**14)
+    lr: float = 1e-3
     aux_k: int = 256
     aux_coef: float = 1 / 32
     dead_after_tokens: int = 100_000

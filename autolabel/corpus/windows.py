@@ -7,6 +7,7 @@ an example can always be traced back to its place in the document.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,3 +51,9 @@ def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None,
             for start, end in windows(len(ids), ctx_len):
                 yield Window(doc_id, category, start, ids[start:end], codes[start:end], turn_ids[start:end])
         last_doc = rows[-1][0]
+
+
+def split_heldout(windows: list[Window], every: int) -> tuple[list[Window], list[Window]]:
+    """(train, held-out): every `every`-th document by a stable hash of its id is held out whole."""
+    held = [w for w in windows if zlib.crc32(w.doc_id.encode()) % every == 0]
+    return [w for w in windows if zlib.crc32(w.doc_id.encode()) % every != 0], held

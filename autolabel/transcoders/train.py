@@ -1,0 +1,233 @@
+"""`autolabel transcoder train`: per-layer TopK (or JumpReLU) transcoders on the subject model's
+own (MLP input, MLP output) pairs.
+
+Activations stream from early-exit forward passes into a shuffled buffer; each
+layer trains in a normalised space (inputs and outputs scaled to unit mean
+square per dimension) that is folded back into the weights when saving, so the
+saved transcoder reads and writes the model's own activations. Decoder rows are
+kept at unit norm; dead features are revived by an auxiliary loss that asks the
+dead ones to explain the residual error (AuxK, as in Gao et al. 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from autolabel.config import TranscoderTrainConfig
+from autolabel.corpus.windows import Window
+from autolabel.models import SubjectModel
+from autolabel.transcoders.activations import activation_pairs
+from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
+
+
+class _Trainee(nn.Module):
+    """One layer's transcoder in normalised space, with its training-only state."""
+
+    def __init__(self, layer: int, d_model: int, config: TranscoderTrainConfig, generator: torch.Generator):
+        super().__init__()
+        self.layer, self.config = layer, config
+        W_dec = torch.randn(config.d_feat, d_model, generator=generator)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # [d_feat, d_model], unit rows
+        # Small encoder at start: k random unit directions at full size would add more
+        # variance than the target has (an initial FVU of 2-3 instead of about 1).
+        self.W_enc = nn.Parameter(0.1 * W_dec.T.clone())  # [d_model, d_feat]
+        self.b_enc = nn.Parameter(torch.zeros(config.d_feat))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.log_threshold = nn.Parameter(torch.full((config.d_feat,), math.log(config.jumprelu_init_threshold)))
+        self.tokens_since_fired = torch.zeros(config.d_feat, dtype=torch.long)
+        self.x_scale = self.y_scale = 1.0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """x, y [batch, d_model] in normalised space -> loss, metrics."""
+        pre = x @ self.W_enc + self.b_enc  # [batch, d_feat]
+        if self.config.activation == "topk":
+            # Decode only the k active rows: [batch, k, d_model] instead of a dense [batch, d_feat] product.
+            values, indices = pre.topk(self.config.k, dim=-1)
+            values = torch.relu(values)
+            prediction = torch.einsum("bk,bkd->bd", values, self.W_dec[indices]) + self.b_dec
+            active = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, indices, values > 0)
+        else:
+            acts = _JumpReLU.apply(pre, self.log_threshold.exp(), self.config.jumprelu_bandwidth)
+            prediction = acts @ self.W_dec + self.b_dec
+            active = acts > 0
+        residual = y - prediction
+        fvu = residual.pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+        loss = fvu
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[active.any(0)] = 0
+        dead = self.tokens_since_fired > self.config.dead_after_tokens
+        if self.config.activation == "topk" and dead.any():
+            k_aux = min(self.config.aux_k, int(dead.sum()))
+            aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+            aux_prediction = torch.einsum("bk,bkd->bd", torch.relu(aux_values), self.W_dec[aux_indices])
+            target = residual.detach()
+            aux_fvu = (target - aux_prediction).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-8)
+            loss = loss + self.config.aux_coef * aux_fvu
+        if self.config.activation == "jumprelu":
+            l0_proxy = _StepL0.apply(pre, self.log_threshold.exp(), self.config.jumprelu_bandwidth)
+            loss = loss + self.config.l0_coef * l0_proxy.sum(-1).mean()
+        metrics = {"fvu": fvu.item(), "l0": active.float().sum(-1).mean().item(), "dead": dead.float().mean().item()}
+        return loss, metrics
+
+    @torch.no_grad()
+    def constrain_decoder(self) -> None:
+        """Keep decoder rows at unit norm and drop the gradient that would only change their length."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def export(self) -> Transcoder:
+        """Fold the normalisation back in: the result reads and writes raw activations."""
+        with torch.no_grad():
+            threshold = self.log_threshold.exp().clone() if self.config.activation == "jumprelu" else None
+            return Transcoder(
+                self.layer, self.W_enc / self.x_scale, self.b_enc.clone(), self.W_dec * self.y_scale,
+                self.b_dec * self.y_scale, activation=self.config.activation, threshold=threshold,
+                k=self.config.k if self.config.activation == "topk" else None,
+            )
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * (pre > threshold), with a straight-through gradient for the threshold."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).float()
+        grad_threshold = -(threshold / ctx.bandwidth) * near * grad
+        return grad * (pre > threshold), grad_threshold.sum(0), None
+
+
+class _StepL0(torch.autograd.Function):
+    """The count of active features, with a gradient that moves thresholds."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).float()
+        return None, (-(1.0 / ctx.bandwidth) * near * grad).sum(0), None
+
+
+@dataclass
+class TrainResult:
+    transcoders: TranscoderSet
+    tokens: int
+    seconds: float
+    history: list[dict]
+
+
+def _buffers(pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: list[int],
+             buffer_tokens: int) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Fill a buffer of about buffer_tokens tokens per layer, hand it over, repeat (the trainer shuffles)."""
+    chunks: dict[int, list] = {layer: [] for layer in layers}
+    filled = 0
+    for batch in pairs:
+        for layer, (x, y) in batch.items():
+            chunks[layer].append((x.half(), y.half()))  # fp16 halves the buffer's memory
+        filled += next(iter(batch.values()))[0].shape[0]
+        if filled >= buffer_tokens:
+            yield _concat(chunks)
+            chunks, filled = {layer: [] for layer in layers}, 0
+    if filled:
+        yield _concat(chunks)
+
+
+def _concat(chunks: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {layer: (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])) for layer, parts in chunks.items()}
+
+
+def train_transcoders(subject: SubjectModel, windows: list[Window], config: TranscoderTrainConfig,
+                      on_step: Callable[[int, dict[int, dict[str, float]]], None] | None = None,
+                      on_checkpoint: Callable[[TranscoderSet], None] | None = None) -> TrainResult:
+    """Train one transcoder per configured layer on `windows` for config.n_tokens tokens (epochs as needed)."""
+    if not windows:
+        raise ValueError("train_transcoders needs at least one window")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    trainees = {layer: _Trainee(layer, subject.d_model, config, generator) for layer in config.layers}
+    optimizers = {layer: torch.optim.Adam(t.parameters(), lr=config.lr, betas=(0.9, 0.999)) for layer, t in trainees.items()}
+
+    def window_stream() -> Iterator[Window]:
+        rng = random.Random(config.seed)
+        while True:  # epochs, each in a new order
+            order = windows[:]
+            rng.shuffle(order)
+            yield from order
+
+    pairs = activation_pairs(subject, window_stream(), config.layers, config.input_hook, config.output_hook,
+                             config.batch_windows)
+    started, seen, step, history = time.perf_counter(), 0, 0, []
+    calibrated = False
+    for buffer in _buffers(pairs, config.layers, config.buffer_tokens):
+        if not calibrated:
+            for layer, (x, y) in buffer.items():
+                trainee = trainees[layer]
+                trainee.x_scale = float(x.float().pow(2).mean().sqrt())
+                trainee.y_scale = float(y.float().pow(2).mean().sqrt())
+                with torch.no_grad():
+                    trainee.b_dec.copy_(y.float().mean(0) / trainee.y_scale)
+            calibrated = True
+        n = next(iter(buffer.values()))[0].shape[0]
+        # A buffer is reused for several passes, each in a new order: the forward pass
+        # that filled it costs far more than a training step.
+        batches = [(epoch, begin) for epoch in range(config.passes_per_buffer)
+                   for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens)]
+        orders = {layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)]
+                  for layer in buffer}
+        for epoch, begin in batches:
+            metrics = {}
+            for layer, (x, y) in buffer.items():
+                trainee = trainees[layer]
+                rows = orders[layer][epoch][begin:begin + config.batch_tokens]
+                xb = x[rows].float() / trainee.x_scale
+                yb = y[rows].float() / trainee.y_scale
+                loss, metrics[layer] = trainee.loss(xb, yb)
+                optimizers[layer].zero_grad(set_to_none=True)
+                loss.backward()
+                trainee.constrain_decoder()
+                optimizers[layer].step()
+                trainee.constrain_decoder()
+            seen += config.batch_tokens
+            step += 1
+            if on_step:
+                on_step(config.batch_tokens, metrics)
+            if step % 25 == 0:
+                history.append({"step": step, "tokens": seen, **{f"fvu_{k}": v["fvu"] for k, v in metrics.items()}})
+            if on_checkpoint and step % config.checkpoint_every_steps == 0:
+                on_checkpoint(_export(trainees, config, subject.model_id, seen, step))
+            if seen >= config.n_tokens:
+                break
+        if seen >= config.n_tokens:
+            break
+    return TrainResult(_export(trainees, config, subject.model_id, seen, step), seen,
+                       time.perf_counter() - started, history)
+
+
+def _export(trainees: dict[int, _Trainee], config: TranscoderTrainConfig, model_id: str, tokens: int,
+            steps: int) -> TranscoderSet:
+    return TranscoderSet({layer: t.export() for layer, t in trainees.items()}, input_hook=config.input_hook,
+                         output_hook=config.output_hook, source_format="autolabel", model_name=model_id,
+                         metadata={"train_config": config.model_dump(mode="json"), "tokens": tokens, "steps": steps})
