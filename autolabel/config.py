@@ -76,21 +76,22 @@ class TranscoderTrainConfig(Strict):
     output_hook: str = "mlp_out"
     activation: Literal["topk", "jumprelu"] = "topk"
     d_feat: int = Field(default=2048, ge=1)
-    k: int = Field(default=32, ge=1)
-    n_tokens: int = Field(default=400_000, ge=1)  # training tokens, in epochs over the corpus as needed
+    k: int = Field(default=64, ge=1)
+    n_tokens: int = Field(default=2_000_000, ge=1)  # training tokens, in epochs over the corpus as needed
     batch_tokens: int = Field(default=512, ge=1)
-    buffer_tokens: int = Field(default=200_000, ge=1)  # shuffled activation buffer, per layer
-    passes_per_buffer: int = Field(default=4, ge=1)  # training passes over each filled buffer
+    buffer_tokens: int = Field(default=160_000, ge=1)  # activation buffer per layer (fp16)
+    passes_per_buffer: int = Field(default=13, ge=1)  # shuffled training passes over each filled buffer
     batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
     lr: float = 1e-3
     aux_k: int = 256
-    aux_coef: float = 1 / 32
-    dead_after_tokens: int = 100_000
+    aux_coef: float = 1 / 8
+    dead_after_tokens: int = 50_000
     l0_coef: float = 2e-3  # jumprelu only
     jumprelu_init_threshold: float = 0.1
     jumprelu_bandwidth: float = 0.05
     heldout_every: int = Field(default=10, ge=2)  # every n-th document (by hash) is kept for checking
-    checkpoint_every_steps: int = Field(default=100, ge=1)
+    checkpoint_every_steps: int = Field(default=500, ge=1)
+    save_dtype: Literal["float32", "float16"] = "float16"  # fp16 halves the files at no measurable FVU cost
     seed: int = 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Iterable
 
@@ -129,7 +128,7 @@ def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fv
 def check_transcoders(store: Store, subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window],
                       n_tokens: int, max_fvu: float) -> tuple[str, dict[int, LayerQuality]]:
     """Measure, record in `transcoders`, then refuse a transcoder that does not fit."""
-    quality = measure_quality(subject, tset, islice(windows, None), n_tokens)
+    quality = measure_quality(subject, tset, windows, n_tokens)
     tid = record_quality(store, tset, subject.model_id, quality)
     refuse_bad_fit(tset, quality, max_fvu)
     return tid, quality

@@ -407,12 +407,13 @@ def load_transcoders(path: str | Path, fmt: str = "auto", layers: list[int] | No
     return LOADERS[fmt](folder, layers)
 
 
-def save_circuit_tracer(tset: TranscoderSet, folder: Path, model_name: str) -> None:
+def save_circuit_tracer(tset: TranscoderSet, folder: Path, model_name: str, dtype: torch.dtype = torch.float32) -> None:
     """Write a per-layer set in circuit-tracer's transcoder-set layout (config.yaml + layer_<i>.safetensors).
 
     circuit-tracer reads k from config.yaml (a `k` tensor in a layer file would fail its strict state-dict load), has
     no input bias (b_in is folded into b_enc: (x - b_in) @ W + b = x @ W + (b - b_in @ W)) and needs layers 0..N-1;
-    the extra `layers:` key lets autolabel reload other layer sets.
+    the extra `layers:` key lets autolabel reload other layer sets. `dtype` float16 halves the files (the
+    embedded default ships that way); loading always returns float32.
     """
     if tset.cross_layer:
         raise AutolabelError("save_circuit_tracer writes per-layer transcoder sets; this set is cross-layer")
@@ -423,7 +424,7 @@ def save_circuit_tracer(tset: TranscoderSet, folder: Path, model_name: str) -> N
         tensors = {"W_enc": tc.W_enc.T, "W_dec": tc.W_dec, "b_enc": b_enc, "b_dec": tc.b_dec,
                    "activation_function.threshold": tc.threshold if tc.activation == "jumprelu" else None,
                    "W_skip": None if tc.W_skip is None else tc.W_skip.T}
-        save_file({key: value.detach().float().cpu().contiguous() for key, value in tensors.items() if value is not None},
+        save_file({key: value.detach().to(dtype).cpu().contiguous() for key, value in tensors.items() if value is not None},
                   str(folder / f"layer_{layer}.safetensors"))
     config = {"model_name": model_name, "model_kind": "transcoder_set", "feature_input_hook": tset.input_hook,
               "feature_output_hook": tset.output_hook, "activation": tset.activation, "layers": tset.layers}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from autolabel.config import RunConfig
 from autolabel.corpus import build_corpus, iter_windows
 from autolabel.corpus.windows import Window, split_heldout
@@ -66,8 +68,10 @@ def train_stage(store: Store, subject: SubjectModel, config: RunConfig, out_dir:
                                 for layer, m in metrics.items())
             bar.update(task, advance=n_tokens, description=f"training  {summary}")
 
+        dtype = getattr(torch, train_config.save_dtype)
+
         def on_checkpoint(tset: TranscoderSet) -> None:
-            save_circuit_tracer(tset, checkpoint_dir, subject.model_id)
+            save_circuit_tracer(tset, checkpoint_dir, subject.model_id, dtype)
 
         result = train_transcoders(subject, train, train_config, on_step, on_checkpoint)
     quality = measure_quality(subject, result.transcoders, heldout, config.transcoder.check_tokens)
@@ -76,6 +80,6 @@ def train_stage(store: Store, subject: SubjectModel, config: RunConfig, out_dir:
         "heldout": {str(k): {"fvu": q.fvu, "l0": q.l0, "dead_fraction": q.dead_fraction, "n_tokens": q.n_tokens}
                     for k, q in quality.items()},
     })
-    save_circuit_tracer(result.transcoders, out_dir, subject.model_id)
+    save_circuit_tracer(result.transcoders, out_dir, subject.model_id, dtype)
     (out_dir / "history.json").write_text(json.dumps(result.history), encoding="utf-8")
     return result.transcoders, quality

@@ -11,13 +11,11 @@ dead ones to explain the residual error (AuxK, as in Gao et al. 2024).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -69,7 +67,9 @@ class _Trainee(nn.Module):
         if self.config.activation == "topk" and dead.any():
             k_aux = min(self.config.aux_k, int(dead.sum()))
             aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
-            aux_prediction = torch.einsum("bk,bkd->bd", torch.relu(aux_values), self.W_dec[aux_indices])
+            # Dense here: gathering aux_k (hundreds of) rows per token costs more than one matmul.
+            aux_acts = torch.zeros_like(pre).scatter_(-1, aux_indices, torch.relu(aux_values))
+            aux_prediction = aux_acts @ self.W_dec
             target = residual.detach()
             aux_fvu = (target - aux_prediction).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-8)
             loss = loss + self.config.aux_coef * aux_fvu
@@ -199,7 +199,11 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
                   for layer in buffer}
         for epoch, begin in batches:
             metrics = {}
+            # Linear decay over the last fifth of training settles the weights.
+            lr = config.lr * min(1.0, (config.n_tokens - seen) / (0.2 * config.n_tokens))
             for layer, (x, y) in buffer.items():
+                for group in optimizers[layer].param_groups:
+                    group["lr"] = lr
                 trainee = trainees[layer]
                 rows = orders[layer][epoch][begin:begin + config.batch_tokens]
                 xb = x[rows].float() / trainee.x_scale
