@@ -36,7 +36,10 @@ GEMMA_LIKE = {"gemma2", "gemma3", "gemma3_text"}
 # Canonical hook kinds and the names transcoder releases use for them
 # (TransformerLens / circuit-tracer hook names, with or without `blocks.{L}.`).
 HOOK_ALIASES = {
-    "mlp_in": "mlp_in", "mlp.hook_in": "mlp_in", "ln2.hook_normalized": "mlp_in",
+    "mlp_in": "mlp_in", "mlp.hook_in": "mlp_in",
+    # TransformerLens' hook_normalized is the normalised residual *before* the norm's gain
+    # (Gemma Scope 1 reads there too); mlp_in is after it.
+    "ln2_normalized": "ln2_normalized", "ln2.hook_normalized": "ln2_normalized",
     "resid_mid": "resid_mid", "hook_resid_mid": "resid_mid",
     "mlp_out": "mlp_out", "hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out",
 }
@@ -49,10 +52,11 @@ class HookPoint:
     layer: int
     module: str  # module path relative to the decoder layer list, e.g. "12.mlp"
     io: Literal["input", "output"]
+    pregain: bool = False  # output of an RMSNorm with its gain divided back out
 
     @property
     def name(self) -> str:
-        return f"layers.{self.module}:{self.io}"
+        return f"layers.{self.module}:{self.io}" + (":pregain" if self.pregain else "")
 
 
 class _StopForward(Exception):
@@ -162,17 +166,24 @@ class SubjectModel:
 
     def _canonical_hook(self, kind: str, layer: int) -> HookPoint:
         if self.family in GEMMA_LIKE:
-            table = {"mlp_in": ("mlp", "input"), "resid_mid": ("pre_feedforward_layernorm", "input"),
-                     "mlp_out": ("post_feedforward_layernorm", "output")}
+            norm = "pre_feedforward_layernorm"
+            table = {"mlp_in": ("mlp", "input"), "resid_mid": (norm, "input"),
+                     "mlp_out": ("post_feedforward_layernorm", "output"), "ln2_normalized": (norm, "output")}
         elif self.family in LLAMA_LIKE:
-            table = {"mlp_in": ("mlp", "input"), "resid_mid": ("post_attention_layernorm", "input"),
-                     "mlp_out": ("mlp", "output")}
+            norm = "post_attention_layernorm"
+            table = {"mlp_in": ("mlp", "input"), "resid_mid": (norm, "input"),
+                     "mlp_out": ("mlp", "output"), "ln2_normalized": (norm, "output")}
         else:
             raise AutolabelError(
                 f"no hook aliases for model family {self.family!r}; name the module, e.g. 'layers.{layer}.mlp:input'"
             )
         module, io = table[kind]
-        return HookPoint(layer, f"{layer}.{module}", io)
+        return HookPoint(layer, f"{layer}.{module}", io, pregain=kind == "ln2_normalized")
+
+    def _norm_gain(self, point: HookPoint) -> torch.Tensor:
+        """The elementwise gain an RMSNorm applies: weight, or 1 + weight in Gemma's parametrisation."""
+        norm = self.layers.get_submodule(point.module)
+        return (1.0 + norm.weight) if self.family in GEMMA_LIKE else norm.weight
 
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -183,6 +194,8 @@ class SubjectModel:
 
         def keep(point: HookPoint, value) -> None:
             tensor = value[0] if isinstance(value, tuple) else value
+            if point.pregain:
+                tensor = tensor / self._norm_gain(point)
             captured[point] = tensor.detach()
             if len(captured) == len(wanted):
                 raise _StopForward

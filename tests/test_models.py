@@ -16,12 +16,30 @@ from conftest import tiny_model
 ])
 def test_hook_aliases_per_family(tokenizer, family, resid_mid, mlp_out):
     subject = SubjectModel(tiny_model(family, vocab_size=64), tokenizer, f"tiny-{family}")
-    for name in ["blocks.2.mlp.hook_in", "blocks.2.ln2.hook_normalized", "model.layers.2.mlp:input"]:
-        assert subject.hook_point(name) == HookPoint(2, "2.mlp", "input")
+    for name in ["blocks.2.mlp.hook_in", "mlp_in", "model.layers.2.mlp:input"]:
+        assert subject.hook_point(name, layer=2) == HookPoint(2, "2.mlp", "input")
+    norm = resid_mid.split(".")[1]
+    assert subject.hook_point("blocks.2.ln2.hook_normalized") == HookPoint(2, f"2.{norm}", "output", pregain=True)
     assert subject.hook_point("mlp.hook_in", layer=2) == HookPoint(2, "2.mlp", "input")
     assert subject.hook_point("blocks.2.hook_resid_mid") == HookPoint(2, resid_mid, "input")
     assert subject.hook_point("hook_mlp_out", layer=2) == HookPoint(2, mlp_out, "output")
     assert subject.hook_point("layers.2.mlp:output") == HookPoint(2, "2.mlp", "output")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_pregain_normalized_hook(tokenizer, family):
+    """ln2.hook_normalized is the residual divided by its RMS, before the norm's gain."""
+    subject = SubjectModel(tiny_model(family, vocab_size=64), tokenizer, f"tiny-{family}")
+    norm = subject.hook_point("resid_mid", 1).module
+    with torch.no_grad():  # a non-trivial gain, so dividing it out matters
+        subject.layers.get_submodule(norm).weight.uniform_(0.5, 1.5)
+    ids = torch.tensor([[3, 9, 27, 40]])
+    resid, normalized, mlp_in = (subject.hook_point(n, 1) for n in ("resid_mid", "ln2.hook_normalized", "mlp_in"))
+    got = subject.capture(ids, None, [resid, normalized, mlp_in])
+    x = got[resid].float()
+    eps = subject.model.config.rms_norm_eps
+    assert torch.allclose(got[normalized], x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), atol=1e-5)
+    assert not torch.allclose(got[normalized], got[mlp_in], atol=1e-3)
 
 
 def test_bad_hook_names_are_clear(tiny_subject):
