@@ -150,3 +150,47 @@ def test_bad_input_exit_code_message_and_unchanged_store(monkeypatch, capsys, tm
     assert after == {k: v for k, v in before.items() if k != "runs"}
     # The attempt is recorded as a failed run (or not at all when the model never loaded).
     assert all(status == "failed" and message.split()[0] in error for status, error in runs)
+
+
+def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir):
+    """Train on the tiny model through the CLI, reopen the saved set, and refuse a transposed copy."""
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    words = "the cat sat on a mat while rain fell over old town roads and quiet rivers ran".split()
+    rng = random.Random(0)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": " ".join(rng.choices(words, k=60))}) + "\n"
+                              for i in range(60)), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "cache_dir": str(cache_dir), "store": str(tmp_path / "s.duckdb"), "model": {"source": str(tiny_model_dir)},
+        "corpus": {"sources": [{"name": "file", "path": str(corpus)}], "generation": {"enabled": False}},
+        "transcoder": {"check_tokens": 2000, "train": {
+            "layers": [1, 2], "d_feat": 64, "k": 8, "n_tokens": 30_000, "buffer_tokens": 4000,
+            "passes_per_buffer": 4, "batch_tokens": 256, "lr": 3e-3, "checkpoint_every_steps": 40,
+            "heldout_every": 4, "save_dtype": "float32"}}}), encoding="utf-8")
+    out = tmp_path / "tc"
+    code, stdout, err = run_cli(monkeypatch, capsys, "transcoder", "train", "--out", str(out), "-c", str(config), "-q")
+    assert code == 0, err
+    assert {"config.yaml", "layer_1.safetensors", "layer_2.safetensors", "autolabel.json", "history.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert (out / "checkpoint" / "layer_1.safetensors").is_file()
+    meta = json.loads((out / "autolabel.json").read_text())
+    assert set(meta["heldout"]) == {"1", "2"} and meta["tokens"] >= 30_000
+    assert "FVU" in stdout
+
+    code, stdout, err = run_cli(monkeypatch, capsys, "transcoder", "check", "-t", str(out), "-c", str(config), "-q")
+    assert code == 0, err
+    with Store(tmp_path / "s.duckdb") as store:
+        (layers, fvu), = store.query("select layers, fvu_by_layer from transcoders")[1]
+    assert layers == [1, 2] and all(0 <= v < 0.5 for v in fvu.values())
+
+    # The same weights written transposed (as a wrong exporter would): refused, exit 2, cause named.
+    for layer in (1, 2):
+        tensors = load_file(str(out / f"layer_{layer}.safetensors"))
+        tensors["W_enc"], tensors["W_dec"] = tensors["W_dec"].clone(), tensors["W_enc"].clone()
+        save_file(tensors, str(out / f"layer_{layer}.safetensors"))
+    code, _, err = run_cli(monkeypatch, capsys, "transcoder", "check", "-t", str(out), "-c", str(config), "-q")
+    assert code == 2 and "does not reconstruct" in err and "transposed weights" in err
