@@ -68,3 +68,16 @@ def test_shape_that_does_not_match_model(tiny_subject):
         measure_quality(tiny_subject, TranscoderSet({1: other}, path="x"), random_windows(2), n_tokens=10)
     with pytest.raises(AutolabelError, match="has layer 9"):
         measure_quality(tiny_subject, TranscoderSet({9: other}, path="x"), random_windows(2), n_tokens=10)
+
+
+def test_jumprelu_training_learns_thresholds(tiny_subject):
+    config = TranscoderTrainConfig(layers=[1], activation="jumprelu", d_feat=128, n_tokens=60_000,
+                                   batch_tokens=256, buffer_tokens=8_000, passes_per_buffer=4, batch_windows=32,
+                                   lr=3e-3, l0_coef=2e-3, jumprelu_init_threshold=0.05)
+    result = train_transcoders(tiny_subject, random_windows(256), config)
+    transcoder = result.transcoders[1]
+    assert transcoder.activation == "jumprelu" and transcoder.threshold is not None
+    assert not torch.allclose(transcoder.threshold, torch.full_like(transcoder.threshold, 0.05))  # thresholds moved
+    assert result.history[-1]["fvu_1"] < 0.7 * result.history[0]["fvu_1"]
+    quality = measure_quality(tiny_subject, result.transcoders, random_windows(32, seed=1), n_tokens=1000)
+    assert quality[1].fvu < 0.6 and 0 < quality[1].l0 < 128
