@@ -59,14 +59,22 @@ def _print_corpus_summary(summary) -> None:
     _print_table("tokens by category", ["category", "tokens"], sorted(summary.tokens_by_category.items()))
 
 
+def _print_quality(quality) -> None:
+    rows = [(q.layer, f"{q.fvu:.3f}", f"{q.l0:.1f}", f"{q.dead_fraction:.1%}", q.n_tokens)
+            for q in sorted(quality.values(), key=lambda q: q.layer)]
+    _print_table("held-out reconstruction", ["layer", "FVU", "L0", "dead", "tokens"], rows)
+
+
 @app.command()
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False) -> None:
-    """Run the default audit pipeline: every stage that exists so far (today: the corpus)."""
+    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check)."""
     from autolabel.pipeline import run_pipeline
 
-    run_id, summary = run_pipeline(_config(config, store, model), show_progress=not quiet)
-    _print_corpus_summary(summary)
-    console.print(f"run [bold]{run_id}[/] complete; query it with: autolabel query \"select * from runs\"")
+    summary = run_pipeline(_config(config, store, model), show_progress=not quiet)
+    _print_corpus_summary(summary.corpus)
+    _print_quality(summary.quality)
+    console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
+                  f"query it with: autolabel query \"select * from runs\"")
 
 
 @corpus_app.command("build")
@@ -98,12 +106,6 @@ def model_info(model: ModelOption = None, config: ConfigOption = None,
 
 TranscoderOption = Annotated[Optional[str], typer.Option(
     "--transcoder", "-t", help="embedded:smollm2 or a transcoder folder/file (circuit-tracer, Gemma Scope, SAELens, sparsify).")]
-
-
-def _print_quality(quality) -> None:
-    rows = [(q.layer, f"{q.fvu:.3f}", f"{q.l0:.1f}", f"{q.dead_fraction:.1%}", q.n_tokens)
-            for q in sorted(quality.values(), key=lambda q: q.layer)]
-    _print_table("held-out reconstruction", ["layer", "FVU", "L0", "dead", "tokens"], rows)
 
 
 @transcoder_app.command("check")
@@ -140,7 +142,7 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
     """Train per-layer TopK/JumpReLU transcoders on the corpus; save them in the circuit-tracer layout."""
     from autolabel.models import load_subject_model
     from autolabel.store import Store
-    from autolabel.transcoders.stage import train_stage
+    from autolabel.transcoders.stage import corpus_windows, train_stage
 
     run_config = _config(config, store, model)
     train_config = run_config.transcoder.train
@@ -152,7 +154,8 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
     train_config.n_tokens = tokens or train_config.n_tokens
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:
-        _, quality = train_stage(db, subject, run_config, out, show_progress=not quiet)
+        train, heldout = corpus_windows(db, subject, run_config, show_progress=not quiet)
+    _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
     _print_quality(quality)
     console.print(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)")
 

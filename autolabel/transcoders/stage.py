@@ -48,15 +48,20 @@ def open_transcoders(source: str, fmt: str = "auto") -> TranscoderSet:
 def check_stage(store: Store, subject: SubjectModel, config: RunConfig,
                 show_progress: bool = True) -> tuple[str, dict[int, LayerQuality]]:
     tset = open_transcoders(config.transcoder.source, config.transcoder.format)
-    _, heldout = corpus_windows(store, subject, config, show_progress)
-    return check_transcoders(store, subject, tset, heldout, config.transcoder.check_tokens, config.transcoder.max_fvu)
-
-
-def train_stage(store: Store, subject: SubjectModel, config: RunConfig, out_dir: Path,
-                show_progress: bool = True) -> tuple[TranscoderSet, dict[int, LayerQuality]]:
-    """Train, checkpoint, save in the circuit-tracer layout, measure on held-out tokens."""
-    train_config = config.transcoder.train
     train, heldout = corpus_windows(store, subject, config, show_progress)
+    # A corpus too small to hold out a document is still a fair test of a transcoder trained elsewhere.
+    windows = heldout or train
+    return check_transcoders(store, subject, tset, windows, config.transcoder.check_tokens, config.transcoder.max_fvu)
+
+
+def train_stage(train: list[Window], heldout: list[Window], subject: SubjectModel, config: RunConfig,
+                out_dir: Path, show_progress: bool = True) -> tuple[TranscoderSet, dict[int, LayerQuality]]:
+    """Train, checkpoint, save in the circuit-tracer layout, measure on held-out tokens.
+
+    Takes windows rather than the store, so the store is not held open (and locked
+    against `autolabel query`) for the length of training.
+    """
+    train_config = config.transcoder.train
     if not train:
         raise AutolabelError("the corpus has no training windows; build a larger corpus")
     checkpoint_dir = out_dir / "checkpoint"
