@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from autolabel.config import RunConfig
@@ -36,3 +38,10 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir):
     code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
                            "select count(*) from documents where kind = 'chat' and messages_json->>'$[-1].role' <> 'assistant'")
     assert out.strip().splitlines()[1] == "0"  # every chat got the subject model's reply
+
+    # The embedded transcoders were checked against the model and recorded with the run.
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select t.layers, map_values(t.fvu_by_layer) as fvu from runs r "
+                           "join transcoders t using (transcoder_id)")
+    (row,) = json.loads(out)
+    assert row["layers"] == [6, 15, 24] and all(0 < v < 0.5 for v in row["fvu"])
