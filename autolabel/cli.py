@@ -154,7 +154,8 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
     train_config.n_tokens = tokens or train_config.n_tokens
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:
-        train, heldout = corpus_windows(db, subject, run_config, show_progress=not quiet)
+        train, _ = corpus_windows(db, subject, run_config, not quiet, for_training=True)
+        _, heldout = corpus_windows(db, subject, run_config, not quiet)
     _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
     _print_quality(quality)
     console.print(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)")

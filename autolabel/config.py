@@ -91,6 +91,9 @@ class TranscoderTrainConfig(Strict):
     jumprelu_bandwidth: float = 0.05
     heldout_every: int = Field(default=10, ge=2)  # every n-th document (by hash) is kept for checking
     checkpoint_every_steps: int = Field(default=500, ge=1)
+    # A corpus for training only (e.g. the run's sources with more plain text); None: the run's corpus.
+    # Held-out documents are chosen by a hash of their id, so they stay held out in either corpus.
+    corpus: CorpusConfig | None = None
     save_dtype: Literal["float32", "float16"] = "float16"  # fp16 halves the files at no measurable FVU cost
     seed: int = 0
 

@@ -163,6 +163,9 @@ def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_d
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"id": i, "text": " ".join(rng.choices(words, k=60))}) + "\n"
                               for i in range(60)), encoding="utf-8")
+    extra = tmp_path / "more.jsonl"  # more plain text for training only
+    extra.write_text("".join(json.dumps({"id": i, "text": " ".join(rng.choices(words, k=60))}) + "\n"
+                             for i in range(40)), encoding="utf-8")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "cache_dir": str(cache_dir), "store": str(tmp_path / "s.duckdb"), "model": {"source": str(tiny_model_dir)},
@@ -170,13 +173,17 @@ def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_d
         "transcoder": {"check_tokens": 2000, "train": {
             "layers": [1, 2], "d_feat": 64, "k": 8, "n_tokens": 30_000, "buffer_tokens": 4000,
             "passes_per_buffer": 4, "batch_tokens": 256, "lr": 3e-3, "checkpoint_every_steps": 40,
-            "heldout_every": 4, "save_dtype": "float32"}}}), encoding="utf-8")
+            "heldout_every": 4, "save_dtype": "float32", "corpus": {
+                "sources": [{"name": "file", "path": str(corpus)}, {"name": "file", "path": str(extra)}],
+                "generation": {"enabled": False}}}}}), encoding="utf-8")
     out = tmp_path / "tc"
     code, stdout, err = run_cli(monkeypatch, capsys, "transcoder", "train", "--out", str(out), "-c", str(config), "-q")
     assert code == 0, err
     assert {"config.yaml", "layer_1.safetensors", "layer_2.safetensors", "autolabel.json", "history.json"} <= \
         {p.name for p in out.iterdir()}
     assert (out / "checkpoint" / "layer_1.safetensors").is_file()
+    with Store(tmp_path / "s.duckdb") as store:  # the run's corpus (held-out) and the training corpus
+        assert store.query("select n_docs from corpora order by n_docs")[1] == [(60,), (100,)]
     meta = json.loads((out / "autolabel.json").read_text())
     assert set(meta["heldout"]) == {"1", "2"} and meta["tokens"] >= 30_000
     assert "FVU" in stdout

@@ -28,9 +28,11 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "data" / "transcoders"
 EMBEDDED = {"embedded:smollm2": EMBEDDED_DIR / "smollm2-135m-instruct"}
 
 
-def corpus_windows(store: Store, subject: SubjectModel, config: RunConfig,
-                   show_progress: bool) -> tuple[list[Window], list[Window]]:
-    summary = build_corpus(store, config.corpus, subject, show_progress)
+def corpus_windows(store: Store, subject: SubjectModel, config: RunConfig, show_progress: bool,
+                   for_training: bool = False) -> tuple[list[Window], list[Window]]:
+    """(train, held-out) windows of the run's corpus, or of the training corpus when one is configured."""
+    corpus = config.transcoder.train.corpus if for_training and config.transcoder.train.corpus else config.corpus
+    summary = build_corpus(store, corpus, subject, show_progress)
     return split_heldout(list(iter_windows(store, summary.corpus_id)), config.transcoder.train.heldout_every)
 
 
