@@ -21,6 +21,7 @@ from autolabel.corpus.generate import add_assistant_replies
 from autolabel.corpus.roles import ROLE_NAMES, render_chat, tokenize_document
 from autolabel.corpus.sources import load_source
 from autolabel.errors import AutolabelError
+from autolabel.hashing import hash_path
 from autolabel.models import SubjectModel
 from autolabel.progress import progress_bar
 from autolabel.store import Store, now, to_json
@@ -48,15 +49,7 @@ def _fingerprint(source: SourceConfig) -> str:
     """Package version for built-in sources, content hash for files."""
     if source.name in SOURCE_PACKAGES:
         return f"{SOURCE_PACKAGES[source.name]}=={metadata.version(SOURCE_PACKAGES[source.name])}"
-    digest = hashlib.sha256()
-    if source.path and Path(source.path).exists():
-        root = Path(source.path)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
-            digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}\0".encode())
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    return hash_path(Path(source.path)) if source.path and Path(source.path).exists() else ""
 
 
 def corpus_id_for(config: CorpusConfig, model_id: str) -> str:

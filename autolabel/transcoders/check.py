@@ -9,7 +9,6 @@ transcoder and near or above 1 for a mismatched one.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +17,7 @@ import torch
 
 from autolabel.corpus.windows import Window
 from autolabel.errors import AutolabelError
+from autolabel.hashing import hash_path
 from autolabel.models import SubjectModel
 from autolabel.store import Store, now
 from autolabel.transcoders.activations import activation_pairs
@@ -90,14 +90,7 @@ def measure_quality(subject: SubjectModel, tset: TranscoderSet, windows: Iterabl
 
 def transcoder_id(tset: TranscoderSet) -> str:
     """Content hash of the weight files, so the same transcoder is recognised wherever it lies."""
-    digest = hashlib.sha256(tset.source_format.encode())
-    root = Path(tset.path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for path in files:
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return f"tc-{digest.hexdigest()[:12]}"
+    return f"tc-{hash_path(Path(tset.path), tset.source_format)[:12]}"
 
 
 def record_quality(store: Store, tset: TranscoderSet, model_id: str, quality: dict[int, LayerQuality]) -> str:
