@@ -63,13 +63,11 @@ class _StopForward(Exception):
     """Raised from a hook once every requested activation is captured."""
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
+    """Where an installed package lives, without importing it (some data packages print or load on import)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AutolabelError(
-            f"the package {package!r} that ships the embedded model is not installed; "
-            f"run ./install.sh (it installs {package.replace('_', '-')} with --no-deps)"
-        )
+        raise AutolabelError(f"the package {package!r} is not installed; run ./install.sh")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -77,7 +75,7 @@ def embedded_gguf(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         raise AutolabelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
     package, filename = EMBEDDED_MODELS[name]
-    path = _package_dir(package) / filename
+    path = package_dir(package) / filename
     if not path.is_file():
         raise AutolabelError(f"{path} is missing from the {package} package; reinstall it with ./install.sh")
     return path

@@ -261,16 +261,6 @@ class Store:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def delete_scope(self, run_id: str, stage: str, tables: dict[str, str]) -> None:
-        """Remove a stage's rows and shard records for one run, in one transaction.
-
-        `tables` maps table name -> the column that holds the run (or corpus) id.
-        """
-        with self.transaction() as con:
-            for table, column in tables.items():
-                con.execute(f"DELETE FROM {table} WHERE {column} = ?", [run_id])
-            con.execute("DELETE FROM shards WHERE run_id = ? AND stage = ?", [run_id, stage])
-
     # -- runs -----------------------------------------------------------------
 
     def start_run(self, config_json: str, model_id: str, corpus_id: str | None = None,

@@ -7,7 +7,6 @@ reply from the subject model (see generate.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -18,14 +17,7 @@ import yaml
 from autolabel.config import SourceConfig
 from autolabel.corpus.documents import Document, chat, load_file_documents
 from autolabel.errors import AutolabelError
-
-
-def package_dir(package: str) -> Path:
-    """Where an installed data package lives, without importing it (some print or load on import)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AutolabelError(f"data package {package!r} is not installed; run ./install.sh")
-    return Path(spec.submodule_search_locations[0])
+from autolabel.models import package_dir
 
 
 def _sample(items: list, limit: int | None, seed: int) -> list:
