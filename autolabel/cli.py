@@ -65,16 +65,43 @@ def _print_quality(quality) -> None:
     _print_table("held-out reconstruction", ["layer", "FVU", "L0", "dead", "tokens"], rows)
 
 
+def _print_collect(summary) -> None:
+    rows = [(layer, counts["active"], counts["rare"], counts["dead"]) for layer, counts in sorted(summary.status_by_layer.items())]
+    _print_table("features collected", ["layer", "active", "rare", "dead"], rows)
+    resumed = f", resumed after {summary.resumed_shards} shards" if summary.resumed_shards else ""
+    console.print(f"collected over {summary.n_tokens:,} tokens in {summary.seconds:.0f} s{resumed}")
+
+
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")]
+RunOption = Annotated[Optional[str], typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
+
+
 @app.command()
-def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False) -> None:
-    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check)."""
+def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
+        resume: ResumeOption = False, run_id: RunOption = None) -> None:
+    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check, collect)."""
     from autolabel.pipeline import run_pipeline
 
-    summary = run_pipeline(_config(config, store, model), show_progress=not quiet)
+    summary = run_pipeline(_config(config, store, model), show_progress=not quiet, resume=resume or bool(run_id),
+                           run_id=run_id)
     _print_corpus_summary(summary.corpus)
     _print_quality(summary.quality)
+    _print_collect(summary.collect)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
-                  f"query it with: autolabel query \"select * from runs\"")
+                  f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
+
+
+@app.command()
+def collect(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
+            resume: ResumeOption = False, run_id: RunOption = None) -> None:
+    """Collect top-activating examples and role-aware statistics per feature (builds the corpus and checks the
+    transcoders first when needed)."""
+    from autolabel.pipeline import run_pipeline
+
+    summary = run_pipeline(_config(config, store, model), show_progress=not quiet, resume=resume or bool(run_id),
+                           run_id=run_id)
+    _print_collect(summary.collect)
+    console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
 
 
 @corpus_app.command("build")
@@ -128,7 +155,7 @@ def transcoder_check(transcoder: TranscoderOption = None,
     settings.max_fvu = settings.max_fvu if max_fvu is None else max_fvu
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:
-        transcoder_id, quality = check_stage(db, subject, run_config, show_progress=not quiet)
+        _, transcoder_id, quality = check_stage(db, subject, run_config, show_progress=not quiet)
     _print_quality(quality)
     console.print(f"transcoder [bold]{transcoder_id}[/] fits (FVU <= {settings.max_fvu} on every layer); recorded in `transcoders`")
 

@@ -107,6 +107,24 @@ class TranscoderConfig(Strict):
     train: TranscoderTrainConfig = Field(default_factory=TranscoderTrainConfig)
 
 
+class CollectConfig(Strict):
+    """What `autolabel collect` keeps per feature. Memory depends on these, never on corpus length."""
+
+    top_k: int = Field(default=50, ge=1)  # top-activating contexts, at most one per document window
+    example_tokens: int = Field(default=32, ge=2)  # context around the peak token of each example
+    quantile_bins: int = Field(default=10, ge=1)  # equal-count bins of the per-window peak activation
+    per_bin: int = Field(default=5, ge=1)  # reservoir-sampled examples per bin
+    random_examples: int = Field(default=20, ge=0)  # contexts where the feature never fires (for scoring)
+    # Histogram resolution: log-spaced bins, `bins_per_octave` per factor of 2, covering `octaves` below
+    # each feature's max (smaller activations share the lowest bin). Quantile bins are unions of these.
+    bins_per_octave: int = Field(default=3, ge=1)
+    octaves: int = Field(default=8, ge=1)
+    rare_density: float = Field(default=1e-4, ge=0)  # features firing on fewer tokens are marked rare
+    batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
+    shard_tokens: int = Field(default=32_768, ge=1)  # a checkpoint after about this many tokens
+    seed: int = 0  # salts the reservoir priorities
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -118,6 +136,7 @@ class RunConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     transcoder: TranscoderConfig = Field(default_factory=TranscoderConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -1,16 +1,19 @@
 """The default audit, stage after stage, recorded as one row in `runs`.
 
-Today it reaches the corpus and the transcoder check; each later stage (collect,
-label, cluster, audit, report) is appended here as it lands, and the Prefect
-flow orders the same calls.
+Today it reaches the corpus, the transcoder check and collection; each later
+stage (label, cluster, audit, report) is appended here as it lands, and the
+Prefect flow orders the same calls. A run that was killed or failed resumes
+with its own stored config: finished corpus and collect shards are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autolabel.collect import CollectSummary, collect_stage
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
+from autolabel.errors import AutolabelError
 from autolabel.models import load_subject_model
 from autolabel.store import Store, to_json
 from autolabel.transcoders.check import LayerQuality
@@ -23,17 +26,44 @@ class RunSummary:
     corpus: CorpusSummary
     transcoder_id: str
     quality: dict[int, LayerQuality]
+    collect: CollectSummary
 
 
-def run_pipeline(config: RunConfig, show_progress: bool = True) -> RunSummary:
-    subject = load_subject_model(config.model.source, config.cache_dir, config.model.dtype)
+def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
+    """The given run, or the latest one that did not complete, with the config it was started with."""
+    if run_id:
+        row = store.one("SELECT run_id, status, config_json FROM runs WHERE run_id = ?", [run_id])
+        if row is None:
+            raise AutolabelError(f"no run {run_id!r} in {store.path}; list runs with: autolabel query \"select * from runs\"")
+    else:
+        row = store.one("SELECT run_id, status, config_json FROM runs WHERE status <> 'complete' "
+                        "ORDER BY started_at DESC LIMIT 1")
+        if row is None:
+            raise AutolabelError(f"no unfinished run to resume in {store.path}; start one without --resume")
+    if row[1] == "complete":
+        raise AutolabelError(f"run {row[0]} is already complete; start a new run without --resume")
+    return row[0], RunConfig.model_validate_json(row[2])
+
+
+def run_pipeline(config: RunConfig, show_progress: bool = True, resume: bool = False,
+                 run_id: str | None = None) -> RunSummary:
+    """Run every stage; with `resume`, continue `run_id` (or the latest unfinished run) instead."""
     with Store(config.store) as store:
-        run_id = store.start_run(to_json(config.model_dump(mode="json")), subject.model_id)
+        if resume:
+            run_id, stored = find_resumable(store, run_id)
+            config = stored.model_copy(update={"store": config.store})
+        subject = load_subject_model(config.model.source, config.cache_dir, config.model.dtype)
+        if not resume:
+            run_id = store.start_run(to_json(config.model_dump(mode="json")), subject.model_id)
+        store.update_run(run_id, status="running", finished_at=None, error=None)
         try:
             corpus = build_corpus(store, config.corpus, subject, show_progress)
-            transcoder_id, quality = check_stage(store, subject, config, show_progress)
+            tset, transcoder_id, quality = check_stage(store, subject, config, show_progress)
+            store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
+            collect = collect_stage(store, subject, tset, corpus.corpus_id, transcoder_id, config.collect, run_id,
+                                    show_progress)
         except BaseException as err:
             store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
             raise
-        store.finish_run(run_id, "complete", corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
-    return RunSummary(run_id, corpus, transcoder_id, quality)
+        store.finish_run(run_id, "complete")
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from autolabel.config import ROLES
 from autolabel.errors import AutolabelError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _ROLE_ENUM = ", ".join(f"'{r}'" for r in ROLES)
 
@@ -69,7 +69,7 @@ SCHEMA: dict[str, str] = {
         CREATE TABLE IF NOT EXISTS features (
             run_id VARCHAR, layer INTEGER, feature INTEGER, n_tokens BIGINT,
             n_active BIGINT, density DOUBLE, max_act DOUBLE, mean_act DOUBLE,
-            quantile_edges DOUBLE[], histogram BIGINT[],
+            quantile_edges DOUBLE[], histogram BIGINT[], histogram_edges DOUBLE[], status VARCHAR,
             PRIMARY KEY (run_id, layer, feature))""",
     "role_stats": """
         CREATE TABLE IF NOT EXISTS role_stats (
@@ -86,7 +86,7 @@ SCHEMA: dict[str, str] = {
     "examples": """
         CREATE TABLE IF NOT EXISTS examples (
             run_id VARCHAR, layer INTEGER, feature INTEGER, kind VARCHAR, rank INTEGER,
-            doc_id VARCHAR, turn INTEGER, role token_role, start INTEGER,
+            bin INTEGER, doc_id VARCHAR, turn INTEGER, role token_role, start INTEGER,
             tokens INTEGER[], acts FLOAT[], max_act DOUBLE,
             PRIMARY KEY (run_id, layer, feature, kind, rank))""",
     "labels": """
@@ -128,6 +128,13 @@ SCHEMA: dict[str, str] = {
             value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, flagged BOOLEAN,
             details_json JSON, PRIMARY KEY (run_id, audit, layer, feature, metric))""",
 }
+
+# Columns added after a table first shipped: (table, column, type), applied to older stores.
+ADDED_COLUMNS = [
+    ("features", "histogram_edges", "DOUBLE[]"),
+    ("features", "status", "VARCHAR"),
+    ("examples", "bin", "INTEGER"),
+]
 
 # One row per token, for SQL over roles and categories without unnesting by hand.
 TOKENS_VIEW = """
@@ -177,6 +184,8 @@ class Store:
                 self.con.execute(f"CREATE TYPE token_role AS ENUM ({_ROLE_ENUM})")
             for ddl in SCHEMA.values():
                 self.con.execute(ddl)
+            for table, column, sql_type in ADDED_COLUMNS:
+                self.con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
             self.con.execute(TOKENS_VIEW)
             self.con.execute(
                 "INSERT INTO schema_version VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -273,14 +282,12 @@ class Store:
         )
         return run_id
 
-    def finish_run(self, run_id: str, status: str = "complete", error: str | None = None,
-                   **fields: str | None) -> None:
+    def update_run(self, run_id: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.con.execute(
-            f"UPDATE runs SET finished_at = ?, status = ?, error = ?{', ' + sets if sets else ''}"
-            " WHERE run_id = ?",
-            [now(), status, error, *fields.values(), run_id],
-        )
+        self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])
+
+    def finish_run(self, run_id: str, status: str = "complete", error: str | None = None) -> None:
+        self.update_run(run_id, finished_at=now(), status=status, error=error)
 
     # -- reads ----------------------------------------------------------------
 

@@ -51,3 +51,17 @@ def tiny_subject(tokenizer):
     from autolabel.models import SubjectModel
 
     return SubjectModel(tiny_model("llama"), tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A local HF folder (tiny random Llama + SmolLM2 tokenizer) whose chat template refuses two user turns."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama").save_pretrained(folder)
+    strict = __import__("copy").deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict.save_pretrained(folder)
+    return folder

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import yaml
+from test_store import doc_rows
 
 from autolabel import cli
 from autolabel.config import RunConfig, load_config
 from autolabel.store import Store
-
-from test_store import doc_rows
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -29,7 +28,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["corpus"], ["corpus", "build"], ["model"], ["model", "info"],
-                                     ["query"], ["config"]])
+                                     ["query"], ["config"], ["collect"]])
 def test_every_command_has_help(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Usage" in out
@@ -100,22 +99,6 @@ def test_corpus_build_bad_file_exits_nonzero_and_keeps_store(monkeypatch, capsys
     assert code == 2 and "role 'tool'" in err and "bad.jsonl row 0" in err
     with Store(filled_store) as store:
         assert store.query("select * from documents order by doc_id")[1] == before
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A local HF folder (tiny random Llama + SmolLM2 tokenizer) whose chat template refuses two user turns."""
-    from conftest import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("llama").save_pretrained(folder)
-    strict = __import__("copy").deepcopy(tokenizer)
-    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
-                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
-                            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    strict.save_pretrained(folder)
-    return folder
 
 
 BAD_INPUTS = {

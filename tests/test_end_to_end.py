@@ -45,3 +45,18 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir):
                            "join transcoders t using (transcoder_id)")
     (row,) = json.loads(out)
     assert row["layers"] == [6, 15, 24] and all(0 < v < 0.5 for v in row["fvu"])
+
+    # Collection: every feature of every layer has a row; examples and role statistics exist.
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select layer, count(*) as n, sum(n_active) as fired, count(distinct n_tokens) as sizes "
+                           "from features group by layer order by layer")
+    assert [(r["layer"], r["n"], r["sizes"]) for r in json.loads(out)] == [(6, 2048, 1), (15, 2048, 1), (24, 2048, 1)]
+    assert all(r["fired"] > 0 for r in json.loads(out))
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select kind, count(*) as n, min(len(tokens)) as shortest, bool_and(len(tokens) = len(acts)) "
+                           "as aligned from examples group by kind order by kind")
+    by_kind = {r["kind"]: r for r in json.loads(out)}
+    assert set(by_kind) == {"quantile", "random", "top"} and all(r["aligned"] for r in by_kind.values())
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
+                           "select count(distinct role), sum(n_turns_active) > 0 from role_stats")
+    assert out.strip().splitlines()[1] == "5,True"

@@ -62,7 +62,8 @@ def test_runs_lifecycle(tmp_path):
     with Store(tmp_path / "s.duckdb") as store:
         run_id = store.start_run('{"a": 1}', "m")
         assert store.one("SELECT status FROM runs WHERE run_id = ?", [run_id])[0] == "running"
-        store.finish_run(run_id, "complete", corpus_id="c9")
+        store.update_run(run_id, corpus_id="c9")
+        store.finish_run(run_id, "complete")
         status, corpus_id, finished = store.one("SELECT status, corpus_id, finished_at FROM runs")
         assert (status, corpus_id) == ("complete", "c9") and finished is not None
 

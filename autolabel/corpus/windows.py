@@ -31,17 +31,20 @@ def windows(n_tokens: int, ctx_len: int) -> list[tuple[int, int]]:
     return [(start, min(start + ctx_len, n_tokens)) for start in range(0, n_tokens, ctx_len)]
 
 
-def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None,
-                 docs_per_read: int = 256) -> Iterator[Window]:
-    """Every window of a corpus in doc_id order, reading a bounded number of documents at a time."""
+def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None, docs_per_read: int = 256,
+                 first_doc: str = "", last_doc: str | None = None) -> Iterator[Window]:
+    """Every window of a corpus (or of its documents first_doc..last_doc) in doc_id order,
+    reading a bounded number of documents at a time."""
     if ctx_len is None:
         ctx_len = store.one("SELECT ctx_len FROM corpora WHERE corpus_id = ?", [corpus_id])[0]
-    last_doc = ""
+    upper = "" if last_doc is None else "AND t.doc_id <= ? "
+    bounds = [] if last_doc is None else [last_doc]
+    previous, comparison = first_doc, ">="
     while True:
         rows = store.con.execute(
             "SELECT t.doc_id, d.category, t.token_ids, list_transform(t.roles, lambda r: enum_code(r)), t.turns FROM doc_tokens t "
-            "JOIN documents d USING (corpus_id, doc_id) WHERE t.corpus_id = ? AND t.doc_id > ? "
-            "ORDER BY t.doc_id LIMIT ?", [corpus_id, last_doc, docs_per_read]).fetchall()
+            f"JOIN documents d USING (corpus_id, doc_id) WHERE t.corpus_id = ? AND t.doc_id {comparison} ? {upper}"
+            "ORDER BY t.doc_id LIMIT ?", [corpus_id, previous, *bounds, docs_per_read]).fetchall()
         if not rows:
             return
         for doc_id, category, token_ids, roles, turns in rows:
@@ -50,7 +53,7 @@ def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None,
             turn_ids = np.asarray(turns, dtype=np.int16)
             for start, end in windows(len(ids), ctx_len):
                 yield Window(doc_id, category, start, ids[start:end], codes[start:end], turn_ids[start:end])
-        last_doc = rows[-1][0]
+        previous, comparison = rows[-1][0], ">"
 
 
 def split_heldout(windows: list[Window], every: int) -> tuple[list[Window], list[Window]]:

@@ -48,12 +48,15 @@ def open_transcoders(source: str, fmt: str = "auto") -> TranscoderSet:
 
 
 def check_stage(store: Store, subject: SubjectModel, config: RunConfig,
-                show_progress: bool = True) -> tuple[str, dict[int, LayerQuality]]:
+                show_progress: bool = True) -> tuple[TranscoderSet, str, dict[int, LayerQuality]]:
+    """Open the configured transcoders and refuse them unless they reconstruct this model: (set, id, quality)."""
     tset = open_transcoders(config.transcoder.source, config.transcoder.format)
     train, heldout = corpus_windows(store, subject, config, show_progress)
     # A corpus too small to hold out a document is still a fair test of a transcoder trained elsewhere.
     windows = heldout or train
-    return check_transcoders(store, subject, tset, windows, config.transcoder.check_tokens, config.transcoder.max_fvu)
+    tid, quality = check_transcoders(store, subject, tset, windows, config.transcoder.check_tokens,
+                                     config.transcoder.max_fvu)
+    return tset, tid, quality
 
 
 def train_stage(train: list[Window], heldout: list[Window], subject: SubjectModel, config: RunConfig,

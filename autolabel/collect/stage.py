@@ -1,0 +1,233 @@
+"""`autolabel collect`: run the subject model over the corpus, encode with the
+transcoders, and keep per feature what every later stage reads.
+
+The corpus is cut into shards of consecutive documents. After each shard the
+whole collection state is checkpointed beside the store (safetensors, written
+atomically) and the shard is recorded in `shards`; `--resume` reloads the
+checkpoint of the last recorded shard and goes on from there, so nothing is
+lost or counted twice. The tables are written once, in one transaction, when
+the last shard is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from autolabel.collect.state import MAX_DOC_TOKENS, POS_BITS, Batch, LayerState
+from autolabel.collect.tables import example_rows, feature_rows, role_rows
+from autolabel.config import CollectConfig
+from autolabel.corpus.windows import Window, iter_windows
+from autolabel.errors import AutolabelError
+from autolabel.models import SubjectModel
+from autolabel.progress import progress_bar
+from autolabel.store import Store, to_json
+from autolabel.transcoders.activations import batch_windows, pad_batch
+from autolabel.transcoders.transcoder import TranscoderSet
+
+STAGE = "collect"
+
+
+@dataclass
+class CollectSummary:
+    run_id: str
+    n_tokens: int  # tokens counted per feature (every window's first token is left out)
+    seconds: float
+    resumed_shards: int
+    status_by_layer: dict[int, dict[str, int]]  # layer -> {"active": n, "rare": n, "dead": n}
+
+
+@dataclass
+class CorpusIndex:
+    """Documents in doc_id order: ordinals key every token, categories index the statistics."""
+
+    doc_ids: list[str]
+    doc_tokens: list[int]
+    categories: list[str]
+    ordinal: dict[str, int]
+    category_index: dict[str, int]
+
+    @classmethod
+    def read(cls, store: Store, corpus_id: str) -> CorpusIndex:
+        rows = store.con.execute("SELECT doc_id, n_tokens, category FROM documents WHERE corpus_id = ? ORDER BY doc_id",
+                                 [corpus_id]).fetchall()
+        if not rows:
+            raise AutolabelError(f"corpus {corpus_id} has no documents; build it first with `autolabel corpus build`")
+        too_long = [doc_id for doc_id, n, _ in rows if n >= MAX_DOC_TOKENS]
+        if too_long:
+            raise AutolabelError(f"documents {too_long[:3]} have {MAX_DOC_TOKENS:,} tokens or more; split them into smaller documents")
+        categories = sorted({category for _, _, category in rows})
+        return cls([r[0] for r in rows], [r[1] for r in rows], categories,
+                   {r[0]: i for i, r in enumerate(rows)}, {c: i for i, c in enumerate(categories)})
+
+
+def plan_shards(doc_tokens: list[int], shard_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive document ranges [first, last] of about shard_tokens tokens each."""
+    shards, first, size = [], 0, 0
+    for i, n in enumerate(doc_tokens):
+        size += n
+        if size >= shard_tokens:
+            shards.append((first, i))
+            first, size = i + 1, 0
+    if first < len(doc_tokens):
+        shards.append((first, len(doc_tokens) - 1))
+    return shards
+
+
+def make_batch(windows: list[Window], index: CorpusIndex, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Batch]:
+    input_ids, mask = pad_batch(windows, pad_id)
+    B, S = input_ids.shape
+    roles = torch.zeros(B, S, dtype=torch.long)
+    turns = torch.zeros(B, S, dtype=torch.long)
+    for row, window in enumerate(windows):
+        roles[row, : len(window.roles)] = torch.from_numpy(window.roles.astype("int64"))
+        turns[row, : len(window.turns)] = torch.from_numpy(window.turns.astype("int64"))
+    ordinals = torch.tensor([index.ordinal[w.doc_id] for w in windows])[:, None]
+    starts = torch.tensor([w.start for w in windows])[:, None]
+    valid = mask.bool()
+    valid[:, 0] = False
+    return input_ids, mask, Batch(
+        valid=valid, roles=roles,
+        turn_keys=(ordinals << POS_BITS) | (turns << 3) | roles,
+        keys=(ordinals << POS_BITS) | (starts + torch.arange(S)[None, :]),
+        tokens=input_ids,
+        categories=torch.tensor([index.category_index[w.category] for w in windows]),
+        lengths=torch.tensor([len(w.token_ids) for w in windows]),
+    )
+
+
+class Checkpoints:
+    """One safetensors file per committed shard count; only the latest is kept."""
+
+    def __init__(self, store_path: Path, run_id: str, fingerprint: str):
+        self.folder = Path(f"{store_path}.collect") / run_id
+        self.fingerprint = fingerprint
+
+    def path(self, n_done: int) -> Path:
+        return self.folder / f"state-{n_done:05d}.safetensors"
+
+    def save(self, states: dict[int, LayerState], n_done: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{layer}/{name}": t.contiguous() for layer, s in states.items() for name, t in s.tensors.items()}
+        partial = self.path(n_done).with_suffix(".partial")
+        save_file(tensors, str(partial), metadata={"fingerprint": self.fingerprint, "shards": str(n_done)})
+        os.replace(partial, self.path(n_done))
+
+    def drop_older(self, n_done: int) -> None:
+        for old in self.folder.glob("state-*.safetensors"):
+            if old != self.path(n_done):
+                old.unlink()
+
+    def load(self, states: dict[int, LayerState], n_done: int) -> None:
+        path = self.path(n_done)
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as err:
+            raise AutolabelError(f"cannot resume: the checkpoint of shard {n_done} ({path}) is missing or unreadable "
+                                 f"({err}); start a new collection without --resume") from err
+        if metadata.get("fingerprint") != self.fingerprint:
+            raise AutolabelError(f"cannot resume from {path}: it was made with other collect settings, corpus or "
+                                 f"transcoder; start a new collection without --resume")
+        for layer, state in states.items():
+            for name in state.tensors:
+                state.tensors[name] = tensors[f"{layer}/{name}"]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fingerprint(config: CollectConfig, corpus_id: str, transcoder_id: str, model_id: str) -> str:
+    spec = {"collect": config.model_dump(mode="json"), "corpus": corpus_id, "transcoder": transcoder_id,
+            "model": model_id}
+    return hashlib.sha256(to_json(spec).encode()).hexdigest()[:16]
+
+
+def capture_batches(subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window], index: CorpusIndex,
+                    batch_size: int) -> Iterator[tuple[Batch, dict[int, torch.Tensor]]]:
+    """Per batch of windows: its token facts and layer -> transcoder inputs [B, S, d_in]."""
+    points = {layer: subject.hook_point(tset.input_hook, layer) for layer in tset.layers}
+    pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
+    for group in batch_windows(windows, batch_size):
+        input_ids, mask, batch = make_batch(group, index, pad_id)
+        captured = subject.capture(input_ids, mask, list(points.values()))
+        yield batch, {layer: captured[point] for layer, point in points.items()}
+
+
+@torch.inference_mode()
+def encode(tset: TranscoderSet, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """[B, S, d_in] -> dense feature activations [B, S, d_feat]."""
+    return tset[layer].encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+
+
+def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
+                  config: CollectConfig, run_id: str, show_progress: bool = True,
+                  after_shard: Callable[[int], None] | None = None) -> CollectSummary:
+    """Collect (or finish collecting) run_id; `after_shard(n_done)` runs after each committed shard."""
+    started = time.perf_counter()
+    index = CorpusIndex.read(store, corpus_id)
+    plan = plan_shards(index.doc_tokens, config.shard_tokens)
+    names = [f"docs-{i:05d}" for i in range(len(plan))]
+    done = store.committed_shards(run_id, STAGE)
+    if "final" in done:
+        return _summary(store, run_id, started, len(plan))
+    n_done = next((i for i, name in enumerate(names) if name not in done), len(names))
+    if done - set(names[:n_done]):
+        raise AutolabelError(f"run {run_id} has collect shards out of order ({sorted(done)[:5]}); "
+                             f"start a new collection without --resume")
+
+    states = {layer: LayerState(tset[layer].d_feat, len(index.categories), config) for layer in tset.layers}
+    checkpoints = Checkpoints(store.path, run_id, fingerprint(config, corpus_id, transcoder_id, subject.model_id))
+    if n_done:
+        checkpoints.load(states, n_done)
+    with progress_bar("tok", disable=not show_progress) as bar:
+        task = bar.add_task("collecting", total=sum(index.doc_tokens),
+                            completed=sum(index.doc_tokens[: plan[n_done - 1][1] + 1]) if n_done else 0)
+        for k in range(n_done, len(plan)):
+            first, last = plan[k]
+            windows = iter_windows(store, corpus_id, first_doc=index.doc_ids[first], last_doc=index.doc_ids[last])
+            with torch.inference_mode():
+                for batch, inputs in capture_batches(subject, tset, windows, index, config.batch_windows):
+                    for layer, x in inputs.items():  # one layer's dense activations alive at a time
+                        states[layer].update(encode(tset, layer, x), batch)
+                    bar.advance(task, int(batch.lengths.sum()))
+            for state in states.values():
+                state.flush_turns()
+            checkpoints.save(states, k + 1)
+            store.write_shard(run_id, STAGE, names[k], {})
+            checkpoints.drop_older(k + 1)
+            if after_shard:
+                after_shard(k + 1)
+
+    tables: dict[str, list[pa.Table]] = {"features": [], "role_stats": [], "category_stats": [], "examples": []}
+    for layer, state in states.items():
+        n_tokens = int(state.group_tokens.sum())
+        tables["features"].append(feature_rows(run_id, layer, state, n_tokens))
+        role_table, category_table = role_rows(run_id, layer, state, index.categories)
+        tables["role_stats"].append(role_table)
+        tables["category_stats"].append(category_table)
+        tables["examples"].append(example_rows(store, corpus_id, index.doc_ids, run_id, layer, state))
+    store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()})
+    checkpoints.clear()
+    return _summary(store, run_id, started, n_done)
+
+
+def _summary(store: Store, run_id: str, started: float, resumed_shards: int) -> CollectSummary:
+    rows = store.con.execute("SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? "
+                             "GROUP BY ALL ORDER BY ALL", [run_id]).fetchall()
+    by_layer: dict[int, dict[str, int]] = {}
+    for layer, status, count, _ in rows:
+        by_layer.setdefault(layer, {"active": 0, "rare": 0, "dead": 0})[status] = count
+    n_tokens = max((r[3] for r in rows), default=0)
+    return CollectSummary(run_id, n_tokens, time.perf_counter() - started, resumed_shards, by_layer)

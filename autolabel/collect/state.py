@@ -1,0 +1,407 @@
+"""The streaming state of collection for one layer: everything kept per feature, updated batch by batch.
+
+Memory is features x examples kept, never corpus length: counts per (category,
+role), histograms, the top-k contexts, reservoir samples per activation bin and
+non-activating contexts. Every update is a tensor operation over all features at
+once; the only Python loop runs over the windows of a batch.
+
+Every choice is a pure function of the tokens, not of batch size or order:
+ties in the top-k break by token position, and reservoir sampling keeps the
+smallest priorities, where a priority is a hash of (token position, feature).
+So a resumed or re-batched run keeps exactly the same examples, and a dense
+brute-force reference can reproduce them.
+
+Histograms are log-spaced: `bins_per_octave` bins per factor of 2 below a
+per-feature ceiling 2^e (the smallest power of two at or above the feature's
+max so far), plus one bin for everything further down. When a feature's max
+grows past its ceiling, its bins shift down by whole octaves and the lowest
+ones merge, which needs no second pass over the data. Quantile bins (equal
+counts of per-window peaks) are unions of these bins, so sampling within each
+quantile bin stays exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autolabel.config import ROLES, CollectConfig
+
+N_ROLES = len(ROLES)
+POS_BITS = 20  # a token key is doc_ordinal << POS_BITS | position in the document
+MAX_DOC_TOKENS = 1 << POS_BITS
+EMPTY_KEY = torch.iinfo(torch.int64).max  # sorts after every real key and priority
+UNSET = -1000  # exponent of a feature that has not fired yet
+# Activations across example contexts (for display and for marking tokens) keep 3 significant
+# digits, which halves the largest part of the state; peak values stay float32.
+CONTEXT_DTYPE = torch.bfloat16
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (values stay below 2^59, so int64 never overflows)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def feature_salts(n_features: int, seed: int) -> torch.Tensor:
+    return _mix32((torch.arange(n_features) * 0x9E37 + seed) & 0xFFFFFFFF)
+
+
+def priorities(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """Uniform-looking 62-bit priorities of (token key, feature) pairs, broadcast; int64.
+
+    The high 31 bits mix the key with the feature's salt; the low 31 bits depend on the
+    key alone and only break ties, so there is one full hash per pair, not three.
+    """
+    key_hash = _mix32((keys & 0xFFFFFFFF) ^ _mix32((keys >> 32) + 0x5BD1E995))
+    return ((_mix32(key_hash ^ salts) >> 1) << 31) | (_mix32(key_hash ^ 0x27D4EB2F) >> 1)
+
+
+def _rank(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per column, the row order by (value desc, key asc); sorts run along contiguous rows (2x faster)."""
+    values, keys = values.T.contiguous(), keys.T.contiguous()
+    order = keys.argsort(dim=1, stable=True)
+    return order.gather(1, (-values.gather(1, order)).argsort(dim=1, stable=True)).T
+
+
+def _repeats(order: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
+    """[M, n] bool: rows whose hash already occurred higher up in `order` (per column)."""
+    ranked = hashes.gather(0, order).T.contiguous()  # [n, M]
+    by_hash = ranked.argsort(dim=1, stable=True)
+    grouped = ranked.gather(1, by_hash)
+    repeat = torch.zeros_like(grouped, dtype=torch.bool)
+    repeat[:, 1:] = grouped[:, 1:] == grouped[:, :-1]
+    return torch.zeros_like(repeat).scatter_(1, order.T.gather(1, by_hash), repeat).T
+
+
+@dataclass(frozen=True)
+class LogBins:
+    """Log-spaced histogram bins below a per-feature power-of-two ceiling."""
+
+    per_octave: int
+    octaves: int
+
+    @property
+    def n(self) -> int:
+        return self.per_octave * self.octaves + 1
+
+    def exponent_of(self, max_values: torch.Tensor) -> torch.Tensor:
+        """Smallest e with 2^e >= max; values must be > 0."""
+        return torch.ceil(torch.log2(max_values)).long()
+
+    def bin_of(self, values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+        """Bin index in [0, n) of positive values under ceilings 2^exponents (broadcast)."""
+        fine = torch.ceil(self.per_octave * torch.log2(values)).long()
+        return (fine - self.per_octave * exponents + self.n - 1).clamp(0, self.n - 1)
+
+    def edges(self, exponents: torch.Tensor) -> torch.Tensor:
+        """[n + 1, F] bin edges; bin g holds values in (edges[g], edges[g + 1]]."""
+        steps = torch.arange(self.n, dtype=torch.float64)[:, None] - (self.n - 1)  # [n, 1], top bin 0
+        upper = torch.exp2(exponents.double()[None, :] + steps / self.per_octave)  # [n, F]
+        return torch.cat([torch.zeros_like(upper[:1]), upper], dim=0)
+
+
+@dataclass
+class Batch:
+    """Per-token facts about a batch of windows [B, S], aligned with the activations."""
+
+    valid: torch.Tensor  # [B, S] bool: a real token and not the window's first (an attention sink)
+    roles: torch.Tensor  # [B, S] int64 role codes
+    turn_keys: torch.Tensor  # [B, S] int64: doc_ordinal << POS_BITS | turn << 3 | role
+    keys: torch.Tensor  # [B, S] int64 token keys
+    tokens: torch.Tensor  # [B, S] int64 token ids
+    categories: torch.Tensor  # [B] int64 category index
+    lengths: torch.Tensor  # [B] int64 window length (with the first token)
+
+
+@dataclass
+class Peaks:
+    """Each window's peak per feature and its context, all [B, F]."""
+
+    value: torch.Tensor  # the window's largest activation (0 when silent)
+    position: torch.Tensor  # where it is in the window
+    key: torch.Tensor  # its token key
+    first: torch.Tensor  # first position of its context in the window
+    length: torch.Tensor  # context length
+    hash: torch.Tensor  # of the context's tokens up to the peak
+    ctx_key: torch.Tensor  # token key of the context's first token
+
+
+class LayerState:
+    """What collection keeps for one layer's `d_feat` features."""
+
+    def __init__(self, d_feat: int, n_categories: int, config: CollectConfig):
+        self.config = config
+        self.bins = LogBins(config.bins_per_octave, config.octaves)
+        F, G, K, P, T = d_feat, self.bins.n, config.top_k, config.per_bin, config.example_tokens
+        n_groups = n_categories * N_ROLES  # (category, role) pairs, category-major
+        self.d_feat, self.n_groups = F, n_groups
+        self.salts = feature_salts(F, config.seed)
+        self.tensors: dict[str, torch.Tensor] = {
+            # token and turn counts per (category, role)
+            "group_tokens": torch.zeros(n_groups, dtype=torch.long),
+            "group_active": torch.zeros(n_groups, F, dtype=torch.long),
+            "group_sum": torch.zeros(n_groups, F, dtype=torch.float64),
+            "group_turns": torch.zeros(n_groups, dtype=torch.long),
+            "group_turns_active": torch.zeros(n_groups, F, dtype=torch.long),
+            "role_max": torch.zeros(N_ROLES, F),
+            # histograms: of every active token, and of each window's peak
+            "exponent": torch.full((F,), UNSET, dtype=torch.long),
+            "hist_tokens": torch.zeros(G, F, dtype=torch.long),
+            "hist_peaks": torch.zeros(G, F, dtype=torch.long),
+            # top-k contexts, sorted by (value desc, key asc)
+            "top_value": torch.full((K, F), float("-inf")),
+            "top_key": torch.full((K, F), EMPTY_KEY, dtype=torch.long),
+            "top_hash": torch.zeros(K, F, dtype=torch.long),  # of the context's tokens: shown contexts are distinct
+            "top_ctx": torch.zeros(K, F, dtype=torch.long),  # token key of the context's first token
+            "top_len": torch.zeros(K, F, dtype=torch.long),
+            "top_acts": torch.zeros(K, F, T, dtype=CONTEXT_DTYPE),
+            # reservoir per histogram bin of window peaks: the P smallest priorities
+            "res_prio": torch.full((G, P, F), EMPTY_KEY, dtype=torch.long),
+            "res_value": torch.zeros(G, P, F),
+            "res_key": torch.zeros(G, P, F, dtype=torch.long),
+            "res_ctx": torch.zeros(G, P, F, dtype=torch.long),
+            "res_len": torch.zeros(G, P, F, dtype=torch.long),
+            "res_acts": torch.zeros(G, P, F, T, dtype=CONTEXT_DTYPE),
+            # non-activating contexts: the smallest priorities among chunks where the feature is silent
+            "neg_prio": torch.full((config.random_examples, F), EMPTY_KEY, dtype=torch.long),
+            "neg_ctx": torch.zeros(config.random_examples, F, dtype=torch.long),
+            "neg_len": torch.zeros(config.random_examples, F, dtype=torch.long),
+        }
+        self._close_turns()
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(name)
+
+    # -- one batch ------------------------------------------------------------
+
+    def update(self, acts: torch.Tensor, batch: Batch) -> None:
+        """acts [B, S, F] dense feature activations of one batch of windows."""
+        acts = acts * batch.valid.unsqueeze(-1)
+        valid = batch.valid.reshape(-1)
+        tokens = acts.reshape(-1, self.d_feat)[valid]  # [N, F], stream order
+        roles = batch.roles.reshape(-1)[valid]
+        groups = batch.categories[:, None].expand_as(batch.roles).reshape(-1)[valid] * N_ROLES + roles
+        if tokens.shape[0] == 0:
+            return
+        self._raise_ceilings(tokens.amax(0))
+        active = (tokens > 0).float()
+        self._token_stats(tokens, active, roles, groups)
+        self._turn_stats(active, batch.turn_keys.reshape(-1)[valid], groups)
+        peaks = self._peaks(acts, batch)
+        self._add_histogram("hist_peaks", peaks.value)
+        self._top_k(acts, peaks)
+        self._reservoirs(acts, peaks)
+        if self.config.random_examples:
+            self._negatives(acts, batch)
+
+    def _raise_ceilings(self, batch_max: torch.Tensor) -> None:
+        fired = batch_max > 0
+        needed = self.bins.exponent_of(batch_max.clamp_min(1e-30))
+        unset = fired & (self.exponent == UNSET)
+        self.exponent[unset] = needed[unset]
+        grow = fired & ~unset & (needed > self.exponent)
+        if grow.any():
+            cols = grow.nonzero().squeeze(1)
+            self._shift_bins(cols, self.bins.per_octave * (needed[cols] - self.exponent[cols]))
+            self.exponent[cols] = needed[cols]
+
+    def _shift_bins(self, cols: torch.Tensor, shift: torch.Tensor) -> None:
+        """Move features `cols` down by `shift` bins; bins pushed below 0 merge into bin 0."""
+        G, P = self.bins.n, self.config.per_bin
+        dest = (torch.arange(G)[:, None] - shift[None, :]).clamp_min(0)  # [G, n]
+        for name in ("hist_tokens", "hist_peaks"):
+            counts = self.tensors[name]
+            counts[:, cols] = torch.zeros(G, len(cols), dtype=torch.long).scatter_add_(0, dest, counts[:, cols])
+        # Reservoirs: bin 0 keeps the P smallest priorities of everything merging into it;
+        # bin g >= 1 takes old bin g + shift whole. Index G * P is an empty slot.
+        prio = self.res_prio[:, :, cols]  # [G, P, n]
+        merging = torch.where((dest == 0)[:, None, :], prio, EMPTY_KEY).reshape(G * P, -1)
+        bottom = merging.topk(P, dim=0, largest=False).indices  # [P, n]
+        source_bin = torch.arange(1, G)[:, None] + shift[None, :]  # [G - 1, n]
+        moved = source_bin[:, None, :] * P + torch.arange(P)[None, :, None]  # [G - 1, P, n]
+        moved = torch.where(source_bin[:, None, :] < G, moved, G * P).reshape((G - 1) * P, -1)
+        source = torch.cat([bottom, moved])  # [G * P, n]
+        for name in ("res_prio", "res_value", "res_key", "res_ctx", "res_len", "res_acts"):
+            old = self.tensors[name][:, :, cols]  # [G, P, n, ...]
+            flat = old.reshape(G * P, *old.shape[2:])
+            empty = torch.full_like(flat[:1], EMPTY_KEY if name == "res_prio" else 0)
+            index = source.reshape(*source.shape, *([1] * (flat.dim() - 2))).expand(-1, -1, *flat.shape[2:])
+            self.tensors[name][:, :, cols] = torch.cat([flat, empty]).gather(0, index).reshape(old.shape)
+
+    def _add_histogram(self, name: str, values: torch.Tensor) -> None:
+        """values [n, F]; counts the positive ones in their feature's bins."""
+        rows, features = (values > 0).nonzero(as_tuple=True)
+        bins = self.bins.bin_of(values[rows, features], self.exponent[features])
+        counts = torch.bincount(bins * self.d_feat + features, minlength=self.bins.n * self.d_feat)
+        self.tensors[name] += counts.view(self.bins.n, self.d_feat)
+
+    def _token_stats(self, tokens: torch.Tensor, active: torch.Tensor, roles: torch.Tensor,
+                     groups: torch.Tensor) -> None:
+        one_hot = torch.nn.functional.one_hot(groups, self.n_groups).float()  # [N, n_groups]
+        self.group_tokens.add_(one_hot.sum(0).long())
+        self.group_active.add_((one_hot.T @ active).long())  # exact: fewer than 2^24 tokens a batch
+        self.group_sum.add_((one_hot.T @ tokens).double())
+        self.role_max.scatter_reduce_(0, roles[:, None].expand_as(tokens), tokens, "amax")
+        self._add_histogram("hist_tokens", tokens)
+
+    def _turn_stats(self, active: torch.Tensor, turn_keys: torch.Tensor, groups: torch.Tensor) -> None:
+        """A turn (its tokens of one role) is active for a feature if the feature fires on any of them.
+
+        A turn's tokens need not be contiguous (a chat's closing marker follows the last
+        message's content) and may span windows and batches, so the turns of the document
+        still running at the end of a batch stay open until the next document starts.
+        """
+        keys = torch.cat([self.open_turn_keys, turn_keys])
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        seg_active = torch.zeros(len(unique), self.d_feat).index_add_(
+            0, inverse, torch.cat([self.open_turn_active.float(), active])) > 0
+        seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(
+            0, inverse, torch.cat([self.open_turn_groups, groups]))
+        still_open = (unique >> POS_BITS) == (turn_keys[-1] >> POS_BITS)
+        self._count_turns(seg_groups[~still_open], seg_active[~still_open])
+        self.open_turn_keys, self.open_turn_groups = unique[still_open], seg_groups[still_open]
+        self.open_turn_active = seg_active[still_open]
+
+    def flush_turns(self) -> None:
+        """Count the open turns: at the end of a shard, which always ends at a document boundary."""
+        self._count_turns(self.open_turn_groups, self.open_turn_active)
+        self._close_turns()
+
+    def _close_turns(self) -> None:
+        self.open_turn_keys = torch.zeros(0, dtype=torch.long)
+        self.open_turn_groups = torch.zeros(0, dtype=torch.long)
+        self.open_turn_active = torch.zeros(0, self.d_feat, dtype=torch.bool)
+
+    def _count_turns(self, groups: torch.Tensor, seg_active: torch.Tensor) -> None:
+        self.group_turns.add_(torch.bincount(groups, minlength=self.n_groups))
+        self.group_turns_active.index_add_(0, groups, seg_active.long())
+
+    def _peaks(self, acts: torch.Tensor, batch: Batch) -> Peaks:
+        """Each window's peak per feature, with the span of its context and a hash of what leads up to it."""
+        T = self.config.example_tokens
+        value, position = acts.max(dim=1)  # [B, F]
+        # Context span for a peak at every position p: ~T tokens around p, inside the window, after its first token.
+        p = torch.arange(acts.shape[1])[None, :]  # [1, S]
+        lengths = batch.lengths[:, None]
+        first = torch.minimum((p - T // 2).clamp_min(1), (lengths - T).clamp_min(1))  # [B, S]
+        length = torch.minimum(lengths - first, torch.tensor(T))
+        # The activation at a peak depends on nothing after it (causal attention), so contexts
+        # that agree up to the peak show the same thing: hash the tokens from `first` to p.
+        offsets = torch.arange(T)
+        at = (first[..., None] + offsets).clamp_max(acts.shape[1] - 1)  # [B, S, T]
+        tokens = batch.tokens.gather(1, at.reshape(len(at), -1)).view(at.shape)
+        mixed = _mix32(((tokens + 1) ^ (offsets << 17)) & 0xFFFFFFFF)
+        prefix_hash = (mixed * (at <= p[..., None])).sum(-1) + (p - first)  # [B, S]
+        return Peaks(value=value, position=position, key=batch.keys.gather(1, position),
+                     first=first.gather(1, position), length=length.gather(1, position),
+                     hash=prefix_hash.gather(1, position),
+                     ctx_key=batch.keys.gather(1, first.gather(1, position)))
+
+    def _context_acts(self, acts: torch.Tensor, peaks: Peaks, windows: torch.Tensor,
+                      features: torch.Tensor) -> torch.Tensor:
+        """[n, T] activations across the contexts of the (window, feature) peaks, zero past their end."""
+        first, length = peaks.first[windows, features], peaks.length[windows, features]
+        positions = first[:, None] + torch.arange(self.config.example_tokens)
+        values = acts[windows[:, None], positions.clamp_max(acts.shape[1] - 1), features[:, None]]
+        return (values * (positions < (first + length)[:, None])).to(CONTEXT_DTYPE)
+
+    def _top_k(self, acts: torch.Tensor, peaks: Peaks) -> None:
+        """Merge each window's peak into the top k by (value desc, key asc), one entry per distinct context.
+
+        Slots are unordered: a new entry takes the slot of one that dropped out, so kept
+        contexts never move (`top_order` sorts them at the end).
+        """
+        K = self.config.top_k
+        fired = peaks.value > 0
+        candidate = torch.where(fired, peaks.value, float("-inf"))
+        # Only features where some window reaches the current k-th entry can change.
+        cols = (fired & (candidate >= self.top_value.amin(0))).any(0).nonzero().squeeze(1)
+        if len(cols) == 0:
+            return
+        values = torch.cat([self.top_value[:, cols], candidate[:, cols]])  # [K + B, n]
+        keys = torch.cat([self.top_key[:, cols], torch.where(fired[:, cols], peaks.key[:, cols], EMPTY_KEY)])
+        hashes = torch.cat([self.top_hash[:, cols], peaks.hash[:, cols]])
+        # A context already ranked higher (same tokens, e.g. a repeated system prompt) is dropped.
+        duplicate = _repeats(_rank(values, keys), hashes)
+        values = values.masked_fill(duplicate, float("-inf"))
+        keys = keys.masked_fill(duplicate, EMPTY_KEY)
+        order = _rank(values, keys)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order))[:, None].expand_as(order))
+        freed = rank[:K] >= K  # [K, n] old slots that dropped out
+        admitted = rank[K:] < K  # [B, n] windows that got in (as many as freed slots, per column)
+        # The i-th admitted window of a column takes its i-th freed slot.
+        free_slots = torch.full((K + 1, len(cols)), K, dtype=torch.long)
+        free_slots.scatter_(0, torch.where(freed, freed.long().cumsum(0) - 1, K), torch.arange(K)[:, None].expand(K, len(cols)))
+        window, col = admitted.nonzero(as_tuple=True)
+        slot = free_slots[(admitted.long().cumsum(0) - 1)[window, col], col]
+        feature = cols[col]
+        self.top_value[slot, feature] = values[K + window, col]
+        self.top_key[slot, feature] = keys[K + window, col]
+        self.top_hash[slot, feature] = hashes[K + window, col]
+        self.top_ctx[slot, feature] = peaks.ctx_key[window, feature]
+        self.top_len[slot, feature] = peaks.length[window, feature]
+        self.top_acts[slot, feature] = self._context_acts(acts, peaks, window, feature)
+        # Old entries that were duplicates or fell out without a replacement become empty.
+        emptied = freed & ~torch.zeros_like(freed).index_put_((slot, col), torch.ones_like(slot, dtype=torch.bool))
+        empty_slot, empty_col = emptied.nonzero(as_tuple=True)
+        self.top_value[empty_slot, cols[empty_col]] = float("-inf")
+        self.top_key[empty_slot, cols[empty_col]] = EMPTY_KEY
+
+    def top_order(self) -> torch.Tensor:
+        """[K, F] slots by (value desc, key asc)."""
+        return _rank(self.top_value, self.top_key)
+
+    def _reservoirs(self, acts: torch.Tensor, peaks: Peaks) -> None:
+        """Offer each window's peak to the reservoir of its bin; it replaces the largest priority if smaller."""
+        features = torch.arange(self.d_feat)
+        fired = peaks.value > 0  # [B, F]
+        bins = self.bins.bin_of(peaks.value.clamp_min(1e-30), self.exponent)
+        prio = priorities(peaks.key, self.salts)
+        taken = []  # (slot id, window) of every replacement, in order
+        for window in range(len(fired)):
+            worst, slot = self.res_prio[bins[window], :, features].max(dim=1)  # [F]
+            take = (fired[window] & (prio[window] < worst)).nonzero().squeeze(1)
+            if len(take) == 0:
+                continue
+            g, s = bins[window, take], slot[take]
+            self.res_prio[g, s, take] = prio[window, take]
+            self.res_value[g, s, take] = peaks.value[window, take]
+            self.res_key[g, s, take] = peaks.key[window, take]
+            self.res_ctx[g, s, take] = peaks.ctx_key[window, take]
+            self.res_len[g, s, take] = peaks.length[window, take]
+            taken.append(((g * self.config.per_bin + s) * self.d_feat + take, torch.full_like(take, window)))
+        if not taken:
+            return
+        # Contexts are gathered once, for the last window that took each slot.
+        slot_ids, windows = (torch.cat(parts) for parts in zip(*taken))
+        unique, inverse = torch.unique(slot_ids, return_inverse=True)
+        last = torch.full_like(unique, -1).scatter_reduce(0, inverse, torch.arange(len(slot_ids)), "amax")
+        slot_ids, windows = slot_ids[last], windows[last]
+        feature = slot_ids % self.d_feat
+        flat = self.res_acts.view(-1, self.config.example_tokens)  # rows ordered (g, p, f)
+        flat[slot_ids] = self._context_acts(acts, peaks, windows, feature)
+
+    def _negatives(self, acts, batch: Batch) -> None:
+        """Chunks of `example_tokens` tokens (from each window's second token) where a feature is silent."""
+        B, S, F = acts.shape
+        T, R = self.config.example_tokens, self.config.random_examples
+        n_chunks = -(-(S - 1) // T)
+        padded = torch.nn.functional.pad(acts[:, 1:], (0, 0, 0, n_chunks * T - (S - 1)))
+        chunk_max = padded.view(B, n_chunks, T, F).amax(2)  # [B, C, F]
+        first = 1 + T * torch.arange(n_chunks)  # [C]
+        exists = first[None, :] + T // 2 <= batch.lengths[:, None]  # [B, C]: at least half a context
+        keys = batch.keys[:, :1] + first[None, :]  # [B, C], positions in the same document
+        lengths = torch.minimum(batch.lengths[:, None] - first[None, :], torch.tensor(T))
+        silent = exists[..., None] & (chunk_max == 0)
+        prio = torch.where(silent, priorities(keys[..., None], self.salts), EMPTY_KEY)
+        pool = torch.cat([self.neg_prio, prio.reshape(B * n_chunks, F)])
+        best, index = pool.topk(R, dim=0, largest=False)
+        self.neg_ctx.copy_(torch.cat([self.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index))
+        self.neg_len.copy_(torch.cat([self.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index))
+        self.neg_prio.copy_(best)

@@ -1,0 +1,161 @@
+"""Collection throughput and peak memory next to the bare early-exit forward pass, and delphi's caching.
+
+    .venv/bin/python benchmarks/collect.py [--tokens 32768] [--delphi-python /work/venvs/delphi/bin/python]
+
+All rows are measured in this one run, on the same plain-text windows (BBC News,
+256 tokens each, SmolLM2-135M-Instruct, the embedded transcoders), each row in a
+fresh process so that its peak RSS is its own:
+
+  (a) the bare forward pass, stopped after the deepest hooked layer, capturing the transcoders' inputs;
+  (b) `collect` with the default transcoders (layers 6, 15, 24): forward, encode, every statistic,
+      the examples and the final tables in the store;
+  (b4) the same over 4x the tokens: peak RSS must stay flat;
+  (c) `collect` with the layer-24 transcoder only, and delphi's LatentCache on the same layer and
+      windows (full forward, every nonzero activation kept), when --delphi-python names a venv
+      that has eai-delphi (see benchmarks/delphi_cache.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autolabel.config import CollectConfig, CorpusConfig, RunConfig, SourceConfig
+from autolabel.corpus import build_corpus, iter_windows
+from autolabel.corpus.sources import load_source
+from autolabel.models import load_subject_model
+from autolabel.store import Store
+
+EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def corpus_config(workdir: Path, scale: int) -> CorpusConfig:
+    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(workdir / f"news-x{scale}.jsonl"))])
+    config.generation.enabled = False
+    return config
+
+
+def prepare(workdir: Path, tokens: int) -> None:
+    """Write news-x1.jsonl and news-x4.jsonl (about `tokens` and 4x `tokens`) and build both corpora."""
+    config = RunConfig()
+    subject = load_subject_model(config.model.source, config.cache_dir)
+    documents = load_source(SourceConfig(name="bbc_news"), seed=0)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with Store(workdir / "bench.duckdb") as store:
+        for scale in (1, 4):
+            rows, total = [], 0
+            for document in documents:
+                if total >= scale * tokens:
+                    break
+                rows.append({"id": document.doc_id, "text": document.text, "category": "news"})
+                total += len(subject.tokenizer(document.text)["input_ids"])
+            if total < scale * tokens:
+                raise SystemExit(f"the news source has only {total} tokens; ask for fewer --tokens")
+            (workdir / f"news-x{scale}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            build_corpus(store, corpus_config(workdir, scale), subject, show_progress=False)
+
+
+def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
+    from autolabel.collect import collect_stage
+    from autolabel.collect.stage import CorpusIndex, capture_batches
+    from autolabel.corpus import corpus_id_for
+    from autolabel.transcoders.activations import batch_windows, pad_batch
+    from autolabel.transcoders.formats import load_transcoders
+
+    config = RunConfig()
+    subject = load_subject_model(config.model.source, config.cache_dir)
+    tset = load_transcoders(EMBEDDED_SET, "circuit_tracer", layers=layers)
+    corpus_id = corpus_id_for(corpus_config(workdir, scale), subject.model_id)
+    collect = CollectConfig()
+    with Store(workdir / "bench.duckdb") as store:
+        windows = list(iter_windows(store, corpus_id))
+        index = CorpusIndex.read(store, corpus_id)
+        next(capture_batches(subject, tset, windows[: collect.batch_windows], index, collect.batch_windows))  # warm-up
+        n_tokens = sum(len(w.token_ids) for w in windows)
+        started = time.perf_counter()
+        if kind == "forward":
+            points = [subject.hook_point(tset.input_hook, layer) for layer in tset.layers]
+            for group in batch_windows(windows, collect.batch_windows):
+                subject.capture(*pad_batch(group, subject.tokenizer.pad_token_id or 0), points)
+        else:
+            run_id = store.start_run("{}", subject.model_id)
+            collect_stage(store, subject, tset, corpus_id, "tc-bench", collect, run_id, show_progress=False)
+        seconds = time.perf_counter() - started
+    return {"tokens": n_tokens, "seconds": seconds, "tok_per_s": n_tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir), "--scale", str(scale),
+               "--layers", ",".join(map(str, layers))]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_delphi(python: str, workdir: Path, layer: int) -> dict:
+    from autolabel.corpus import corpus_id_for
+    from autolabel.models import convert_gguf, embedded_gguf
+
+    config = RunConfig()
+    subject = load_subject_model(config.model.source, config.cache_dir)
+    with Store(workdir / "bench.duckdb", read_only=True) as store:
+        corpus_id = corpus_id_for(corpus_config(workdir, 1), subject.model_id)
+        full = [w.token_ids for w in iter_windows(store, corpus_id) if len(w.token_ids) == 256]
+    np.save(workdir / "delphi-tokens.npy", np.stack(full).astype(np.int64))
+    model_dir = convert_gguf(embedded_gguf("smollm2"), Path(config.cache_dir))
+    command = [python, str(Path(__file__).parent / "delphi_cache.py"), "--model-dir", str(model_dir),
+               "--transcoder-dir", str(EMBEDDED_SET), "--layer", str(layer),
+               "--tokens", str(workdir / "delphi-tokens.npy"), "--batch-size", "16"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32_768, help="tokens at 1x (4x is measured too)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/autolabel-bench"))
+    parser.add_argument("--delphi-python", help="python of a venv with eai-delphi installed")
+    parser.add_argument("--worker", choices=["forward", "collect"], help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", default="6,15,24", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.workdir, args.scale, layers)))
+        return
+
+    prepare(args.workdir, args.tokens)
+    rows = {
+        "(a) bare forward, stop after layer 24": run_worker("forward", args.workdir, 1, [6, 15, 24]),
+        "(b) collect, layers 6/15/24": run_worker("collect", args.workdir, 1, [6, 15, 24]),
+        "(b4) collect, layers 6/15/24, 4x tokens": run_worker("collect", args.workdir, 4, [6, 15, 24]),
+        "(c) collect, layer 24 only": run_worker("collect", args.workdir, 1, [24]),
+    }
+    if args.delphi_python:
+        rows["(c) delphi 0.1.3 LatentCache, layer 24"] = run_delphi(args.delphi_python, args.workdir, 24)
+    baseline = rows["(a) bare forward, stop after layer 24"]["tok_per_s"]
+    print(f"\nSmolLM2-135M-Instruct, embedded transcoders (d_feat 2048, TopK 64), batches of 16 x 256 tokens, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'what':<44}{'tokens':>9}{'tok/s':>9}{'vs (a)':>8}{'peak RSS MB':>13}")
+    for name, row in rows.items():
+        print(f"{name:<44}{row['tokens']:>9}{row['tok_per_s']:>9.0f}{row['tok_per_s'] / baseline:>8.2f}"
+              f"{row['peak_rss_mb']:>13.0f}")
+    if args.delphi_python:
+        ours, theirs = rows["(c) collect, layer 24 only"], rows["(c) delphi 0.1.3 LatentCache, layer 24"]
+        print(f"\nlayer 24: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x tok/s, "
+              f"peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
