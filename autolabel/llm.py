@@ -1,0 +1,230 @@
+"""Every LLM call goes through here: the `openai` client over HTTP to any
+OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama), or to a llama.cpp
+server that autolabel starts itself on 127.0.0.1 when no base_url is configured.
+
+What a long unattended run needs from its calls:
+- bounded concurrency, and retries with exponential backoff and full jitter on
+  timeouts, lost connections, 429 (honouring Retry-After) and 5xx;
+- a response cache in the store keyed by a hash of (model, messages, parameters,
+  attempt), so a re-run replays every answer, valid or not, with zero requests;
+- a ledger row in `llm_calls` per HTTP request (and per cache hit, marked cached):
+  tokens in and out, latency, status, cost from the configured price table;
+- budgets (`max_calls`, `max_cost_usd`) that stop the caller cleanly;
+- output that does not parse is retried as a new attempt and finally reported
+  as invalid, never returned as a value.
+The API key is read from the environment when the client is made and goes only
+into the Authorization header: never into the store, logs or errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import openai
+
+from autolabel.config import LLMConfig
+from autolabel.errors import AutolabelError
+from autolabel.store import Store, now, to_json
+
+T = TypeVar("T")
+
+
+class BudgetExhausted(AutolabelError):
+    """The run reached llm.max_calls or llm.max_cost_usd; what was done so far is kept."""
+
+
+class InvalidOutput(ValueError):
+    """Raised by a parse function when the model's text is not the expected answer."""
+
+
+@dataclass
+class Reply(Generic[T]):
+    value: T | None  # the parsed answer; None unless status is "ok"
+    status: str  # ok, invalid (never parsed), error (the request kept failing)
+    text: str = ""
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class _Response:
+    text: str
+    tokens_in: int
+    tokens_out: int
+
+
+def _retry_after(error: openai.APIStatusError) -> float | None:
+    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header."""
+    headers = error.response.headers
+    if "retry-after-ms" in headers:
+        try:
+            return float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max((parsed - now()).total_seconds(), 0.0) if parsed else None
+
+
+class LLMClient:
+    """Chat completions with cache, ledger, retries and budgets, for one (run, stage)."""
+
+    def __init__(self, store: Store, config: LLMConfig, base_url: str, run_id: str, stage: str):
+        self.store, self.config, self.run_id, self.stage = store, config, run_id, stage
+        self.openai = openai.AsyncOpenAI(base_url=base_url, api_key=_api_key(config), max_retries=0,
+                                         timeout=config.timeout_s)
+        self.semaphore = asyncio.Semaphore(config.concurrency)
+        self.calls, self.cost_usd = 0, 0.0  # HTTP requests and spend of this client
+
+    async def complete(self, messages: list[dict[str, str]], parse: Callable[[str], T],
+                       response_format: dict[str, Any] | None = None, max_tokens: int | None = None) -> Reply[T]:
+        """Ask, parse, and ask again (as a new attempt) while the answer does not parse."""
+        reply: Reply[T] = Reply(None, "error")
+        for attempt in range(self.config.invalid_retries + 1):
+            params = {"temperature": self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7),
+                      "max_tokens": max_tokens or self.config.max_tokens, "response_format": response_format,
+                      "attempt": attempt}
+            key = hashlib.sha256(to_json({"model": self.config.model, "messages": messages, **params}).encode()).hexdigest()
+            response, cached = self._cached(key), True
+            if response is None:
+                cached = False
+                response, error = await self._request(messages, params, key)
+                if response is None:
+                    return Reply(None, "error", error=error)
+            try:
+                return Reply(parse(response.text), "ok", response.text, cached=cached)
+            except InvalidOutput as err:
+                reply = Reply(None, "invalid", response.text, f"attempt {attempt + 1}: {err}", cached)
+        return reply
+
+    def _cached(self, key: str) -> _Response | None:
+        row = self.store.one("SELECT response_json FROM llm_cache WHERE cache_key = ?", [key])
+        if row is None:
+            return None
+        response = _Response(**json.loads(row[0]))
+        self._ledger(key, response, 0.0, "ok", None, cached=True)
+        return response
+
+    async def _request(self, messages: list[dict[str, str]], params: dict[str, Any],
+                       key: str) -> tuple[_Response | None, str | None]:
+        """One logical request: HTTP attempts with backoff; (response, None) or (None, last error)."""
+        error = None
+        for retry in range(self.config.max_retries + 1):
+            self._check_budget()
+            self.calls += 1
+            started = time.monotonic()
+            wait = None
+            try:
+                async with self.semaphore:
+                    completion = await self.openai.chat.completions.create(
+                        model=self.config.model, messages=messages, temperature=params["temperature"],
+                        max_tokens=params["max_tokens"],
+                        **({"response_format": params["response_format"]} if params["response_format"] else {}))
+                usage = completion.usage
+                text = completion.choices[0].message.content if completion.choices else None
+                if text is None:
+                    raise openai.APIResponseValidationError(None, None, message="the response has no message content")
+                response = _Response(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+                self._ledger(key, response, time.monotonic() - started, "ok", None)
+                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.config.model,
+                                                 "request_json": to_json({"messages": messages, **params}),
+                                                 "response_json": to_json(response.__dict__), "created_at": now()}])
+                return response, None
+            except openai.RateLimitError as err:
+                status, error, wait = "rate_limited", "429 rate limited", _retry_after(err)
+            except openai.APITimeoutError:
+                status, error = "timeout", f"no answer within {self.config.timeout_s} s"
+            except openai.APIConnectionError as err:
+                status, error = "connection_error", f"connection failed: {type(err.__cause__ or err).__name__}"
+            except openai.APIStatusError as err:
+                status, error = "http_error", f"HTTP {err.status_code}"
+                if err.status_code < 500:  # a request the server will never accept: no retry
+                    self._ledger(key, None, time.monotonic() - started, status, error)
+                    return None, error
+            except (openai.APIResponseValidationError, ValueError) as err:
+                status, error = "bad_response", f"malformed response: {type(err).__name__}"
+            self._ledger(key, None, time.monotonic() - started, status, error)
+            if retry < self.config.max_retries:
+                backoff = random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_s * 2**retry))
+                await asyncio.sleep(min(wait, self.config.backoff_max_s) if wait is not None else backoff)
+        return None, f"{error} (after {self.config.max_retries + 1} attempts)"
+
+    def _check_budget(self) -> None:
+        if self.config.max_calls is not None and self.calls >= self.config.max_calls:
+            raise BudgetExhausted(f"llm.max_calls ({self.config.max_calls}) reached; raise it to go on")
+        if self.config.max_cost_usd is not None and self.cost_usd >= self.config.max_cost_usd:
+            raise BudgetExhausted(f"llm.max_cost_usd (${self.config.max_cost_usd}) reached "
+                                  f"(${self.cost_usd:.4f} spent); raise it to go on")
+
+    def _ledger(self, key: str, response: _Response | None, latency: float, status: str, error: str | None,
+                cached: bool = False) -> None:
+        price = self.config.prices.get(self.config.model)
+        cost = 0.0
+        if response is not None and price is not None and not cached:
+            cost = (response.tokens_in * price.input_per_mtok + response.tokens_out * price.output_per_mtok) / 1e6
+        self.cost_usd += cost
+        self.store.upsert("llm_calls", [{
+            "call_id": uuid.uuid4().hex, "run_id": self.run_id, "stage": self.stage, "model": self.config.model,
+            "prompt_hash": key, "tokens_in": response.tokens_in if response else 0,
+            "tokens_out": response.tokens_out if response else 0, "cost_usd": cost, "latency_s": latency,
+            "status": status, "error": error, "cached": cached, "created_at": now()}])
+
+
+def _api_key(config: LLMConfig) -> str:
+    # Local servers ignore the key; the openai client insists on one.
+    return os.environ.get(config.api_key_env) or "no-key"
+
+
+@contextmanager
+def local_server(config: LLMConfig) -> Iterator[str]:
+    """Serve the labeler GGUF with llama.cpp's own OpenAI-compatible server, in-process; yields its base_url."""
+    import xllamacpp
+
+    from autolabel.models import embedded_gguf
+
+    gguf = Path(config.gguf).expanduser() if config.gguf else embedded_gguf("smollm2")
+    if not gguf.is_file():
+        raise AutolabelError(f"labeler model {gguf} does not exist; pass an existing .gguf file with --labeler-gguf")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf)
+    params.hostnames = ["127.0.0.1"]
+    params.port = 0  # a free port
+    params.n_parallel = config.concurrency
+    params.n_ctx = config.server_ctx
+    params.endpoint_metrics = True
+    params.verbosity = -1
+    try:
+        server = xllamacpp.Server(params)
+    except Exception as err:
+        raise AutolabelError(f"llama.cpp could not serve {gguf}: {err}; is it a valid GGUF model?") from err
+    try:
+        yield f"{server.listening_address}/v1"
+    finally:
+        del server
+
+
+@contextmanager
+def open_client(store: Store, config: LLMConfig, run_id: str, stage: str) -> Iterator[LLMClient]:
+    """A client for the configured endpoint, starting (and stopping) the local server when there is none."""
+    if config.base_url:
+        yield LLMClient(store, config, config.base_url, run_id, stage)
+        return
+    with local_server(config) as base_url:
+        yield LLMClient(store, config, base_url, run_id, stage)

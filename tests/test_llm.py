@@ -1,0 +1,196 @@
+"""The LLM client against real HTTP servers on 127.0.0.1: a fault-injecting OpenAI-compatible
+server for the failures a real one will not produce on demand, and llama.cpp (xllamacpp) serving
+SmolLM2 for the wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from autolabel.config import LLMConfig, Price
+from autolabel.llm import BudgetExhausted, InvalidOutput, LLMClient, local_server
+from autolabel.store import Store
+
+MESSAGES = [{"role": "user", "content": "name this feature in json"}]
+
+
+class FaultServer:
+    """/v1/chat/completions that plays a script: ok, timeout, 429, 500, truncated, wrong_schema."""
+
+    def __init__(self, script: list[str], answer: str = '{"label": "cats"}'):
+        self.script, self.answer = list(script), answer
+        self.requests, self.tokens_in, self.tokens_out, self.auth = 0, 0, 0, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                server.auth.append(self.headers.get("Authorization"))
+                step = server.script.pop(0) if server.script else "ok"
+                if step == "timeout":
+                    time.sleep(1.0)
+                    return self._send(200, b"{}")
+                if step.startswith("429"):
+                    return self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": step[4:] or "1"})
+                if step == "500":
+                    return self._send(500, b'{"error": {"message": "boom"}}')
+                content = {"ok": server.answer, "wrong_schema": '{"name": 3}', "truncated": server.answer}[step]
+                tokens_in = sum(len(m["content"].split()) for m in body["messages"])
+                tokens_out = len(content.split())
+                reply = json.dumps({
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                              "total_tokens": tokens_in + tokens_out}}).encode()
+                if step == "truncated":
+                    return self._send(200, reply[: len(reply) // 2])
+                server.tokens_in += tokens_in
+                server.tokens_out += tokens_out
+                self._send(200, reply)
+
+            def _send(self, code: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+
+
+def parse_label(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidOutput(f"not JSON: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("label"), str):
+        raise InvalidOutput("no string field 'label'")
+    return data["label"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "s.duckdb") as db:
+        yield db
+
+
+def ask(store, server: FaultServer, **config) -> tuple[object, LLMClient]:
+    settings = LLMConfig(**{"base_url": server.base_url, "timeout_s": 0.3, "backoff_s": 0.01, "max_retries": 4, **config})
+
+    async def go():
+        client = LLMClient(store, settings, server.base_url, "run-1", "label")
+        return await client.complete(MESSAGES, parse_label), client
+
+    return asyncio.run(go())
+
+
+def ledger(store) -> list[tuple]:
+    return store.query("SELECT status, cached, tokens_in, tokens_out FROM llm_calls ORDER BY created_at")[1]
+
+
+def test_retries_timeouts_429_5xx_and_truncated_json_then_succeeds(store):
+    server = FaultServer(["timeout", "429:1", "500", "truncated", "ok"])
+    started = time.monotonic()
+    reply, client = ask(store, server)
+    server.close()
+    assert (reply.status, reply.value) == ("ok", "cats")
+    assert time.monotonic() - started >= 1.0  # Retry-After: 1 was honoured
+    assert [row[0] for row in ledger(store)] == ["timeout", "rate_limited", "http_error", "bad_response", "ok"]
+    assert server.requests == client.calls == 5
+
+
+def test_wrong_schema_is_retried_then_recorded_as_invalid_and_the_next_call_works(store):
+    server = FaultServer(["wrong_schema", "wrong_schema", "wrong_schema"])
+    reply, _ = ask(store, server, invalid_retries=2)
+    assert reply.status == "invalid" and reply.value is None and "no string field" in reply.error
+    second, _ = ask(store, server, invalid_retries=2, max_tokens=99)  # a different request: the script is spent
+    server.close()
+    assert second.status == "ok" and server.requests == 4
+
+
+def test_a_request_that_keeps_failing_is_an_error_not_an_exception(store):
+    server = FaultServer(["500"] * 3)
+    reply, _ = ask(store, server, max_retries=2)
+    server.close()
+    assert reply.status == "error" and "HTTP 500" in reply.error and server.requests == 3
+
+
+def test_second_run_is_served_from_the_cache_with_zero_requests(store):
+    server = FaultServer(["wrong_schema", "ok"])
+    first, _ = ask(store, server)
+    assert first.status == "ok" and server.requests == 2
+    again, client = ask(store, server)
+    server.close()
+    assert (again.status, again.value, again.cached) == ("ok", "cats", True)
+    assert server.requests == 2 and client.calls == 0  # the invalid first attempt was replayed too
+
+
+def test_ledger_totals_equal_the_server_counts_and_cost_follows_the_price_table(store):
+    server = FaultServer(["429:0", "ok"])
+    ask(store, server, prices={"smollm2-135m-instruct": Price(input_per_mtok=2.0, output_per_mtok=8.0)})
+    server.close()
+    (requests, tokens_in, tokens_out, cost), = store.query(
+        "SELECT count(*), sum(tokens_in), sum(tokens_out), sum(cost_usd) FROM llm_calls WHERE NOT cached")[1]
+    assert (requests, tokens_in, tokens_out) == (server.requests, server.tokens_in, server.tokens_out)
+    assert cost == pytest.approx((server.tokens_in * 2.0 + server.tokens_out * 8.0) / 1e6)
+
+
+def test_budget_stops_cleanly_before_the_request(store):
+    server = FaultServer(["500", "500"])
+    with pytest.raises(BudgetExhausted, match="max_calls"):
+        ask(store, server, max_calls=2)
+    server.close()
+    assert server.requests == 2
+
+
+def test_api_key_reaches_the_header_and_nothing_else(store, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-4242")
+    server = FaultServer(["500", "ok"])
+    reply, _ = ask(store, server)
+    server.close()
+    assert reply.status == "ok" and server.auth == ["Bearer sk-test-secret-4242"] * 2
+    dumped = json.dumps([store.query(f"SELECT * FROM {t}")[1] for t in ("llm_calls", "llm_cache", "runs")],
+                        default=str)
+    assert "sk-test-secret" not in dumped and "sk-test-secret" not in caplog.text
+
+
+def test_local_llama_cpp_server_wiring_and_its_token_counts(store):
+    """xllamacpp serves the embedded SmolLM2 over HTTP; the ledger matches the server's own metrics."""
+    config = LLMConfig(max_tokens=16, concurrency=2)
+    with local_server(config) as base_url:
+
+        async def go():
+            client = LLMClient(store, config, base_url, "run-1", "label")
+            schema = {"type": "json_schema", "json_schema": {"name": "label", "schema": {
+                "type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}}}
+            return await asyncio.gather(*(client.complete(
+                [{"role": "user", "content": f"Give a short label for the word {w!r} as JSON."}], parse_label,
+                response_format=schema) for w in ("cat", "dog", "rain")))
+
+        replies = asyncio.run(go())
+        metrics = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+    assert all(r.status == "ok" and isinstance(r.value, str) for r in replies)  # the grammar forces the schema
+    counters = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                if line and not line.startswith("#")}
+    (tokens_in, tokens_out), = store.query("SELECT sum(tokens_in), sum(tokens_out) FROM llm_calls WHERE NOT cached")[1]
+    assert tokens_out == counters["llamacpp:tokens_predicted_total"]
+    # llama.cpp counts prompt tokens it evaluated and those it reused from its prompt cache apart.
+    assert tokens_in == counters["llamacpp:prompt_tokens_total"] + counters["llamacpp:prompt_tokens_cached_total"]
