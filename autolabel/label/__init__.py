@@ -1,0 +1,1 @@
+"""Labels for features, drafted by an LLM and scored on held-out examples."""
