@@ -104,6 +104,47 @@ def collect(config: ConfigOption = None, store: StoreOption = None, model: Model
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
 
 
+def _int_list(value: str | None, option: str) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError as err:
+        raise AutolabelError(f"{option} must be comma-separated integers such as 6,15, not {value!r}") from err
+
+
+@app.command()
+def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
+          run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
+          layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
+          features: Annotated[Optional[str], typer.Option(help="Comma-separated feature ids.")] = None,
+          limit: Annotated[Optional[int], typer.Option(help="At most this many features, densest first.")] = None,
+          base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
+          llm_model: Annotated[Optional[str], typer.Option(help="Model name sent to the endpoint.")] = None,
+          labeler_gguf: Annotated[Optional[Path], typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
+          max_calls: Annotated[Optional[int], typer.Option(help="Stop cleanly after this many requests.")] = None,
+          max_cost: Annotated[Optional[float], typer.Option(help="Stop cleanly after this many USD.")] = None) -> None:
+    """Draft a label per feature with an LLM and score it on held-out examples (detection, fuzzing, embedding)."""
+    from autolabel.pipeline import label_run
+
+    run_config = _config(config, store)
+    settings, llm = run_config.label, run_config.llm
+    settings.layers = _int_list(layers, "--layers") or settings.layers
+    settings.features = _int_list(features, "--features") or settings.features
+    settings.limit = limit or settings.limit
+    llm.base_url = base_url or llm.base_url
+    llm.model = llm_model or llm.model
+    llm.gguf = str(labeler_gguf) if labeler_gguf else llm.gguf
+    llm.max_calls = llm.max_calls if max_calls is None else max_calls
+    llm.max_cost_usd = llm.max_cost_usd if max_cost is None else max_cost
+    summary = label_run(run_config, run_id, show_progress=not quiet)
+    _print_table("labels", ["status", "features"], sorted(summary.by_status.items()))
+    console.print(f"run [bold]{summary.run_id}[/]: {summary.unreliable} labels flagged unreliable; "
+                  f"{summary.calls} requests, ${summary.cost_usd:.4f}, {summary.seconds:.0f} s")
+    if summary.stopped:
+        console.print(f"[yellow]stopped early:[/] {summary.stopped}; `autolabel label --run {summary.run_id}` resumes")
+
+
 @corpus_app.command("build")
 def corpus_build(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
                  quiet: QuietOption = False) -> None:
@@ -173,11 +214,7 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
 
     run_config = _config(config, store, model)
     train_config = run_config.transcoder.train
-    if layers:
-        try:
-            train_config.layers = [int(x) for x in layers.split(",")]
-        except ValueError as err:
-            raise AutolabelError(f"--layers must be comma-separated integers such as 6,15,24, not {layers!r}") from err
+    train_config.layers = _int_list(layers, "--layers") or train_config.layers
     train_config.n_tokens = tokens or train_config.n_tokens
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:

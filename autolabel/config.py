@@ -152,6 +152,26 @@ class LLMConfig(Strict):
     max_calls: int | None = Field(default=None, ge=0)  # stop cleanly after this many HTTP calls
 
 
+class LabelConfig(Strict):
+    """Which features `autolabel label` names, from which examples, and how labels are scored."""
+
+    layers: list[int] | None = None  # None: every layer
+    features: list[int] | None = None  # None: every feature that fired enough (with `layers`)
+    limit: int | None = Field(default=None, ge=1)  # at most this many features, by activation density
+    min_examples: int = Field(default=4, ge=1)  # fewer top examples: recorded as skipped
+    explain_top: int = Field(default=8, ge=1)  # top examples shown (even ranks; odd ranks are held out)
+    explain_quantile: int = Field(default=4, ge=0)  # quantile samples shown (the rest are held out)
+    context_tokens: int = Field(default=20, ge=4)  # tokens shown around each example's peak
+    mark_fraction: float = Field(default=0.25, gt=0, le=1)  # mark tokens above this share of the peak
+    output_tokens: int = Field(default=8, ge=0)  # promoted and suppressed tokens shown
+    scorers: list[Literal["detection", "fuzzing", "embedding"]] = Field(
+        default_factory=lambda: ["detection", "fuzzing", "embedding"])
+    score_examples: int = Field(default=10, ge=2)  # items per detection / fuzzing request
+    unreliable_below: float = Field(default=0.6, ge=0, le=1)  # a score under this flags the label
+    features_per_shard: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -164,6 +184,7 @@ class RunConfig(Strict):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     transcoder: TranscoderConfig = Field(default_factory=TranscoderConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
 
 

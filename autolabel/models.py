@@ -178,6 +178,14 @@ class SubjectModel:
         module, io = table[kind]
         return HookPoint(layer, f"{layer}.{module}", io, pregain=kind == "ln2_normalized")
 
+    def final_norm_gain(self) -> torch.Tensor:
+        """[d_model] gain of the norm before the unembedding (ones when it has none)."""
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None or getattr(norm, "weight", None) is None:
+            return torch.ones(self.d_model)
+        weight = norm.weight.detach().float()
+        return 1.0 + weight if self.family in GEMMA_LIKE else weight
+
     def _norm_gain(self, point: HookPoint) -> torch.Tensor:
         """The elementwise gain an RMSNorm applies: weight, or 1 + weight in Gemma's parametrisation."""
         norm = self.layers.get_submodule(point.module)

