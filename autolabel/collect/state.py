@@ -5,10 +5,10 @@ role), histograms, the top-k contexts, reservoir samples per activation bin and
 non-activating contexts. Every update is a tensor operation over all features at
 once; the only Python loop runs over the windows of a batch.
 
-Every choice is a pure function of the tokens, not of batch size or order:
-ties in the top-k break by token position, and reservoir sampling keeps the
-smallest priorities, where a priority is a hash of (token position, feature).
-So a resumed or re-batched run keeps exactly the same examples, and a dense
+Every choice is a pure function of the activations, not of the order they
+arrive in: ties in the top-k break by token position, and reservoir sampling
+keeps the smallest priorities, where a priority is a hash of (token position,
+feature). So a resumed run keeps exactly the same examples, and a dense
 brute-force reference can reproduce them.
 
 Histograms are log-spaced: `bins_per_octave` bins per factor of 2 below a
@@ -151,7 +151,7 @@ class LayerState:
             "exponent": torch.full((F,), UNSET, dtype=torch.long),
             "hist_tokens": torch.zeros(G, F, dtype=torch.long),
             "hist_peaks": torch.zeros(G, F, dtype=torch.long),
-            # top-k contexts, sorted by (value desc, key asc)
+            # top-k contexts in unordered slots (top_order() ranks them)
             "top_value": torch.full((K, F), float("-inf")),
             "top_key": torch.full((K, F), EMPTY_KEY, dtype=torch.long),
             "top_hash": torch.zeros(K, F, dtype=torch.long),  # of the context's tokens: shown contexts are distinct
