@@ -222,18 +222,21 @@ class Store:
         shard: str,
         tables: dict[str, pa.Table | list[dict[str, Any]]],
         replace: bool = False,
+        fresh: bool = False,
     ) -> bool:
         """Upsert `tables` and record the shard, all or nothing.
 
         Returns False (and writes nothing) when the shard was already committed
-        and `replace` is not set, which is what makes resuming safe.
+        and `replace` is not set, which is what makes resuming safe. `fresh` promises
+        that no row of these tables can exist yet (rows only a committed shard writes):
+        a plain insert then takes a fraction of an upsert's memory on big tables.
         """
         with self.transaction() as con:
             done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
                             [run_id, stage, shard])[0]
             if done and not replace:
                 return False
-            n_rows = sum(self._upsert(con, table, rows) for table, rows in tables.items())
+            n_rows = sum(self._upsert(con, table, rows, fresh) for table, rows in tables.items())
             con.execute(
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
                 [run_id, stage, shard, now(), n_rows],
@@ -246,7 +249,8 @@ class Store:
             return self._upsert(con, table, rows)
 
     @staticmethod
-    def _upsert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
+    def _upsert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | list[dict[str, Any]],
+                fresh: bool = False) -> int:
         if table not in SCHEMA:
             raise ValueError(f"unknown table {table!r}")
         incoming = _as_arrow(rows)
@@ -254,7 +258,7 @@ class Store:
             return 0
         con.register("_incoming", incoming)
         try:
-            con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _incoming")
+            con.execute(f"INSERT {'' if fresh else 'OR REPLACE '}INTO {table} BY NAME SELECT * FROM _incoming")
         finally:
             con.unregister("_incoming")
         return incoming.num_rows

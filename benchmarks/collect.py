@@ -69,7 +69,7 @@ def prepare(workdir: Path, tokens: int) -> None:
 
 def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
     from autolabel.collect import collect_stage
-    from autolabel.collect.stage import CorpusIndex, capture_batches
+    from autolabel.collect.stage import CorpusIndex, capture_batches, plan_shards, shard_windows
     from autolabel.corpus import corpus_id_for
     from autolabel.transcoders.activations import batch_windows, pad_batch
     from autolabel.transcoders.formats import load_transcoders
@@ -80,15 +80,19 @@ def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
     corpus_id = corpus_id_for(corpus_config(workdir, scale), subject.model_id)
     collect = CollectConfig()
     with Store(workdir / "bench.duckdb") as store:
-        windows = list(iter_windows(store, corpus_id))
         index = CorpusIndex.read(store, corpus_id)
+        # The same batches collection makes: its shards, longest windows first.
+        shards = [shard_windows(store, corpus_id, index, first, last)
+                  for first, last in plan_shards(index.doc_tokens, collect.shard_tokens)]
+        windows = [w for shard in shards for w in shard]
         next(capture_batches(subject, tset, windows[: collect.batch_windows], index, collect.batch_windows))  # warm-up
         n_tokens = sum(len(w.token_ids) for w in windows)
         started = time.perf_counter()
         if kind == "forward":
             points = [subject.hook_point(tset.input_hook, layer) for layer in tset.layers]
-            for group in batch_windows(windows, collect.batch_windows):
-                subject.capture(*pad_batch(group, subject.tokenizer.pad_token_id or 0), points)
+            for shard in shards:
+                for group in batch_windows(shard, collect.batch_windows):
+                    subject.capture(*pad_batch(group, subject.tokenizer.pad_token_id or 0), points)
         else:
             run_id = store.start_run("{}", subject.model_id)
             collect_stage(store, subject, tset, corpus_id, "tc-bench", collect, run_id, show_progress=False)

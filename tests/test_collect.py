@@ -13,7 +13,7 @@ import torch
 from test_cli import run_cli
 
 from autolabel.collect import collect_stage
-from autolabel.collect.stage import CorpusIndex, capture_batches, encode, plan_shards
+from autolabel.collect.stage import CorpusIndex, capture_batches, encode, plan_shards, shard_windows
 from autolabel.collect.state import LogBins, feature_salts, priorities
 from autolabel.collect.tables import quantile_bins
 from autolabel.config import ROLES, CollectConfig, CorpusConfig, SourceConfig
@@ -58,8 +58,7 @@ def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: Col
     """(window, [len, d_feat] activations) for every window, through the same batches collection runs."""
     with Store(store_path) as store:
         index = CorpusIndex.read(store, corpus_id)
-        shards = [list(iter_windows(store, corpus_id, first_doc=index.doc_ids[a], last_doc=index.doc_ids[b]))
-                  for a, b in plan_shards(index.doc_tokens, config.shard_tokens)]
+        shards = [shard_windows(store, corpus_id, index, a, b) for a, b in plan_shards(index.doc_tokens, config.shard_tokens)]
     pairs = []
     for windows in shards:
         for start in range(0, len(windows), config.batch_windows):

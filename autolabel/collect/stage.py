@@ -84,6 +84,13 @@ def plan_shards(doc_tokens: list[int], shard_tokens: int) -> list[tuple[int, int
     return shards
 
 
+def shard_windows(store: Store, corpus_id: str, index: CorpusIndex, first: int, last: int) -> list[Window]:
+    """The windows of documents first..last, longest first, so that batches hold windows of about
+    one length and little compute goes to padding (results do not depend on the order)."""
+    windows = list(iter_windows(store, corpus_id, first_doc=index.doc_ids[first], last_doc=index.doc_ids[last]))
+    return sorted(windows, key=lambda w: -len(w.token_ids))
+
+
 def make_batch(windows: list[Window], index: CorpusIndex, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Batch]:
     input_ids, mask = pad_batch(windows, pad_id)
     B, S = input_ids.shape
@@ -195,8 +202,7 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
         task = bar.add_task("collecting", total=sum(index.doc_tokens),
                             completed=sum(index.doc_tokens[: plan[n_done - 1][1] + 1]) if n_done else 0)
         for k in range(n_done, len(plan)):
-            first, last = plan[k]
-            windows = iter_windows(store, corpus_id, first_doc=index.doc_ids[first], last_doc=index.doc_ids[last])
+            windows = shard_windows(store, corpus_id, index, *plan[k])
             with torch.inference_mode():
                 for batch, inputs in capture_batches(subject, tset, windows, index, config.batch_windows):
                     for layer, x in inputs.items():  # one layer's dense activations alive at a time
@@ -218,7 +224,9 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
         tables["role_stats"].append(role_table)
         tables["category_stats"].append(category_table)
         tables["examples"].append(example_rows(store, corpus_id, index.doc_ids, run_id, layer, state))
-    store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()})
+    # Rows of a run are only ever written here, once: a plain insert (fresh) keeps peak memory low.
+    store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()},
+                      fresh=True)
     checkpoints.clear()
     return _summary(store, run_id, started, n_done)
 

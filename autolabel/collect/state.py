@@ -181,8 +181,8 @@ class LayerState:
     # -- one batch ------------------------------------------------------------
 
     def update(self, acts: torch.Tensor, batch: Batch) -> None:
-        """acts [B, S, F] dense feature activations of one batch of windows."""
-        acts = acts * batch.valid.unsqueeze(-1)
+        """acts [B, S, F] dense feature activations of one batch of windows (zeroed in place where not valid)."""
+        acts.mul_(batch.valid.unsqueeze(-1))
         valid = batch.valid.reshape(-1)
         tokens = acts.reshape(-1, self.d_feat)[valid]  # [N, F], stream order
         roles = batch.roles.reshape(-1)[valid]
@@ -222,7 +222,8 @@ class LayerState:
         # bin g >= 1 takes old bin g + shift whole. Index G * P is an empty slot.
         prio = self.res_prio[:, :, cols]  # [G, P, n]
         merging = torch.where((dest == 0)[:, None, :], prio, EMPTY_KEY).reshape(G * P, -1)
-        bottom = merging.topk(P, dim=0, largest=False).indices  # [P, n]
+        smallest, bottom = merging.topk(P, dim=0, largest=False)  # [P, n]
+        bottom = torch.where(smallest == EMPTY_KEY, G * P, bottom)  # fewer than P merged: empty slots
         source_bin = torch.arange(1, G)[:, None] + shift[None, :]  # [G - 1, n]
         moved = source_bin[:, None, :] * P + torch.arange(P)[None, :, None]  # [G - 1, P, n]
         moved = torch.where(source_bin[:, None, :] < G, moved, G * P).reshape((G - 1) * P, -1)
@@ -254,19 +255,22 @@ class LayerState:
         """A turn (its tokens of one role) is active for a feature if the feature fires on any of them.
 
         A turn's tokens need not be contiguous (a chat's closing marker follows the last
-        message's content) and may span windows and batches, so the turns of the document
-        still running at the end of a batch stay open until the next document starts.
+        message's content) and may span windows and batches, so turns stay open until
+        the end of the shard (which ends at a document boundary); the windows of a shard
+        may then come in any order.
         """
-        keys = torch.cat([self.open_turn_keys, turn_keys])
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        seg_active = torch.zeros(len(unique), self.d_feat).index_add_(
-            0, inverse, torch.cat([self.open_turn_active.float(), active])) > 0
-        seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(
-            0, inverse, torch.cat([self.open_turn_groups, groups]))
-        still_open = (unique >> POS_BITS) == (turn_keys[-1] >> POS_BITS)
-        self._count_turns(seg_groups[~still_open], seg_active[~still_open])
-        self.open_turn_keys, self.open_turn_groups = unique[still_open], seg_groups[still_open]
-        self.open_turn_active = seg_active[still_open]
+        unique, inverse = torch.unique(turn_keys, return_inverse=True)
+        seg_active = torch.zeros(len(unique), self.d_feat).index_add_(0, inverse, active) > 0
+        seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(0, inverse, groups)
+        position = torch.searchsorted(self.open_turn_keys, unique).clamp_max(max(len(self.open_turn_keys) - 1, 0))
+        known = (self.open_turn_keys[position] == unique) if len(self.open_turn_keys) else torch.zeros_like(unique, dtype=torch.bool)
+        self.open_turn_active[position[known]] |= seg_active[known]
+        if (~known).any():
+            keys = torch.cat([self.open_turn_keys, unique[~known]])
+            order = keys.argsort()
+            self.open_turn_keys = keys[order]
+            self.open_turn_groups = torch.cat([self.open_turn_groups, seg_groups[~known]])[order]
+            self.open_turn_active = torch.cat([self.open_turn_active, seg_active[~known]])[order]
 
     def flush_turns(self) -> None:
         """Count the open turns: at the end of a shard, which always ends at a document boundary."""
@@ -274,7 +278,7 @@ class LayerState:
         self._close_turns()
 
     def _close_turns(self) -> None:
-        self.open_turn_keys = torch.zeros(0, dtype=torch.long)
+        self.open_turn_keys = torch.zeros(0, dtype=torch.long)  # sorted
         self.open_turn_groups = torch.zeros(0, dtype=torch.long)
         self.open_turn_active = torch.zeros(0, self.d_feat, dtype=torch.bool)
 
