@@ -10,9 +10,10 @@ fresh process so that its peak RSS is its own:
   (b) `collect` with the default transcoders (layers 6, 15, 24): forward, encode, every statistic,
       the examples and the final tables in the store;
   (b4) the same over 4x the tokens: peak RSS must stay flat;
-  (c) `collect` with the layer-24 transcoder only, and delphi's LatentCache on the same layer and
-      windows (full forward, every nonzero activation kept), when --delphi-python names a venv
-      that has eai-delphi (see benchmarks/delphi_cache.py).
+  (c) `collect` with one layer's transcoder only (24, then 6), and delphi's LatentCache on the same
+      layer and windows (full forward, every nonzero activation kept), when --delphi-python names
+      a venv that has eai-delphi (see benchmarks/delphi_cache.py). autolabel stops the forward pass
+      after the hooked layer, so its lead grows the earlier the layer.
 """
 
 from __future__ import annotations
@@ -144,10 +145,11 @@ def main() -> None:
         "(a) bare forward, stop after layer 24": run_worker("forward", args.workdir, 1, [6, 15, 24]),
         "(b) collect, layers 6/15/24": run_worker("collect", args.workdir, 1, [6, 15, 24]),
         "(b4) collect, layers 6/15/24, 4x tokens": run_worker("collect", args.workdir, 4, [6, 15, 24]),
-        "(c) collect, layer 24 only": run_worker("collect", args.workdir, 1, [24]),
     }
-    if args.delphi_python:
-        rows["(c) delphi 0.1.3 LatentCache, layer 24"] = run_delphi(args.delphi_python, args.workdir, 24)
+    for layer in (24, 6):
+        rows[f"(c) collect, layer {layer} only"] = run_worker("collect", args.workdir, 1, [layer])
+        if args.delphi_python:
+            rows[f"(c) delphi 0.1.3 LatentCache, layer {layer}"] = run_delphi(args.delphi_python, args.workdir, layer)
     baseline = rows["(a) bare forward, stop after layer 24"]["tok_per_s"]
     print(f"\nSmolLM2-135M-Instruct, embedded transcoders (d_feat 2048, TopK 64), batches of 16 x 256 tokens, "
           f"torch threads {torch.get_num_threads()}")
@@ -155,10 +157,11 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:<44}{row['tokens']:>9}{row['tok_per_s']:>9.0f}{row['tok_per_s'] / baseline:>8.2f}"
               f"{row['peak_rss_mb']:>13.0f}")
-    if args.delphi_python:
-        ours, theirs = rows["(c) collect, layer 24 only"], rows["(c) delphi 0.1.3 LatentCache, layer 24"]
-        print(f"\nlayer 24: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x tok/s, "
-              f"peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB")
+    print()
+    for layer in (24, 6) if args.delphi_python else ():
+        ours, theirs = rows[f"(c) collect, layer {layer} only"], rows[f"(c) delphi 0.1.3 LatentCache, layer {layer}"]
+        print(f"layer {layer}: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x "
+              f"tok/s, peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
