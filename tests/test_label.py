@@ -20,7 +20,7 @@ FEATURES = [2, 5, 7]  # a token detector, the assistant-word detector, a dense r
 def config(**llm) -> RunConfig:
     return RunConfig(label=LabelConfig(layers=[1], features=FEATURES + [0], min_examples=2, explain_top=3,
                                        explain_quantile=1, score_examples=4, output_tokens=3),
-                     llm=LLMConfig(max_tokens=48, concurrency=2, **llm))
+                     llm=LLMConfig(max_tokens=160, concurrency=2, **llm))  # room for the bounded schema
 
 
 def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_subject, planted, collected):

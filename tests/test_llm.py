@@ -174,7 +174,7 @@ def test_api_key_reaches_the_header_and_nothing_else(store, monkeypatch, caplog)
 
 def test_local_llama_cpp_server_wiring_and_its_token_counts(store):
     """xllamacpp serves the embedded SmolLM2 over HTTP; the ledger matches the server's own metrics."""
-    config = LLMConfig(max_tokens=16, concurrency=2)
+    config = LLMConfig(max_tokens=48, concurrency=2)
     with local_server(config) as base_url:
 
         async def go():

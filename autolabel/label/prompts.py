@@ -39,7 +39,7 @@ LABEL_SCHEMA = {
     "json_schema": {"name": "feature_label", "strict": True, "schema": {
         "type": "object", "additionalProperties": False, "required": ["label", "explanation"],
         "properties": {"label": {"type": "string", "maxLength": 80},
-                       "explanation": {"type": "string", "maxLength": 300}}}},
+                       "explanation": {"type": "string", "maxLength": 200}}}},
 }
 
 

@@ -68,10 +68,12 @@ def _numbers_answer(key: str, n: int):
     return parse
 
 
-def _schema(key: str) -> dict:
+def _schema(key: str, n: int) -> dict:
+    """Bounded, so a grammar-constrained server cannot run past max_tokens."""
     return {"type": "json_schema", "json_schema": {"name": key, "strict": True, "schema": {
         "type": "object", "additionalProperties": False, "required": [key],
-        "properties": {key: {"type": "array", "items": {"type": "integer"}}}}}}
+        "properties": {key: {"type": "array", "maxItems": n,
+                             "items": {"type": "integer", "minimum": 1, "maximum": n}}}}}}
 
 
 def _ask(label: Label, task: str, texts: list[str], key: str) -> list[dict[str, str]]:
@@ -85,7 +87,8 @@ async def _llm_score(client: LLMClient, scorer: str, label: Label, texts: list[s
                      task: str, key: str) -> Score:
     if sum(truth) == 0 or sum(truth) == len(truth):
         return Score(scorer, None, len(truth), "failed", {"reason": "needs both positive and negative items"})
-    reply = await client.complete(_ask(label, task, texts, key), _numbers_answer(key, len(texts)), _schema(key))
+    reply = await client.complete(_ask(label, task, texts, key), _numbers_answer(key, len(texts)),
+                                  _schema(key, len(texts)))
     if reply.status != "ok":
         return Score(scorer, None, len(truth), "failed", {"reason": reply.error or reply.status})
     said = [i + 1 in reply.value for i in range(len(texts))]
