@@ -19,7 +19,8 @@ FEATURES = [2, 5, 7]  # a token detector, the assistant-word detector, a dense r
 
 def config(**llm) -> RunConfig:
     return RunConfig(label=LabelConfig(layers=[1], features=FEATURES + [0], min_examples=2, explain_top=3,
-                                       explain_quantile=1, score_examples=4, output_tokens=3),
+                                       explain_quantile=1, score_examples=4, output_tokens=3,
+                                       features_per_shard=2),  # two shards
                      llm=LLMConfig(max_tokens=160, concurrency=2, **llm))  # room for the bounded schema
 
 

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,22 +145,17 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
                              "error": f"fewer than {config.label.min_examples} top examples"} for layer, feature in skipped])
     outputs = output_tokens(subject, tset, todo, config.label.output_tokens)
     embedder = load_embedder() if "embedding" in config.label.scorers else None
-    stopped = None
-    with open_client(store, config.llm, run_id, STAGE) as client, \
-            progress_bar("features", disable=not show_progress) as bar:
-        task = bar.add_task("labeling", total=len(todo))
-        for name, shard in zip(names, shards):
+
+    async def run_shards(client: LLMClient, advance: Callable[[int], None]) -> str | None:
+        """Every open shard, in one event loop (the HTTP client's connections belong to it)."""
+        for name, shard in zip(names, shards, strict=True):
             if name in done:
-                bar.advance(task, len(shard))
+                advance(len(shard))
                 continue
             examples = {key: read_examples(store, run_id, *key, subject.tokenizer) for key in shard}
-
-            async def run_shard():
-                return await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
-                                                            outputs[(layer, feature)], config, run_id)
-                                              for layer, feature in shard), return_exceptions=True)
-
-            results = asyncio.run(run_shard())
+            results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
+                                                           outputs[(layer, feature)], config, run_id)
+                                             for layer, feature in shard), return_exceptions=True)
             finished = [r for r in results if not isinstance(r, BaseException)]
             failures = [r for r in results if isinstance(r, BaseException)]
             budget = next((r for r in failures if isinstance(r, BudgetExhausted)), None)
@@ -169,10 +165,15 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
             if budget is not None:  # keep what finished; the shard stays open so a resume redoes the rest
                 store.upsert("labels", tables["labels"])
                 store.upsert("scores", tables["scores"])
-                stopped = str(budget)
-                break
+                return str(budget)
             store.write_shard(run_id, STAGE, name, tables)
-            bar.advance(task, len(shard))
+            advance(len(shard))
+        return None
+
+    with open_client(store, config.llm, run_id, STAGE) as client, \
+            progress_bar("features", disable=not show_progress) as bar:
+        task = bar.add_task("labeling", total=len(todo))
+        stopped = asyncio.run(run_shards(client, lambda n: bar.advance(task, n)))
     by_status = dict(store.con.execute("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
                                        [run_id, config.llm.model]).fetchall())
     unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND unreliable",
