@@ -121,7 +121,6 @@ class Peaks:
     """Each window's peak per feature and its context, all [B, F]."""
 
     value: torch.Tensor  # the window's largest activation (0 when silent)
-    position: torch.Tensor  # where it is in the window
     key: torch.Tensor  # its token key
     first: torch.Tensor  # first position of its context in the window
     length: torch.Tensor  # context length
@@ -262,9 +261,8 @@ class LayerState:
         unique, inverse = torch.unique(turn_keys, return_inverse=True)
         seg_active = torch.zeros(len(unique), self.d_feat).index_add_(0, inverse, active) > 0
         seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(0, inverse, groups)
-        position = torch.searchsorted(self.open_turn_keys, unique).clamp_max(max(len(self.open_turn_keys) - 1, 0))
-        known = (self.open_turn_keys[position] == unique) if len(self.open_turn_keys) else torch.zeros_like(unique, dtype=torch.bool)
-        self.open_turn_active[position[known]] |= seg_active[known]
+        known = torch.isin(unique, self.open_turn_keys)
+        self.open_turn_active[torch.searchsorted(self.open_turn_keys, unique[known])] |= seg_active[known]
         if (~known).any():
             keys = torch.cat([self.open_turn_keys, unique[~known]])
             order = keys.argsort()
@@ -302,7 +300,7 @@ class LayerState:
         tokens = batch.tokens.gather(1, at.reshape(len(at), -1)).view(at.shape)
         mixed = _mix32(((tokens + 1) ^ (offsets << 17)) & 0xFFFFFFFF)
         prefix_hash = (mixed * (at <= p[..., None])).sum(-1) + (p - first)  # [B, S]
-        return Peaks(value=value, position=position, key=batch.keys.gather(1, position),
+        return Peaks(value=value, key=batch.keys.gather(1, position),
                      first=first.gather(1, position), length=length.gather(1, position),
                      hash=prefix_hash.gather(1, position),
                      ctx_key=batch.keys.gather(1, first.gather(1, position)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from autolabel.llm import InvalidOutput
@@ -85,15 +86,21 @@ def explain_messages(examples: list[str], promoted: list[str], suppressed: list[
             {"role": "user", "content": body}]
 
 
-def parse_label(text: str) -> Label:
-    """The JSON answer, or failing that the first {...} in the text, or `label:` / `explanation:` lines."""
-    candidates = [text.strip()] + re.findall(r"\{[^{}]*\}", text)
-    for candidate in candidates:
+def json_objects(text: str) -> Iterator[dict]:
+    """The answer as a JSON object, then each flat {...} found in prose around it."""
+    for candidate in [text.strip(), *re.findall(r"\{[^{}]*\}", text)]:
         try:
             data = json.loads(candidate)
         except json.JSONDecodeError:
             continue
-        if isinstance(data, dict) and isinstance(data.get("label"), str):
+        if isinstance(data, dict):
+            yield data
+
+
+def parse_label(text: str) -> Label:
+    """The JSON answer, or failing that the first {...} in the text, or `label:` / `explanation:` lines."""
+    for data in json_objects(text):
+        if isinstance(data.get("label"), str):
             return _checked(data["label"], data.get("explanation"))
     label = re.search(r"(?im)^[\s*#>-]*label[\s*]*:\s*(.+)$", text)
     if label:

@@ -12,14 +12,12 @@ failed with the reason, never as 0.
 
 from __future__ import annotations
 
-import json
 import random
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from autolabel.label.prompts import Label, mark
+from autolabel.label.prompts import Label, json_objects, mark
 from autolabel.llm import InvalidOutput, LLMClient
 
 
@@ -55,12 +53,8 @@ def _numbers_answer(key: str, n: int):
     """A parser for {"<key>": [numbers between 1 and n]}."""
 
     def parse(text: str) -> set[int]:
-        for candidate in [text.strip(), *re.findall(r"\{[^{}]*\}", text)]:
-            try:
-                data = json.loads(candidate)
-            except json.JSONDecodeError:
-                continue
-            values = data.get(key) if isinstance(data, dict) else None
+        for data in json_objects(text):
+            values = data.get(key)
             if isinstance(values, list) and all(isinstance(v, int) and 1 <= v <= n for v in values):
                 return set(values)
         raise InvalidOutput(f"no JSON object with a list {key!r} of numbers from 1 to {n}")
