@@ -13,9 +13,8 @@ import torch
 from test_cli import run_cli
 
 from autolabel.collect import collect_stage
+from autolabel.collect.orders import LogBins, feature_salts, priorities, quantile_bins
 from autolabel.collect.stage import CorpusIndex, capture_batches, encode, plan_shards, shard_windows
-from autolabel.collect.state import LogBins, feature_salts, priorities
-from autolabel.collect.tables import quantile_bins
 from autolabel.config import ROLES, CollectConfig, CorpusConfig, SourceConfig
 from autolabel.corpus import build_corpus, iter_windows
 from autolabel.store import Store

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from autolabel.collect.state import MAX_DOC_TOKENS, POS_BITS, Batch, LayerState
+from autolabel.collect.orders import MAX_DOC_TOKENS, POS_BITS
+from autolabel.collect.state import Batch, LayerState
 from autolabel.collect.tables import example_rows, feature_rows, role_rows
 from autolabel.config import CollectConfig
 from autolabel.corpus.windows import Window, iter_windows

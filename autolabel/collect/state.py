@@ -5,19 +5,7 @@ role), histograms, the top-k contexts, reservoir samples per activation bin and
 non-activating contexts. Every update is a tensor operation over all features at
 once; the only Python loop runs over the windows of a batch.
 
-Every choice is a pure function of the activations, not of the order they
-arrive in: ties in the top-k break by token position, and reservoir sampling
-keeps the smallest priorities, where a priority is a hash of (token position,
-feature). So a resumed run keeps exactly the same examples, and a dense
-brute-force reference can reproduce them.
-
-Histograms are log-spaced: `bins_per_octave` bins per factor of 2 below a
-per-feature ceiling 2^e (the smallest power of two at or above the feature's
-max so far), plus one bin for everything further down. When a feature's max
-grows past its ceiling, its bins shift down by whole octaves and the lowest
-ones merge, which needs no second pass over the data. Quantile bins (equal
-counts of per-window peaks) are unions of these bins, so sampling within each
-quantile bin stays exact.
+The keys, priorities, orders and histogram bins it uses are defined in orders.py.
 """
 
 from __future__ import annotations
@@ -26,81 +14,22 @@ from dataclasses import dataclass
 
 import torch
 
-from autolabel.config import ROLES, CollectConfig
+from autolabel.collect.orders import (
+    EMPTY_KEY,
+    N_ROLES,
+    UNSET,
+    LogBins,
+    feature_salts,
+    mix32,
+    priorities,
+    repeated_hashes,
+    value_key_order,
+)
+from autolabel.config import CollectConfig
 
-N_ROLES = len(ROLES)
-POS_BITS = 20  # a token key is doc_ordinal << POS_BITS | position in the document
-MAX_DOC_TOKENS = 1 << POS_BITS
-EMPTY_KEY = torch.iinfo(torch.int64).max  # sorts after every real key and priority
-UNSET = -1000  # exponent of a feature that has not fired yet
 # Activations across example contexts (for display and for marking tokens) keep 3 significant
 # digits, which halves the largest part of the state; peak values stay float32.
 CONTEXT_DTYPE = torch.bfloat16
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (values stay below 2^59, so int64 never overflows)."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    return (x >> 16) ^ x
-
-
-def feature_salts(n_features: int, seed: int) -> torch.Tensor:
-    return _mix32((torch.arange(n_features) * 0x9E37 + seed) & 0xFFFFFFFF)
-
-
-def priorities(keys: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
-    """Uniform-looking 62-bit priorities of (token key, feature) pairs, broadcast; int64.
-
-    The high 31 bits mix the key with the feature's salt; the low 31 bits depend on the
-    key alone and only break ties, so there is one full hash per pair, not three.
-    """
-    key_hash = _mix32((keys & 0xFFFFFFFF) ^ _mix32((keys >> 32) + 0x5BD1E995))
-    return ((_mix32(key_hash ^ salts) >> 1) << 31) | (_mix32(key_hash ^ 0x27D4EB2F) >> 1)
-
-
-def _rank(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Per column, the row order by (value desc, key asc); sorts run along contiguous rows (2x faster)."""
-    values, keys = values.T.contiguous(), keys.T.contiguous()
-    order = keys.argsort(dim=1, stable=True)
-    return order.gather(1, (-values.gather(1, order)).argsort(dim=1, stable=True)).T
-
-
-def _repeats(order: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
-    """[M, n] bool: rows whose hash already occurred higher up in `order` (per column)."""
-    ranked = hashes.gather(0, order).T.contiguous()  # [n, M]
-    by_hash = ranked.argsort(dim=1, stable=True)
-    grouped = ranked.gather(1, by_hash)
-    repeat = torch.zeros_like(grouped, dtype=torch.bool)
-    repeat[:, 1:] = grouped[:, 1:] == grouped[:, :-1]
-    return torch.zeros_like(repeat).scatter_(1, order.T.gather(1, by_hash), repeat).T
-
-
-@dataclass(frozen=True)
-class LogBins:
-    """Log-spaced histogram bins below a per-feature power-of-two ceiling."""
-
-    per_octave: int
-    octaves: int
-
-    @property
-    def n(self) -> int:
-        return self.per_octave * self.octaves + 1
-
-    def exponent_of(self, max_values: torch.Tensor) -> torch.Tensor:
-        """Smallest e with 2^e >= max; values must be > 0."""
-        return torch.ceil(torch.log2(max_values)).long()
-
-    def bin_of(self, values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-        """Bin index in [0, n) of positive values under ceilings 2^exponents (broadcast)."""
-        fine = torch.ceil(self.per_octave * torch.log2(values)).long()
-        return (fine - self.per_octave * exponents + self.n - 1).clamp(0, self.n - 1)
-
-    def edges(self, exponents: torch.Tensor) -> torch.Tensor:
-        """[n + 1, F] bin edges; bin g holds values in (edges[g], edges[g + 1]]."""
-        steps = torch.arange(self.n, dtype=torch.float64)[:, None] - (self.n - 1)  # [n, 1], top bin 0
-        upper = torch.exp2(exponents.double()[None, :] + steps / self.per_octave)  # [n, F]
-        return torch.cat([torch.zeros_like(upper[:1]), upper], dim=0)
 
 
 @dataclass
@@ -298,7 +227,7 @@ class LayerState:
         offsets = torch.arange(T)
         at = (first[..., None] + offsets).clamp_max(acts.shape[1] - 1)  # [B, S, T]
         tokens = batch.tokens.gather(1, at.reshape(len(at), -1)).view(at.shape)
-        mixed = _mix32(((tokens + 1) ^ (offsets << 17)) & 0xFFFFFFFF)
+        mixed = mix32(((tokens + 1) ^ (offsets << 17)) & 0xFFFFFFFF)
         prefix_hash = (mixed * (at <= p[..., None])).sum(-1) + (p - first)  # [B, S]
         return Peaks(value=value, key=batch.keys.gather(1, position),
                      first=first.gather(1, position), length=length.gather(1, position),
@@ -330,10 +259,10 @@ class LayerState:
         keys = torch.cat([self.top_key[:, cols], torch.where(fired[:, cols], peaks.key[:, cols], EMPTY_KEY)])
         hashes = torch.cat([self.top_hash[:, cols], peaks.hash[:, cols]])
         # A context already ranked higher (same tokens, e.g. a repeated system prompt) is dropped.
-        duplicate = _repeats(_rank(values, keys), hashes)
+        duplicate = repeated_hashes(value_key_order(values, keys), hashes)
         values = values.masked_fill(duplicate, float("-inf"))
         keys = keys.masked_fill(duplicate, EMPTY_KEY)
-        order = _rank(values, keys)
+        order = value_key_order(values, keys)
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order))[:, None].expand_as(order))
         freed = rank[:K] >= K  # [K, n] old slots that dropped out
         admitted = rank[K:] < K  # [B, n] windows that got in (as many as freed slots, per column)
@@ -357,7 +286,7 @@ class LayerState:
 
     def top_order(self) -> torch.Tensor:
         """[K, F] slots by (value desc, key asc)."""
-        return _rank(self.top_value, self.top_key)
+        return value_key_order(self.top_value, self.top_key)
 
     def _reservoirs(self, acts: torch.Tensor, peaks: Peaks) -> None:
         """Offer each window's peak to the reservoir of its bin; it replaces the largest priority if smaller."""

@@ -12,20 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from autolabel.collect.state import EMPTY_KEY, N_ROLES, POS_BITS, UNSET, LayerState
+from autolabel.collect.orders import EMPTY_KEY, N_ROLES, POS_BITS, UNSET, quantile_bins
+from autolabel.collect.state import LayerState
 from autolabel.config import ROLES
 from autolabel.store import Store
-
-
-def quantile_bins(hist_peaks: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """[G, F] -> quantile bin of each histogram bin: equal counts of window peaks, at histogram edges.
-
-    A histogram bin goes to the quantile its first peak falls in, so a quantile bin is a
-    union of consecutive histogram bins (and may be empty when one histogram bin is heavy).
-    """
-    total = hist_peaks.sum(0).clamp_min(1)
-    before = hist_peaks.cumsum(0) - hist_peaks
-    return (n_bins * before // total).clamp_max(n_bins - 1)
 
 
 def quantile_samples(state: LayerState) -> tuple[torch.Tensor, ...]:
