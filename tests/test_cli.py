@@ -184,3 +184,12 @@ def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_d
         save_file(tensors, str(out / f"layer_{layer}.safetensors"))
     code, _, err = run_cli(monkeypatch, capsys, "transcoder", "check", "-t", str(out), "-c", str(config), "-q")
     assert code == 2 and "does not reconstruct" in err and "transposed weights" in err
+
+
+def test_label_bad_input_is_clear(monkeypatch, capsys, filled_store):
+    code, _, err = run_cli(monkeypatch, capsys, "label", "--layers", "6,x", "--store", str(filled_store))
+    assert code == 2 and "--layers must be comma-separated integers" in err
+    code, _, err = run_cli(monkeypatch, capsys, "label", "--store", str(filled_store), "-q")
+    assert code == 2 and "no collected run" in err and "autolabel collect" in err
+    with Store(filled_store) as store:
+        assert store.one("select count(*) from labels")[0] == 0
