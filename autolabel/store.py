@@ -22,7 +22,7 @@ import pyarrow as pa
 from autolabel.config import ROLES
 from autolabel.errors import AutolabelError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _ROLE_ENUM = ", ".join(f"'{r}'" for r in ROLES)
 
@@ -127,6 +127,14 @@ SCHEMA: dict[str, str] = {
             run_id VARCHAR, audit VARCHAR, layer INTEGER, feature INTEGER, metric VARCHAR,
             value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, flagged BOOLEAN,
             details_json JSON, PRIMARY KEY (run_id, audit, layer, feature, metric))""",
+    # What changed between a run and an earlier one (`autolabel audit --against`): features that became or
+    # stopped being flagged, and labels that changed, matched by identity or by decoder-direction cosine.
+    "audit_diffs": """
+        CREATE TABLE IF NOT EXISTS audit_diffs (
+            run_id VARCHAR, against_run_id VARCHAR, audit VARCHAR, change VARCHAR,
+            layer INTEGER, feature INTEGER, against_layer INTEGER, against_feature INTEGER,
+            match VARCHAR, cosine DOUBLE, details_json JSON,
+            PRIMARY KEY (run_id, against_run_id, audit, change, layer, feature))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.
@@ -134,6 +142,10 @@ ADDED_COLUMNS = [
     ("features", "histogram_edges", "DOUBLE[]"),
     ("features", "status", "VARCHAR"),
     ("examples", "bin", "INTEGER"),
+    ("audit_findings", "section", "VARCHAR"),
+    ("audit_findings", "rank", "INTEGER"),
+    ("audit_findings", "group_name", "VARCHAR"),
+    ("audit_findings", "label", "VARCHAR"),
 ]
 
 # One row per token, for SQL over roles and categories without unnesting by hand.
