@@ -79,7 +79,8 @@ RunOption = Annotated[Optional[str], typer.Option("--run", help="The run to resu
 @app.command()
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
         resume: ResumeOption = False, run_id: RunOption = None) -> None:
-    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check, collect)."""
+    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check, collect,
+    audit)."""
     from autolabel.pipeline import run_pipeline
 
     summary = run_pipeline(_config(config, store, model), show_progress=not quiet, resume=resume or bool(run_id),
@@ -87,6 +88,7 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     _print_corpus_summary(summary.corpus)
     _print_quality(summary.quality)
     _print_collect(summary.collect)
+    _print_audit(summary.audit)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
 
@@ -119,6 +121,7 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
           layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
           features: Annotated[Optional[str], typer.Option(help="Comma-separated feature ids.")] = None,
           limit: Annotated[Optional[int], typer.Option(help="At most this many features, densest first.")] = None,
+          audit: Annotated[Optional[str], typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")] = None,
           base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
           llm_model: Annotated[Optional[str], typer.Option(help="Model name sent to the endpoint.")] = None,
           labeler_gguf: Annotated[Optional[Path], typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
@@ -132,6 +135,7 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
     settings.layers = _int_list(layers, "--layers") or settings.layers
     settings.features = _int_list(features, "--features") or settings.features
     settings.limit = limit or settings.limit
+    settings.audit = audit or settings.audit
     llm.base_url = base_url or llm.base_url
     llm.model = llm_model or llm.model
     llm.gguf = str(labeler_gguf) if labeler_gguf else llm.gguf
@@ -143,6 +147,55 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
                   f"{summary.calls} requests, ${summary.cost_usd:.4f}, {summary.seconds:.0f} s")
     if summary.stopped:
         console.print(f"[yellow]stopped early:[/] {summary.stopped}; `autolabel label --run {summary.run_id}` resumes")
+
+
+def _interval(metric: tuple | None, digits: int = 2) -> str:
+    if metric is None or metric[0] is None:
+        return "-"
+    value, low, high = (f"{x:.{digits}f}" if x is not None else "inf" for x in metric)
+    return value if low == high == value else f"{value} [{low}, {high}]"
+
+
+def _print_audit(summary) -> None:
+    if summary.skipped:
+        console.print(f"[yellow]audit skipped:[/] {summary.skipped}")
+    for result in summary.results:
+        rows = [(f["rank"], f["layer"], f["feature"], _interval(f["metrics"].get("assistant_turn_share")),
+                 _interval(f["metrics"].get("lift_vs_user"), 1), _interval(f["metrics"].get("lift_vs_text"), 1),
+                 _interval(f["metrics"].get("breadth")), f["group_name"], f["label"]) for f in result.flagged]
+        _print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged",
+                     ["rank", "layer", "feature", "assistant turn share", "lift vs user", "lift vs text", "breadth",
+                      "group", "label"], rows[:30])
+        if result.template:
+            rows = [(f["rank"], f["layer"], f["feature"], _interval(f["metrics"].get("assistant_turn_share")), f["label"])
+                    for f in result.template]
+            _print_table("template and marker features (not flagged)", ["rank", "layer", "feature",
+                                                                         "assistant turn share", "label"], rows)
+        for note in result.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if summary.against:
+            changes = ", ".join(f"{n} {change.replace('_', ' ')}" for change, n in sorted(result.changes.items()))
+            console.print(f"against {summary.against}: {changes or 'no changes'}")
+    console.print(f"run [bold]{summary.run_id}[/]: findings in audit_findings"
+                  + (", changes in audit_diffs" if summary.against else ""))
+
+
+@app.command()
+def audit(config: ConfigOption = None, store: StoreOption = None,
+          run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
+          against: Annotated[Optional[str], typer.Option(help="Diff against this run id, 'previous' or 'none'.")] = None,
+          spec: Annotated[Optional[list[Path]], typer.Option(help="Audit spec YAML (repeatable; default: the config's).")] = None) -> None:
+    """Rank features pervasive in assistant contexts (with 95% intervals) and diff against an earlier run."""
+    from autolabel.pipeline import audit_run
+    from autolabel.store import Store
+
+    run_config = _config(config, store)
+    if spec:
+        run_config.audit.specs = [str(path) for path in spec]
+    if against:
+        run_config.audit.against = None if against == "none" else against
+    with Store(run_config.store) as db:
+        _print_audit(audit_run(db, run_config, run_id))
 
 
 @corpus_app.command("build")

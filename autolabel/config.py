@@ -158,6 +158,7 @@ class LabelConfig(Strict):
     layers: list[int] | None = None  # None: every layer
     features: list[int] | None = None  # None: every feature that fired enough (with `layers`)
     limit: int | None = Field(default=None, ge=1)  # at most this many features, by activation density
+    audit: str | None = None  # only the features this audit flagged in the run (e.g. assistant_pervasiveness)
     min_examples: int = Field(default=4, ge=1)  # fewer top examples: recorded as skipped
     explain_top: int = Field(default=8, ge=1)  # top examples shown (even ranks; odd ranks are held out)
     explain_quantile: int = Field(default=4, ge=0)  # quantile samples shown (the rest are held out)
@@ -170,6 +171,14 @@ class LabelConfig(Strict):
     unreliable_below: float = Field(default=0.6, ge=0, le=1)  # a score under this flags the label
     features_per_shard: int = Field(default=32, ge=1)
     seed: int = 0
+
+
+class AuditConfig(Strict):
+    """Which audit specs `autolabel audit` (and `autolabel run`) apply, and what to diff against."""
+
+    specs: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")])
+    # A run id, "previous" (the latest earlier collected run, if any), or None for no diff.
+    against: str | None = "previous"
 
 
 class RunConfig(Strict):
@@ -186,6 +195,7 @@ class RunConfig(Strict):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:

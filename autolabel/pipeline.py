@@ -1,7 +1,7 @@
 """The default audit, stage after stage, recorded as one row in `runs`.
 
-Today it reaches the corpus, the transcoder check and collection; each later
-stage (label, cluster, audit, report) is appended here as it lands, and the
+Today it reaches the corpus, the transcoder check, collection and the audits;
+each later stage (label, cluster, report) is appended here as it lands, and the
 Prefect flow orders the same calls. A run that was killed or failed resumes
 with its own stored config: finished corpus and collect shards are kept.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autolabel.audit import AuditSummary, NothingToAudit, audit_stage, load_spec
 from autolabel.collect import CollectSummary, collect_stage
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
@@ -28,6 +29,7 @@ class RunSummary:
     transcoder_id: str
     quality: dict[int, LayerQuality]
     collect: CollectSummary
+    audit: AuditSummary
 
 
 def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
@@ -63,24 +65,62 @@ def run_pipeline(config: RunConfig, show_progress: bool = True, resume: bool = F
             store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
             collect = collect_stage(store, subject, tset, corpus.corpus_id, transcoder_id, config.collect, run_id,
                                     show_progress)
+            try:
+                audit = audit_run(store, config, run_id)
+            except NothingToAudit as skipped:  # a plain-text corpus: collection is still useful
+                audit = AuditSummary(run_id, None, [], skipped=str(skipped))
         except BaseException as err:
             store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
             raise
         store.finish_run(run_id, "complete")
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect)
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect, audit)
+
+
+COLLECTED = ("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
+             "AND s.stage = 'collect' AND s.shard = 'final' ")
+
+
+def collected_run(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
+    """The given run, or the latest one, with finished collection: (run_id, the config it ran with)."""
+    row = store.one(COLLECTED + "WHERE ? IS NULL OR r.run_id = ? ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
+    if row is None:
+        raise AutolabelError(f"no collected run {run_id or ''} in {store.path}; run `autolabel collect` first "
+                             "(list runs with: autolabel query \"select * from runs\")")
+    return row[0], RunConfig.model_validate_json(row[1])
+
+
+def previous_run(store: Store, run_id: str) -> str | None:
+    """The latest collected run that started before `run_id`."""
+    row = store.one(COLLECTED + "WHERE r.started_at < (SELECT started_at FROM runs WHERE run_id = ?) "
+                    "ORDER BY r.started_at DESC LIMIT 1", [run_id])
+    return row[0] if row else None
 
 
 def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> LabelSummary:
     """Label the features of a collected run (the latest one by default) with `config`'s label and llm
     settings; the model and transcoders are the run's own."""
     with Store(config.store) as store:
-        row = store.one("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
-                        "AND s.stage = 'collect' AND s.shard = 'final' WHERE ? IS NULL OR r.run_id = ? "
-                        "ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
-        if row is None:
-            raise AutolabelError(f"no collected run {run_id or ''} in {config.store}; run `autolabel collect` first")
-        stored = RunConfig.model_validate_json(row[1])
+        run_id, stored = collected_run(store, run_id)
         subject = load_subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
         tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
         labeling = stored.model_copy(update={"label": config.label, "llm": config.llm})
-        return label_stage(store, subject, tset, row[0], labeling, show_progress)
+        return label_stage(store, subject, tset, run_id, labeling, show_progress)
+
+
+def audit_run(store: Store, config: RunConfig, run_id: str | None = None) -> AuditSummary:
+    """Apply `config.audit`'s specs to a collected run (the latest by default) and diff it against
+    `config.audit.against` ("previous": the run before it, when there is one)."""
+    run_id, _ = collected_run(store, run_id)
+    specs = [load_spec(path) for path in config.audit.specs]
+    against = config.audit.against
+    if against == "previous":
+        against = previous_run(store, run_id)
+    elif against is not None:
+        against, _ = collected_run(store, against)
+
+    def decoders(of_run: str) -> dict:
+        _, stored = collected_run(store, of_run)
+        tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
+        return {layer: transcoder.W_dec for layer, transcoder in tset.transcoders.items()}
+
+    return audit_stage(store, run_id, specs, against, decoders)

@@ -235,19 +235,25 @@ class Store:
         tables: dict[str, pa.Table | list[dict[str, Any]]],
         replace: bool = False,
         fresh: bool = False,
+        clear: dict[str, dict[str, Any]] | None = None,
     ) -> bool:
         """Upsert `tables` and record the shard, all or nothing.
 
         Returns False (and writes nothing) when the shard was already committed
         and `replace` is not set, which is what makes resuming safe. `fresh` promises
         that no row of these tables can exist yet (rows only a committed shard writes):
-        a plain insert then takes a fraction of an upsert's memory on big tables.
+        a plain insert then takes a fraction of an upsert's memory on big tables. `clear` deletes the
+        rows of a table whose columns equal the given values first, so a rewrite that keeps fewer rows
+        (an audit re-run with stricter thresholds) leaves none of the old ones behind.
         """
         with self.transaction() as con:
             done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
                             [run_id, stage, shard])[0]
             if done and not replace:
                 return False
+            for table, match in (clear or {}).items():
+                con.execute(f"DELETE FROM {table} WHERE " + " AND ".join(f"{column} = ?" for column in match),
+                            list(match.values()))
             n_rows = sum(self._upsert(con, table, rows, fresh) for table, rows in tables.items())
             con.execute(
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",

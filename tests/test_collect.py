@@ -68,28 +68,34 @@ def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: Col
     return pairs
 
 
+def mlp_inputs(subject, windows) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The MLP inputs [N, d] at LAYER of every window token but the first, with their token ids and roles [N]."""
+    point = subject.hook_point("mlp_in", LAYER)
+    raw = torch.cat([subject.capture(torch.from_numpy(w.token_ids.astype("int64"))[None], None, [point])[point][0, 1:]
+                     for w in windows])
+    return raw, np.concatenate([w.token_ids[1:] for w in windows]), np.concatenate([w.roles[1:] for w in windows])
+
+
+def detector(raw: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, float]:
+    """An encoder column and bias that fire on the masked tokens' direction and on nothing else."""
+    assert mask.any(), "the planted target never occurs in the corpus"
+    inside, outside = raw[torch.from_numpy(mask)], raw[torch.from_numpy(~mask)]
+    direction = inside.mean(0) - outside.mean(0)
+    direction /= direction.norm()
+    return direction, -float((outside @ direction).max())
+
+
 @pytest.fixture(scope="module")
 def planted(corpus, tiny_subject):
     """A ReLU transcoder whose features are built from the model's own activations to fire on known things."""
     _, _, windows = corpus
     tokenizer = tiny_subject.tokenizer
-    point = tiny_subject.hook_point("mlp_in", LAYER)
-    raw = torch.cat([tiny_subject.capture(torch.from_numpy(w.token_ids.astype("int64"))[None], None, [point])[point][0, 1:]
-                     for w in windows])  # [N, 32]
-    ids = np.concatenate([w.token_ids[1:] for w in windows])
-
-    def detector(mask: np.ndarray) -> tuple[torch.Tensor, float]:
-        assert mask.any(), "the planted target never occurs in the corpus"
-        inside, outside = raw[torch.from_numpy(mask)], raw[torch.from_numpy(~mask)]
-        direction = inside.mean(0) - outside.mean(0)
-        direction /= direction.norm()
-        return direction, -float((outside @ direction).max())  # fire on nothing else
-
+    raw, ids, _ = mlp_inputs(tiny_subject, windows)  # [N, 32], [N]
     columns, biases = [torch.zeros(32), torch.zeros(32)], [-1.0, 1.0]  # 0: dead, 1: constant (all ties)
     targets = [tokenizer.convert_tokens_to_ids(f"Ġ{w}") for w in ("cat", "rain", "hills")]
     # 2-4: token detectors; 5: a word that only assistant turns use, so it marks assistant turns
     for mask in [ids == token for token in targets] + [ids == tokenizer.convert_tokens_to_ids("Ġcertainly")]:
-        direction, bias = detector(mask)
+        direction, bias = detector(raw, mask)
         columns.append(direction)
         biases.append(bias)
     generator = torch.Generator().manual_seed(0)

@@ -60,3 +60,12 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir):
     code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
                            "select count(distinct role), sum(n_turns_active) > 0 from role_stats")
     assert out.strip().splitlines()[1] == "5,True"
+
+    # The assistant-pervasiveness audit ranked the features, every metric with its interval.
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select section, count(distinct (layer, feature)) as n, count(distinct metric) as metrics, "
+                           "bool_and(ci_low <= value and value <= ci_high) as inside from audit_findings "
+                           "where metric <> 'breadth' group by section order by section")
+    sections = {r["section"]: r for r in json.loads(out)}
+    assert sections["pervasive"]["n"] >= 200 and sections["pervasive"]["metrics"] == 3
+    assert all(r["inside"] for r in sections.values())

@@ -52,6 +52,13 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
     if settings.features is not None:
         where.append("f.feature IN (SELECT unnest(?))")
         params.append(settings.features)
+    if settings.audit is not None:
+        if not store.one("SELECT count(*) FROM audit_findings WHERE run_id = ? AND audit = ?", [run_id, settings.audit])[0]:
+            raise AutolabelError(f"run {run_id} has no findings of audit {settings.audit!r}; "
+                                 f"run `autolabel audit --run {run_id}` first")
+        where.append("(f.layer, f.feature) IN (SELECT (layer, feature) FROM audit_findings "
+                     "WHERE run_id = f.run_id AND audit = ? AND flagged)")
+        params.append(settings.audit)
     rows = store.con.execute(
         "SELECT f.layer, f.feature, count(e.rank) FROM features f LEFT JOIN examples e ON e.run_id = f.run_id "
         "AND e.layer = f.layer AND e.feature = f.feature AND e.kind = 'top' "

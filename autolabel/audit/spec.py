@@ -1,0 +1,64 @@
+"""Audit specs: the YAML files in `audits/` that name an audit, its metrics and its flag thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from autolabel.config import Strict
+from autolabel.errors import AutolabelError
+
+METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
+
+
+class AuditSpec(Strict):
+    """One audit, as written in `audits/*.yaml`."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["assistant_pervasiveness"]
+    description: str = ""
+    metrics: list[str] = Field(default_factory=lambda: list(METRICS))
+    flag: dict[str, float]  # metric -> the least its lower bound (breadth: its value) may be to flag
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    breadth_min_turns: int = Field(default=5, ge=1)
+    breadth_turn_share: float = Field(default=0.2, gt=0, le=1)
+    min_active_turns: int = Field(default=5, ge=1)
+    template_share: float = Field(default=0.5, gt=0, le=1)
+    keep: int = Field(default=200, ge=0)
+    match_cosine: float = Field(default=0.7, gt=0, le=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def known_metrics(cls, metrics: list[str]) -> list[str]:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+        return metrics
+
+    @model_validator(mode="after")
+    def flags_on_reported_metrics(self) -> AuditSpec:
+        stray = [m for m in self.flag if m not in self.metrics]
+        if stray:
+            raise ValueError(f"flag names {', '.join(stray)}, which `metrics` does not list ({', '.join(self.metrics)})")
+        return self
+
+
+def load_spec(path: str | Path) -> AuditSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise AutolabelError(f"audit spec {path} does not exist; the built-in one is audits/assistant_pervasiveness.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise AutolabelError(f"audit spec {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise AutolabelError(f"audit spec {path} must hold a mapping (name, kind, metrics, flag, ...)")
+    try:
+        return AuditSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors())
+        raise AutolabelError(f"audit spec {path} is invalid: {problems} "
+                             "(see audits/assistant_pervasiveness.yaml for a complete spec)") from err

@@ -1,0 +1,218 @@
+"""The assistant-pervasiveness audit on the tiny model: planted features are flagged (or not) for the
+right reasons, intervals match textbook values, and diffs find a feature planted only in a later run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_cli import run_cli
+from test_collect import LAYER, WORDS, collect, detector, mlp_inputs
+
+from autolabel.audit import audit_stage, load_spec
+from autolabel.audit.measure import rate_ratio, wilson, z_score
+from autolabel.config import PROJECT_ROOT, CorpusConfig, SourceConfig
+from autolabel.corpus import build_corpus, iter_windows
+from autolabel.store import Store, now
+from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
+
+SPEC = load_spec(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")
+CHAT_CATEGORIES = ["help", "chit", "code", "travel"]
+# Planted features: 0 fires in every assistant turn; 1 only in the assistant turns of "help"; 2 on the
+# `assistant` marker of the chat template; 3 on a word every role uses. Run B adds 4: a second word that
+# every assistant turn has, which run A has no feature for.
+EVERY_TURN, ONE_CATEGORY, MARKER, EVERYWHERE, NEW_IN_B = range(5)
+
+
+def write_corpus(path, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = lambda lo, hi: " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))  # noqa: E731
+    rows = [{"id": f"t{i}", "category": ["news", "story"][i % 2], "text": words(20, 120)} for i in range(16)]
+    for i in range(24):
+        category = CHAT_CATEGORIES[i % 4]
+        extra = "indeed " if category == "help" else ""
+        rows.append({"id": f"c{i}", "category": category, "messages": [
+            {"role": "user", "content": words(3, 30)},
+            {"role": "assistant", "content": f"well certainly truly {extra}{words(10, 40)}"},
+            {"role": "user", "content": words(3, 10)},
+            {"role": "assistant", "content": f"well certainly truly {extra}{words(2, 10)}"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_subject):
+    folder = tmp_path_factory.mktemp("audit")
+    write_corpus(folder / "docs.jsonl")
+    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(folder / "docs.jsonl"))], ctx_len=64)
+    config.generation.enabled = False
+    with Store(folder / "s.duckdb") as store:
+        corpus_id = build_corpus(store, config, tiny_subject, show_progress=False).corpus_id
+        windows = list(iter_windows(store, corpus_id))
+    return folder / "s.duckdb", corpus_id, windows
+
+
+@pytest.fixture(scope="module")
+def transcoders(corpus, tiny_subject) -> tuple[TranscoderSet, TranscoderSet]:
+    """Run A's and run B's transcoders: B is A plus one feature, with A's decoder rows kept."""
+    tokenizer = tiny_subject.tokenizer
+    raw, ids, roles = mlp_inputs(tiny_subject, corpus[2])
+    token = lambda text: tokenizer.convert_tokens_to_ids(text)  # noqa: E731
+    template = roles == 3  # ROLES.index("template")
+    masks = [ids == token("Ġcertainly"), ids == token("Ġindeed"), template & (ids == token("istant")),  # <|im_start|>ass|istant
+             ids == token("Ġcat"), ids == token("Ġtruly")]
+    planted = [detector(raw, mask) for mask in masks]
+    generator = torch.Generator().manual_seed(1)
+    decoder = torch.linalg.qr(torch.randn(32, 32, generator=generator))[0][:5]  # orthonormal rows: no accidental match
+
+    def tset(n: int) -> TranscoderSet:
+        W_enc = torch.stack([direction for direction, _ in planted[:n]], dim=1)  # [32, n]
+        b_enc = torch.tensor([bias for _, bias in planted[:n]])
+        return TranscoderSet({LAYER: Transcoder(LAYER, W_enc, b_enc, decoder[:n].clone(), torch.zeros(32))})
+
+    return tset(4), tset(5)
+
+
+def collected(corpus, subject, tset, transcoder_id: str) -> str:
+    store_path, corpus_id, _ = corpus
+    run_id, _ = collect(store_path, corpus_id, subject, tset)
+    with Store(store_path) as store:
+        store.update_run(run_id, transcoder_id=transcoder_id)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tiny_subject, transcoders) -> tuple[str, str]:
+    return (collected(corpus, tiny_subject, transcoders[0], "tc-a"), collected(corpus, tiny_subject, transcoders[1], "tc-b"))
+
+
+def findings(store: Store, run_id: str) -> dict[int, dict]:
+    rows = store.con.execute("SELECT feature, metric, value, ci_low, ci_high, flagged, section, details_json "
+                             "FROM audit_findings WHERE run_id = ? ORDER BY feature, metric", [run_id]).fetchall()
+    result: dict[int, dict] = {}
+    for feature, metric, value, low, high, flagged, section, details in rows:
+        entry = result.setdefault(feature, {"flagged": flagged, "section": section})
+        entry[metric] = (value, low, high, json.loads(details))
+    return result
+
+
+def test_every_turn_feature_is_flagged_and_one_category_marker_and_everywhere_features_are_not(corpus, runs):
+    run_a, _ = runs
+    with Store(corpus[0]) as store:
+        summary = audit_stage(store, run_a, [SPEC])
+        found = findings(store, run_a)
+    every = found[EVERY_TURN]
+    share, low, high, counts = every["assistant_turn_share"]
+    assert counts["turns"] == 48 and counts["active_turns"] >= 45  # 24 chats x 2 assistant turns
+    assert every["flagged"] and every["section"] == "pervasive" and low >= 0.3 and high <= 1
+    assert every["breadth"][0] == 1.0 and sorted(every["breadth"][3]["covered"]) == sorted(CHAT_CATEGORIES)
+    assert every["lift_vs_user"][1] >= 2 and every["lift_vs_text"][1] >= 2  # never fires in user turns or text
+
+    one = found[ONE_CATEGORY]  # fires in every assistant turn of one category: a quarter of them
+    assert not one["flagged"] and one["breadth"][3]["covered"] == ["help"] and one["breadth"][0] == 0.25
+    assert one["assistant_turn_share"][0] == pytest.approx(12 / 48, abs=0.05)
+
+    marker = found[MARKER]  # the `assistant` token of the template: its own section, never flagged
+    assert marker["section"] == "template" and not marker["flagged"]
+    assert marker["assistant_turn_share"][0] == 0  # markers never make a content turn active
+
+    everywhere = found[EVERYWHERE]  # `cat` is in user turns, assistant turns and plain text alike
+    assert not everywhere["flagged"] and everywhere["lift_vs_user"][1] < 2
+
+    (result,) = summary.results
+    assert [f["feature"] for f in result.flagged] == [EVERY_TURN] and result.notes == []
+    assert [f["feature"] for f in result.template] == [MARKER]
+
+
+def test_intervals_equal_textbook_values():
+    z = z_score(0.95)
+    assert z == pytest.approx(1.959964, abs=1e-6)
+    share, low, high = wilson(np.array([0, 5, 81]), np.array([10, 10, 263]), z)
+    # Wilson score intervals: 0/10 -> [0, 0.2775], 5/10 -> [0.2366, 0.7634], 81/263 -> [0.2553, 0.3662]
+    assert low == pytest.approx([0, 0.2366, 0.2553], abs=1e-4) and high == pytest.approx([0.2775, 0.7634, 0.3662], abs=1e-4)
+    assert share == pytest.approx([0, 0.5, 81 / 263])
+    ratio, low, high = rate_ratio(np.array([10, 0, 31]), np.array([100, 100, 972]), np.array([5, 0, 0]),
+                                  np.array([100, 100, 341]), z)
+    # 10/100 over 5/100: given 15 events, 10 fell on the first side; Wilson for 10/15 is [0.4171, 0.8482],
+    # and p / (1 - p) maps it to [0.7156, 5.588] (the Katz log interval would say [0.709, 5.64]).
+    assert ratio[0] == 2 and low[0] == pytest.approx(0.7156, abs=1e-3) and high[0] == pytest.approx(5.588, abs=1e-2)
+    assert math.isnan(ratio[1]) and math.isnan(low[1])  # never fired on either side: undefined
+    # 31 of 972 assistant tokens and 0 of 341 user tokens: Wilson for 31/31 has lower end 0.8897, so the
+    # lift is at least 0.8897 / 0.1103 * 341 / 972 = 2.83, with no upper end; the point adds half a count.
+    assert low[2] == pytest.approx(2.83, abs=1e-2) and math.isnan(high[2])
+    assert ratio[2] == pytest.approx((31.5 / 972) / (0.5 / 341))
+
+
+def test_diff_across_transcoders_finds_the_feature_planted_only_in_the_later_run(corpus, runs, transcoders):
+    run_a, run_b = runs
+    decoders = {run_a: {LAYER: transcoders[0][LAYER].W_dec}, run_b: {LAYER: transcoders[1][LAYER].W_dec}}
+    with Store(corpus[0]) as store:
+        summary = audit_stage(store, run_b, [SPEC], against=run_a, decoders=decoders.__getitem__)
+        changes = store.con.execute("SELECT change, layer, feature, against_feature, match, cosine FROM audit_diffs "
+                                    "WHERE run_id = ? AND against_run_id = ?", [run_b, run_a]).fetchall()
+        flagged_b = sorted(f for f, entry in findings(store, run_b).items() if entry["flagged"])
+    assert flagged_b == [EVERY_TURN, NEW_IN_B]
+    # The every-turn feature matches its twin by decoder direction and was flagged in both runs: no change.
+    assert changes == [("became_pervasive", LAYER, NEW_IN_B, None, "none", None)]
+    assert summary.results[0].changes == {"became_pervasive": 1}
+
+    with Store(corpus[0]) as store:  # and the other way round, the feature stopped
+        audit_stage(store, run_a, [SPEC], against=run_b, decoders=decoders.__getitem__)
+        backward = store.con.execute("SELECT change, feature, against_feature, match FROM audit_diffs "
+                                     "WHERE run_id = ? AND against_run_id = ?", [run_a, run_b]).fetchall()
+    assert backward == [("stopped_pervasive", NEW_IN_B, NEW_IN_B, "none")]
+
+
+def test_diff_of_one_transcoder_matches_by_identity_and_reports_changed_labels(corpus, tiny_subject, runs, transcoders):
+    run_a, _ = runs
+    run_c = collected(corpus, tiny_subject, transcoders[0], "tc-a")  # same transcoder as run A
+    with Store(corpus[0]) as store:
+        for run_id, label in ((run_a, "assistant politeness"), (run_c, "Assistant  politeness")):
+            store.upsert("labels", [{"run_id": run_id, "layer": LAYER, "feature": EVERY_TURN, "labeler": "m",
+                                     "label": label, "status": "ok", "created_at": now()}])
+        store.upsert("labels", [{"run_id": run_a, "layer": LAYER, "feature": ONE_CATEGORY, "labeler": "m",
+                                 "label": "helpful openers", "status": "ok", "created_at": now()},
+                                {"run_id": run_c, "layer": LAYER, "feature": ONE_CATEGORY, "labeler": "m",
+                                 "label": "the word indeed", "status": "ok", "created_at": now()}])
+        audit_stage(store, run_c, [SPEC], against=run_a, decoders=None)  # never asked for decoders
+        changes = store.con.execute("SELECT change, feature, against_feature, match, details_json FROM audit_diffs "
+                                    "WHERE run_id = ?", [run_c]).fetchall()
+        label = store.one("SELECT label FROM audit_findings WHERE run_id = ? AND feature = ? LIMIT 1", [run_c, EVERY_TURN])
+    # Same flags in both runs; only a real label change counts (case and spacing do not).
+    assert [(c, f, a, m) for c, f, a, m, _ in changes] == [("label_changed", ONE_CATEGORY, ONE_CATEGORY, "identity")]
+    assert json.loads(changes[0][4]) == {"label": "the word indeed", "against_label": "helpful openers"}
+    assert label == ("Assistant  politeness",)
+
+
+def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
+    run_a, _ = runs
+    strict = SPEC.model_copy(update={"keep": 1, "flag": SPEC.flag | {"assistant_turn_share": 0.99}})
+    with Store(corpus[0]) as store:
+        audit_stage(store, run_a, [SPEC])
+        audit_stage(store, run_a, [strict])
+        kept = store.query("SELECT DISTINCT feature, flagged FROM audit_findings WHERE run_id = ? AND section = 'pervasive'",
+                           [run_a])[1]
+    assert kept == [(EVERY_TURN, False)]  # no stale rows from the looser run
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("name: x\nkind: assistant_pervasiveness\nmetrics: [assistant_turn_share, loudness]\nflag: {}\n",
+     "unknown metric(s) loudness"),
+    ("kind: assistant_pervasiveness\nflag: {breadth: 0.5}\n", "name: Field required"),
+    ("name: x\nkind: assistant_pervasiveness\nflag: {breadth: 0.5}\ncolour: red\n", "colour: Extra inputs"),
+    ("name: x\nkind: assistant_pervasiveness\nmetrics: [breadth]\nflag: {lift_vs_user: 2}\n",
+     "flag names lift_vs_user, which `metrics` does not list"),
+])
+def test_bad_specs_name_the_field_and_exit_2(monkeypatch, capsys, corpus, runs, tmp_path, spec, error):
+    path = tmp_path / "bad.yaml"
+    path.write_text(spec, encoding="utf-8")
+    before = Store(corpus[0], read_only=True)
+    count = before.one("SELECT count(*) FROM audit_findings")[0]
+    before.close()
+    code, _, err = run_cli(monkeypatch, capsys, "audit", "--store", str(corpus[0]), "--spec", str(path))
+    assert code == 2 and str(path) in err and error in err
+    with Store(corpus[0], read_only=True) as store:
+        assert store.one("SELECT count(*) FROM audit_findings")[0] == count
