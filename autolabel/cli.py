@@ -149,28 +149,29 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
         console.print(f"[yellow]stopped early:[/] {summary.stopped}; `autolabel label --run {summary.run_id}` resumes")
 
 
-def _interval(metric: tuple | None, digits: int = 2) -> str:
+def _interval(metric: tuple | None, lower_only: bool = False) -> str:
+    """"0.95 (0.93-0.97)", or "20.2 >=18.0" for a lift, whose lower bound is what gates the flag."""
     if metric is None or metric[0] is None:
         return "-"
-    value, low, high = (f"{x:.{digits}f}" if x is not None else "inf" for x in metric)
-    return value if low == high == value else f"{value} [{low}, {high}]"
+    value, low, high = (f"{x:.2f}" if x is not None else "inf" for x in metric)
+    if low == high == value:
+        return value
+    return f"{value} >={low}" if lower_only else f"{value} ({low}-{high})"
 
 
 def _print_audit(summary) -> None:
     if summary.skipped:
         console.print(f"[yellow]audit skipped:[/] {summary.skipped}")
     for result in summary.results:
-        rows = [(f["rank"], f["layer"], f["feature"], _interval(f["metrics"].get("assistant_turn_share")),
-                 _interval(f["metrics"].get("lift_vs_user"), 1), _interval(f["metrics"].get("lift_vs_text"), 1),
+        rows = [(f["rank"], f"{f['layer']}/{f['feature']}", _interval(f["metrics"].get("assistant_turn_share")),
+                 _interval(f["metrics"].get("lift_vs_user"), True), _interval(f["metrics"].get("lift_vs_text"), True),
                  _interval(f["metrics"].get("breadth")), f["group_name"], f["label"]) for f in result.flagged]
-        _print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged",
-                     ["rank", "layer", "feature", "assistant turn share", "lift vs user", "lift vs text", "breadth",
-                      "group", "label"], rows[:30])
+        _print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged (top 20)",
+                     ["rank", "layer/feature", "assistant turns", "lift vs user", "lift vs text", "breadth", "group",
+                      "label"], rows[:20])
         if result.template:
-            rows = [(f["rank"], f["layer"], f["feature"], _interval(f["metrics"].get("assistant_turn_share")), f["label"])
-                    for f in result.template]
-            _print_table("template and marker features (not flagged)", ["rank", "layer", "feature",
-                                                                         "assistant turn share", "label"], rows)
+            rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
+            _print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}")
         if summary.against:
