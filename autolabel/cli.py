@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,28 +67,42 @@ def _print_quality(quality) -> None:
 
 
 def _print_collect(summary) -> None:
-    rows = [(layer, counts["active"], counts["rare"], counts["dead"]) for layer, counts in sorted(summary.status_by_layer.items())]
+    collect = summary.collect
+    rows = [(layer, counts["active"], counts["rare"], counts["dead"]) for layer, counts in sorted(collect.status_by_layer.items())]
     _print_table("features collected", ["layer", "active", "rare", "dead"], rows)
-    resumed = f", resumed after {summary.resumed_shards} shards" if summary.resumed_shards else ""
-    console.print(f"collected over {summary.n_tokens:,} tokens in {summary.seconds:.0f} s{resumed}")
+    if summary.reused_from:
+        console.print(f"collection reused from run {summary.reused_from} (same model, transcoder, corpus and "
+                      f"settings; --fresh collects again)")
+        return
+    resumed = f", resumed after {collect.resumed_shards} shards" if collect.resumed_shards else ""
+    console.print(f"collected over {collect.n_tokens:,} tokens in {collect.seconds:.0f} s{resumed}")
 
 
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")]
 RunOption = Annotated[Optional[str], typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
 
 
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Collect again even if an identical collection is cached.")]
+
+
+def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, fresh: bool, until: str):
+    """The audit_pipeline Prefect flow, in this process (Prefect starts a temporary local API unless
+    PREFECT_API_URL names a server)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.audit_pipeline import audit_pipeline
+
+    return audit_pipeline(config, resume=resume or bool(run_id), run_id=run_id, until=until, fresh=fresh,
+                          show_progress=not quiet)
+
+
 @app.command()
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-        resume: ResumeOption = False, run_id: RunOption = None) -> None:
-    """Run the default audit pipeline: every stage that exists so far (today: corpus, transcoder check, collect,
-    audit)."""
-    from autolabel.pipeline import run_pipeline
-
-    summary = run_pipeline(_config(config, store, model), show_progress=not quiet, resume=resume or bool(run_id),
-                           run_id=run_id)
+        resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False) -> None:
+    """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit."""
+    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "audit")
     _print_corpus_summary(summary.corpus)
     _print_quality(summary.quality)
-    _print_collect(summary.collect)
+    _print_collect(summary)
     _print_audit(summary.audit)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
@@ -95,15 +110,28 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
 
 @app.command()
 def collect(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-            resume: ResumeOption = False, run_id: RunOption = None) -> None:
+            resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False) -> None:
     """Collect top-activating examples and role-aware statistics per feature (builds the corpus and checks the
     transcoders first when needed)."""
-    from autolabel.pipeline import run_pipeline
-
-    summary = run_pipeline(_config(config, store, model), show_progress=not quiet, resume=resume or bool(run_id),
-                           run_id=run_id)
-    _print_collect(summary.collect)
+    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "collect")
+    _print_collect(summary)
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
+
+
+@app.command()
+def schedule(cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 * * *" is 03:00 daily.')],
+             name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-audit",
+             config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None) -> None:
+    """Serve the audit_pipeline deployment on a schedule until stopped (runs show in the Prefect UI)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect import serve
+
+    from flows.audit_pipeline import scheduled
+
+    deployment = scheduled(_config(config, store, model), cron, name)
+    console.print(f"serving [bold]audit_pipeline/{name}[/] on {cron!r}; Ctrl-C stops. "
+                  "With `prefect server start` running and PREFECT_API_URL set, runs show at http://127.0.0.1:4200")
+    serve(deployment)
 
 
 def _int_list(value: str | None, option: str) -> list[int] | None:

@@ -1,35 +1,36 @@
-"""The default audit, stage after stage, recorded as one row in `runs`.
+"""The steps of a run that the Prefect flow (`flows/audit_pipeline.py`) orders, and the run lookups the
+commands share: open or resume a run, reuse an identical earlier collection, label and audit a run.
 
-Today it reaches the corpus, the transcoder check, collection and the audits;
-each later stage (label, cluster, report) is appended here as it lands, and the
-Prefect flow orders the same calls. A run that was killed or failed resumes
-with its own stored config: finished corpus and collect shards are kept.
+A run is one row in `runs`. One that was killed or failed resumes with its own stored config:
+finished corpus and collect shards are kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import lru_cache
 
-from autolabel.audit import AuditSummary, NothingToAudit, audit_stage, load_spec
-from autolabel.collect import CollectSummary, collect_stage
+from autolabel.audit import AuditSummary, audit_stage, load_spec
+from autolabel.collect.stage import STAGE as COLLECT_STAGE
 from autolabel.config import RunConfig
-from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
 from autolabel.label.stage import LabelSummary, label_stage
-from autolabel.models import load_subject_model
+from autolabel.models import SubjectModel, load_subject_model
 from autolabel.store import Store, to_json
-from autolabel.transcoders.check import LayerQuality
-from autolabel.transcoders.stage import check_stage, open_transcoders
+from autolabel.transcoders.stage import open_transcoders
+from autolabel.transcoders.transcoder import TranscoderSet
+
+COLLECT_TABLES = ("features", "role_stats", "category_stats", "examples")
 
 
-@dataclass
-class RunSummary:
-    run_id: str
-    corpus: CorpusSummary
-    transcoder_id: str
-    quality: dict[int, LayerQuality]
-    collect: CollectSummary
-    audit: AuditSummary
+@lru_cache(maxsize=1)
+def subject_model(source: str, cache_dir: str, dtype: str) -> SubjectModel:
+    """One loaded model per process, shared by the flow's tasks."""
+    return load_subject_model(source, cache_dir, dtype)
+
+
+@lru_cache(maxsize=2)
+def transcoders(source: str, fmt: str) -> TranscoderSet:
+    return open_transcoders(source, fmt)
 
 
 def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
@@ -48,32 +49,32 @@ def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
     return row[0], RunConfig.model_validate_json(row[2])
 
 
-def run_pipeline(config: RunConfig, show_progress: bool = True, resume: bool = False,
-                 run_id: str | None = None) -> RunSummary:
-    """Run every stage; with `resume`, continue `run_id` (or the latest unfinished run) instead."""
-    with Store(config.store) as store:
-        if resume:
-            run_id, stored = find_resumable(store, run_id)
-            config = stored.model_copy(update={"store": config.store})
-        subject = load_subject_model(config.model.source, config.cache_dir, config.model.dtype)
-        if not resume:
-            run_id = store.start_run(to_json(config.model_dump(mode="json")), subject.model_id)
-        store.update_run(run_id, status="running", finished_at=None, error=None)
-        try:
-            corpus = build_corpus(store, config.corpus, subject, show_progress)
-            tset, transcoder_id, quality = check_stage(store, subject, config, show_progress)
-            store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
-            collect = collect_stage(store, subject, tset, corpus.corpus_id, transcoder_id, config.collect, run_id,
-                                    show_progress)
-            try:
-                audit = audit_run(store, config, run_id)
-            except NothingToAudit as skipped:  # a plain-text corpus: collection is still useful
-                audit = AuditSummary(run_id, None, [], skipped=str(skipped))
-        except BaseException as err:
-            store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
-            raise
-        store.finish_run(run_id, "complete")
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect, audit)
+def open_run(store: Store, config: RunConfig, resume: bool, run_id: str | None,
+             flow_run_id: str | None) -> tuple[str, RunConfig]:
+    """Start a run, or with `resume` take up `run_id` (or the latest unfinished one) with its stored config."""
+    if resume:
+        run_id, stored = find_resumable(store, run_id)
+        config = stored.model_copy(update={"store": config.store})
+    model = subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    if not resume:
+        run_id = store.start_run(to_json(config.model_dump(mode="json")), model.model_id)
+    store.update_run(run_id, status="running", finished_at=None, error=None, flow_run_id=flow_run_id)
+    return run_id, config
+
+
+def reuse_collection(store: Store, source_run: str, run_id: str) -> bool:
+    """Copy an identical earlier collection's tables into `run_id` (False if that run is gone from the store)."""
+    if "final" not in store.committed_shards(source_run, COLLECT_STAGE):
+        return False
+    with store.transaction() as con:
+        for table in COLLECT_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS run_id) FROM {table} WHERE run_id = ?",
+                        [run_id, source_run])
+        con.execute("INSERT OR REPLACE INTO shards SELECT ?, stage, shard, committed_at, n_rows FROM shards "
+                    "WHERE run_id = ? AND stage = ? AND shard = 'final'", [run_id, source_run, COLLECT_STAGE])
+        con.execute("UPDATE runs SET parent_run_id = ? WHERE run_id = ?", [source_run, run_id])
+    return True
 
 
 COLLECTED = ("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
@@ -101,8 +102,8 @@ def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool 
     settings; the model and transcoders are the run's own."""
     with Store(config.store) as store:
         run_id, stored = collected_run(store, run_id)
-        subject = load_subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
-        tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
+        subject = subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
+        tset = transcoders(stored.transcoder.source, stored.transcoder.format)
         labeling = stored.model_copy(update={"label": config.label, "llm": config.llm})
         return label_stage(store, subject, tset, run_id, labeling, show_progress)
 
@@ -120,7 +121,7 @@ def audit_run(store: Store, config: RunConfig, run_id: str | None = None) -> Aud
 
     def decoders(of_run: str) -> dict:
         _, stored = collected_run(store, of_run)
-        tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
+        tset = transcoders(stored.transcoder.source, stored.transcoder.format)
         return {layer: transcoder.W_dec for layer, transcoder in tset.transcoders.items()}
 
     return audit_stage(store, run_id, specs, against, decoders)

@@ -142,6 +142,7 @@ ADDED_COLUMNS = [
     ("features", "histogram_edges", "DOUBLE[]"),
     ("features", "status", "VARCHAR"),
     ("examples", "bin", "INTEGER"),
+    ("runs", "flow_run_id", "VARCHAR"),
     ("audit_findings", "section", "VARCHAR"),
     ("audit_findings", "rank", "INTEGER"),
     ("audit_findings", "group_name", "VARCHAR"),

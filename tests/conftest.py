@@ -12,6 +12,22 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """One temporary Prefect API and database for the session (Prefect's own test harness): its URL.
+
+    The flow module is imported here, before any test's capsys: Prefect's console log handler keeps
+    the stderr it first sees, which must outlive a single test.
+    """
+    import flows.audit_pipeline  # noqa: F401
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

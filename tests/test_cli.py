@@ -113,7 +113,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS) + ["missing model"])
 def test_bad_input_exit_code_message_and_unchanged_store(monkeypatch, capsys, tmp_path, filled_store,
-                                                         tiny_model_dir, cache_dir, case):
+                                                         tiny_model_dir, cache_dir, prefect_api, case):
     data = tmp_path / "corpus.jsonl"
     content, message = BAD_INPUTS.get(case, (b'{"text": "fine"}\n', "does not exist"))
     if content is not None:

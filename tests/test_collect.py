@@ -322,7 +322,26 @@ def test_resume_refuses_other_settings(corpus, tiny_subject, planted):
                 run_id=run_id)
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir):
+def tiny_run_config(folder, model_dir, cache_dir) -> dict:
+    """A whole run's config on the tiny model: a corpus file, a random transcoder for layers 1 and 2
+    saved in the circuit-tracer layout, and small shards."""
+    from autolabel.transcoders.formats import save_circuit_tracer
+
+    write_corpus(folder / "docs.jsonl", n_text=60, n_chat=30)
+    generator = torch.Generator().manual_seed(1)
+    tset = TranscoderSet({layer: Transcoder(layer, torch.randn(32, 64, generator=generator), torch.zeros(64),
+                                            1e-3 * torch.randn(64, 32, generator=generator), torch.zeros(32))
+                          for layer in (1, 2)})
+    save_circuit_tracer(tset, folder / "tc", "tiny")
+    return {"cache_dir": str(cache_dir), "store": str(folder / "s.duckdb"), "model": {"source": str(model_dir)},
+            "corpus": {"sources": [{"name": "file", "path": str(folder / "docs.jsonl")}], "ctx_len": 48,
+                       "generation": {"enabled": False}},
+            "transcoder": {"source": str(folder / "tc"), "max_fvu": 1e6, "check_tokens": 500},
+            "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump()}
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir,
+                                                     prefect_api):
     """The real thing: SIGKILL the CLI mid-collection, `collect --resume`, compare every table."""
     import os
     import signal
@@ -332,25 +351,13 @@ def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_pa
 
     import yaml
 
-    from autolabel.transcoders.formats import save_circuit_tracer
-
-    write_corpus(tmp_path / "docs.jsonl", n_text=60, n_chat=30)
-    generator = torch.Generator().manual_seed(1)
-    tset = TranscoderSet({layer: Transcoder(layer, torch.randn(32, 64, generator=generator), torch.zeros(64),
-                                            1e-3 * torch.randn(64, 32, generator=generator), torch.zeros(32))
-                          for layer in (1, 2)})
-    save_circuit_tracer(tset, tmp_path / "tc", "tiny")
-    store = tmp_path / "s.duckdb"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "cache_dir": str(cache_dir), "store": str(store), "model": {"source": str(tiny_model_dir)},
-        "corpus": {"sources": [{"name": "file", "path": str(tmp_path / "docs.jsonl")}], "ctx_len": 48,
-                   "generation": {"enabled": False}},
-        "transcoder": {"source": str(tmp_path / "tc"), "max_fvu": 1e6, "check_tokens": 500},
-        "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump()}))
+    config.write_text(yaml.safe_dump(tiny_run_config(tmp_path, tiny_model_dir, cache_dir)))
+    store = tmp_path / "s.duckdb"
 
     process = subprocess.Popen([sys.executable, "-c", "from autolabel.cli import main; main()", "collect", "-q",
-                                "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "PREFECT_API_URL": prefect_api})
     checkpoints = tmp_path / "s.duckdb.collect"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("*/state-0000[2-9].safetensors")):
@@ -367,7 +374,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_pa
     code, out, err = run_cli(monkeypatch, capsys, "collect", "--resume", "-q", "-c", str(config))
     assert code == 0, err
     assert f"run {run_id}" in out and "resumed after" in out
-    code, _, err = run_cli(monkeypatch, capsys, "collect", "-q", "-c", str(config))  # uninterrupted, a new run
+    # Uninterrupted, a new run; --fresh, or the flow would copy the resumed run's identical collection.
+    code, _, err = run_cli(monkeypatch, capsys, "collect", "--fresh", "-q", "-c", str(config))
     assert code == 0, err
     with Store(store) as db:
         (other,) = [r for (r,) in db.query("SELECT run_id FROM runs")[1] if r != run_id]

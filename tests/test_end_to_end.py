@@ -11,7 +11,7 @@ from autolabel.config import RunConfig
 from test_cli import run_cli
 
 
-def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir):
+def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, prefect_api):
     config = RunConfig().model_dump(mode="json")
     for source in config["corpus"]["sources"]:
         source["limit"] = 2

@@ -189,7 +189,7 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
     names = [f"docs-{i:05d}" for i in range(len(plan))]
     done = store.committed_shards(run_id, STAGE)
     if "final" in done:
-        return _summary(store, run_id, started, len(plan))
+        return collect_summary(store, run_id, time.perf_counter() - started, len(plan))
     n_done = next((i for i, name in enumerate(names) if name not in done), len(names))
     if done - set(names[:n_done]):
         raise AutolabelError(f"run {run_id} has collect shards out of order ({sorted(done)[:5]}); "
@@ -229,14 +229,14 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
     store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()},
                       fresh=True)
     checkpoints.clear()
-    return _summary(store, run_id, started, n_done)
+    return collect_summary(store, run_id, time.perf_counter() - started, n_done)
 
 
-def _summary(store: Store, run_id: str, started: float, resumed_shards: int) -> CollectSummary:
+def collect_summary(store: Store, run_id: str, seconds: float, resumed_shards: int) -> CollectSummary:
     rows = store.con.execute("SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? "
                              "GROUP BY ALL ORDER BY ALL", [run_id]).fetchall()
     by_layer: dict[int, dict[str, int]] = {}
     for layer, status, count, _ in rows:
         by_layer.setdefault(layer, {"active": 0, "rare": 0, "dead": 0})[status] = count
     n_tokens = max((r[3] for r in rows), default=0)
-    return CollectSummary(run_id, n_tokens, time.perf_counter() - started, resumed_shards, by_layer)
+    return CollectSummary(run_id, n_tokens, seconds, resumed_shards, by_layer)

@@ -1,0 +1,1 @@
+"""Prefect flows over the autolabel stages: ordering, retries, content caching, schedules."""

@@ -1,0 +1,173 @@
+"""The default audit as a Prefect flow: it orders the library's stages and adds retries, content
+caching and the link between a flow run and its row in `runs`.
+
+Nothing here analyses anything; each task is one call into `autolabel`. Collection, the
+expensive stage, is cached by content: its key is the fingerprint its checkpoints already
+carry (model, transcoder, corpus and collect settings). A scheduled re-run whose inputs did
+not change copies the earlier run's tables instead of collecting again; a new corpus,
+transcoder or setting misses the cache and collects. Tasks retry on transient errors
+(timeouts, lost connections, I/O), and a retried collection resumes from its last
+committed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import duckdb
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from autolabel import pipeline
+from autolabel.audit import AuditSummary, NothingToAudit
+from autolabel.collect import CollectSummary, collect_stage
+from autolabel.collect.stage import collect_summary, fingerprint
+from autolabel.config import RunConfig
+from autolabel.corpus import CorpusSummary, build_corpus
+from autolabel.errors import AutolabelError
+from autolabel.store import Store
+from autolabel.transcoders.check import LayerQuality
+from autolabel.transcoders.stage import check_stage
+
+TRANSIENT = (TimeoutError, ConnectionError, duckdb.IOException)
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30])
+
+
+class ExpectedErrors(logging.Filter):
+    """Bad input (an AutolabelError) carries a message that names the fix; Prefect's traceback of it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AutolabelError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in (None, "prefect.flow_runs", "prefect.task_runs"):
+    for _handler in logging.getLogger(_name).handlers:
+        _handler.addFilter(ExpectedErrors())
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry only errors that another attempt can fix (never bad input, which must fail fast)."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    corpus: CorpusSummary
+    transcoder_id: str
+    quality: dict[int, LayerQuality]
+    collect: CollectSummary
+    reused_from: str | None  # the earlier run whose identical collection was copied
+    audit: AuditSummary | None  # None when the flow stopped after collection
+
+
+@task(name="corpus", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def corpus_task(config: RunConfig, show_progress: bool) -> CorpusSummary:
+    model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    with Store(config.store) as store:
+        return build_corpus(store, config.corpus, model, show_progress)
+
+
+@task(name="transcoder check", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def check_task(config: RunConfig, show_progress: bool) -> tuple[str, dict[int, LayerQuality]]:
+    model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    with Store(config.store) as store:
+        _, transcoder_id, quality = check_stage(store, model, config, show_progress)
+    return transcoder_id, quality
+
+
+def collect_key(context, parameters: dict) -> str:
+    store = hashlib.sha256(str(parameters["config"].store).encode()).hexdigest()[:8]
+    return f"collect-{parameters['content_key']}-{store}"
+
+
+@task(name="collect", cache_key_fn=collect_key, persist_result=True, result_serializer="json",
+      retry_condition_fn=transient, **RETRY)
+def collect_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, content_key: str,
+                 show_progress: bool) -> dict:
+    """Collect into `run_id`: {run_id, seconds, resumed_shards}. A cache hit returns what an earlier run
+    that holds the same collection returned."""
+    model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    tset = pipeline.transcoders(config.transcoder.source, config.transcoder.format)
+    with Store(config.store) as store:
+        summary = collect_stage(store, model, tset, corpus_id, transcoder_id, config.collect, run_id, show_progress)
+    return {"run_id": run_id, "seconds": summary.seconds, "resumed_shards": summary.resumed_shards}
+
+
+@task(name="audit", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
+    with Store(config.store) as store:
+        try:
+            return pipeline.audit_run(store, config, run_id)
+        except NothingToAudit as skipped:  # a plain-text corpus: collection is still useful
+            return AuditSummary(run_id, None, [], skipped=str(skipped))
+
+
+@flow(name="audit_pipeline", log_prints=True)
+def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
+                   until: Literal["collect", "audit"] = "audit", fresh: bool = False,
+                   show_progress: bool = True) -> RunSummary:
+    """Corpus, transcoder check, collection and audits for one run (label, cluster and report join as they land).
+
+    With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
+    collect even when an identical collection is cached.
+    """
+    with Store(config.store) as store:
+        run_id, config = pipeline.open_run(store, config, resume, run_id, str(flow_run.id) if flow_run.id else None)
+    try:
+        corpus = corpus_task(config, show_progress)
+        transcoder_id, quality = check_task(config, show_progress)
+        model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+        with Store(config.store) as store:
+            store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
+        content_key = fingerprint(config.collect, corpus.corpus_id, transcoder_id, model.model_id)
+        arguments = (config, run_id, corpus.corpus_id, transcoder_id, content_key, show_progress)
+        collected = collect_task.with_options(refresh_cache=fresh)(*arguments)
+        if collected["run_id"] != run_id:
+            with Store(config.store) as store:
+                reused = pipeline.reuse_collection(store, collected["run_id"], run_id)
+            if not reused:  # the cached run is gone from this store: collect after all
+                collected = collect_task.with_options(refresh_cache=True)(*arguments)
+        holder = collected["run_id"]
+        with Store(config.store) as store:
+            collect = collect_summary(store, run_id, 0.0 if holder != run_id else collected["seconds"],
+                                      collected["resumed_shards"] if holder == run_id else 0)
+        audit = audit_task(config, run_id) if until == "audit" else None
+    except BaseException as err:
+        with Store(config.store) as store:
+            store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    with Store(config.store) as store:
+        store.finish_run(run_id, "complete")
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit)
+
+
+def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
+    """The audit_pipeline deployment on a cron schedule; `prefect.serve` (or `autolabel schedule`) runs it.
+
+    Every scheduled run is a new run of the same config: an unchanged corpus is reused, collection is
+    served from the content cache unless the model, transcoder, corpus or settings changed, and the
+    audit diffs against the previous run.
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError as err:
+        raise AutolabelError(f"--cron {cron!r} is not a cron expression (five fields, e.g. \"0 3 * * *\" for "
+                             f"03:00 every day): {err.errors()[0]['msg']}") from err
+    return audit_pipeline.to_deployment(name=name, cron=cron, tags=["autolabel"],
+                                        parameters={"config": config.model_dump(mode="json"), "show_progress": False})

@@ -1,0 +1,111 @@
+"""The audit_pipeline Prefect flow on the tiny model, under Prefect's test harness: runs are linked to
+their flow runs, an unchanged re-run reuses the collection by content, and a changed input collects again."""
+
+from __future__ import annotations
+
+import pytest
+from test_collect import TABLES, table, tiny_run_config
+
+from autolabel.config import RunConfig
+from autolabel.store import Store
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model_dir, cache_dir) -> RunConfig:
+    return RunConfig.model_validate(tiny_run_config(tmp_path, tiny_model_dir, cache_dir))
+
+
+def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(config, prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows.audit_pipeline import audit_pipeline
+
+    first = audit_pipeline(config, show_progress=False)
+    second = audit_pipeline(config, show_progress=False)
+    changed = config.model_copy(deep=True)
+    changed.collect.top_k = 3
+    third = audit_pipeline(changed, show_progress=False)
+
+    assert first.reused_from is None and second.reused_from == first.run_id and third.reused_from is None
+    assert second.collect.status_by_layer == first.collect.status_by_layer
+    with Store(config.store) as store:
+        for name in TABLES:
+            assert table(store, name, second.run_id) == table(store, name, first.run_id), name
+        runs = store.query("SELECT run_id, status, parent_run_id, flow_run_id FROM runs ORDER BY started_at")[1]
+        top = store.one("SELECT max(rank) FROM examples WHERE run_id = ? AND kind = 'top'", [third.run_id])[0]
+        audited = store.query("SELECT run_id, count(*) FROM audit_findings GROUP BY 1 ORDER BY 1")[1]
+        diffs = store.query("SELECT run_id, against_run_id FROM audit_diffs")[1]
+    assert [(r, s, p) for r, s, p, _ in runs] == [(first.run_id, "complete", None),
+                                                  (second.run_id, "complete", first.run_id),
+                                                  (third.run_id, "complete", None)]
+    assert top == 2  # ranks from 0: the changed setting really collected again
+    assert [r for r, n in audited if n > 0] == sorted([first.run_id, second.run_id, third.run_id])
+    assert diffs == [] or {r for r, _ in diffs} <= {second.run_id, third.run_id}  # only against earlier runs
+
+    # Every run names its flow run, and that flow run is in Prefect's API, completed.
+    async def flow_states():
+        async with get_client() as client:
+            return [(await client.read_flow_run(flow_run_id)).state.type.value for *_, flow_run_id in runs]
+
+    import asyncio
+
+    assert asyncio.run(flow_states()) == ["COMPLETED"] * 3
+
+
+def test_fresh_collects_again_and_bad_input_fails_the_run_without_retries(config, prefect_api, tmp_path):
+    from flows.audit_pipeline import audit_pipeline
+
+    from autolabel.errors import AutolabelError
+
+    first = audit_pipeline(config, until="collect", show_progress=False)
+    again = audit_pipeline(config, until="collect", fresh=True, show_progress=False)
+    assert again.reused_from is None and again.collect.seconds > 0 and again.audit is None
+
+    broken = config.model_copy(deep=True)
+    broken.transcoder.source = str(tmp_path / "missing")
+    with pytest.raises(AutolabelError, match="missing"):
+        audit_pipeline(broken, show_progress=False)
+    with Store(config.store) as store:
+        status, error, flow_run_id = store.one("SELECT status, error, flow_run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+    assert status == "failed" and "missing" in error
+
+    async def check_attempts():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {run.name.rsplit("-", 1)[0]: (run.run_count, run.state.type.value) for run in runs}
+
+    import asyncio
+
+    # Bad input is not transient: the check ran once and failed; nothing after it ran.
+    assert asyncio.run(check_attempts()) == {"corpus": (1, "COMPLETED"), "transcoder check": (1, "FAILED")}
+
+
+def test_schedule_builds_a_cron_deployment_and_rejects_a_bad_cron(config, prefect_api, monkeypatch, capsys):
+    from flows.audit_pipeline import scheduled
+    from test_cli import run_cli
+
+    deployment = scheduled(config, "0 3 * * *")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and deployment.name == "nightly-audit"
+    assert RunConfig.model_validate(deployment.parameters["config"]) == config  # the whole config travels
+    code, _, err = run_cli(monkeypatch, capsys, "schedule", "--cron", "61 * * *", "--store", config.store)
+    assert code == 2 and "'61 * * *' is not a cron expression" in err
+
+
+def test_prefect_yaml_deploys_the_flow_with_a_valid_schedule():
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    from autolabel.config import PROJECT_ROOT
+
+    spec = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    for deployment in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / deployment["entrypoint"]))
+        assert flow.name == "audit_pipeline"
+        flow.validate_parameters(deployment["parameters"])  # {} is a valid RunConfig
+        for schedule in deployment["schedules"]:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
