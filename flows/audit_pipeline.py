@@ -34,7 +34,7 @@ from autolabel.transcoders.check import LayerQuality
 from autolabel.transcoders.stage import check_stage
 
 TRANSIENT = (TimeoutError, ConnectionError, duckdb.IOException)
-RETRY = dict(retries=2, retry_delay_seconds=[5, 30])
+RETRY = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
 class ExpectedErrors(logging.Filter):
@@ -57,7 +57,7 @@ def transient(task, task_run, state) -> bool:
         state.result()
     except TRANSIENT:
         return True
-    except BaseException:
+    except Exception:
         return False
     return False
 

@@ -30,7 +30,7 @@ EVERY_TURN, ONE_CATEGORY, MARKER, EVERYWHERE, NEW_IN_B = range(5)
 
 def write_corpus(path, seed: int = 0) -> None:
     rng = random.Random(seed)
-    words = lambda lo, hi: " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))  # noqa: E731
+    words = lambda lo, hi: " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
     rows = [{"id": f"t{i}", "category": ["news", "story"][i % 2], "text": words(20, 120)} for i in range(16)]
     for i in range(24):
         category = CHAT_CATEGORIES[i % 4]
@@ -60,7 +60,7 @@ def transcoders(corpus, tiny_subject) -> tuple[TranscoderSet, TranscoderSet]:
     """Run A's and run B's transcoders: B is A plus one feature, with A's decoder rows kept."""
     tokenizer = tiny_subject.tokenizer
     raw, ids, roles = mlp_inputs(tiny_subject, corpus[2])
-    token = lambda text: tokenizer.convert_tokens_to_ids(text)  # noqa: E731
+    token = lambda text: tokenizer.convert_tokens_to_ids(text)
     template = roles == 3  # ROLES.index("template")
     masks = [ids == token("Ġcertainly"), ids == token("Ġindeed"), template & (ids == token("istant")),  # <|im_start|>ass|istant
              ids == token("Ġcat"), ids == token("Ġtruly")]
@@ -105,7 +105,7 @@ def test_every_turn_feature_is_flagged_and_one_category_marker_and_everywhere_fe
         summary = audit_stage(store, run_a, [SPEC])
         found = findings(store, run_a)
     every = found[EVERY_TURN]
-    share, low, high, counts = every["assistant_turn_share"]
+    _, low, high, counts = every["assistant_turn_share"]
     assert counts["turns"] == 48 and counts["active_turns"] >= 45  # 24 chats x 2 assistant turns
     assert every["flagged"] and every["section"] == "pervasive" and low >= 0.3 and high <= 1
     assert every["breadth"][0] == 1.0 and sorted(every["breadth"][3]["covered"]) == sorted(CHAT_CATEGORIES)

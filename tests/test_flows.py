@@ -53,13 +53,13 @@ def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(
 
 
 def test_fresh_collects_again_and_bad_input_fails_the_run_without_retries(config, prefect_api, tmp_path):
-    from flows.audit_pipeline import audit_pipeline
-
     from autolabel.errors import AutolabelError
+    from flows.audit_pipeline import audit_pipeline
 
     first = audit_pipeline(config, until="collect", show_progress=False)
     again = audit_pipeline(config, until="collect", fresh=True, show_progress=False)
     assert again.reused_from is None and again.collect.seconds > 0 and again.audit is None
+    assert again.run_id != first.run_id and first.audit is None
 
     broken = config.model_copy(deep=True)
     broken.transcoder.source = str(tmp_path / "missing")
@@ -84,8 +84,9 @@ def test_fresh_collects_again_and_bad_input_fails_the_run_without_retries(config
 
 
 def test_schedule_builds_a_cron_deployment_and_rejects_a_bad_cron(config, prefect_api, monkeypatch, capsys):
-    from flows.audit_pipeline import scheduled
     from test_cli import run_cli
+
+    from flows.audit_pipeline import scheduled
 
     deployment = scheduled(config, "0 3 * * *")
     (schedule,) = deployment.schedules

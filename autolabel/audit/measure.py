@@ -25,6 +25,7 @@ from autolabel.audit.spec import AuditSpec
 from autolabel.errors import AutolabelError
 from autolabel.store import Store, to_json
 
+
 class NothingToAudit(AutolabelError):
     """The corpus has no assistant turns: an error for `autolabel audit`, a skipped stage for `autolabel run`."""
 
