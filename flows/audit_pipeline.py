@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import duckdb
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.results import get_result_store
 from prefect.runtime import flow_run
 
 from autolabel import pipeline
 from autolabel.audit import AuditSummary, NothingToAudit
 from autolabel.collect import CollectSummary, collect_stage
-from autolabel.collect.stage import collect_summary, fingerprint
+from autolabel.collect.stage import collect_slice, collect_summary, fingerprint, merge_slices, slice_plan
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
@@ -96,14 +100,38 @@ def collect_key(context, parameters: dict) -> str:
 @task(name="collect", cache_key_fn=collect_key, persist_result=True, result_serializer="json",
       retry_condition_fn=transient, **RETRY)
 def collect_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, content_key: str,
-                 show_progress: bool) -> dict:
-    """Collect into `run_id`: {run_id, seconds, resumed_shards}. A cache hit returns what an earlier run
-    that holds the same collection returned."""
+                 show_progress: bool, slices: list[str] | None = None, seconds: float = 0.0) -> dict:
+    """Collect into `run_id`, or merge the state files of `slices` collected elsewhere:
+    {run_id, seconds, resumed_shards}. A cache hit returns what an earlier run with the same content returned."""
     model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
     tset = pipeline.transcoders(config.transcoder.source, config.transcoder.format)
     with Store(config.store) as store:
-        summary = collect_stage(store, model, tset, corpus_id, transcoder_id, config.collect, run_id, show_progress)
+        if slices is None:
+            summary = collect_stage(store, model, tset, corpus_id, transcoder_id, config.collect, run_id, show_progress)
+        else:
+            summary = merge_slices(store, model.model_id, tset, corpus_id, transcoder_id, config.collect, run_id,
+                                   slices, seconds)
     return {"run_id": run_id, "seconds": summary.seconds, "resumed_shards": summary.resumed_shards}
+
+
+@task(name="collect slice", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def collect_slice_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, first: int, last: int,
+                       threads: int) -> str:
+    """Shards [first, last) of the plan, on whichever worker runs it: the path of its state file."""
+    torch.set_num_threads(threads)
+    model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    tset = pipeline.transcoders(config.transcoder.source, config.transcoder.format)
+    return collect_slice(config.store, model, tset, corpus_id, transcoder_id, config.collect, run_id, first, last)
+
+
+def scatter_collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, n_slices: int) -> list[str]:
+    """Collection split into slices of whole shards, submitted to the flow's task runner (Dask workers)."""
+    with Store(config.store, read_only=True) as store:
+        slices = slice_plan(store, corpus_id, config.collect, n_slices)
+    threads = max(1, (os.cpu_count() or 1) // len(slices))
+    futures = [collect_slice_task.submit(config, run_id, corpus_id, transcoder_id, first, last, threads)
+               for first, last in slices]
+    return [future.result() for future in futures]
 
 
 @task(name="audit", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -117,12 +145,13 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
 
 @flow(name="audit_pipeline", log_prints=True)
 def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
-                   until: Literal["collect", "audit"] = "audit", fresh: bool = False,
+                   until: Literal["collect", "audit"] = "audit", fresh: bool = False, n_slices: int = 0,
                    show_progress: bool = True) -> RunSummary:
     """Corpus, transcoder check, collection and audits for one run (label, cluster and report join as they land).
 
     With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
-    collect even when an identical collection is cached.
+    collect even when an identical collection is cached. With `n_slices`, collection is split into that
+    many slices run as tasks on the flow's task runner (see `on_dask`) and merged here.
     """
     with Store(config.store) as store:
         run_id, config = pipeline.open_run(store, config, resume, run_id, str(flow_run.id) if flow_run.id else None)
@@ -134,7 +163,11 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
             store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
         content_key = fingerprint(config.collect, corpus.corpus_id, transcoder_id, model.model_id)
         arguments = (config, run_id, corpus.corpus_id, transcoder_id, content_key, show_progress)
-        collected = collect_task.with_options(refresh_cache=fresh)(*arguments)
+        slices, started = None, time.perf_counter()
+        if n_slices and (fresh or not get_result_store().exists(collect_key(None, {"config": config,
+                                                                                   "content_key": content_key}))):
+            slices = scatter_collection(config, run_id, corpus.corpus_id, transcoder_id, n_slices)
+        collected = collect_task.with_options(refresh_cache=fresh)(*arguments, slices, time.perf_counter() - started)
         if collected["run_id"] != run_id:
             with Store(config.store) as store:
                 reused = pipeline.reuse_collection(store, collected["run_id"], run_id)
@@ -171,3 +204,12 @@ def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
                              f"03:00 every day): {err.errors()[0]['msg']}") from err
     return audit_pipeline.to_deployment(name=name, cron=cron, tags=["autolabel"],
                                         parameters={"config": config.model_dump(mode="json"), "show_progress": False})
+
+
+def on_dask(address: str | None = None, workers: int = 2):
+    """audit_pipeline on Dask (prefect-dask): a scheduler at `address`, or a local cluster of `workers` processes."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return audit_pipeline.with_options(task_runner=runner)

@@ -382,3 +382,21 @@ def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_pa
         assert db.query("SELECT DISTINCT status FROM runs")[1] == [("complete",)]
         for name in TABLES:
             assert table(db, name, run_id) == table(db, name, other), name
+
+
+def test_slices_collected_apart_and_merged_equal_one_pass(corpus, tiny_subject, planted, collected):
+    """What scale-out relies on: any split of the shard plan, merged, gives the single-process tables."""
+    from autolabel.collect.stage import collect_slice, merge_slices, slice_plan
+
+    store_path, corpus_id, _ = corpus
+    run_id, _ = collected
+    with Store(store_path) as store:
+        merged_run = store.start_run("{}", tiny_subject.model_id)
+        slices = slice_plan(store, corpus_id, CONFIG, 3)
+    assert len(slices) == 3 and slices[0][0] == 0 and all(a < b for a, b in slices)
+    paths = [collect_slice(str(store_path), tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, a, b)
+             for a, b in slices]
+    with Store(store_path) as store:
+        merge_slices(store, tiny_subject.model_id, planted[0], corpus_id, "tc-test", CONFIG, merged_run, paths, 0.0)
+        for name in TABLES:
+            assert table(store, name, merged_run) == table(store, name, run_id), name

@@ -3,6 +3,8 @@ their flow runs, an unchanged re-run reuses the collection by content, and a cha
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_collect import TABLES, table, tiny_run_config
 
@@ -110,3 +112,46 @@ def test_prefect_yaml_deploys_the_flow_with_a_valid_schedule():
         flow.validate_parameters(deployment["parameters"])  # {} is a valid RunConfig
         for schedule in deployment["schedules"]:
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+
+
+def test_two_dask_workers_give_the_single_process_tables(config, prefect_api):
+    import torch
+
+    from flows.audit_pipeline import audit_pipeline, on_dask
+
+    # Float sums are bit-identical only at equal thread counts (BLAS splits them by thread): each of the
+    # two workers gets half the cores, and so does the single-process run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        local = audit_pipeline(config, until="collect", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    scattered = on_dask(workers=2)(config, until="collect", fresh=True, n_slices=2, show_progress=False)
+    cached = on_dask(workers=2)(config, until="collect", n_slices=2, show_progress=False)
+    assert scattered.reused_from is None and cached.reused_from in {local.run_id, scattered.run_id}
+    with Store(config.store) as store:
+        for name in TABLES:
+            assert table(store, name, scattered.run_id) == table(store, name, local.run_id), name
+        flow_run_id = store.one("SELECT flow_run_id FROM runs WHERE run_id = ?", [scattered.run_id])[0]
+
+    async def slice_runs():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return sorted(run.state.type.value for run in runs if run.name.startswith("collect slice"))
+
+    import asyncio
+
+    assert asyncio.run(slice_runs()) == ["COMPLETED", "COMPLETED"]  # two slices, each on a worker
+
+
+@pytest.mark.parametrize("args, message", [(["--task-runner", "spark"], "--task-runner must be local or dask"),
+                                           (["--workers", "0"], "--workers must be at least 1")])
+def test_bad_scale_out_options_exit_2(monkeypatch, capsys, tmp_path, args, message):
+    from test_cli import run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "collect", "--store", str(tmp_path / "s.duckdb"), *args)
+    assert code == 2 and message in err and not (tmp_path / "s.duckdb").exists()

@@ -124,12 +124,19 @@ class Checkpoints:
     def path(self, n_done: int) -> Path:
         return self.folder / f"state-{n_done:05d}.safetensors"
 
+    def slice_path(self, first: int, last: int) -> Path:
+        return self.folder / f"slice-{first:05d}-{last:05d}.safetensors"
+
     def save(self, states: dict[int, LayerState], n_done: int) -> None:
+        self.write(states, self.path(n_done))
+
+    def write(self, states: dict[int, LayerState], path: Path) -> None:
+        """Atomically: a reader sees the whole file or none."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"{layer}/{name}": t.contiguous() for layer, s in states.items() for name, t in s.tensors.items()}
-        partial = self.path(n_done).with_suffix(".partial")
-        save_file(tensors, str(partial), metadata={"fingerprint": self.fingerprint, "shards": str(n_done)})
-        os.replace(partial, self.path(n_done))
+        partial = path.with_suffix(".partial")
+        save_file(tensors, str(partial), metadata={"fingerprint": self.fingerprint})
+        os.replace(partial, path)
 
     def drop_older(self, n_done: int) -> None:
         for old in self.folder.glob("state-*.safetensors"):
@@ -137,16 +144,18 @@ class Checkpoints:
                 old.unlink()
 
     def load(self, states: dict[int, LayerState], n_done: int) -> None:
-        path = self.path(n_done)
+        self.read(states, self.path(n_done))
+
+    def read(self, states: dict[int, LayerState], path: Path) -> None:
         try:
             with safe_open(str(path), "pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
         except (OSError, SafetensorError) as err:
-            raise AutolabelError(f"cannot resume: the checkpoint of shard {n_done} ({path}) is missing or unreadable "
+            raise AutolabelError(f"cannot continue collecting: the state file {path} is missing or unreadable "
                                  f"({err}); start a new collection without --resume") from err
         if metadata.get("fingerprint") != self.fingerprint:
-            raise AutolabelError(f"cannot resume from {path}: it was made with other collect settings, corpus or "
+            raise AutolabelError(f"cannot continue from {path}: it was made with other collect settings, corpus or "
                                  f"transcoder; start a new collection without --resume")
         for layer, state in states.items():
             for name in state.tensors:
@@ -195,7 +204,7 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
         raise AutolabelError(f"run {run_id} has collect shards out of order ({sorted(done)[:5]}); "
                              f"start a new collection without --resume")
 
-    states = {layer: LayerState(tset[layer].d_feat, len(index.categories), config) for layer in tset.layers}
+    states = new_states(tset, index, config)
     checkpoints = Checkpoints(store.path, run_id, fingerprint(config, corpus_id, transcoder_id, subject.model_id))
     if n_done:
         checkpoints.load(states, n_done)
@@ -203,20 +212,36 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
         task = bar.add_task("collecting", total=sum(index.doc_tokens),
                             completed=sum(index.doc_tokens[: plan[n_done - 1][1] + 1]) if n_done else 0)
         for k in range(n_done, len(plan)):
-            windows = shard_windows(store, corpus_id, index, *plan[k])
-            with torch.inference_mode():
-                for batch, inputs in capture_batches(subject, tset, windows, index, config.batch_windows):
-                    for layer, x in inputs.items():  # one layer's dense activations alive at a time
-                        states[layer].update(encode(tset, layer, x), batch)
-                    bar.advance(task, int(batch.lengths.sum()))
-            for state in states.values():
-                state.flush_turns()
+            run_shard(store, subject, tset, corpus_id, index, plan[k], states, config, lambda n: bar.advance(task, n))
             checkpoints.save(states, k + 1)
             store.write_shard(run_id, STAGE, names[k], {})
             checkpoints.drop_older(k + 1)
             if after_shard:
                 after_shard(k + 1)
+    write_tables(store, corpus_id, index, run_id, states)
+    checkpoints.clear()
+    return collect_summary(store, run_id, time.perf_counter() - started, n_done)
 
+
+def new_states(tset: TranscoderSet, index: CorpusIndex, config: CollectConfig) -> dict[int, LayerState]:
+    return {layer: LayerState(tset[layer].d_feat, len(index.categories), config) for layer in tset.layers}
+
+
+def run_shard(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, index: CorpusIndex,
+              shard: tuple[int, int], states: dict[int, LayerState], config: CollectConfig,
+              advance: Callable[[int], None]) -> None:
+    """Update `states` with one shard's windows (documents shard[0]..shard[1]); turns close at its end."""
+    windows = shard_windows(store, corpus_id, index, *shard)
+    with torch.inference_mode():
+        for batch, inputs in capture_batches(subject, tset, windows, index, config.batch_windows):
+            for layer, x in inputs.items():  # one layer's dense activations alive at a time
+                states[layer].update(encode(tset, layer, x), batch)
+            advance(int(batch.lengths.sum()))
+    for state in states.values():
+        state.flush_turns()
+
+
+def write_tables(store: Store, corpus_id: str, index: CorpusIndex, run_id: str, states: dict[int, LayerState]) -> None:
     tables: dict[str, list[pa.Table]] = {"features": [], "role_stats": [], "category_stats": [], "examples": []}
     for layer, state in states.items():
         n_tokens = int(state.group_tokens.sum())
@@ -228,8 +253,55 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
     # Rows of a run are only ever written here, once: a plain insert (fresh) keeps peak memory low.
     store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()},
                       fresh=True)
+
+
+# -- scale-out: slices of the shard plan collected apart, then merged -------------------------
+
+
+def slice_plan(store: Store, corpus_id: str, config: CollectConfig, n_slices: int) -> list[tuple[int, int]]:
+    """[first, last) shard ranges of about equal tokens, one per worker."""
+    index = CorpusIndex.read(store, corpus_id)
+    plan = plan_shards(index.doc_tokens, config.shard_tokens)
+    n_slices = max(1, min(n_slices, len(plan)))
+    bounds = [round(i * len(plan) / n_slices) for i in range(n_slices + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def collect_slice(store_path: str, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
+                  config: CollectConfig, run_id: str, first: int, last: int) -> str:
+    """Collect shards [first, last) into a state file beside the store (one worker's share); its path.
+
+    Workers only read the store (any number of processes may), so the merge is the only writer.
+    """
+    with Store(store_path, read_only=True) as store:
+        index = CorpusIndex.read(store, corpus_id)
+        plan = plan_shards(index.doc_tokens, config.shard_tokens)
+        states = new_states(tset, index, config)
+        for k in range(first, last):
+            run_shard(store, subject, tset, corpus_id, index, plan[k], states, config, lambda n: None)
+    checkpoints = Checkpoints(Path(store_path), run_id, fingerprint(config, corpus_id, transcoder_id, subject.model_id))
+    path = checkpoints.slice_path(first, last)
+    checkpoints.write(states, path)
+    return str(path)
+
+
+def merge_slices(store: Store, model_id: str, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
+                 config: CollectConfig, run_id: str, paths: list[str], seconds: float) -> CollectSummary:
+    """Fold the slices' states together (equal to one pass over all of them) and write the run's tables."""
+    index = CorpusIndex.read(store, corpus_id)
+    checkpoints = Checkpoints(store.path, run_id, fingerprint(config, corpus_id, transcoder_id, model_id))
+    states = None
+    for path in paths:
+        part = new_states(tset, index, config)
+        checkpoints.read(part, Path(path))
+        if states is None:
+            states = part
+        else:
+            for layer, state in states.items():
+                state.merge(part[layer])
+    write_tables(store, corpus_id, index, run_id, states)
     checkpoints.clear()
-    return collect_summary(store, run_id, time.perf_counter() - started, n_done)
+    return collect_summary(store, run_id, seconds, 0)
 
 
 def collect_summary(store: Store, run_id: str, seconds: float, resumed_shards: int) -> CollectSummary:

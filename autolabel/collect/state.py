@@ -284,6 +284,54 @@ class LayerState:
         self.top_value[empty_slot, cols[empty_col]] = float("-inf")
         self.top_key[empty_slot, cols[empty_col]] = EMPTY_KEY
 
+    # -- merging ----------------------------------------------------------------
+
+    def merge(self, other: LayerState) -> None:
+        """Fold in the state of other documents (another corpus slice, collected elsewhere).
+
+        The result equals one pass over both: counts add; both sides shift their bins to the
+        common ceiling (exactly as one stream would have); each reservoir bin keeps the P smallest
+        priorities of the two; the top k is re-selected from both, one entry per context; the
+        silent contexts keep the smallest priorities. `other` is consumed.
+        """
+        for name in ("group_tokens", "group_active", "group_sum", "group_turns", "group_turns_active"):
+            self.tensors[name] += other.tensors[name]
+        torch.maximum(self.role_max, other.role_max, out=self.role_max)
+        ceiling = torch.maximum(self.exponent, other.exponent)
+        for state in (self, other):
+            cols = ((state.exponent != UNSET) & (ceiling > state.exponent)).nonzero().squeeze(1)
+            if len(cols):
+                state._shift_bins(cols, self.bins.per_octave * (ceiling[cols] - state.exponent[cols]))
+            state.exponent.copy_(ceiling)
+        self.hist_tokens.add_(other.hist_tokens)
+        self.hist_peaks.add_(other.hist_peaks)
+
+        P = self.config.per_bin
+        _, keep = torch.cat([self.res_prio, other.res_prio], dim=1).topk(P, dim=1, largest=False)  # [G, P, F]
+        self._select(other, ("res_prio", "res_value", "res_key", "res_ctx", "res_len", "res_acts"), keep, dim=1)
+
+        values = torch.cat([self.top_value, other.top_value])  # [2K, F]
+        keys = torch.cat([self.top_key, other.top_key])
+        duplicate = repeated_hashes(value_key_order(values, keys), torch.cat([self.top_hash, other.top_hash]))
+        keep = value_key_order(values.masked_fill(duplicate, float("-inf")), keys.masked_fill(duplicate, EMPTY_KEY))
+        keep = keep[: self.config.top_k]
+        self._select(other, ("top_value", "top_key", "top_hash", "top_ctx", "top_len", "top_acts"), keep, dim=0)
+        dropped = duplicate.gather(0, keep)  # fewer than k distinct contexts: the rest are empty slots
+        self.top_value.masked_fill_(dropped, float("-inf"))
+        self.top_key.masked_fill_(dropped, EMPTY_KEY)
+
+        if self.config.random_examples:
+            _, keep = torch.cat([self.neg_prio, other.neg_prio]).topk(self.config.random_examples, dim=0, largest=False)
+            self._select(other, ("neg_prio", "neg_ctx", "neg_len"), keep, dim=0)
+
+    def _select(self, other: LayerState, names: tuple[str, ...], index: torch.Tensor, dim: int) -> None:
+        """tensors[name] = cat(self, other along dim) gathered at `index` (trailing dims follow along)."""
+        for name in names:
+            both = torch.cat([self.tensors[name], other.tensors[name]], dim=dim)
+            expanded = index.reshape(*index.shape, *([1] * (both.dim() - index.dim()))).expand(
+                *index.shape, *both.shape[index.dim():])
+            self.tensors[name] = both.gather(dim, expanded)
+
     def top_order(self) -> torch.Tensor:
         """[K, F] slots by (value desc, key asc)."""
         return value_key_order(self.top_value, self.top_key)
