@@ -13,118 +13,29 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from autolabel.errors import AutolabelError
-from autolabel.models import HOOK_ALIASES
+from autolabel.transcoders.files import (
+    EXPECTED_FILES,
+    coder_folders,
+    core_weights,
+    hook_of,
+    numbered_files,
+    read_config,
+    read_tensors,
+    required,
+    same_hooks,
+    select_layers,
+)
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 FORMATS = ("circuit-tracer", "circuit-tracer-clt", "gemma-scope", "gemma-scope-2", "saelens", "sparsify")
-EXPECTED_FILES = (
-    "config.yaml + layer_<i>.safetensors (circuit-tracer transcoder set); "
-    "W_enc_<i>.safetensors + W_dec_<i>.safetensors (circuit-tracer cross-layer transcoder); "
-    "cfg.json + sae_weights.safetensors, or one such folder per layer (SAELens); "
-    "cfg.json + sae.safetensors per hookpoint folder such as layers.6.mlp (sparsify); "
-    "params.npz or params.safetensors under layer_<L>... folders (Gemma Scope 1 / 2)"
-)
 # Gemma Scope 2 names its sites by HF module; these are the ones autolabel's hooks cover.
 _HF_SITES = {"pre_feedforward_layernorm.output": "mlp_in", "mlp.input": "mlp_in",
              "pre_feedforward_layernorm.input": "resid_mid", "post_feedforward_layernorm.output": "mlp_out"}
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weights file; truncation or corruption becomes an AutolabelError naming the file."""
-    if not path.is_file():
-        raise AutolabelError(f"missing weights file {path}; download it again or point at the folder that holds it")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {key: torch.from_numpy(np.array(data[key])) for key in data.files}
-        return load_file(str(path))
-    except Exception as err:
-        raise AutolabelError(f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or "
-                             f"corrupt, download or export it again") from err
-
-
-def _get(tensors: dict, key: str, path: Path, needed: str) -> torch.Tensor:
-    if key not in tensors:
-        raise AutolabelError(f"{path} has no tensor {key!r} (it holds {', '.join(sorted(tensors)) or 'nothing'}); "
-                             f"this format needs {needed}; re-export the file or pick the right format")
-    return tensors[key].float()
-
-
-def _core(t: dict, p: Path, layout: str, names: tuple[str, str, str, str], feat_first: bool,
-          optional: tuple[tuple[str, str], ...] = (), dec: str = "FO", **dims: int) -> list:
-    """W_enc (as [d_in, d_feat]), W_dec, b_enc, b_dec and `optional` tensors (None when absent), every shape checked
-    against W_enc's in the file's own orientation. Shape letters: F d_feat, I d_in, O d_out, * any, others from dims."""
-    W_enc, W_dec, b_enc, b_dec = (_get(t, name, p, layout) for name in names)
-    if W_enc.dim() != 2:
-        raise AutolabelError(f"{p}: {names[0]} has shape {list(W_enc.shape)} but must be 2-D ({layout})")
-    dims = {**dict(zip("FI" if feat_first else "IF", W_enc.shape)), "O": W_dec.shape[-1], "*": None, **dims}
-    extra = [None if t.get(name) is None else t[name].float() for name, _ in optional]
-    specs = [(names[1], W_dec, dec), (names[2], b_enc, "F"), (names[3], b_dec, "O")]
-    for name, tensor, letters in specs + [(n, v, s) for (n, s), v in zip(optional, extra)]:
-        shape = [dims[c] for c in letters]
-        if tensor is not None and (tensor.dim() != len(shape) or any(e not in (None, s) for e, s in zip(shape, tensor.shape))):
-            want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
-            raise AutolabelError(f"{p}: {name} has shape {list(tensor.shape)} but {want} was expected ({layout}); the "
-                                 f"tensors do not fit together: the file is from another format, saved transposed, or damaged")
-    return [W_enc.T if feat_first else W_enc, W_dec, b_enc, b_dec, *extra]
-
-
-def _cfg(path: Path, kind: str = "json") -> dict:
-    if not path.is_file():
-        raise AutolabelError(f"missing config file {path}; it must sit beside the weights")
-    try:
-        data = json.loads(path.read_text()) if kind == "json" else yaml.safe_load(path.read_text())
-    except Exception as err:
-        raise AutolabelError(f"cannot parse {path} ({err}); fix or re-download it") from err
-    if not isinstance(data, dict):
-        raise AutolabelError(f"{path} does not hold a mapping of settings; fix or re-download it")
-    return data
-
-
-def _need(cfg: dict, key: str, path: Path, example: str):
-    if cfg.get(key) in (None, ""):
-        raise AutolabelError(f"{path} lacks the required key {key!r}; add it, e.g. `{example}`")
-    return cfg[key]
-
-
-def _hook(name: str, path: Path, field: str) -> tuple[str, int | None]:
-    """A release hook name -> (name autolabel resolves, layer in it). Release names that are aliases stay as-is."""
-    match = re.fullmatch(r"(?:blocks\.(\d+)\.)?([\w.]+)", str(name))
-    if not match or match[2] not in HOOK_ALIASES:
-        raise AutolabelError(f"{path}: {field} {name!r} is not a hook autolabel can capture; transcoders must "
-                             f"read/write one of {', '.join(sorted(HOOK_ALIASES))} (optionally as blocks.<L>.<name>)")
-    return match[2], int(match[1]) if match[1] else None
-
-
-def _select(found: dict[int, object], layers: list[int] | None, where: Path, pattern: str,
-            expected: list[int] | None = None) -> dict[int, object]:
-    """The requested layers; with none requested, every layer in `expected` must be present (a gap is a failed download)."""
-    if not found:
-        raise AutolabelError(f"{where} holds no transcoder files ({pattern.format(i='<L>')}); expected one of: {EXPECTED_FILES}")
-    if layers is None:
-        missing = [layer for layer in expected or [] if layer not in found]
-        if missing:
-            raise AutolabelError(f"{where} is missing {', '.join(pattern.format(i=layer) for layer in missing)}; download "
-                                 f"the missing file(s) again, or pass layers=[...] to load only those present ({sorted(found)})")
-        return dict(sorted(found.items()))
-    missing = sorted(set(layers) - set(found))
-    if missing:
-        raise AutolabelError(f"{where} has no transcoder for layer(s) {missing} (expected {pattern.format(i='<L>')}); "
-                             f"available layers: {sorted(found)}")
-    return {layer: found[layer] for layer in sorted(set(layers))}
-
-
-def _same_hooks(pairs: list[tuple[str, str]], where: Path) -> tuple[str, str]:
-    if len(set(pairs)) > 1:
-        raise AutolabelError(f"{where}: the transcoders read/write different hooks {sorted(set(pairs))}; "
-                             f"load each kind from its own folder")
-    return pairs[0]
 
 
 def _circuit_tracer_layer(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
@@ -132,7 +43,7 @@ def _circuit_tracer_layer(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder
 
     Its JumpReLU is pre * (pre > threshold), as ours; its TopK keeps the k largest values without a ReLU.
     """
-    W_enc, W_dec, b_enc, b_dec, threshold, W_skip = _core(
+    W_enc, W_dec, b_enc, b_dec, threshold, W_skip = core_weights(
         t, p, "circuit-tracer: W_enc [d_feat, d_model], W_dec [d_feat, d_model], b_enc [d_feat], b_dec [d_model], "
         "optional activation_function.threshold [d_feat], W_skip [d_model, d_model]", ("W_enc", "W_dec", "b_enc", "b_dec"),
         True, (("activation_function.threshold", "F"), ("W_skip", "OI")))
@@ -151,7 +62,7 @@ def _gemma_scope(t: dict, p: Path, layer: int) -> Transcoder:
     Gemma Scope 2's affine_skip_connection is applied as x @ A, i.e. it already is [d_in, d_out].
     """
     enc, dec = ("W_enc", "W_dec") if "W_enc" in t else ("w_enc", "w_dec")  # version 1 / version 2 spelling
-    W_enc, W_dec, b_enc, b_dec, threshold, W_skip = _core(
+    W_enc, W_dec, b_enc, b_dec, threshold, W_skip = core_weights(
         t, p, "Gemma Scope: W_enc [d_model, d_sae], W_dec [d_sae, d_model], b_enc [d_sae], b_dec [d_model], threshold "
         "[d_sae], optional affine_skip_connection [d_model, d_model]", (enc, dec, "b_enc", "b_dec"), False,
         (("threshold", "F"), ("affine_skip_connection", "IO")))
@@ -177,7 +88,7 @@ def _saelens(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     if cfg.get("normalize_activations") not in (None, "none", False) or cfg.get("reshape_activations") == "hook_z":
         raise AutolabelError(f"{p.parent / 'cfg.json'}: normalize_activations/reshape_activations change the input at "
                              f"run time; fold them into the weights with SAELens before exporting")
-    W_enc, W_dec, b_enc, b_dec, threshold, W_skip, scale = _core(
+    W_enc, W_dec, b_enc, b_dec, threshold, W_skip, scale = core_weights(
         t, p, f"SAELens {arch}: W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out], threshold "
         "[d_sae], W_skip [d_out, d_in]", ("W_enc", "W_dec", "b_enc", "b_dec"), False,
         (("threshold", "F"), ("W_skip", "OI"), ("scaling_factor", "F")))
@@ -208,38 +119,34 @@ def _sparsify(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     if cfg.get("activation", "topk") != "topk" or cfg.get("embed_skip") or cfg.get("gram_lookup"):
         raise AutolabelError(f"{p.parent / 'cfg.json'}: only sparsify's topk activation without embed_skip/gram_lookup "
                              f"is supported (got activation={cfg.get('activation')!r})")
-    W_enc, W_dec, b_enc, b_dec, W_skip = _core(
+    W_enc, W_dec, b_enc, b_dec, W_skip = core_weights(
         t, p, "sparsify: encoder.weight [d_feat, d_in], encoder.bias [d_feat], W_dec [d_feat, d_out], b_dec [d_out], "
         "optional W_skip [d_out, d_in]", ("encoder.weight", "W_dec", "encoder.bias", "b_dec"), True, (("W_skip", "OI"),))
-    k = int(_need(cfg, "k", p.parent / "cfg.json", '"k": 32'))
+    k = int(required(cfg, "k", p.parent / "cfg.json", '"k": 32'))
     return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, "topk", k=k, W_skip=None if W_skip is None else W_skip.T,
                       b_in=None if cfg.get("transcode") else b_dec)
-
-
-def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
-    return {int(m[1]): f for f in folder.glob(f"{prefix}*.safetensors") if (m := re.fullmatch(rf"{prefix}(\d+)\.safetensors", f.name))}
 
 
 def _load_circuit_tracer(folder: Path, layers: list[int] | None) -> TranscoderSet:
     """config.yaml names the hooks; weights are layer_<i>.safetensors, or the files its `transcoders` list names."""
     cfg_path = folder / "config.yaml"
-    cfg = _cfg(cfg_path, "yaml")
+    cfg = read_config(cfg_path, "yaml")
     if cfg.get("model_kind") == "cross_layer_transcoder":
         return _load_clt(folder, layers)
-    hooks = [_hook(_need(cfg, key, cfg_path, f"{key}: {example}"), cfg_path, key)[0]
+    hooks = [hook_of(required(cfg, key, cfg_path, f"{key}: {example}"), cfg_path, key)[0]
              for key, example in (("feature_input_hook", "mlp.hook_in"), ("feature_output_hook", "mlp.hook_out"))]
     listed = cfg.get("transcoders")
-    found = dict(enumerate(listed)) if listed else _numbered(folder, "layer_")
+    found = dict(enumerate(listed)) if listed else numbered_files(folder, "layer_")
     if not listed and cfg.get("layers"):  # written by save_circuit_tracer: ignore stale files of other layers
         found = {layer: f for layer, f in found.items() if layer in cfg["layers"]}
     expected = None if listed else cfg.get("layers") or list(range(max(found, default=-1) + 1))
     transcoders = {}
-    for layer, entry in _select(found, layers, folder, "layer_{i}.safetensors", expected).items():
+    for layer, entry in select_layers(found, layers, folder, "layer_{i}.safetensors", expected).items():
         path = _listed_file(folder, str(entry), layer) if listed else entry
-        tensors = _read(path)  # a list may name Gemma Scope files; their keys tell their orientation
+        tensors = read_tensors(path)  # a list may name Gemma Scope files; their keys tell their orientation
         transcoders[layer] = (_gemma_scope(tensors, path, layer) if path.suffix == ".npz" or "w_enc" in tensors
                               else _circuit_tracer_layer(tensors, path, layer, cfg))
-    metadata = _cfg(folder / "autolabel.json") if (folder / "autolabel.json").is_file() else {"config": cfg}
+    metadata = read_config(folder / "autolabel.json") if (folder / "autolabel.json").is_file() else {"config": cfg}
     return TranscoderSet(transcoders, hooks[0], hooks[1], "circuit-tracer", str(folder), cfg.get("model_name", ""), metadata)
 
 
@@ -262,17 +169,17 @@ def _load_clt(folder: Path, layers: list[int] | None) -> TranscoderSet:
     """circuit-tracer CLT: W_enc_i.safetensors holds W_enc_i [d_feat, d_model], b_enc_i, b_dec_i (the bias of output
     layer i) and optional threshold_i; W_dec_i.safetensors holds W_dec_i [d_feat, n_layers - i, d_model], slot j writing
     layer i + j. b_dec_i goes into slot 0 of source i only, so TranscoderSet.reconstruct adds each bias exactly once."""
-    found = _numbered(folder, "W_enc_")
+    found = numbered_files(folder, "W_enc_")
     n_layers = max(found, default=-1) + 1
-    cfg = _cfg(folder / "config.yaml", "yaml") if (folder / "config.yaml").is_file() else {}
-    hooks = [_hook(cfg.get(key, default), folder / "config.yaml", key)[0]  # defaults: circuit-tracer's load_clt
+    cfg = read_config(folder / "config.yaml", "yaml") if (folder / "config.yaml").is_file() else {}
+    hooks = [hook_of(cfg.get(key, default), folder / "config.yaml", key)[0]  # defaults: circuit-tracer's load_clt
              for key, default in (("feature_input_hook", "hook_resid_mid"), ("feature_output_hook", "hook_mlp_out"))]
     layout = ("circuit-tracer CLT: W_enc_i [d_feat, d_model], b_enc_i [d_feat], b_dec_i [d_model], optional threshold_i "
               "[d_feat] in W_enc_i.safetensors; W_dec_i [d_feat, n_layers - i, d_model] in W_dec_i.safetensors")
     transcoders = {}
-    for i, enc_path in _select(found, layers, folder, "W_enc_{i}.safetensors", list(range(n_layers))).items():
-        tensors = {**_read(enc_path), **_read(folder / f"W_dec_{i}.safetensors")}
-        W_enc, W_dec, b_enc, b_dec, threshold = _core(
+    for i, enc_path in select_layers(found, layers, folder, "W_enc_{i}.safetensors", list(range(n_layers))).items():
+        tensors = {**read_tensors(enc_path), **read_tensors(folder / f"W_dec_{i}.safetensors")}
+        W_enc, W_dec, b_enc, b_dec, threshold = core_weights(
             tensors, folder / f"W_enc_{i}.safetensors + W_dec_{i}.safetensors", layout,
             (f"W_enc_{i}", f"W_dec_{i}", f"b_enc_{i}", f"b_dec_{i}"), True, ((f"threshold_{i}", "F"),), "FLO", L=n_layers - i)
         bias = torch.zeros(n_layers - i, b_dec.shape[0])
@@ -297,11 +204,11 @@ def _load_gemma_scope(folder: Path, layers: list[int] | None) -> TranscoderSet:
             raise AutolabelError(f"several Gemma Scope transcoders for layer {layer} under {folder}: "
                                  f"{', '.join(str(p.relative_to(folder)) for p in paths)}; point at a folder with one "
                                  f"width/L0 per layer, or write a circuit-tracer config.yaml listing one file per layer")
-    chosen = _select({layer: paths[0] for layer, paths in by_layer.items()}, layers, folder, "layer_{i}/.../params.*")
+    chosen = select_layers({layer: paths[0] for layer, paths in by_layer.items()}, layers, folder, "layer_{i}/.../params.*")
     transcoders, pairs, model_name = {}, [], ""
     for layer, path in chosen.items():
-        transcoders[layer] = _gemma_scope(_read(path), path, layer)
-        site = _cfg(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
+        transcoders[layer] = _gemma_scope(read_tensors(path), path, layer)
+        site = read_config(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
         model_name = site.get("model_name", model_name)
         if path.suffix == ".npz":
             pairs.append(("ln2.hook_normalized", "hook_mlp_out"))
@@ -314,39 +221,32 @@ def _load_gemma_scope(folder: Path, layers: list[int] | None) -> TranscoderSet:
                                      f"capture (known: {', '.join(_HF_SITES)})")
             pair.append(_HF_SITES[name] if name else default)
         pairs.append(tuple(pair))
-    hooks = _same_hooks(pairs, folder)
+    hooks = same_hooks(pairs, folder)
     fmt = "gemma-scope-2" if any(p.suffix == ".safetensors" for p in chosen.values()) else "gemma-scope"
     return TranscoderSet(transcoders, hooks[0], hooks[1], fmt, str(folder), model_name,
                          {"files": {str(layer): str(p) for layer, p in chosen.items()}})
 
 
-def _coder_folders(folder: Path, weights: str) -> list[Path]:
-    """The folder itself if it holds cfg.json + weights, else its subfolders that do (one per layer / hookpoint)."""
-    if (folder / "cfg.json").is_file() and (folder / weights).is_file():
-        return [folder]
-    return sorted(d for d in folder.iterdir() if d.is_dir() and (d / "cfg.json").is_file() and (d / weights).is_file())
-
-
 def _load_saelens(folder: Path, layers: list[int] | None) -> TranscoderSet:
     found, info = {}, {}
-    for d in _coder_folders(folder, "sae_weights.safetensors"):
-        cfg = _cfg(d / "cfg.json")
+    for d in coder_folders(folder, "sae_weights.safetensors"):
+        cfg = read_config(d / "cfg.json")
         meta = {**cfg, **(cfg.get("metadata") or {})}  # 6.x nests hook names in metadata; pre-6.0 configs are flat
         if not (meta.get("hook_name") or meta.get("hook_point")):
             raise AutolabelError(f"{d / 'cfg.json'} lacks the required key 'hook_name' (metadata.hook_name in SAELens "
                                  f"6, hook_point before); add e.g. \"hook_name\": \"blocks.3.ln2.hook_normalized\"")
-        hook_in, layer = _hook(meta.get("hook_name") or meta["hook_point"], d / "cfg.json", "hook_name")
-        hook_out = _hook(meta["hook_name_out"], d / "cfg.json", "hook_name_out")[0] if meta.get("hook_name_out") else hook_in
+        hook_in, layer = hook_of(meta.get("hook_name") or meta["hook_point"], d / "cfg.json", "hook_name")
+        hook_out = hook_of(meta["hook_name_out"], d / "cfg.json", "hook_name_out")[0] if meta.get("hook_name_out") else hook_in
         layer = meta.get("hook_layer", meta.get("hook_point_layer", layer))
         if layer is None:
             raise AutolabelError(f"{d / 'cfg.json'} names no layer; use hook_name blocks.<L>.{hook_in} or add hook_layer")
         if int(layer) in found:
             raise AutolabelError(f"{folder}: both {found[int(layer)]} and {d} are for layer {layer}; keep one per layer")
         found[int(layer)], info[int(layer)] = d, (cfg, (hook_in, hook_out))
-    chosen = _select(found, layers, folder, "a folder with cfg.json + sae_weights.safetensors")
-    transcoders = {layer: _saelens(_read(d / "sae_weights.safetensors"), d / "sae_weights.safetensors", layer, info[layer][0])
+    chosen = select_layers(found, layers, folder, "a folder with cfg.json + sae_weights.safetensors")
+    transcoders = {layer: _saelens(read_tensors(d / "sae_weights.safetensors"), d / "sae_weights.safetensors", layer, info[layer][0])
                    for layer, d in chosen.items()}
-    hooks = _same_hooks([info[layer][1] for layer in chosen], folder)
+    hooks = same_hooks([info[layer][1] for layer in chosen], folder)
     first = info[next(iter(chosen))][0]
     return TranscoderSet(transcoders, hooks[0], hooks[1], "saelens", str(folder),
                          (first.get("metadata") or first).get("model_name", ""),
@@ -356,13 +256,13 @@ def _load_saelens(folder: Path, layers: list[int] | None) -> TranscoderSet:
 def _load_sparsify(folder: Path, layers: list[int] | None) -> TranscoderSet:
     """One folder per hookpoint; only MLP hookpoints (layers.<L>.mlp) map onto autolabel's hooks."""
     found, cfgs = {}, {}
-    for d in _coder_folders(folder, "sae.safetensors"):
+    for d in coder_folders(folder, "sae.safetensors"):
         if not (match := re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.mlp$", d.name)):
             raise AutolabelError(f"sparsify hookpoint folder {d.name!r} is not an MLP hookpoint such as layers.6.mlp; "
                                  f"autolabel reads transcoders of MLP layers only")
-        found[int(match[1])], cfgs[int(match[1])] = d, _cfg(d / "cfg.json")
-    chosen = _select(found, layers, folder, "a layers.<L>.mlp folder with cfg.json + sae.safetensors")
-    transcoders = {layer: _sparsify(_read(d / "sae.safetensors"), d / "sae.safetensors", layer, cfgs[layer])
+        found[int(match[1])], cfgs[int(match[1])] = d, read_config(d / "cfg.json")
+    chosen = select_layers(found, layers, folder, "a layers.<L>.mlp folder with cfg.json + sae.safetensors")
+    transcoders = {layer: _sparsify(read_tensors(d / "sae.safetensors"), d / "sae.safetensors", layer, cfgs[layer])
                    for layer, d in chosen.items()}
     transcode = {bool(cfgs[layer].get("transcode")) for layer in chosen}
     if len(transcode) > 1:
@@ -380,8 +280,8 @@ def detect_format(folder: Path) -> str:
     """The format whose signature files are in `folder`; config files first, since they are what each tool reads."""
     for fmt, found in (("circuit-tracer", (folder / "config.yaml").is_file()),
                        ("circuit-tracer-clt", any(folder.glob("W_enc_*.safetensors"))),
-                       ("saelens", _coder_folders(folder, "sae_weights.safetensors")),
-                       ("sparsify", _coder_folders(folder, "sae.safetensors")),
+                       ("saelens", coder_folders(folder, "sae_weights.safetensors")),
+                       ("sparsify", coder_folders(folder, "sae.safetensors")),
                        ("gemma-scope", any(folder.rglob("params.npz"))),
                        ("gemma-scope-2", any(folder.rglob("params.safetensors")))):
         if found:
