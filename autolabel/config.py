@@ -172,6 +172,16 @@ class LabelConfig(Strict):
     seed: int = 0
 
 
+class ReportConfig(Strict):
+    """What `autolabel report` shows per feature page (bounded, so 16k pages render in under a minute)."""
+
+    out_dir: str = "reports"  # pages land in out_dir/<run_id>/
+    top_examples: int = Field(default=20, ge=0)  # top-activating contexts shown per feature
+    quantile_per_bin: int = Field(default=2, ge=0)  # quantile samples shown per activation bin
+    output_tokens: int = Field(default=10, ge=0)  # promoted and suppressed tokens shown (0: skip the model)
+    nearest: int = Field(default=5, ge=0)  # nearest features by decoder cosine (0: skip the transcoder)
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -186,6 +196,7 @@ class RunConfig(Strict):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
