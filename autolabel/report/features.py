@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from autolabel.config import ROLES, ReportConfig
@@ -56,10 +57,9 @@ def role_density(store: Store, run_id: str) -> dict[tuple[int, int], list[dict]]
     return result
 
 
-def layer_examples(store: Store, run_id: str, corpus_id: str | None, layer: int,
-                   settings: ReportConfig) -> dict[int, list[Example]]:
-    """Feature -> its shown examples (top ones by rank, then a few per quantile bin), tokens tagged by role."""
-    table = store.con.sql(
+def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int, settings: ReportConfig) -> pa.Table:
+    """One layer's shown examples (top ones by rank, then a few per quantile bin) with each token's role code."""
+    return store.con.sql(
         "SELECT e.feature, e.kind, e.rank, e.bin, e.doc_id, e.role::VARCHAR AS role, e.max_act, e.tokens, e.acts, "
         "       list_transform(list_slice(d.roles, e.start + 1, e.start + len(e.tokens)), lambda r: enum_code(r)) AS codes "
         "FROM examples e LEFT JOIN doc_tokens d ON d.corpus_id = $corpus AND d.doc_id = e.doc_id "
@@ -69,20 +69,30 @@ def layer_examples(store: Store, run_id: str, corpus_id: str | None, layer: int,
         "ORDER BY e.feature, e.kind DESC, e.rank",
         params={"corpus": corpus_id, "run": run_id, "layer": layer, "top": settings.top_examples,
                 "per_bin": settings.quantile_per_bin}).to_arrow_table()
+
+
+def split_examples(table: pa.Table) -> dict[int, list[Example]]:
+    """Feature -> its examples, cut from the Arrow columns (flat numpy buffers, one slice per example)."""
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     tokens, offsets = columns["tokens"].values.to_numpy(), columns["tokens"].offsets.to_numpy()
     acts = columns["acts"].values.to_numpy(zero_copy_only=False)
-    codes = columns["codes"]
+    role_names = np.array(ROLES, dtype=object)
+    codes, code_offsets = columns["codes"].values.to_numpy(zero_copy_only=False), columns["codes"].offsets.to_numpy()
+    has_roles = columns["codes"].is_valid().to_numpy(zero_copy_only=False)  # False: document not in the store
     scalars = {name: columns[name].to_pylist() for name in ("feature", "kind", "rank", "bin", "doc_id", "role", "max_act")}
     by_feature: dict[int, list[Example]] = defaultdict(list)
     for i in range(table.num_rows):
         a, b = offsets[i], offsets[i + 1]
-        roles = codes[i].as_py()  # None when the document is not in the store (never for a collected run)
+        roles = (role_names[codes[code_offsets[i]:code_offsets[i + 1]]].tolist() if has_roles[i]
+                 else [scalars["role"][i]] * int(b - a))
         by_feature[scalars["feature"][i]].append(Example(
             scalars["kind"][i], scalars["rank"][i], scalars["bin"][i], scalars["doc_id"][i], scalars["role"][i],
-            scalars["max_act"][i], tokens[a:b].tolist(), acts[a:b].tolist(),
-            [ROLES[c] for c in roles] if roles else [scalars["role"][i]] * int(b - a)))
+            scalars["max_act"][i], tokens[a:b].tolist(), acts[a:b].tolist(), roles))
     return by_feature
+
+
+def distinct_tokens(table: pa.Table) -> set[int]:
+    return set(np.unique(table.column("tokens").combine_chunks().values.to_numpy()).tolist())
 
 
 def decoder_rows(tset: TranscoderSet, layer: int) -> torch.Tensor:

@@ -109,8 +109,9 @@ def report_stage(store: Store, run_id: str, out_dir: Path, settings: ReportConfi
     with progress_bar("pages", disable=not show_progress) as bar:
         task = bar.add_task("writing feature pages", total=len(rows))
         for layer, layer_rows in by_layer.items():
-            examples = page_data.layer_examples(store, run_id, info["corpus_id"], layer, settings)
-            decode_pieces(tokenizer, {t for exs in examples.values() for e in exs for t in e.tokens}, pieces)
+            table = page_data.examples_table(store, run_id, info["corpus_id"], layer, settings)
+            decode_pieces(tokenizer, page_data.distinct_tokens(table), pieces)
+            examples = page_data.split_examples(table)
             alive = [r["feature"] for r in layer_rows if r["status"] != "dead"]
             outputs = (page_data.layer_output_tokens(subject, tset, layer, alive, settings.output_tokens)
                        if subject is not None and tset is not None else None)

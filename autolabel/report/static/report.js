@@ -4,6 +4,7 @@
 "use strict";
 
 const MAX_RESULTS = 200;
+const SVG_POINTS = 5000;  // up to this many points the map is SVG (crisp, works everywhere); above, WebGL
 
 function readJson(id) {
   const node = document.getElementById(id);
@@ -85,7 +86,7 @@ function webglAvailable() {
 function setupMap(points, clusterNames, features) {
   const node = document.getElementById("feature-map");
   const byKey = new Map(features.map((f) => [`${f.layer}-${f.feature}`, f]));
-  const type = webglAvailable() ? "scattergl" : "scatter";
+  const type = points.length > SVG_POINTS && webglAvailable() ? "scattergl" : "scatter";
 
   function category(p, colourBy) {
     const f = byKey.get(`${p.layer}-${p.feature}`) || { groups: [] };
