@@ -2,39 +2,24 @@
 
 Everything is read in bulk, one layer at a time (a few queries per layer, not
 per feature), because a report has one page per feature and a run has tens of
-thousands of them. Examples come back as Arrow columns and are cut into plain
-Python lists per example; token ids are decoded later, once per distinct id.
+thousands of them. Examples stay Arrow columns (render.example_lists turns a
+whole layer of them into markup at once); token ids are decoded once per distinct id.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from autolabel.config import ROLES, ReportConfig
-from autolabel.label.stage import output_tokens
+from autolabel.config import ReportConfig
 from autolabel.models import SubjectModel
 from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
 
 OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a time
-
-
-@dataclass
-class Example:
-    kind: str  # top / quantile
-    rank: int
-    bin: int | None
-    doc_id: str
-    role: str  # at the peak
-    max_act: float
-    tokens: list[int]
-    acts: list[float]
-    roles: list[str]  # per token, from the corpus
 
 
 def feature_rows(store: Store, run_id: str) -> list[dict]:
@@ -71,26 +56,6 @@ def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int,
                 "per_bin": settings.quantile_per_bin}).to_arrow_table()
 
 
-def split_examples(table: pa.Table) -> dict[int, list[Example]]:
-    """Feature -> its examples, cut from the Arrow columns (flat numpy buffers, one slice per example)."""
-    columns = {name: table.column(name).combine_chunks() for name in table.column_names}
-    tokens, offsets = columns["tokens"].values.to_numpy(), columns["tokens"].offsets.to_numpy()
-    acts = columns["acts"].values.to_numpy(zero_copy_only=False)
-    role_names = np.array(ROLES, dtype=object)
-    codes, code_offsets = columns["codes"].values.to_numpy(zero_copy_only=False), columns["codes"].offsets.to_numpy()
-    has_roles = columns["codes"].is_valid().to_numpy(zero_copy_only=False)  # False: document not in the store
-    scalars = {name: columns[name].to_pylist() for name in ("feature", "kind", "rank", "bin", "doc_id", "role", "max_act")}
-    by_feature: dict[int, list[Example]] = defaultdict(list)
-    for i in range(table.num_rows):
-        a, b = offsets[i], offsets[i + 1]
-        roles = (role_names[codes[code_offsets[i]:code_offsets[i + 1]]].tolist() if has_roles[i]
-                 else [scalars["role"][i]] * int(b - a))
-        by_feature[scalars["feature"][i]].append(Example(
-            scalars["kind"][i], scalars["rank"][i], scalars["bin"][i], scalars["doc_id"][i], scalars["role"][i],
-            scalars["max_act"][i], tokens[a:b].tolist(), acts[a:b].tolist(), roles))
-    return by_feature
-
-
 def distinct_tokens(table: pa.Table) -> set[int]:
     return set(np.unique(table.column("tokens").combine_chunks().values.to_numpy()).tolist())
 
@@ -119,23 +84,21 @@ def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096)
     return result
 
 
-def layer_output_tokens(subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int],
-                        n: int) -> dict[int, tuple[list[str], list[str]]]:
-    """Feature -> (promoted, suppressed) tokens, computed a chunk of features at a time to bound memory."""
-    if n == 0 or layer not in tset.layers:
+@torch.inference_mode()
+def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int],
+                     n: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Feature -> ids of the n tokens its decoder row promotes and suppresses most: its direct effect on the
+    logits through the final norm's gain and the unembedding, as the labeler is shown it
+    (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once;
+    a chunk of features at a time bounds the [chunk, vocab] logits."""
+    if n == 0 or layer not in tset.layers or not features:
         return {}
+    unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
+    directions = decoder_rows(tset, layer) * subject.final_norm_gain()
     result = {}
     for start in range(0, len(features), OUTPUT_CHUNK):
-        keys = [(layer, f) for f in features[start:start + OUTPUT_CHUNK]]
-        result.update({f: tokens for (_, f), tokens in output_tokens(subject, tset, keys, n).items()})
+        chunk = features[start:start + OUTPUT_CHUNK]
+        logits = directions[chunk] @ unembed.T
+        top, bottom = logits.topk(n, dim=1).indices.tolist(), logits.topk(n, dim=1, largest=False).indices.tolist()
+        result.update({feature: (top[i], bottom[i]) for i, feature in enumerate(chunk)})
     return result
-
-
-def histogram_bars(histogram: list[int] | None, edges: list[float] | None) -> list[dict]:
-    """Bars for the activation histogram, heights on a log scale (counts span orders of magnitude)."""
-    if not histogram or not edges or not any(histogram):
-        return []
-    counts = np.asarray(histogram, dtype=float)
-    heights = np.log1p(counts) / np.log1p(counts.max())
-    return [{"low": edges[i], "high": edges[i + 1], "count": int(counts[i]), "height": float(heights[i])}
-            for i in range(len(counts))]

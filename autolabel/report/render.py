@@ -12,10 +12,12 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 
-from autolabel.report.features import Example
+from autolabel.config import ROLES
 
 HEAT_LEVELS = 10  # token colours: activation / the feature's max, in ten steps
 
@@ -49,7 +51,7 @@ def environment() -> Environment:
                       autoescape=select_autoescape(default=True, default_for_string=True),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(number=number, percent=percent, script_json=script_json)
-    env.globals.update(page_path=page_path, heat_levels=HEAT_LEVELS)
+    env.globals.update(page_path=page_path, heat_legend=heat_legend())
     return env
 
 
@@ -61,23 +63,87 @@ def decode_pieces(tokenizer, token_ids: set[int], known: dict[int, str]) -> None
             known[token_id] = str(escape(text))
 
 
-def example_html(example: Example, pieces: dict[int, str], max_act: float | None) -> Markup:
-    """An example's tokens as markup: runs of one role in a span (its role shown where it changes),
-    firing tokens in <mark> coloured by their share of the feature's max, with the value as a tooltip."""
-    scale = HEAT_LEVELS / max_act if max_act else 0.0
-    out: list[str] = []
-    current = None
-    for token_id, act, role in zip(example.tokens, example.acts, example.roles):
-        if role != current:
-            if current is not None:
-                out.append("</span>")
-            out.append(f'<span class="seg r-{role}" data-role="{role}">')
-            current = role
-        if act > 0:
-            level = min(HEAT_LEVELS - 1, int(act * scale))
-            out.append(f'<mark class="h{level}" title="{act:.3g}">{pieces[token_id]}</mark>')
-        else:
-            out.append(pieces[token_id])
-    if current is not None:
-        out.append("</span>")
-    return Markup("".join(out))
+def example_lists(table: pa.Table, pieces: dict[int, str],
+                  peak_of_feature: dict[int, float]) -> dict[tuple[int, str], Markup]:
+    """(feature, kind) -> that feature's examples of that kind as <li> items: runs of one role in a span
+    (the role named where it changes), firing tokens in <mark> shaded by their share of the feature's
+    max, with the value as a tooltip.
+
+    Built for a whole layer at once with numpy (a report holds millions of tokens): each token's text
+    comes from `pieces` (escaped once per distinct id) and only firing tokens, role changes and example
+    bounds get tags. Rows arrive ordered by feature and kind, so each list is one contiguous join.
+    """
+    tokens_column = table.column("tokens").combine_chunks()
+    offsets, token_ids = tokens_column.offsets.to_numpy(), tokens_column.values.to_numpy()
+    acts = table.column("acts").combine_chunks().values.to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    lookup = np.empty(int(token_ids.max(initial=0)) + 1, dtype=object)
+    for token_id, text in pieces.items():
+        if token_id < len(lookup):
+            lookup[token_id] = text
+    text = lookup[token_ids]
+
+    # Roles per token: from the corpus, or the role at the peak when the document is not in the store.
+    role_codes = np.repeat(np.array([ROLES.index(r) for r in table.column("role").to_pylist()], dtype=np.int64), lengths)
+    codes_column = table.column("codes").combine_chunks()
+    has_roles = np.repeat(codes_column.is_valid().to_numpy(zero_copy_only=False), lengths)
+    corpus_codes = codes_column.values.to_numpy(zero_copy_only=False)
+    if len(corpus_codes) == has_roles.sum():
+        role_codes[has_roles] = corpus_codes
+
+    features = table.column("feature").to_pylist()
+    peaks = np.array([peak_of_feature.get(f) or 0.0 for f in features])
+    scale = np.repeat(np.divide(HEAT_LEVELS, peaks, out=np.zeros_like(peaks), where=peaks > 0), lengths)
+    firing = acts > 0
+    levels = np.minimum(HEAT_LEVELS - 1, (acts[firing] * scale[firing]).astype(np.int64))
+    text[firing] = [f'<mark class="h{level}" title="{act:.3g}">{piece}</mark>'
+                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist())]
+
+    opens = np.ones(len(token_ids), dtype=bool)
+    opens[1:] = role_codes[1:] != role_codes[:-1]
+    opens[offsets[:-1][lengths > 0]] = True
+    closes = np.zeros(len(token_ids), dtype=bool)
+    closes[:-1] = opens[1:]
+    closes[offsets[1:][lengths > 0] - 1] = True
+    open_tags = np.array([f'<span class="seg r-{role}" data-role="{role}">' for role in ROLES], dtype=object)
+    text[opens] = open_tags[role_codes[opens]] + text[opens]
+    text[closes] = text[closes] + "</span>"
+
+    kinds, bins = table.column("kind").to_pylist(), table.column("bin").to_pylist()
+    heads = [f'<li><span class="ex-meta">{"" if bin_ is None else f"bin {bin_} · "}{peak:.3g} · {escape(doc_id)}'
+             f'</span><div class="ex">' for bin_, peak, doc_id in
+             zip(bins, table.column("max_act").to_pylist(), table.column("doc_id").to_pylist())]
+    shown = lengths > 0
+    firsts, lasts = offsets[:-1][shown], offsets[1:][shown] - 1
+    text[firsts] = np.array(heads, dtype=object)[shown] + text[firsts]
+    text[lasts] = text[lasts] + "</div></li>\n"
+
+    pieces_list, bounds = text.tolist(), offsets.tolist()
+    lists: dict[tuple[int, str], Markup] = {}
+    start = 0
+    for row in range(1, len(features) + 1):
+        if row == len(features) or (features[row], kinds[row]) != (features[start], kinds[start]):
+            lists[(features[start], kinds[start])] = Markup("".join(pieces_list[bounds[start]:bounds[row]]))
+            start = row
+    return lists
+
+
+def histogram_svg(histogram: list[int] | None, edges: list[float] | None) -> Markup | None:
+    """The activation histogram as inline SVG bars, heights on a log scale (counts span orders of magnitude)."""
+    if not histogram or not edges or not any(histogram):
+        return None
+    counts = np.asarray(histogram, dtype=float)
+    heights = 58 * np.log1p(counts) / np.log1p(counts.max())
+    bars = "".join(f'<rect x="{10 * i + 1}" y="{60 - h:.2f}" width="8" height="{h:.2f}"><title>'
+                   f'({number(edges[i])}, {number(edges[i + 1])}]: {int(c):,} tokens</title></rect>'
+                   for i, (c, h) in enumerate(zip(counts.tolist(), heights.tolist())))
+    return Markup(f'<svg class="histogram" viewBox="0 0 {10 * len(counts)} 60" preserveAspectRatio="none" role="img" '
+                  f'aria-label="activation histogram">{bars}</svg><div class="spark-axis"><span>{number(edges[0])}'
+                  f'</span><span>log-spaced bins, log counts</span><span>{number(edges[-1])}</span></div>')
+
+
+def heat_legend() -> Markup:
+    """The colour scale of firing tokens, the same on every page."""
+    steps = "".join(f'<mark class="h{level}">{level / HEAT_LEVELS:.1f}</mark>' for level in range(HEAT_LEVELS))
+    roles = "".join(f'<span class="seg r-{role}">{role}</span>' for role in ROLES)
+    return Markup(f'activation / max {steps}<span class="roles-legend">{roles}</span>')

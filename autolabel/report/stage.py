@@ -9,19 +9,21 @@ one layer's examples, not the run's.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from markupsafe import Markup
+
 from autolabel.config import ReportConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel, load_subject_model
 from autolabel.progress import progress_bar
 from autolabel.report import features as page_data
-from autolabel.report import summary
-from autolabel.report.render import decode_pieces, environment, example_html, page_path
+from autolabel.report import render, summary
 from autolabel.store import Store
 from autolabel.transcoders.stage import open_transcoders
 from autolabel.transcoders.transcoder import TranscoderSet
@@ -60,6 +62,18 @@ def copy_assets(folder: Path) -> None:
     (static / "plotly.min.js").write_bytes(plotly_js.read_bytes())
 
 
+def publish(partial: Path, final: Path) -> Path:
+    """Swap the finished report into place: readers never see half a report, and every page was written
+    to a new file (rewriting thousands of existing files makes the filesystem flush each one)."""
+    previous = final.with_name(f".{final.name}.previous")
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
+    partial.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
 def memberships(groups: dict[str, list[dict]], clusters: list[dict], mapped: list[tuple]):
     """Feature -> its groups, and feature -> its cluster (id and name)."""
     groups_of: dict[tuple[int, int], list[dict]] = defaultdict(list)
@@ -85,60 +99,92 @@ def search_index(rows: list[dict], labels: dict, groups_of: dict, cluster_of: di
             "rows": entries}
 
 
+@dataclass
+class RunData:
+    """What the pages of a run draw on, read once."""
+
+    info: dict
+    labels: dict[tuple[int, int], summary.FeatureLabel]
+    features: list[dict]
+    roles: dict[tuple[int, int], list[dict]]
+    groups: dict[str, list[dict]]
+    clusters: list[dict]
+    mapped: list[tuple]
+    groups_of: dict[tuple[int, int], list[dict]]
+    cluster_of: dict[tuple[int, int], dict]
+
+
+def read_run(store: Store, run_id: str) -> RunData:
+    groups, clusters, mapped = (summary.group_members(store, run_id), summary.clusters(store, run_id),
+                                summary.feature_map(store, run_id))
+    return RunData(summary.run_info(store, run_id), summary.feature_labels(store, run_id),
+                   page_data.feature_rows(store, run_id), page_data.role_density(store, run_id), groups, clusters,
+                   mapped, *memberships(groups, clusters, mapped))
+
+
+def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], settings: ReportConfig, template,
+                      folder: Path, tokenizer, pieces: dict[int, str], subject: SubjectModel | None,
+                      tset: TranscoderSet | None) -> None:
+    """One layer's feature pages: its examples, output tokens and nearest features are computed together."""
+    table = page_data.examples_table(store, run.info["run_id"], run.info["corpus_id"], layer, settings)
+    alive = [r["feature"] for r in rows if r["status"] != "dead"]
+    outputs = (page_data.output_token_ids(subject, tset, layer, alive, settings.output_tokens)
+               if subject is not None and tset is not None else None)
+    output_ids = {t for pair in (outputs or {}).values() for ids in pair for t in ids}
+    render.decode_pieces(tokenizer, page_data.distinct_tokens(table) | output_ids, pieces)
+    examples = render.example_lists(table, pieces, {r["feature"]: r["max_act"] for r in rows})
+    nearest = page_data.nearest_features(tset, layer, settings.nearest) if tset is not None else None
+    for row in rows:
+        feature = row["feature"]
+        key = (layer, feature)
+        html = template.render(
+            root="../", run=run.info, f=row, label=run.labels.get(key), roles=run.roles.get(key, []),
+            histogram=render.histogram_svg(row["histogram"], row["histogram_edges"]),
+            top=examples.get((feature, "top")), quantile=examples.get((feature, "quantile")),
+            outputs=None if outputs is None else [[Markup(pieces[t]) for t in ids] for ids in outputs.get(feature, ([], []))],
+            nearest=None if nearest is None else [(layer, other, cosine, run.labels.get((layer, other)))
+                                                  for other, cosine in nearest.get(feature, [])],
+            groups=run.groups_of.get(key, []), cluster=run.cluster_of.get(key))
+        (folder / render.page_path(*key)).write_text(html, encoding="utf-8")
+
+
+def index_html(store: Store, run: RunData, env) -> str:
+    run_id = run.info["run_id"]
+    return env.get_template("index.html").render(
+        root="", run=run.info, corpus=summary.corpus_tokens(store, run.info["corpus_id"]),
+        ledger=summary.llm_ledger(store, run_id), status=summary.feature_status(store, run_id),
+        scores=summary.score_distribution(run.labels), audits=summary.audits(store, run_id),
+        diffs=summary.audit_diffs(store, run_id), clusters=run.clusters, groups=run.groups, labels=run.labels,
+        search=search_index(run.features, run.labels, run.groups_of, run.cluster_of),
+        feature_map={"columns": ["layer", "feature", "x", "y", "cluster", "reliable"], "rows": run.mapped,
+                     "clusters": {c["cluster_id"]: c["name"] for c in run.clusters}})
+
+
 def report_stage(store: Store, run_id: str, out_dir: Path, settings: ReportConfig, tokenizer,
                  subject: SubjectModel | None = None, tset: TranscoderSet | None = None,
                  show_progress: bool = True) -> ReportSummary:
     """Write out_dir/<run_id>/index.html and a page per feature. Output tokens need `subject` and `tset`,
     nearest features need `tset`; without them those parts of the pages say so."""
     started = time.perf_counter()
-    info = summary.run_info(store, run_id)
-    labels = summary.feature_labels(store, run_id)
-    rows = page_data.feature_rows(store, run_id)
-    groups, clusters, mapped = summary.group_members(store, run_id), summary.clusters(store, run_id), summary.feature_map(store, run_id)
-    groups_of, cluster_of = memberships(groups, clusters, mapped)
-    roles = page_data.role_density(store, run_id)
-    folder = out_dir / run_id
-    (folder / "features").mkdir(parents=True, exist_ok=True)
+    run = read_run(store, run_id)
+    folder = out_dir / f".{run_id}.partial"
+    shutil.rmtree(folder, ignore_errors=True)  # a report that was interrupted
+    (folder / "features").mkdir(parents=True)
     copy_assets(folder)
-    env = environment()
-    feature_page = env.get_template("feature.html")
-    pieces: dict[int, str] = {}
+    env = render.environment()
     by_layer: dict[int, list[dict]] = defaultdict(list)
-    for row in rows:
+    for row in run.features:
         by_layer[row["layer"]].append(row)
+    pieces: dict[int, str] = {}
     with progress_bar("pages", disable=not show_progress) as bar:
-        task = bar.add_task("writing feature pages", total=len(rows))
-        for layer, layer_rows in by_layer.items():
-            table = page_data.examples_table(store, run_id, info["corpus_id"], layer, settings)
-            decode_pieces(tokenizer, page_data.distinct_tokens(table), pieces)
-            examples = page_data.split_examples(table)
-            alive = [r["feature"] for r in layer_rows if r["status"] != "dead"]
-            outputs = (page_data.layer_output_tokens(subject, tset, layer, alive, settings.output_tokens)
-                       if subject is not None and tset is not None else None)
-            nearest = page_data.nearest_features(tset, layer, settings.nearest) if tset is not None else None
-            for row in layer_rows:
-                key = (layer, row["feature"])
-                shown = [(e, example_html(e, pieces, row["max_act"])) for e in examples.get(row["feature"], [])]
-                html = feature_page.render(
-                    root="../", run=info, f=row, label=labels.get(key), roles=roles.get(key, []),
-                    histogram=page_data.histogram_bars(row["histogram"], row["histogram_edges"]),
-                    top=[s for s in shown if s[0].kind == "top"], quantile=[s for s in shown if s[0].kind == "quantile"],
-                    outputs=None if outputs is None else outputs.get(row["feature"], ([], [])),
-                    nearest=None if nearest is None else [(layer, other, cosine, labels.get((layer, other)))
-                                                          for other, cosine in nearest.get(row["feature"], [])],
-                    groups=groups_of.get(key, []), cluster=cluster_of.get(key))
-                (folder / page_path(*key)).write_text(html, encoding="utf-8")
-                bar.advance(task)
-    index = env.get_template("index.html").render(
-        root="", run=info, corpus=summary.corpus_tokens(store, info["corpus_id"]),
-        ledger=summary.llm_ledger(store, run_id), status=summary.feature_status(store, run_id),
-        scores=summary.score_distribution(labels), audits=summary.audits(store, run_id),
-        diffs=summary.audit_diffs(store, run_id), clusters=clusters, groups=groups, labels=labels,
-        search=search_index(rows, labels, groups_of, cluster_of),
-        feature_map={"columns": ["layer", "feature", "x", "y", "cluster", "reliable"], "rows": mapped,
-                     "clusters": {c["cluster_id"]: c["name"] for c in clusters}})
-    (folder / "index.html").write_text(index, encoding="utf-8")
-    return ReportSummary(run_id, folder / "index.html", len(rows), time.perf_counter() - started)
+        task = bar.add_task("writing feature pages", total=len(run.features))
+        for layer, rows in by_layer.items():
+            write_layer_pages(store, run, layer, rows, settings, env.get_template("feature.html"), folder, tokenizer,
+                              pieces, subject, tset)
+            bar.advance(task, len(rows))
+    (folder / "index.html").write_text(index_html(store, run, env), encoding="utf-8")
+    final = publish(folder, out_dir / run_id)
+    return ReportSummary(run_id, final / "index.html", len(run.features), time.perf_counter() - started)
 
 
 def report_run(config: RunConfig, run_id: str | None = None, out_dir: Path | None = None,
