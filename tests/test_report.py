@@ -260,3 +260,19 @@ def test_cli_report_bad_input_exits_2_with_the_fix(monkeypatch, capsys, corpus, 
     assert code == 2 and "no collected features" in err and "autolabel collect" in err
     code, _, err = run_cli(monkeypatch, capsys, "serve", str(tmp_path / "missing"))
     assert code == 2 and "autolabel report" in err
+
+
+def test_cli_report_writes_the_run_with_its_own_model(monkeypatch, capsys, reports, corpus, collected, tmp_path):
+    """The run's stored config names the embedded SmolLM2 and transcoders; the planted layer 1 is not among
+    the transcoders' layers, so output tokens and neighbours say "not available" instead of guessing."""
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    code, out, _ = run_cli(monkeypatch, capsys, "report", "--store", str(store_path), "--run", run_id,
+                           "--out", str(tmp_path), "-q")
+    assert code == 0 and "16 feature pages" in out
+    page = (tmp_path / run_id / "features" / f"{LAYER}-2.html").read_text(encoding="utf-8")
+    assert page.count("not available") == 2 and "the word cat" in page
+    assert not list(tmp_path.glob(".*"))  # no partial folder left behind
+    for command, promise in (("report", "run_id"), ("serve", "127.0.0.1")):
+        code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+        assert code == 0 and promise in out, out

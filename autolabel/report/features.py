@@ -69,7 +69,7 @@ def decoder_rows(tset: TranscoderSet, layer: int) -> torch.Tensor:
 @torch.inference_mode()
 def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096) -> dict[int, list[tuple[int, float]]]:
     """Feature -> the k other features of its layer whose decoder directions are closest (cosine)."""
-    if k == 0 or layer not in tset.layers:
+    if k == 0:
         return {}
     directions = torch.nn.functional.normalize(decoder_rows(tset, layer), dim=1)
     n = directions.shape[0]
@@ -91,7 +91,7 @@ def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, fea
     logits through the final norm's gain and the unembedding, as the labeler is shown it
     (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once;
     a chunk of features at a time bounds the [chunk, vocab] logits."""
-    if n == 0 or layer not in tset.layers or not features:
+    if n == 0 or not features:
         return {}
     unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
     directions = decoder_rows(tset, layer) * subject.final_norm_gain()

@@ -128,12 +128,13 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
     """One layer's feature pages: its examples, output tokens and nearest features are computed together."""
     table = page_data.examples_table(store, run.info["run_id"], run.info["corpus_id"], layer, settings)
     alive = [r["feature"] for r in rows if r["status"] != "dead"]
+    has_decoder = tset is not None and layer in tset.layers  # else those parts of the pages say "not available"
     outputs = (page_data.output_token_ids(subject, tset, layer, alive, settings.output_tokens)
-               if subject is not None and tset is not None else None)
+               if subject is not None and has_decoder else None)
     output_ids = {t for pair in (outputs or {}).values() for ids in pair for t in ids}
     render.decode_pieces(tokenizer, page_data.distinct_tokens(table) | output_ids, pieces)
     examples = render.example_lists(table, pieces, {r["feature"]: r["max_act"] for r in rows})
-    nearest = page_data.nearest_features(tset, layer, settings.nearest) if tset is not None else None
+    nearest = page_data.nearest_features(tset, layer, settings.nearest) if has_decoder else None
     for row in rows:
         feature = row["feature"]
         key = (layer, feature)
