@@ -110,7 +110,8 @@ function setupMap(points, clusterNames, features) {
     }
     const layout = { margin: { l: 30, r: 10, t: 10, b: 30 }, hovermode: "closest", legend: { font: { size: 11 } },
                      xaxis: { zeroline: false }, yaxis: { zeroline: false } };
-    Plotly.react(node, [...traces.values()], layout, { displaylogo: false, responsive: true });
+    const sorted = [...traces.values()].sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
+    Plotly.react(node, sorted, layout, { displaylogo: false, responsive: true });
   }
 
   draw("cluster");
