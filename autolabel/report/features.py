@@ -20,6 +20,7 @@ from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
 
 OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a time
+CANDIDATES = 4  # bfloat16 candidates per output token shown, re-ranked in float32
 
 
 def feature_rows(store: Store, run_id: str) -> list[dict]:
@@ -89,16 +90,27 @@ def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, fea
                      n: int) -> dict[int, tuple[list[int], list[int]]]:
     """Feature -> ids of the n tokens its decoder row promotes and suppresses most: its direct effect on the
     logits through the final norm's gain and the unembedding, as the labeler is shown it
-    (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once;
-    a chunk of features at a time bounds the [chunk, vocab] logits."""
+    (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once.
+
+    The product with the whole vocabulary is the report's largest cost, so it runs in bfloat16 (about 3x
+    faster on CPU) to pick CANDIDATES x n candidates per end, whose logits are then recomputed in float32
+    and ranked exactly. A chunk of features at a time bounds the [chunk, vocab] logits."""
     if n == 0 or not features:
         return {}
     unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
+    unembed_fast = unembed.bfloat16()
     directions = decoder_rows(tset, layer) * subject.final_norm_gain()
+    k = min(CANDIDATES * n, unembed.shape[0])
     result = {}
     for start in range(0, len(features), OUTPUT_CHUNK):
         chunk = features[start:start + OUTPUT_CHUNK]
-        logits = directions[chunk] @ unembed.T
-        top, bottom = logits.topk(n, dim=1).indices.tolist(), logits.topk(n, dim=1, largest=False).indices.tolist()
-        result.update({feature: (top[i], bottom[i]) for i, feature in enumerate(chunk)})
+        rows = directions[chunk]
+        rough = rows.bfloat16() @ unembed_fast.T
+        ends = []
+        for largest in (True, False):
+            candidates = rough.topk(k, dim=1, largest=largest).indices  # [chunk, k]
+            exact = torch.einsum("cd,ckd->ck", rows, unembed[candidates])
+            order = exact.topk(n, dim=1, largest=largest).indices
+            ends.append(candidates.gather(1, order).tolist())
+        result.update({feature: (ends[0][i], ends[1][i]) for i, feature in enumerate(chunk)})
     return result
