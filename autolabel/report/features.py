@@ -70,8 +70,6 @@ def decoder_rows(tset: TranscoderSet, layer: int) -> torch.Tensor:
 @torch.inference_mode()
 def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096) -> dict[int, list[tuple[int, float]]]:
     """Feature -> the k other features of its layer whose decoder directions are closest (cosine)."""
-    if k == 0:
-        return {}
     directions = torch.nn.functional.normalize(decoder_rows(tset, layer), dim=1)
     n = directions.shape[0]
     k = min(k, n - 1)
@@ -95,7 +93,7 @@ def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, fea
     The product with the whole vocabulary is the report's largest cost, so it runs in bfloat16 (about 3x
     faster on CPU) to pick CANDIDATES x n candidates per end, whose logits are then recomputed in float32
     and ranked exactly. A chunk of features at a time bounds the [chunk, vocab] logits."""
-    if n == 0 or not features:
+    if not features:
         return {}
     unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
     unembed_fast = unembed.bfloat16()

@@ -9,6 +9,7 @@ one layer's examples, not the run's.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections import defaultdict
@@ -93,8 +94,9 @@ def search_index(rows: list[dict], labels: dict, groups_of: dict, cluster_of: di
         key = (row["layer"], row["feature"])
         label = labels.get(key) or summary.FeatureLabel()
         cluster = cluster_of.get(key) or {}
+        density = row["density"] if row["density"] is not None and math.isfinite(row["density"]) else None
         entries.append([row["layer"], row["feature"], label.label or "", label.score, label.unreliable, row["status"],
-                        row["density"], [g["name"] for g in groups_of.get(key, [])], cluster.get("name") or ""])
+                        density, [g["name"] for g in groups_of.get(key, [])], cluster.get("name") or ""])
     return {"columns": ["layer", "feature", "label", "score", "unreliable", "status", "density", "groups", "cluster"],
             "rows": entries}
 
@@ -130,11 +132,11 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
     alive = [r["feature"] for r in rows if r["status"] != "dead"]
     has_decoder = tset is not None and layer in tset.layers  # else those parts of the pages say "not available"
     outputs = (page_data.output_token_ids(subject, tset, layer, alive, settings.output_tokens)
-               if subject is not None and has_decoder else None)
+               if subject is not None and has_decoder and settings.output_tokens else None)
     output_ids = {t for pair in (outputs or {}).values() for ids in pair for t in ids}
     render.decode_pieces(tokenizer, page_data.distinct_tokens(table) | output_ids, pieces)
     examples = render.example_lists(table, pieces, {r["feature"]: r["max_act"] for r in rows})
-    nearest = page_data.nearest_features(tset, layer, settings.nearest) if has_decoder else None
+    nearest = page_data.nearest_features(tset, layer, settings.nearest) if has_decoder and settings.nearest else None
     for row in rows:
         feature = row["feature"]
         key = (layer, feature)

@@ -156,6 +156,7 @@ def group_members(store: Store, run_id: str) -> dict[str, list[dict]]:
 
 
 def feature_map(store: Store, run_id: str) -> list[tuple]:
-    """(layer, feature, x, y, cluster_id, reliable) per mapped feature."""
+    """(layer, feature, x, y, cluster_id, reliable) per mapped feature (one without finite coordinates has no place)."""
     return store.con.execute("SELECT layer, feature, umap_x, umap_y, cluster_id, reliable FROM feature_map "
-                             "WHERE run_id = ? ORDER BY layer, feature", [run_id]).fetchall()
+                             "WHERE run_id = ? AND isfinite(umap_x) AND isfinite(umap_y) ORDER BY layer, feature",
+                             [run_id]).fetchall()
