@@ -1,9 +1,9 @@
 """HTML: the Jinja2 environment (autoescape on), token highlighting, and JSON safe to embed in a page.
 
-Corpus text and labels are untrusted. Templates escape every string they print;
-the two places that build markup in Python (token highlighting here, the
-embedded JSON below) escape each piece themselves and are the only sources of
-`Markup` in the report.
+Corpus text and labels are untrusted. Templates escape every string they print.
+Markup built in Python is built here only: token highlighting (each token's text
+escaped once, in `decode_pieces`, before any tag goes around it), the histogram
+and legend (numbers and fixed names), and embedded JSON (no '<', '>' or '&' left).
 """
 
 from __future__ import annotations

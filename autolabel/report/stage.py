@@ -144,7 +144,8 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
             root="../", run=run.info, f=row, label=run.labels.get(key), roles=run.roles.get(key, []),
             histogram=render.histogram_svg(row["histogram"], row["histogram_edges"]),
             top=examples.get((feature, "top")), quantile=examples.get((feature, "quantile")),
-            outputs=None if outputs is None else [[Markup(pieces[t]) for t in ids] for ids in outputs.get(feature, ([], []))],
+            outputs=None if outputs is None else [[Markup(pieces[t]) for t in ids]  # escaped by decode_pieces
+                                                  for ids in outputs.get(feature, ([], []))],
             nearest=None if nearest is None else [(layer, other, cosine, run.labels.get((layer, other)))
                                                   for other, cosine in nearest.get(feature, [])],
             groups=run.groups_of.get(key, []), cluster=run.cluster_of.get(key))
