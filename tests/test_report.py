@@ -188,6 +188,7 @@ def test_feature_page_shows_highlights_scores_outputs_and_neighbours(reports):
     assert "the word cat" in page and "detection" in page and "0.9" in page
     assert page.count('class="tok up"') == 10 and page.count('class="tok down"') == 10
     assert len(re.findall(r'<td><a href="../features/1-\d+.html">', page)) == 5  # nearest by decoder cosine
+    assert 'href="1-1.html" rel="prev"' in page and 'href="1-3.html" rel="next"' in page
     unreliable = (full.index.parent / "features" / f"{LAYER}-5.html").read_text(encoding="utf-8")
     assert "⚠ unreliable" in unreliable and "sycophancy" in unreliable
 

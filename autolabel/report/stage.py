@@ -137,11 +137,12 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
     render.decode_pieces(tokenizer, page_data.distinct_tokens(table) | output_ids, pieces)
     examples = render.example_lists(table, pieces, {r["feature"]: r["max_act"] for r in rows})
     nearest = page_data.nearest_features(tset, layer, settings.nearest) if has_decoder and settings.nearest else None
-    for row in rows:
+    for i, row in enumerate(rows):
         feature = row["feature"]
         key = (layer, feature)
         html = template.render(
             root="../", run=run.info, f=row, label=run.labels.get(key), roles=run.roles.get(key, []),
+            previous=rows[i - 1]["feature"] if i > 0 else None, next=rows[i + 1]["feature"] if i + 1 < len(rows) else None,
             histogram=render.histogram_svg(row["histogram"], row["histogram_edges"]),
             top=examples.get((feature, "top")), quantile=examples.get((feature, "quantile")),
             outputs=None if outputs is None else [[Markup(pieces[t]) for t in ids]  # escaped by decode_pieces
