@@ -236,6 +236,17 @@ def test_no_planted_script_runs_in_chromium(reports, browser):
                      "s.dispatchEvent(new Event('change'));")
     legend = browser.evaluate("[...document.querySelectorAll('#feature-map .legendtext')].map(t => t.textContent)")
     assert PAYLOADS[1] in legend  # the group name is drawn as text
+    # Hover the real mouse over feature 5's point: Plotly shows its label, which holds a payload.
+    x, y = browser.evaluate(
+        "(() => { const gd = document.getElementById('feature-map'), url = 'features/1-5.html';"
+        "gd.scrollIntoView(); const layout = gd._fullLayout, box = gd.getBoundingClientRect();"
+        "const trace = gd.data.find(t => t.customdata.includes(url)), i = trace.customdata.indexOf(url);"
+        "return [box.left + layout._size.l + layout.xaxis.l2p(trace.x[i]),"
+        "        box.top + layout._size.t + layout.yaxis.l2p(trace.y[i])]; })()")
+    browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    browser.wait_until("document.querySelector('#feature-map .hoverlayer .hovertext') !== null")
+    hover = browser.evaluate("document.querySelector('#feature-map .hoverlayer .hovertext').textContent")
+    assert PAYLOADS[1] in hover  # the label in the hover box, as text
     assert browser.evaluate("window.__xss === undefined")
     browser.open((folder / "features" / f"{LAYER}-5.html").as_uri())
     assert browser.evaluate("document.getElementById('label').textContent.trim()") == PAYLOADS[1]
