@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from autolabel.store import Store
 
 SCORE_BINS = 10  # label-score histogram: ten bins over [0, 1]
-AUDIT_METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
 
 
 @dataclass
@@ -111,7 +110,7 @@ def score_distribution(labels: dict[tuple[int, int], FeatureLabel]) -> list[dict
             if score["value"] is None:
                 row["failed"] += 1
             else:
-                row["bins"][min(SCORE_BINS - 1, int(score["value"] * SCORE_BINS))] += 1
+                row["bins"][max(0, min(SCORE_BINS - 1, int(score["value"] * SCORE_BINS)))] += 1
     return [by_scorer[s] for s in sorted(by_scorer)]
 
 
