@@ -108,8 +108,8 @@ def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, 
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
         resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
         task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
-    """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit."""
-    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "audit", task_runner,
+    """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit, report."""
+    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "report", task_runner,
                         dask_address, workers)
     _print_corpus_summary(summary.corpus)
     _print_quality(summary.quality)
@@ -117,6 +117,7 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     _print_audit(summary.audit)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
+    console.print(f"report: {summary.report}", soft_wrap=True)
 
 
 @app.command()

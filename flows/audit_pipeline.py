@@ -33,6 +33,7 @@ from autolabel.collect.stage import collect_slice, collect_summary, fingerprint,
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
+from autolabel.report.stage import report_run
 from autolabel.store import Store
 from autolabel.transcoders.check import LayerQuality
 from autolabel.transcoders.stage import check_stage
@@ -75,6 +76,7 @@ class RunSummary:
     collect: CollectSummary
     reused_from: str | None  # the earlier run whose identical collection was copied
     audit: AuditSummary | None  # None when the flow stopped after collection
+    report: str | None  # the report's index.html, when the flow went that far
 
 
 @task(name="corpus", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -143,11 +145,16 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
             return AuditSummary(run_id, None, [], skipped=str(skipped))
 
 
+@task(name="report", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
+    return str(report_run(config, run_id, show_progress=show_progress).index)
+
+
 @flow(name="audit_pipeline", log_prints=True)
 def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
-                   until: Literal["collect", "audit"] = "audit", fresh: bool = False, n_slices: int = 0,
+                   until: Literal["collect", "audit", "report"] = "report", fresh: bool = False, n_slices: int = 0,
                    show_progress: bool = True) -> RunSummary:
-    """Corpus, transcoder check, collection and audits for one run (label, cluster and report join as they land).
+    """Corpus, transcoder check, collection, audits and the HTML report for one run (label and cluster join next).
 
     With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
     collect even when an identical collection is cached. With `n_slices`, collection is split into that
@@ -177,14 +184,16 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         with Store(config.store) as store:
             collect = collect_summary(store, run_id, 0.0 if holder != run_id else collected["seconds"],
                                       collected["resumed_shards"] if holder == run_id else 0)
-        audit = audit_task(config, run_id) if until == "audit" else None
+        audit = audit_task(config, run_id) if until != "collect" else None
+        report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
         with Store(config.store) as store:
             store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
         raise
     with Store(config.store) as store:
         store.finish_run(run_id, "complete")
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit)
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit,
+                      report)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):

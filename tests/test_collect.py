@@ -337,7 +337,8 @@ def tiny_run_config(folder, model_dir, cache_dir) -> dict:
             "corpus": {"sources": [{"name": "file", "path": str(folder / "docs.jsonl")}], "ctx_len": 48,
                        "generation": {"enabled": False}},
             "transcoder": {"source": str(folder / "tc"), "max_fvu": 1e6, "check_tokens": 500},
-            "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump()}
+            "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump(),
+            "report": {"out_dir": str(folder / "reports")}}
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir,

@@ -17,12 +17,16 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, p
         source["limit"] = 2
     config["corpus"]["generation"].update(max_new_tokens=12, batch_size=8)
     config.update(cache_dir=str(cache_dir), store=str(tmp_path / "run.duckdb"))
+    config["report"]["out_dir"] = str(tmp_path / "reports")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     code, out, err = run_cli(monkeypatch, capsys, "run", "-c", str(path), "-q")
     assert code == 0, err
     assert "run " in out and "complete" in out
+    report = out.split("report: ", 1)[1].split()[0]  # the run ends by printing its report's path
+    assert report.startswith(str(tmp_path / "reports")) and report.endswith("index.html")
+    assert "assistant_pervasiveness" in open(report, encoding="utf-8").read()
 
     code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "csv", "--store", str(tmp_path / "run.duckdb"),
                            "select role, count(*) from tokens group by role order by role")

@@ -29,6 +29,9 @@ def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(
     third = audit_pipeline(changed, show_progress=False)
 
     assert first.reused_from is None and second.reused_from == first.run_id and third.reused_from is None
+    for summary in (first, second, third):  # each run ends with its own report
+        assert summary.report == os.path.join(config.report.out_dir, summary.run_id, "index.html")
+        assert os.path.isfile(summary.report)
     assert second.collect.status_by_layer == first.collect.status_by_layer
     with Store(config.store) as store:
         for name in TABLES:
