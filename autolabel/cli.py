@@ -115,6 +115,8 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     _print_quality(summary.quality)
     _print_collect(summary)
     _print_audit(summary.audit)
+    for labels in summary.labels:
+        _print_labels(labels)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
     console.print(f"report: {summary.report}", soft_wrap=True)
@@ -183,7 +185,10 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
     llm.gguf = str(labeler_gguf) if labeler_gguf else llm.gguf
     llm.max_calls = llm.max_calls if max_calls is None else max_calls
     llm.max_cost_usd = llm.max_cost_usd if max_cost is None else max_cost
-    summary = label_run(run_config, run_id, show_progress=not quiet)
+    _print_labels(label_run(run_config, run_id, show_progress=not quiet))
+
+
+def _print_labels(summary) -> None:
     _print_table("labels", ["status", "features"], sorted(summary.by_status.items()))
     console.print(f"run [bold]{summary.run_id}[/]: {summary.unreliable} labels flagged unreliable; "
                   f"{summary.calls} requests, ${summary.cost_usd:.4f}, {summary.seconds:.0f} s")

@@ -179,6 +179,8 @@ class AuditConfig(Strict):
     specs: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")])
     # A run id, "previous" (the latest earlier collected run, if any), or None for no diff.
     against: str | None = "previous"
+    # `autolabel run` labels this many of each audit's flagged features, best ranked first (0: none).
+    label_flagged: int = Field(default=24, ge=0)
 class ReportConfig(Strict):
     """What `autolabel report` shows per feature page (bounded, so 16k pages render in under a minute)."""
 

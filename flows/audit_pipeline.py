@@ -33,6 +33,7 @@ from autolabel.collect.stage import collect_slice, collect_summary, fingerprint,
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
+from autolabel.label.stage import LabelSummary
 from autolabel.report.stage import report_run
 from autolabel.store import Store
 from autolabel.transcoders.check import LayerQuality
@@ -76,6 +77,7 @@ class RunSummary:
     collect: CollectSummary
     reused_from: str | None  # the earlier run whose identical collection was copied
     audit: AuditSummary | None  # None when the flow stopped after collection
+    labels: list[LabelSummary]  # one per audit with flagged features
     report: str | None  # the report's index.html, when the flow went that far
 
 
@@ -145,6 +147,14 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
             return AuditSummary(run_id, None, [], skipped=str(skipped))
 
 
+@task(name="label", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def label_task(config: RunConfig, run_id: str, audit: str, show_progress: bool) -> LabelSummary:
+    """The audit's best-ranked flagged features; answers come from the LLM cache when nothing changed."""
+    settings = config.label.model_copy(update={"audit": audit, "limit": config.audit.label_flagged,
+                                               "layers": None, "features": None})
+    return pipeline.label_run(config.model_copy(update={"label": settings}), run_id, show_progress)
+
+
 @task(name="report", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
 def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
     return str(report_run(config, run_id, show_progress=show_progress).index)
@@ -154,7 +164,8 @@ def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
 def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
                    until: Literal["collect", "audit", "report"] = "report", fresh: bool = False, n_slices: int = 0,
                    show_progress: bool = True) -> RunSummary:
-    """Corpus, transcoder check, collection, audits and the HTML report for one run (label and cluster join next).
+    """Corpus, transcoder check, collection, audits, labels for the audits' flagged features and the HTML
+    report for one run (clustering joins next).
 
     With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
     collect even when an identical collection is cached. With `n_slices`, collection is split into that
@@ -185,6 +196,8 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
             collect = collect_summary(store, run_id, 0.0 if holder != run_id else collected["seconds"],
                                       collected["resumed_shards"] if holder == run_id else 0)
         audit = audit_task(config, run_id) if until != "collect" else None
+        labels = [label_task(config, run_id, result.audit, show_progress) for result in audit.results
+                  if result.flagged and config.audit.label_flagged] if audit else []
         report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
         with Store(config.store) as store:
@@ -193,7 +206,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
     with Store(config.store) as store:
         store.finish_run(run_id, "complete")
     return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit,
-                      report)
+                      labels, report)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):

@@ -338,7 +338,7 @@ def tiny_run_config(folder, model_dir, cache_dir) -> dict:
                        "generation": {"enabled": False}},
             "transcoder": {"source": str(folder / "tc"), "max_fvu": 1e6, "check_tokens": 500},
             "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump(),
-            "report": {"out_dir": str(folder / "reports")}}
+            "report": {"out_dir": str(folder / "reports")}, "audit": {"label_flagged": 0}}
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir,

@@ -18,6 +18,7 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, p
     config["corpus"]["generation"].update(max_new_tokens=12, batch_size=8)
     config.update(cache_dir=str(cache_dir), store=str(tmp_path / "run.duckdb"))
     config["report"]["out_dir"] = str(tmp_path / "reports")
+    config["audit"]["label_flagged"] = 2  # the best two flagged features, through the local llama.cpp server
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
@@ -73,3 +74,11 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, p
     sections = {r["section"]: r for r in json.loads(out)}
     assert sections["pervasive"]["n"] >= 200 and sections["pervasive"]["metrics"] == 3
     assert all(r["inside"] for r in sections.values())
+
+    # The two best-ranked flagged features were labeled and scored in the run.
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select l.layer, l.feature, l.status, a.rank, count(s.scorer) as scores from labels l "
+                           "join audit_findings a using (run_id, layer, feature) left join scores s "
+                           "using (run_id, layer, feature) where a.metric = 'breadth' group by all order by a.rank")
+    labeled = json.loads(out)
+    assert [r["rank"] for r in labeled] == [1, 2] and all(r["status"] == "ok" and r["scores"] == 3 for r in labeled)

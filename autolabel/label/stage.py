@@ -43,7 +43,7 @@ class LabelSummary:
 
 
 def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[int, int, int]]:
-    """(layer, feature, n_top_examples) of the features to label, densest first."""
+    """(layer, feature, n_top_examples) of the features to label: densest first, or an audit's best ranked first."""
     settings = config.label
     where, params = ["f.run_id = ?", "f.status <> 'dead'"], [run_id]
     if settings.layers is not None:
@@ -62,8 +62,13 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
     rows = store.con.execute(
         "SELECT f.layer, f.feature, count(e.rank) FROM features f LEFT JOIN examples e ON e.run_id = f.run_id "
         "AND e.layer = f.layer AND e.feature = f.feature AND e.kind = 'top' "
-        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2"
-        + (f" LIMIT {settings.limit}" if settings.limit else ""), params).fetchall()
+        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2", params).fetchall()
+    if settings.audit is not None:  # an audit's candidates come best ranked first
+        ranks = {(layer, feature): rank for layer, feature, rank in store.con.execute(
+            "SELECT layer, feature, min(rank) FROM audit_findings WHERE run_id = ? AND audit = ? GROUP BY ALL",
+            [run_id, settings.audit]).fetchall()}
+        rows.sort(key=lambda row: ranks[row[0], row[1]])
+    rows = rows[: settings.limit] if settings.limit else rows
     if not rows and not store.one("SELECT count(*) FROM features WHERE run_id = ?", [run_id])[0]:
         raise AutolabelError(f"run {run_id} has no collected features; run `autolabel collect` first")
     return rows
