@@ -172,6 +172,29 @@ class LabelConfig(Strict):
     seed: int = 0
 
 
+class ClusterConfig(Strict):
+    """How `autolabel cluster` lays features out, clusters and names them, and tags audit groups."""
+
+    layers: list[int] | None = None  # None: every layer
+    # What a feature's point is made of: its label text (MiniLM), or that text joined with its decoder
+    # direction, each part weighted so the cosine is (1 - w) * text cosine + w * decoder cosine.
+    embedding: Literal["label", "label+decoder"] = "label"
+    decoder_weight: float = Field(default=0.3, ge=0, le=1)
+    labeler: str | None = None  # whose labels to use; None: the latest ok label of each feature
+    example_texts: int = Field(default=1, ge=1)  # top examples embedded for a feature with no label
+    batch_size: int = Field(default=128, ge=1)  # MiniLM batch
+    neighbors: int = Field(default=15, ge=2)  # UMAP's k nearest neighbours (computed exactly, once)
+    map_min_dist: float = Field(default=0.1, ge=0, le=1)
+    cluster_dims: int = Field(default=10, ge=2)  # UMAP dimensions HDBSCAN clusters in
+    epochs: int = Field(default=200, ge=10)  # UMAP optimisation epochs
+    min_cluster_size: int = Field(default=5, ge=2)
+    min_samples: int | None = Field(default=None, ge=1)  # None: min_cluster_size
+    seed: int = 0  # UMAP's random state; a re-run with another seed records the ARI between the two
+    name_clusters: bool = True  # one LLM call per cluster
+    name_labels: int = Field(default=20, ge=1)  # member labels shown per naming call, nearest the centre first
+    groups: str = str(PROJECT_ROOT / "audits" / "groups.yaml")  # audit group spec; "" for none
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -186,6 +209,7 @@ class RunConfig(Strict):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:

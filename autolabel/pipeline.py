@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autolabel.cluster import ClusterSummary, cluster_stage
 from autolabel.collect import CollectSummary, collect_stage
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
@@ -68,6 +69,28 @@ def run_pipeline(config: RunConfig, show_progress: bool = True, resume: bool = F
             raise
         store.finish_run(run_id, "complete")
     return RunSummary(run_id, corpus, transcoder_id, quality, collect)
+
+
+def collected_run(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
+    """The given run, or the latest collected one, with the config it was collected with."""
+    row = store.one("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
+                    "AND s.stage = 'collect' AND s.shard = 'final' WHERE ? IS NULL OR r.run_id = ? "
+                    "ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
+    if row is None:
+        raise AutolabelError(f"no collected run {run_id or ''} in {store.path}; run `autolabel collect` first")
+    return row[0], RunConfig.model_validate_json(row[1])
+
+
+def cluster_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> ClusterSummary:
+    """Map, cluster, name and tag the features of a collected run (the latest by default) with `config`'s
+    cluster and llm settings; the tokenizer and transcoders are the run's own."""
+    with Store(config.store) as store:
+        run_id, stored = collected_run(store, run_id)
+        subject = load_subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
+        tset = None
+        if config.cluster.embedding == "label+decoder":
+            tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
+        return cluster_stage(store, subject.tokenizer, tset, run_id, config, show_progress=show_progress)
 
 
 def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> LabelSummary:

@@ -135,6 +135,17 @@ SCHEMA: dict[str, str] = {
             layer INTEGER, feature INTEGER, against_layer INTEGER, against_feature INTEGER,
             match VARCHAR, cosine DOUBLE, details_json JSON,
             PRIMARY KEY (run_id, against_run_id, audit, change, layer, feature))""",
+    # One row per clustering of a run (`autolabel cluster --seed N`): its size, and the adjusted Rand
+    # index against the clustering it replaced (made with seed ari_vs_seed), the stability measure.
+    "cluster_runs": """
+        CREATE TABLE IF NOT EXISTS cluster_runs (
+            run_id VARCHAR, seed INTEGER, embedding VARCHAR, n_features INTEGER, n_reliable INTEGER,
+            n_clusters INTEGER, noise_fraction DOUBLE, ari_vs_seed INTEGER, ari DOUBLE, seconds DOUBLE,
+            created_at TIMESTAMPTZ, PRIMARY KEY (run_id, seed))""",
+    # MiniLM (or another embedder's) vectors by text, so a re-clustering does not embed again.
+    "text_embeddings": """
+        CREATE TABLE IF NOT EXISTS text_embeddings (
+            model VARCHAR, text_hash VARCHAR, vector FLOAT[], PRIMARY KEY (model, text_hash))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.
@@ -146,6 +157,12 @@ ADDED_COLUMNS = [
     ("audit_findings", "rank", "INTEGER"),
     ("audit_findings", "group_name", "VARCHAR"),
     ("audit_findings", "label", "VARCHAR"),
+    ("clusters", "status", "VARCHAR"),
+    ("clusters", "error", "VARCHAR"),
+    ("clusters", "n_reliable", "INTEGER"),
+    ("groups", "via", "VARCHAR"),
+    ("groups", "nearest_seed", "VARCHAR"),
+    ("groups", "n_active", "BIGINT"),
 ]
 
 # One row per token, for SQL over roles and categories without unnesting by hand.
@@ -235,19 +252,26 @@ class Store:
         tables: dict[str, pa.Table | list[dict[str, Any]]],
         replace: bool = False,
         fresh: bool = False,
+        clear: tuple[str, ...] = (),
     ) -> bool:
         """Upsert `tables` and record the shard, all or nothing.
 
         Returns False (and writes nothing) when the shard was already committed
         and `replace` is not set, which is what makes resuming safe. `fresh` promises
         that no row of these tables can exist yet (rows only a committed shard writes):
-        a plain insert then takes a fraction of an upsert's memory on big tables.
+        a plain insert then takes a fraction of an upsert's memory on big tables. `clear` names
+        tables whose rows of this run are deleted first, in the same transaction, for a stage
+        that recomputes a whole run (cluster: a new clustering may have fewer clusters).
         """
         with self.transaction() as con:
             done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
                             [run_id, stage, shard])[0]
             if done and not replace:
                 return False
+            for table in clear:
+                if table not in SCHEMA:
+                    raise ValueError(f"unknown table {table!r}")
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             n_rows = sum(self._upsert(con, table, rows, fresh) for table, rows in tables.items())
             con.execute(
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
