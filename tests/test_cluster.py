@@ -10,17 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from sklearn.metrics import adjusted_rand_score
 from test_cli import run_cli
 from test_llm import FaultServer
 
 from autolabel.cluster import cluster_stage
-from autolabel.cluster.embed import load_embedder
+from autolabel.cluster.embed import combine, load_embedder
 from autolabel.cluster.groups import load_groups
 from autolabel.config import ClusterConfig, LLMConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.store import Store, now, to_json
+from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 RUN = "run-1"
 
@@ -171,14 +173,23 @@ def test_another_seed_replaces_the_clustering_and_records_the_ari(store_path, to
     assert cached >= len(before)  # the second run embedded nothing new
 
 
-def test_label_plus_decoder_mixes_the_cosines(store_path, tokenizer, embedder, tmp_path):
-    from autolabel.cluster.embed import combine
-
+def test_label_plus_decoder_mixes_the_cosines_and_weight_1_clusters_by_decoder(store_path, tokenizer, embedder):
     text = np.eye(3, 4, dtype=np.float32)
     decoder = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
     mixed = combine(text, decoder, 0.3)
     # cosine = 0.7 * text cosine + 0.3 * decoder cosine, and every point stays a unit vector
     assert np.allclose(mixed @ mixed.T, 0.7 * (text @ text.T) + 0.3 * (decoder @ decoder.T), atol=1e-6)
+    # Decoder rows planted in three directions that cut across the label topics (feature id mod 3):
+    # with all the weight on the decoder, the clusters follow the decoder, not the labels.
+    generator = torch.Generator().manual_seed(0)
+    axes = torch.eye(16)[:3] * 5
+    W_dec = axes[torch.arange(110) % 3] + torch.randn(110, 16, generator=generator) * 0.3
+    tset = TranscoderSet({0: Transcoder(0, torch.zeros(4, 110), torch.zeros(110), W_dec, torch.zeros(16))})
+    with Store(store_path) as store:
+        cluster_stage(store, tokenizer, tset, RUN, config(name_clusters=False, embedding="label+decoder",
+                                                          decoder_weight=1.0), embedder, show_progress=False)
+        placed = store.query("SELECT feature, cluster_id FROM feature_map WHERE run_id = ? ORDER BY 1", [RUN])[1]
+    assert adjusted_rand_score([f % 3 for f, _ in placed], [c for _, c in placed]) >= 0.8, placed
 
 
 def write_spec(tmp_path, change) -> str:

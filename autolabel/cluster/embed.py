@@ -130,11 +130,19 @@ def decoder_directions(tset, keys: list[tuple[int, int]]) -> np.ndarray:
     """Unit decoder rows [n, d_model] of the features (a cross-layer decoder's slices summed)."""
     import torch
 
-    rows = []
-    for layer, feature in keys:
-        row = tset[layer].W_dec[feature].float()
-        rows.append(row.sum(0) if row.dim() == 2 else row)
-    matrix = torch.stack(rows).numpy() if rows else np.zeros((0, 1), np.float32)
+    layers = np.array([layer for layer, _ in keys])
+    features = np.array([feature for _, feature in keys])
+    matrix = None
+    for layer in np.unique(layers):
+        at = np.flatnonzero(layers == layer)
+        with torch.no_grad():
+            rows = tset[int(layer)].W_dec[torch.from_numpy(features[at])].float()
+        rows = (rows.sum(1) if rows.dim() == 3 else rows).numpy()  # [n_at, d_model]
+        if matrix is None:
+            matrix = np.zeros((len(keys), rows.shape[1]), np.float32)
+        matrix[at] = rows
+    if matrix is None:
+        return np.zeros((0, 1), np.float32)
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
