@@ -171,6 +171,9 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
     summary = cluster_run(run_config, run_id, show_progress=not quiet)
     _print_table("clusters", ["name status", "clusters"], sorted(summary.names_by_status.items()))
     _print_table("audit groups", ["group", "features"], list(summary.group_sizes.items()))
+    for group, categories in summary.missing_categories.items():
+        console.print(f"[yellow]note:[/] group {group}: the run's corpus has no {', '.join(categories)} documents, "
+                      f"so they give no lift evidence")
     stability = f"; ARI {summary.ari:.3f} against seed {summary.ari_vs_seed}" if summary.ari is not None else ""
     console.print(f"run [bold]{summary.run_id}[/]: {summary.n_features} features ({summary.n_reliable} reliably "
                   f"labeled) in {summary.n_clusters} clusters, {summary.noise_fraction:.0%} noise{stability}; "

@@ -141,6 +141,9 @@ def test_audit_groups_by_label_similarity_and_by_probe_lift(store_path, tokenize
     assert via == "lift" and similarity is None and lift == pytest.approx((41 / 201) / (3 / 5001))
     assert not any(f in {i * 10 + j for i in range(4) for j in range(10)} and g == "refusal" for g, f in members)
     assert summary.group_sizes["refusal"] >= 1 and summary.names_by_status == {"unnamed": summary.n_clusters}
+    # Probe categories this corpus lacks are reported, not silently ignored.
+    assert summary.missing_categories["reward_model_bias"] == ["coding", "poem", "units"]
+    assert summary.missing_categories["refusal"] == ["harmful_request"] and "hallucination" not in summary.missing_categories
 
 
 def test_garbage_names_are_recorded_as_failures_not_invented(store_path, tokenizer, embedder):

@@ -78,6 +78,9 @@ def load_groups(path: str | Path) -> GroupsSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise AutolabelError(f"audit group file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise AutolabelError(f"audit group file {path} must hold a mapping with a `groups:` key, found "
+                             f"{type(raw).__name__}; see audits/groups.yaml for the format")
     try:
         spec = GroupsSpec.model_validate(raw)
     except ValidationError as err:
@@ -127,6 +130,14 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
     # Add-one smoothing keeps a feature silent outside the probes finite, and a rare one from a huge ratio.
     return {(layer, feature): (((a_in + 1) / (n_in + 1)) / ((a_out + 1) / (n_out + 1)), int(a_in))
             for layer, feature, a_in, n_in, a_out, n_out in rows}
+
+
+def missing_categories(store: Store, run_id: str, spec: GroupsSpec) -> dict[str, list[str]]:
+    """Probe categories of each group that the run's corpus does not have (their lift cannot be measured)."""
+    present = {row[0] for row in store.con.execute(
+        "SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id]).fetchall()}
+    return {name: missing for name, group in spec.groups.items()
+            if (missing := sorted(set(group.categories) - present))}
 
 
 def group_members(spec: GroupsSpec, seed_vectors: dict[str, np.ndarray], keys: list[tuple[int, int]],

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +27,12 @@ from autolabel.cluster.embed import (
     feature_texts,
     load_embedder,
 )
-from autolabel.cluster.groups import group_members, load_groups, probe_lift
+from autolabel.cluster.groups import (
+    group_members,
+    load_groups,
+    missing_categories,
+    probe_lift,
+)
 from autolabel.cluster.layout import lay_out
 from autolabel.cluster.naming import ClusterName, name_clusters
 from autolabel.config import RunConfig
@@ -46,6 +53,7 @@ class ClusterSummary:
     noise_fraction: float
     names_by_status: dict[str, int]  # ok / invalid / error / unnamed -> clusters
     group_sizes: dict[str, int]
+    missing_categories: dict[str, list[str]]  # group -> probe categories the run's corpus lacks
     ari_vs_seed: int | None  # the seed of the clustering this one replaced, if any
     ari: float | None
     calls: int
@@ -70,6 +78,13 @@ def stability(previous: dict[tuple[int, int], int], keys: list[tuple[int, int]],
     return float(adjusted_rand_score(before, after))
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - started
+
+
 def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig, embedder=None,
                   show_progress: bool = True) -> ClusterSummary:
     """Map, cluster, name and tag the features of `run_id`. `tset` (the run's transcoders) is needed only for
@@ -77,50 +92,39 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
     settings = config.cluster
     started = time.perf_counter()
     spec = load_groups(settings.groups) if settings.groups else None  # a bad spec fails before any work
+    if settings.embedding == "label+decoder" and tset is None:
+        raise AutolabelError("cluster.embedding is label+decoder but no transcoders were given")
     seconds: dict[str, float] = {}
-    phase = time.perf_counter()
-    texts = feature_texts(store, run_id, tokenizer, settings)
+    with _timed(seconds, "read"):
+        texts = feature_texts(store, run_id, tokenizer, settings)
     if not texts.keys:
         raise AutolabelError(f"run {run_id} has no features to cluster (none fired, or none in cluster.layers); "
                              f"run `autolabel collect` and `autolabel label` first")
-    seconds["read"] = time.perf_counter() - phase
-    phase = time.perf_counter()
-    embedder = embedder or load_embedder(settings.embed_dtype)
-    seconds["load_embedder"] = time.perf_counter() - phase
-    phase = time.perf_counter()
-    text_vectors = embed_texts(store, embedder, texts.texts, settings.batch_size, show_progress)  # [n, 384]
-    seconds["embed"] = time.perf_counter() - phase
-    decoder = None
-    if settings.embedding == "label+decoder":
-        if tset is None:
-            raise AutolabelError("cluster.embedding is label+decoder but no transcoders were given")
-        decoder = decoder_directions(tset, texts.keys)  # [n, d_model]
+    with _timed(seconds, "load_embedder"):
+        embedder = embedder or load_embedder(settings.embed_dtype)
+    with _timed(seconds, "embed"):
+        text_vectors = embed_texts(store, embedder, texts.texts, settings.batch_size, show_progress)  # [n, 384]
+    decoder = decoder_directions(tset, texts.keys) if settings.embedding == "label+decoder" else None  # [n, d_model]
     layout = lay_out(combine(text_vectors, decoder, settings.decoder_weight), settings)
     seconds.update(layout.seconds)
 
-    phase = time.perf_counter()
-    calls = 0
-    if settings.name_clusters and (layout.cluster_ids >= 0).any():
-        with open_client(store, config.llm, run_id, STAGE) as client:
+    with _timed(seconds, "name"):
+        naming = settings.name_clusters and bool((layout.cluster_ids >= 0).any())
+        with open_client(store, config.llm, run_id, STAGE) if naming else nullcontext() as client:
             names = asyncio.run(name_clusters(client, layout.cluster_space, layout.cluster_ids, texts.labels,
                                               texts.reliable, settings.name_labels))
-            calls = client.calls
-    else:
-        names = asyncio.run(name_clusters(None, layout.cluster_space, layout.cluster_ids, texts.labels,
-                                          texts.reliable, settings.name_labels))
-    seconds["name"] = time.perf_counter() - phase
-
-    phase = time.perf_counter()
-    members = []
-    if spec is not None:
-        seeds = {name: embed_texts(store, embedder, group.seeds, settings.batch_size)
-                 for name, group in spec.groups.items()}
-        lifts = {name: probe_lift(store, run_id, group) for name, group in spec.groups.items()}
-        members = group_members(spec, seeds, texts.keys, text_vectors, texts.reliable, lifts)
-    seconds["groups"] = time.perf_counter() - phase
+    with _timed(seconds, "groups"):
+        members, missing = [], {}
+        if spec is not None:
+            missing = missing_categories(store, run_id, spec)
+            seeds = {name: embed_texts(store, embedder, group.seeds, settings.batch_size)
+                     for name, group in spec.groups.items()}
+            lifts = {name: probe_lift(store, run_id, group) for name, group in spec.groups.items()}
+            members = group_members(spec, seeds, texts.keys, text_vectors, texts.reliable, lifts)
 
     previous_seed, previous = previous_clustering(store, run_id)
-    ari = stability(previous, texts.keys, layout.cluster_ids) if previous else None
+    ari = stability(previous, texts.keys, layout.cluster_ids)
+    ari_vs_seed = previous_seed if ari is not None else None
     n_clusters = len(set(layout.cluster_ids.tolist()) - {-1})
     noise_fraction = float((layout.cluster_ids == -1).mean())
     seconds["total"] = time.perf_counter() - started
@@ -135,9 +139,8 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
                     "n_active": m.n_active} for m in members],
         "cluster_runs": [{"run_id": run_id, "seed": settings.seed, "embedding": settings.embedding,
                           "n_features": len(texts.keys), "n_reliable": int(texts.reliable.sum()),
-                          "n_clusters": n_clusters, "noise_fraction": noise_fraction,
-                          "ari_vs_seed": previous_seed if ari is not None else None, "ari": ari,
-                          "seconds": seconds["total"], "created_at": now()}],
+                          "n_clusters": n_clusters, "noise_fraction": noise_fraction, "ari_vs_seed": ari_vs_seed,
+                          "ari": ari, "seconds": seconds["total"], "created_at": now()}],
     }
     store.write_shard(run_id, STAGE, f"seed-{settings.seed}", tables, replace=True,
                       clear=("feature_map", "clusters", "groups"))
@@ -147,8 +150,8 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
             by_status[name.status] = by_status.get(name.status, 0) + 1
     group_sizes = {name: sum(m.group_name == name for m in members) for name in (spec.groups if spec else {})}
     return ClusterSummary(run_id, settings.seed, len(texts.keys), int(texts.reliable.sum()), n_clusters,
-                          noise_fraction, by_status, group_sizes, previous_seed if ari is not None else None, ari,
-                          calls, seconds)
+                          noise_fraction, by_status, group_sizes, missing, ari_vs_seed, ari,
+                          client.calls if naming else 0, seconds)
 
 
 def _cluster_row(run_id: str, name: ClusterName, cluster_ids: np.ndarray) -> dict:
