@@ -222,18 +222,24 @@ def test_bad_group_specs_name_the_file_group_field_and_fix(tmp_path):
         load_groups(role)
 
 
-def test_cli_exits_2_on_a_bad_spec_and_leaves_the_store_as_it_was(monkeypatch, capsys, tmp_path, tiny_model_dir,
+def test_cli_exits_2_on_a_bad_spec_leaving_the_store_as_it_was_then_clusters(monkeypatch, capsys, tmp_path, tiny_model_dir,
                                                                    store_path):
     with Store(store_path) as store:  # make the planted rows a collected run of the tiny model
         store.con.execute("INSERT INTO runs (run_id, started_at, status, config_json) VALUES (?, ?, 'complete', ?)",
                           [RUN, now(), to_json(RunConfig(model={"source": str(tiny_model_dir)}).model_dump(mode="json"))])
         store.write_shard(RUN, "collect", "final", {})
+    code, out, _ = run_cli(monkeypatch, capsys, "cluster", "--help")
+    assert code == 0 and "--seed" in out and "--groups" in out
     spec = write_spec(tmp_path, lambda s: s["groups"]["refusal"].update(sedes=["x"]))
     code, _, err = run_cli(monkeypatch, capsys, "cluster", "--store", str(store_path), "--groups", spec, "--no-names")
     assert code == 2 and "field 'sedes'" in err and "remove it" in err
     with Store(store_path) as store:
         assert store.one("SELECT count(*) FROM feature_map")[0] == 0
         assert store.one("SELECT count(*) FROM shards WHERE stage = 'cluster'")[0] == 0
+    code, out, err = run_cli(monkeypatch, capsys, "cluster", "--store", str(store_path), "--no-names", "--quiet")
+    assert code == 0 and "refusal" in out and "45 features (41 reliably labeled)" in out, err
+    with Store(store_path) as store:
+        assert store.one("SELECT count(*) FROM feature_map WHERE run_id = ?", [RUN])[0] == 45
 
 
 def test_names_from_the_real_local_llama_server(tmp_path, tokenizer, embedder):
