@@ -136,12 +136,13 @@ SCHEMA: dict[str, str] = {
             match VARCHAR, cosine DOUBLE, details_json JSON,
             PRIMARY KEY (run_id, against_run_id, audit, change, layer, feature))""",
     # One row per clustering of a run (`autolabel cluster --seed N`): its size, and the adjusted Rand
-    # index against the clustering it replaced (made with seed ari_vs_seed), the stability measure.
+    # index against the clustering it replaced (made with seed ari_vs_seed), the stability measure:
+    # `ari` over every feature (noise as one more label), `ari_clustered` over those both put in a cluster.
     "cluster_runs": """
         CREATE TABLE IF NOT EXISTS cluster_runs (
             run_id VARCHAR, seed INTEGER, embedding VARCHAR, n_features INTEGER, n_reliable INTEGER,
-            n_clusters INTEGER, noise_fraction DOUBLE, ari_vs_seed INTEGER, ari DOUBLE, seconds DOUBLE,
-            created_at TIMESTAMPTZ, PRIMARY KEY (run_id, seed))""",
+            n_clusters INTEGER, noise_fraction DOUBLE, ari_vs_seed INTEGER, ari DOUBLE, ari_clustered DOUBLE,
+            seconds DOUBLE, created_at TIMESTAMPTZ, PRIMARY KEY (run_id, seed))""",
     # MiniLM (or another embedder's) vectors by text, so a re-clustering does not embed again.
     "text_embeddings": """
         CREATE TABLE IF NOT EXISTS text_embeddings (

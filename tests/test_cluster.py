@@ -167,12 +167,16 @@ def test_another_seed_replaces_the_clustering_and_records_the_ari(store_path, to
         second = cluster_stage(store, tokenizer, None, RUN, config(name_clusters=False, seed=1), embedder,
                                show_progress=False)
         after = {(l, f): c for l, f, c in store.query("SELECT layer, feature, cluster_id FROM feature_map")[1]}
-        runs = store.query("SELECT seed, ari_vs_seed, ari, n_features FROM cluster_runs ORDER BY created_at")[1]
+        runs = store.query("SELECT seed, ari_vs_seed, ari, n_features, ari_clustered FROM cluster_runs "
+                           "ORDER BY created_at")[1]
         cached = store.one("SELECT count(*) FROM text_embeddings")[0]
         clusters = store.one("SELECT count(*) FROM clusters WHERE cluster_id >= 0")[0]
     keys = sorted(before)
     expected = adjusted_rand_score([before[k] for k in keys], [after[k] for k in keys])
+    clustered = [k for k in keys if before[k] >= 0 and after[k] >= 0]
     assert runs[0][:3] == (0, None, None) and runs[1][:2] == (1, 0)
+    assert runs[1][4] == pytest.approx(adjusted_rand_score([before[k] for k in clustered],
+                                                           [after[k] for k in clustered]))
     assert runs[1][2] == pytest.approx(expected) == second.ari and second.ari_vs_seed == 0
     assert second.ari > 0.5 and len(after) == len(before) == runs[1][3]
     assert cached == cached_before >= len(before)  # every text was embedded once, then read from the cache

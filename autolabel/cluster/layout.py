@@ -79,7 +79,8 @@ def lay_out(vectors: np.ndarray, config: ClusterConfig) -> Layout:
     map_xy = _umap(vectors, knn, 2, config.map_min_dist, config)
     seconds["umap_map"] = time.perf_counter() - started
     started = time.perf_counter()
-    cluster_ids = HDBSCAN(min_cluster_size=config.min_cluster_size, min_samples=config.min_samples,
+    min_cluster_size = config.min_cluster_size or max(5, n // 400)
+    cluster_ids = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=config.min_samples,
                           copy=True).fit_predict(cluster_space)
     seconds["hdbscan"] = time.perf_counter() - started
     return Layout(map_xy, cluster_space, cluster_ids.astype(np.int64), seconds)

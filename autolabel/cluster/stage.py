@@ -56,6 +56,7 @@ class ClusterSummary:
     missing_categories: dict[str, list[str]]  # group -> probe categories the run's corpus lacks
     ari_vs_seed: int | None  # the seed of the clustering this one replaced, if any
     ari: float | None
+    ari_clustered: float | None  # over the features both clusterings put in a cluster
     calls: int
     seconds: dict[str, float]  # per phase, and "total"
 
@@ -67,15 +68,18 @@ def previous_clustering(store: Store, run_id: str) -> tuple[int | None, dict[tup
     return (row[0] if row else None), {(layer, feature): cluster for layer, feature, cluster in rows}
 
 
-def stability(previous: dict[tuple[int, int], int], keys: list[tuple[int, int]], cluster_ids: np.ndarray) -> float | None:
-    """Adjusted Rand index between two clusterings on the features both placed."""
+def stability(previous: dict[tuple[int, int], int], keys: list[tuple[int, int]],
+              cluster_ids: np.ndarray) -> tuple[float | None, float | None]:
+    """Adjusted Rand index between two clusterings on the features both placed (noise as one more label),
+    and on those both put in a cluster."""
     from sklearn.metrics import adjusted_rand_score
 
-    common = [(previous[key], int(c)) for key, c in zip(keys, cluster_ids) if key in previous]
+    common = np.array([(previous[key], c) for key, c in zip(keys, cluster_ids.tolist()) if key in previous])
     if len(common) < 2:
-        return None
-    before, after = zip(*common)
-    return float(adjusted_rand_score(before, after))
+        return None, None
+    clustered = common[(common >= 0).all(1)]
+    return (float(adjusted_rand_score(common[:, 0], common[:, 1])),
+            float(adjusted_rand_score(clustered[:, 0], clustered[:, 1])) if len(clustered) >= 2 else None)
 
 
 @contextmanager
@@ -123,7 +127,7 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
             members = group_members(spec, seeds, texts.keys, text_vectors, texts.reliable, lifts)
 
     previous_seed, previous = previous_clustering(store, run_id)
-    ari = stability(previous, texts.keys, layout.cluster_ids)
+    ari, ari_clustered = stability(previous, texts.keys, layout.cluster_ids)
     ari_vs_seed = previous_seed if ari is not None else None
     n_clusters = len(set(layout.cluster_ids.tolist()) - {-1})
     noise_fraction = float((layout.cluster_ids == -1).mean())
@@ -140,7 +144,8 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
         "cluster_runs": [{"run_id": run_id, "seed": settings.seed, "embedding": settings.embedding,
                           "n_features": len(texts.keys), "n_reliable": int(texts.reliable.sum()),
                           "n_clusters": n_clusters, "noise_fraction": noise_fraction, "ari_vs_seed": ari_vs_seed,
-                          "ari": ari, "seconds": seconds["total"], "created_at": now()}],
+                          "ari": ari, "ari_clustered": ari_clustered, "seconds": seconds["total"],
+                          "created_at": now()}],
     }
     store.write_shard(run_id, STAGE, f"seed-{settings.seed}", tables, replace=True,
                       clear=("feature_map", "clusters", "groups"))
@@ -151,7 +156,7 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
     group_sizes = {name: sum(m.group_name == name for m in members) for name in (spec.groups if spec else {})}
     return ClusterSummary(run_id, settings.seed, len(texts.keys), int(texts.reliable.sum()), n_clusters,
                           noise_fraction, by_status, group_sizes, missing, ari_vs_seed, ari,
-                          client.calls if naming else 0, seconds)
+                          ari_clustered, client.calls if naming else 0, seconds)
 
 
 def _cluster_row(run_id: str, name: ClusterName, cluster_ids: np.ndarray) -> dict:
