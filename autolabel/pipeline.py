@@ -97,13 +97,8 @@ def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool 
     """Label the features of a collected run (the latest one by default) with `config`'s label and llm
     settings; the model and transcoders are the run's own."""
     with Store(config.store) as store:
-        row = store.one("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
-                        "AND s.stage = 'collect' AND s.shard = 'final' WHERE ? IS NULL OR r.run_id = ? "
-                        "ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
-        if row is None:
-            raise AutolabelError(f"no collected run {run_id or ''} in {config.store}; run `autolabel collect` first")
-        stored = RunConfig.model_validate_json(row[1])
+        run_id, stored = collected_run(store, run_id)
         subject = load_subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
         tset = open_transcoders(stored.transcoder.source, stored.transcoder.format)
         labeling = stored.model_copy(update={"label": config.label, "llm": config.llm})
-        return label_stage(store, subject, tset, row[0], labeling, show_progress)
+        return label_stage(store, subject, tset, run_id, labeling, show_progress)
