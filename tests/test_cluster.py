@@ -68,11 +68,13 @@ def store_path(tmp_path, tokenizer):
                          "tokens": tokenizer.encode(text), "acts": [1.0], "max_act": 1.0}
                         for f, text in [(RECIPE_FEATURE, "Melt the butter and stir in the flour"),
                                         (103, "the the the of of"), (104, "and so on and so forth")]]
-    rows["category_stats"] = [  # RECIPE_FEATURE: 40 of 200 recipe assistant tokens, 2 of 5000 elsewhere
+    rows["category_stats"] = [  # RECIPE_FEATURE: 40 of 200 recipe assistant tokens, 2 of 5000 in the travel
+        # controls; as many in news, which is not a control of reward-model bias; feature 100 the other way round
         {"run_id": RUN, "layer": 0, "feature": f, "category": category, "role": "assistant", "n_tokens": n,
          "n_active": active, "sum_act": float(active), "n_turns": 10, "n_turns_active": min(active, 10)}
-        for f, category, n, active in [(RECIPE_FEATURE, "recipe", 200, 40), (RECIPE_FEATURE, "news", 5000, 2),
-                                       (100, "recipe", 200, 1), (100, "news", 5000, 25)]]
+        for f, category, n, active in [(RECIPE_FEATURE, "recipe", 200, 40), (RECIPE_FEATURE, "travel", 5000, 2),
+                                       (RECIPE_FEATURE, "news", 5000, 2000), (100, "recipe", 200, 1),
+                                       (100, "travel", 5000, 25)]]
     rows["scores"] = [{"run_id": RUN, "layer": 0, "feature": 39, "scorer": "detection", "value": 0.4, "n": 10,
                        "status": "ok", "unreliable": True}]  # a flagged label: placed, not trusted
     path = tmp_path / "s.duckdb"
@@ -143,7 +145,8 @@ def test_audit_groups_by_label_similarity_and_by_probe_lift(store_path, tokenize
     assert summary.group_sizes["refusal"] >= 1 and summary.names_by_status == {"unnamed": summary.n_clusters}
     # Probe categories this corpus lacks are reported, not silently ignored.
     assert summary.missing_categories["reward_model_bias"] == ["coding", "poem", "units"]
-    assert summary.missing_categories["refusal"] == ["harmful_request"] and "hallucination" not in summary.missing_categories
+    assert summary.missing_categories["refusal"] == ["benign", "harmful_request", "over_refusal"]
+    assert "hallucination" not in summary.missing_categories
 
 
 def test_garbage_names_are_recorded_as_failures_not_invented(store_path, tokenizer, embedder):
@@ -227,6 +230,9 @@ def test_bad_group_specs_name_the_file_group_field_and_fix(tmp_path):
     role = write_spec(tmp_path, lambda s: s["groups"]["refusal"].update(roles=["assistent"]))
     with pytest.raises(AutolabelError, match=r"group 'refusal', field 'roles'.*assistent"):
         load_groups(role)
+    overlap = write_spec(tmp_path, lambda s: s["groups"]["refusal"].update(controls=["harmful_request"]))
+    with pytest.raises(AutolabelError, match=r"group 'refusal', field 'controls'.*harmful_request"):
+        load_groups(overlap)
 
 
 def test_cli_exits_2_on_a_bad_spec_leaving_the_store_as_it_was_then_clusters(monkeypatch, capsys, tmp_path, tiny_model_dir,

@@ -5,8 +5,9 @@ phrases) and optionally probe categories of the corpus. A feature joins a group
 - by similarity: the MiniLM cosine between its reliable label and the nearest
   seed reaches the group's `min_similarity`; or
 - by lift: its activation rate on the probe categories' tokens (of the group's
-  roles) over its rate on every other category's tokens of the same roles
-  reaches `min_lift`, with at least `min_active` active probe tokens.
+  roles) over its rate on the control categories' tokens of the same roles (every
+  other category when the group names no controls) reaches `min_lift`, with at
+  least `min_active` active probe tokens.
 Both numbers are stored with the membership, whichever let it in, so an auditor
 can see why a feature is in a group.
 """
@@ -42,6 +43,9 @@ class GroupSpec(_Strict):
     description: str
     seeds: list[Seed] = Field(min_length=1)  # descriptions and example phrases of the concept
     categories: list[str] = Field(default_factory=list)  # probe document categories (category_stats)
+    # Matched look-alikes the probes are compared with (benign requests for harmful ones); empty: every
+    # other category. Without controls, a lift also measures topic (injections ask to summarise documents).
+    controls: list[str] = Field(default_factory=list)
     roles: list[str] = Field(default_factory=list)  # token roles the lift is measured on; empty: all
     min_similarity: float | None = Field(default=None, gt=0, le=1)  # None: the file's defaults
     min_lift: float | None = Field(default=None, gt=1)
@@ -90,6 +94,10 @@ def load_groups(path: str | Path) -> GroupsSpec:
         if unknown:
             raise AutolabelError(f"audit group file {path}: group {name!r}, field 'roles': unknown role(s) {unknown}; "
                                  f"use some of {list(ROLES)}")
+        both = sorted(set(group.categories) & set(group.controls))
+        if both:
+            raise AutolabelError(f"audit group file {path}: group {name!r}, field 'controls': {both} are also probe "
+                                 f"categories; a category is either probed or a control")
     return spec
 
 
@@ -118,26 +126,28 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
     if not group.categories:
         return {}
     roles = group.roles or list(ROLES)
+    controls = "category IN (SELECT unnest($controls))" if group.controls else "category NOT IN (SELECT unnest($cats))"
     rows = store.con.execute(
-        """SELECT layer, feature,
+        f"""SELECT layer, feature,
                   coalesce(sum(n_active) FILTER (WHERE category IN (SELECT unnest($cats))), 0) AS a_in,
                   coalesce(sum(n_tokens) FILTER (WHERE category IN (SELECT unnest($cats))), 0) AS n_in,
-                  coalesce(sum(n_active) FILTER (WHERE category NOT IN (SELECT unnest($cats))), 0) AS a_out,
-                  coalesce(sum(n_tokens) FILTER (WHERE category NOT IN (SELECT unnest($cats))), 0) AS n_out
+                  coalesce(sum(n_active) FILTER (WHERE {controls}), 0) AS a_out,
+                  coalesce(sum(n_tokens) FILTER (WHERE {controls}), 0) AS n_out
            FROM category_stats WHERE run_id = $run AND CAST(role AS VARCHAR) IN (SELECT unnest($roles))
-           GROUP BY ALL HAVING n_in > 0""",
-        {"cats": group.categories, "run": run_id, "roles": roles}).fetchall()
+           GROUP BY ALL HAVING n_in > 0 AND n_out > 0""",
+        {"cats": group.categories, "run": run_id, "roles": roles,
+         **({"controls": group.controls} if group.controls else {})}).fetchall()
     # Add-one smoothing keeps a feature silent outside the probes finite, and a rare one from a huge ratio.
     return {(layer, feature): (((a_in + 1) / (n_in + 1)) / ((a_out + 1) / (n_out + 1)), int(a_in))
             for layer, feature, a_in, n_in, a_out, n_out in rows}
 
 
 def missing_categories(store: Store, run_id: str, spec: GroupsSpec) -> dict[str, list[str]]:
-    """Probe categories of each group that the run's corpus does not have (their lift cannot be measured)."""
+    """Probe and control categories of each group that the run's corpus does not have."""
     present = {row[0] for row in store.con.execute(
         "SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id]).fetchall()}
     return {name: missing for name, group in spec.groups.items()
-            if (missing := sorted(set(group.categories) - present))}
+            if (missing := sorted(set(group.categories + group.controls) - present))}
 
 
 def group_members(spec: GroupsSpec, seed_vectors: dict[str, np.ndarray], keys: list[tuple[int, int]],
