@@ -270,6 +270,39 @@ def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve."
         pass
     finally:
         server.server_close()
+@app.command()
+def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
+            run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
+            seed: Annotated[Optional[int], typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
+            embedding: Annotated[Optional[str], typer.Option(help="label or label+decoder.")] = None,
+            groups: Annotated[Optional[Path], typer.Option(help="Audit group spec YAML (default: audits/groups.yaml).")] = None,
+            no_names: Annotated[bool, typer.Option("--no-names", help="Do not ask the LLM for cluster names.")] = False,
+            base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
+            llm_model: Annotated[Optional[str], typer.Option(help="Model name sent to the endpoint.")] = None) -> None:
+    """Lay features out on a 2-D map (MiniLM + UMAP), cluster them (HDBSCAN), name the clusters with an LLM,
+    and tag the audit groups of audits/groups.yaml."""
+    from autolabel.pipeline import cluster_run
+
+    run_config = _config(config, store)
+    settings = run_config.cluster
+    if embedding is not None and embedding not in {"label", "label+decoder"}:
+        raise AutolabelError(f"--embedding must be label or label+decoder, not {embedding!r}")
+    settings.embedding = embedding or settings.embedding
+    settings.seed = settings.seed if seed is None else seed
+    settings.groups = str(groups) if groups else settings.groups
+    settings.name_clusters = settings.name_clusters and not no_names
+    run_config.llm.base_url = base_url or run_config.llm.base_url
+    run_config.llm.model = llm_model or run_config.llm.model
+    summary = cluster_run(run_config, run_id, show_progress=not quiet)
+    _print_table("clusters", ["name status", "clusters"], sorted(summary.names_by_status.items()))
+    _print_table("audit groups", ["group", "features"], list(summary.group_sizes.items()))
+    for group, categories in summary.missing_categories.items():
+        console.print(f"[yellow]note:[/] group {group}: the run's corpus has no {', '.join(categories)} documents, "
+                      f"so they give no lift evidence")
+    stability = f"; ARI {summary.ari:.3f} against seed {summary.ari_vs_seed}" if summary.ari is not None else ""
+    console.print(f"run [bold]{summary.run_id}[/]: {summary.n_features} features ({summary.n_reliable} reliably "
+                  f"labeled) in {summary.n_clusters} clusters, {summary.noise_fraction:.0%} noise{stability}; "
+                  f"{summary.calls} requests, {summary.seconds['total']:.0f} s")
 
 
 @corpus_app.command("build")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from autolabel.audit import AuditSummary, audit_stage, load_spec
+from autolabel.cluster import ClusterSummary, cluster_stage
 from autolabel.collect.stage import STAGE as COLLECT_STAGE
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
@@ -95,6 +96,18 @@ def previous_run(store: Store, run_id: str) -> str | None:
     row = store.one(COLLECTED + "WHERE r.started_at < (SELECT started_at FROM runs WHERE run_id = ?) "
                     "ORDER BY r.started_at DESC LIMIT 1", [run_id])
     return row[0] if row else None
+
+
+def cluster_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> ClusterSummary:
+    """Map, cluster, name and tag the features of a collected run (the latest by default) with `config`'s
+    cluster and llm settings; the tokenizer and transcoders are the run's own."""
+    with Store(config.store) as store:
+        run_id, stored = collected_run(store, run_id)
+        subject = subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
+        tset = None
+        if config.cluster.embedding == "label+decoder":
+            tset = transcoders(stored.transcoder.source, stored.transcoder.format)
+        return cluster_stage(store, subject.tokenizer, tset, run_id, config, show_progress=show_progress)
 
 
 def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> LabelSummary:

@@ -135,6 +135,18 @@ SCHEMA: dict[str, str] = {
             layer INTEGER, feature INTEGER, against_layer INTEGER, against_feature INTEGER,
             match VARCHAR, cosine DOUBLE, details_json JSON,
             PRIMARY KEY (run_id, against_run_id, audit, change, layer, feature))""",
+    # One row per clustering of a run (`autolabel cluster --seed N`): its size, and the adjusted Rand
+    # index against the clustering it replaced (made with seed ari_vs_seed), the stability measure:
+    # `ari` over every feature (noise as one more label), `ari_clustered` over those both put in a cluster.
+    "cluster_runs": """
+        CREATE TABLE IF NOT EXISTS cluster_runs (
+            run_id VARCHAR, seed INTEGER, embedding VARCHAR, n_features INTEGER, n_reliable INTEGER,
+            n_clusters INTEGER, noise_fraction DOUBLE, ari_vs_seed INTEGER, ari DOUBLE, ari_clustered DOUBLE,
+            seconds DOUBLE, created_at TIMESTAMPTZ, PRIMARY KEY (run_id, seed))""",
+    # MiniLM (or another embedder's) vectors by text, so a re-clustering does not embed again.
+    "text_embeddings": """
+        CREATE TABLE IF NOT EXISTS text_embeddings (
+            model VARCHAR, text_hash VARCHAR, vector FLOAT[], PRIMARY KEY (model, text_hash))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.
@@ -147,6 +159,12 @@ ADDED_COLUMNS = [
     ("audit_findings", "rank", "INTEGER"),
     ("audit_findings", "group_name", "VARCHAR"),
     ("audit_findings", "label", "VARCHAR"),
+    ("clusters", "status", "VARCHAR"),
+    ("clusters", "error", "VARCHAR"),
+    ("clusters", "n_reliable", "INTEGER"),
+    ("groups", "via", "VARCHAR"),
+    ("groups", "nearest_seed", "VARCHAR"),
+    ("groups", "n_active", "BIGINT"),
 ]
 
 # One row per token, for SQL over roles and categories without unnesting by hand.
@@ -245,7 +263,8 @@ class Store:
         that no row of these tables can exist yet (rows only a committed shard writes):
         a plain insert then takes a fraction of an upsert's memory on big tables. `clear` deletes the
         rows of a table whose columns equal the given values first, so a rewrite that keeps fewer rows
-        (an audit re-run with stricter thresholds) leaves none of the old ones behind.
+        (an audit re-run with stricter thresholds, a clustering with fewer clusters) leaves none of the
+        old ones behind.
         """
         with self.transaction() as con:
             done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
@@ -253,6 +272,8 @@ class Store:
             if done and not replace:
                 return False
             for table, match in (clear or {}).items():
+                if table not in SCHEMA:
+                    raise ValueError(f"unknown table {table!r}")
                 con.execute(f"DELETE FROM {table} WHERE " + " AND ".join(f"{column} = ?" for column in match),
                             list(match.values()))
             n_rows = sum(self._upsert(con, table, rows, fresh) for table, rows in tables.items())

@@ -28,7 +28,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["corpus"], ["corpus", "build"], ["model"], ["model", "info"],
-                                     ["query"], ["config"], ["collect"], ["label"], ["audit"]])
+                                     ["query"], ["config"], ["collect"], ["label"], ["audit"], ["cluster"], ["report"], ["schedule"]])
 def test_every_command_has_help(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Usage" in out
