@@ -108,7 +108,8 @@ def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, 
 def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
         resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
         task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
-    """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit, report."""
+    """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit, label the
+    flagged features, cluster, report."""
     summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "report", task_runner,
                         dask_address, workers)
     _print_corpus_summary(summary.corpus)
@@ -117,6 +118,8 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     _print_audit(summary.audit)
     for labels in summary.labels:
         _print_labels(labels)
+    if summary.cluster:
+        _print_cluster(summary.cluster)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
     console.print(f"report: {summary.report}", soft_wrap=True)
@@ -293,7 +296,10 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
     settings.name_clusters = settings.name_clusters and not no_names
     run_config.llm.base_url = base_url or run_config.llm.base_url
     run_config.llm.model = llm_model or run_config.llm.model
-    summary = cluster_run(run_config, run_id, show_progress=not quiet)
+    _print_cluster(cluster_run(run_config, run_id, show_progress=not quiet))
+
+
+def _print_cluster(summary) -> None:
     _print_table("clusters", ["name status", "clusters"], sorted(summary.names_by_status.items()))
     _print_table("audit groups", ["group", "features"], list(summary.group_sizes.items()))
     for group, categories in summary.missing_categories.items():

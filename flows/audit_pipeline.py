@@ -28,6 +28,7 @@ from prefect.runtime import flow_run
 
 from autolabel import pipeline
 from autolabel.audit import AuditSummary, NothingToAudit
+from autolabel.cluster import ClusterSummary
 from autolabel.collect import CollectSummary, collect_stage
 from autolabel.collect.stage import collect_slice, collect_summary, fingerprint, merge_slices, slice_plan
 from autolabel.config import RunConfig
@@ -78,6 +79,7 @@ class RunSummary:
     reused_from: str | None  # the earlier run whose identical collection was copied
     audit: AuditSummary | None  # None when the flow stopped after collection
     labels: list[LabelSummary]  # one per audit with flagged features
+    cluster: ClusterSummary | None
     report: str | None  # the report's index.html, when the flow went that far
 
 
@@ -155,6 +157,12 @@ def label_task(config: RunConfig, run_id: str, audit: str, show_progress: bool) 
     return pipeline.label_run(config.model_copy(update={"label": settings}), run_id, show_progress)
 
 
+@task(name="cluster", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def cluster_task(config: RunConfig, run_id: str, show_progress: bool) -> ClusterSummary:
+    """Every feature on the map; text embeddings come from their cache when nothing changed."""
+    return pipeline.cluster_run(config, run_id, show_progress)
+
+
 @task(name="report", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
 def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
     return str(report_run(config, run_id, show_progress=show_progress).index)
@@ -164,8 +172,8 @@ def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
 def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
                    until: Literal["collect", "audit", "report"] = "report", fresh: bool = False, n_slices: int = 0,
                    show_progress: bool = True) -> RunSummary:
-    """Corpus, transcoder check, collection, audits, labels for the audits' flagged features and the HTML
-    report for one run (clustering joins next).
+    """Corpus, transcoder check, collection, audits, labels for the audits' flagged features, the feature
+    map with clusters and groups, and the HTML report for one run.
 
     With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
     collect even when an identical collection is cached. With `n_slices`, collection is split into that
@@ -198,6 +206,9 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         audit = audit_task(config, run_id) if until != "collect" else None
         labels = [label_task(config, run_id, result.audit, show_progress) for result in audit.results
                   if result.flagged and config.audit.label_flagged] if audit else []
+        cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
+        if labels or cluster:  # again, so the findings carry the new labels and groups (seconds: counts only)
+            audit = audit_task(config, run_id)
         report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
         with Store(config.store) as store:
@@ -206,7 +217,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
     with Store(config.store) as store:
         store.finish_run(run_id, "complete")
     return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit,
-                      labels, report)
+                      labels, cluster, report)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):

@@ -82,3 +82,12 @@ def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, p
                            "using (run_id, layer, feature) where a.metric = 'breadth' group by all order by a.rank")
     labeled = json.loads(out)
     assert [r["rank"] for r in labeled] == [1, 2] and all(r["status"] == "ok" and r["scores"] == 3 for r in labeled)
+
+    # Every feature that fired is on the map; the audit ran again after labeling, so its findings carry the labels.
+    code, out, _ = run_cli(monkeypatch, capsys, "query", "-f", "json", "--store", str(tmp_path / "run.duckdb"),
+                           "select (select count(*) from feature_map) as mapped, "
+                           "(select count(*) from features where status <> 'dead') as fired, "
+                           "(select count(distinct (layer, feature)) from audit_findings where label is not null) "
+                           "as labeled_findings, (select count(*) from labels where status = 'ok') as labels")
+    (counts,) = json.loads(out)
+    assert counts["mapped"] == counts["fired"] > 0 and counts["labeled_findings"] == counts["labels"] == 2
