@@ -234,18 +234,25 @@ class RunConfig(Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
+def read_yaml_mapping(path: Path, what: str, if_missing: str, shape: str) -> dict:
+    """The mapping a YAML file holds; a missing file, bad YAML or another shape is an error naming the file."""
+    if not path.is_file():
+        raise AutolabelError(f"{what} {path} does not exist; {if_missing}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise AutolabelError(f"{what} {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict | None):
+        raise AutolabelError(f"{what} {path} must hold a mapping {shape}, found {type(raw).__name__}")
+    return raw or {}
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
     path = Path(path)
-    if not path.is_file():
-        raise AutolabelError(f"config file {path} does not exist; pass an existing YAML file or omit --config for the defaults")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise AutolabelError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise AutolabelError(f"config file {path} must hold a mapping at the top level, found {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "config file", "pass an existing YAML file or omit --config for the defaults",
+                            "at the top level (the fields `autolabel config` prints)")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from autolabel.config import Strict
+from autolabel.config import Strict, read_yaml_mapping
 from autolabel.errors import AutolabelError
 
 METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
@@ -48,14 +47,8 @@ class AuditSpec(Strict):
 
 def load_spec(path: str | Path) -> AuditSpec:
     path = Path(path)
-    if not path.is_file():
-        raise AutolabelError(f"audit spec {path} does not exist; the built-in one is audits/assistant_pervasiveness.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise AutolabelError(f"audit spec {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise AutolabelError(f"audit spec {path} must hold a mapping (name, kind, metrics, flag, ...)")
+    raw = read_yaml_mapping(path, "audit spec", "the built-in one is audits/assistant_pervasiveness.yaml",
+                            "(name, kind, metrics, flag, ...)")
     try:
         return AuditSpec.model_validate(raw)
     except ValidationError as err:

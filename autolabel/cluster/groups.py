@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from autolabel.config import ROLES
+from autolabel.config import ROLES, read_yaml_mapping
 from autolabel.errors import AutolabelError
 from autolabel.store import Store
 
@@ -75,16 +74,8 @@ _FIXES = {
 def load_groups(path: str | Path) -> GroupsSpec:
     """The validated spec; any problem is an AutolabelError naming the file, the group, the field and the fix."""
     path = Path(path)
-    if not path.is_file():
-        raise AutolabelError(f"audit group file {path} does not exist; set cluster.groups to an existing YAML "
-                             f"file, or to \"\" for no groups")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise AutolabelError(f"audit group file {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise AutolabelError(f"audit group file {path} must hold a mapping with a `groups:` key, found "
-                             f"{type(raw).__name__}; see audits/groups.yaml for the format")
+    raw = read_yaml_mapping(path, "audit group file", "set cluster.groups to an existing YAML file, or to \"\" for "
+                            "no groups", "with a `groups:` key (see audits/groups.yaml)")
     try:
         spec = GroupsSpec.model_validate(raw)
     except ValidationError as err:
