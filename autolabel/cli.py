@@ -8,14 +8,23 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from autolabel.config import RunConfig, config_yaml, load_config
 from autolabel.errors import AutolabelError
+from autolabel.summaries import (
+    console,
+    print_audit,
+    print_cluster,
+    print_collect,
+    print_corpus_summary,
+    print_labels,
+    print_quality,
+    print_table,
+)
 
 app = typer.Typer(help="Label and audit the features of transcoders of language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -26,12 +35,11 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(transcoder_app, name="transcoder")
 
-console = Console()
 err_console = Console(stderr=True)
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")]
-StoreOption = Annotated[Optional[str], typer.Option("--store", help="DuckDB file (overrides the config).")]
-ModelOption = Annotated[Optional[str], typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")]
+StoreOption = Annotated[str | None, typer.Option("--store", help="DuckDB file (overrides the config).")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -44,47 +52,13 @@ def _config(config: Path | None, store: str | None = None, model: str | None = N
     return run_config
 
 
-def _print_table(title: str, columns: list[str], rows: list[tuple]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    console.print(table)
-
-
-def _print_corpus_summary(summary) -> None:
-    state = "reused (already built)" if summary.reused else f"built, {summary.generated} assistant turns generated"
-    console.print(f"corpus [bold]{summary.corpus_id}[/]: {summary.n_docs} documents, {summary.n_tokens:,} tokens; {state}")
-    _print_table("tokens by role", ["role", "tokens"], sorted(summary.tokens_by_role.items()))
-    _print_table("tokens by category", ["category", "tokens"], sorted(summary.tokens_by_category.items()))
-
-
-def _print_quality(quality) -> None:
-    rows = [(q.layer, f"{q.fvu:.3f}", f"{q.l0:.1f}", f"{q.dead_fraction:.1%}", q.n_tokens)
-            for q in sorted(quality.values(), key=lambda q: q.layer)]
-    _print_table("held-out reconstruction", ["layer", "FVU", "L0", "dead", "tokens"], rows)
-
-
-def _print_collect(summary) -> None:
-    collect = summary.collect
-    rows = [(layer, counts["active"], counts["rare"], counts["dead"]) for layer, counts in sorted(collect.status_by_layer.items())]
-    _print_table("features collected", ["layer", "active", "rare", "dead"], rows)
-    if summary.reused_from:
-        console.print(f"collection reused from run {summary.reused_from} (same model, transcoder, corpus and "
-                      f"settings; --fresh collects again)")
-        return
-    resumed = f", resumed after {collect.resumed_shards} shards" if collect.resumed_shards else ""
-    console.print(f"collected over {collect.n_tokens:,} tokens in {collect.seconds:.0f} s{resumed}")
-
-
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")]
-RunOption = Annotated[Optional[str], typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
+RunOption = Annotated[str | None, typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
 
 
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Collect again even if an identical collection is cached.")]
 RunnerOption = Annotated[str, typer.Option("--task-runner", help="local, or dask: collection in slices on Dask workers.")]
-AddressOption = Annotated[Optional[str], typer.Option("--dask-address", help="A Dask scheduler (default: a local cluster).")]
+AddressOption = Annotated[str | None, typer.Option("--dask-address", help="A Dask scheduler (default: a local cluster).")]
 WorkersOption = Annotated[int, typer.Option("--workers", help="Slices of collection (and local Dask workers).")]
 
 
@@ -112,14 +86,14 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     flagged features, cluster, report."""
     summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "report", task_runner,
                         dask_address, workers)
-    _print_corpus_summary(summary.corpus)
-    _print_quality(summary.quality)
-    _print_collect(summary)
-    _print_audit(summary.audit)
+    print_corpus_summary(summary.corpus)
+    print_quality(summary.quality)
+    print_collect(summary)
+    print_audit(summary.audit)
     for labels in summary.labels:
-        _print_labels(labels)
+        print_labels(labels)
     if summary.cluster:
-        _print_cluster(summary.cluster)
+        print_cluster(summary.cluster)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
     console.print(f"report: {summary.report}", soft_wrap=True)
@@ -133,7 +107,7 @@ def collect(config: ConfigOption = None, store: StoreOption = None, model: Model
     transcoders first when needed)."""
     summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "collect", task_runner,
                         dask_address, workers)
-    _print_collect(summary)
+    print_collect(summary)
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
 
 
@@ -164,16 +138,16 @@ def _int_list(value: str | None, option: str) -> list[int] | None:
 
 @app.command()
 def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-          run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
-          layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
-          features: Annotated[Optional[str], typer.Option(help="Comma-separated feature ids.")] = None,
-          limit: Annotated[Optional[int], typer.Option(help="At most this many features, densest first.")] = None,
-          audit: Annotated[Optional[str], typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")] = None,
-          base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
-          llm_model: Annotated[Optional[str], typer.Option(help="Model name sent to the endpoint.")] = None,
-          labeler_gguf: Annotated[Optional[Path], typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
-          max_calls: Annotated[Optional[int], typer.Option(help="Stop cleanly after this many requests.")] = None,
-          max_cost: Annotated[Optional[float], typer.Option(help="Stop cleanly after this many USD.")] = None) -> None:
+          run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+          layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default: all).")] = None,
+          features: Annotated[str | None, typer.Option(help="Comma-separated feature ids.")] = None,
+          limit: Annotated[int | None, typer.Option(help="At most this many features, densest first.")] = None,
+          audit: Annotated[str | None, typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")] = None,
+          base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
+          llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
+          labeler_gguf: Annotated[Path | None, typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
+          max_calls: Annotated[int | None, typer.Option(help="Stop cleanly after this many requests.")] = None,
+          max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None) -> None:
     """Draft a label per feature with an LLM and score it on held-out examples (detection, fuzzing, embedding)."""
     from autolabel.pipeline import label_run
 
@@ -188,54 +162,14 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
     llm.gguf = str(labeler_gguf) if labeler_gguf else llm.gguf
     llm.max_calls = llm.max_calls if max_calls is None else max_calls
     llm.max_cost_usd = llm.max_cost_usd if max_cost is None else max_cost
-    _print_labels(label_run(run_config, run_id, show_progress=not quiet))
-
-
-def _print_labels(summary) -> None:
-    _print_table("labels", ["status", "features"], sorted(summary.by_status.items()))
-    console.print(f"run [bold]{summary.run_id}[/]: {summary.unreliable} labels flagged unreliable; "
-                  f"{summary.calls} requests, ${summary.cost_usd:.4f}, {summary.seconds:.0f} s")
-    if summary.stopped:
-        console.print(f"[yellow]stopped early:[/] {summary.stopped}; `autolabel label --run {summary.run_id}` resumes")
-
-
-def _interval(metric: tuple | None, lower_only: bool = False) -> str:
-    """"0.95 (0.93-0.97)", or "20.2 >=18.0" for a lift, whose lower bound is what gates the flag."""
-    if metric is None or metric[0] is None:
-        return "-"
-    value, low, high = (f"{x:.2f}" if x is not None else "inf" for x in metric)
-    if low == high == value:
-        return value
-    return f"{value} >={low}" if lower_only else f"{value} ({low}-{high})"
-
-
-def _print_audit(summary) -> None:
-    if summary.skipped:
-        console.print(f"[yellow]audit skipped:[/] {summary.skipped}")
-    for result in summary.results:
-        rows = [(f["rank"], f"{f['layer']}/{f['feature']}", _interval(f["metrics"].get("assistant_turn_share")),
-                 _interval(f["metrics"].get("lift_vs_user"), True), _interval(f["metrics"].get("lift_vs_text"), True),
-                 _interval(f["metrics"].get("breadth")), f["group_name"], f["label"]) for f in result.flagged]
-        _print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged (top 20)",
-                     ["rank", "layer/feature", "assistant turns", "lift vs user", "lift vs text", "breadth", "group",
-                      "label"], rows[:20])
-        if result.template:
-            rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
-            _print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)
-        for note in result.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        if summary.against:
-            changes = ", ".join(f"{n} {change.replace('_', ' ')}" for change, n in sorted(result.changes.items()))
-            console.print(f"against {summary.against}: {changes or 'no changes'}")
-    console.print(f"run [bold]{summary.run_id}[/]: findings in audit_findings"
-                  + (", changes in audit_diffs" if summary.against else ""))
+    print_labels(label_run(run_config, run_id, show_progress=not quiet))
 
 
 @app.command()
 def audit(config: ConfigOption = None, store: StoreOption = None,
-          run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
-          against: Annotated[Optional[str], typer.Option(help="Diff against this run id, 'previous' or 'none'.")] = None,
-          spec: Annotated[Optional[list[Path]], typer.Option(help="Audit spec YAML (repeatable; default: the config's).")] = None) -> None:
+          run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+          against: Annotated[str | None, typer.Option(help="Diff against this run id, 'previous' or 'none'.")] = None,
+          spec: Annotated[list[Path] | None, typer.Option(help="Audit spec YAML (repeatable; default: the config's).")] = None) -> None:
     """Rank features pervasive in assistant contexts (with 95% intervals) and diff against an earlier run."""
     from autolabel.pipeline import audit_run
     from autolabel.store import Store
@@ -246,11 +180,11 @@ def audit(config: ConfigOption = None, store: StoreOption = None,
     if against:
         run_config.audit.against = None if against == "none" else against
     with Store(run_config.store) as db:
-        _print_audit(audit_run(db, run_config, run_id))
+        print_audit(audit_run(db, run_config, run_id))
 @app.command()
 def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-           run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
-           out: Annotated[Optional[Path], typer.Option(help="Reports folder (default: report.out_dir, reports/).")] = None) -> None:
+           run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+           out: Annotated[Path | None, typer.Option(help="Reports folder (default: report.out_dir, reports/).")] = None) -> None:
     """Write a run's self-contained HTML report: OUT/<run_id>/index.html plus one page per feature."""
     from autolabel.report.stage import report_run
 
@@ -275,13 +209,13 @@ def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve."
         server.server_close()
 @app.command()
 def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-            run_id: Annotated[Optional[str], typer.Option("--run", help="A collected run (default: the latest).")] = None,
-            seed: Annotated[Optional[int], typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
-            embedding: Annotated[Optional[str], typer.Option(help="label or label+decoder.")] = None,
-            groups: Annotated[Optional[Path], typer.Option(help="Audit group spec YAML (default: audits/groups.yaml).")] = None,
+            run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+            seed: Annotated[int | None, typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
+            embedding: Annotated[str | None, typer.Option(help="label or label+decoder.")] = None,
+            groups: Annotated[Path | None, typer.Option(help="Audit group spec YAML (default: audits/groups.yaml).")] = None,
             no_names: Annotated[bool, typer.Option("--no-names", help="Do not ask the LLM for cluster names.")] = False,
-            base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
-            llm_model: Annotated[Optional[str], typer.Option(help="Model name sent to the endpoint.")] = None) -> None:
+            base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
+            llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None) -> None:
     """Lay features out on a 2-D map (MiniLM + UMAP), cluster them (HDBSCAN), name the clusters with an LLM,
     and tag the audit groups of audits/groups.yaml."""
     from autolabel.pipeline import cluster_run
@@ -296,19 +230,7 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
     settings.name_clusters = settings.name_clusters and not no_names
     run_config.llm.base_url = base_url or run_config.llm.base_url
     run_config.llm.model = llm_model or run_config.llm.model
-    _print_cluster(cluster_run(run_config, run_id, show_progress=not quiet))
-
-
-def _print_cluster(summary) -> None:
-    _print_table("clusters", ["name status", "clusters"], sorted(summary.names_by_status.items()))
-    _print_table("audit groups", ["group", "features"], list(summary.group_sizes.items()))
-    for group, categories in summary.missing_categories.items():
-        console.print(f"[yellow]note:[/] group {group}: the run's corpus has no {', '.join(categories)} documents, "
-                      f"so they give no lift evidence")
-    stability = f"; ARI {summary.ari:.3f} against seed {summary.ari_vs_seed}" if summary.ari is not None else ""
-    console.print(f"run [bold]{summary.run_id}[/]: {summary.n_features} features ({summary.n_reliable} reliably "
-                  f"labeled) in {summary.n_clusters} clusters, {summary.noise_fraction:.0%} noise{stability}; "
-                  f"{summary.calls} requests, {summary.seconds['total']:.0f} s")
+    print_cluster(cluster_run(run_config, run_id, show_progress=not quiet))
 
 
 @corpus_app.command("build")
@@ -322,7 +244,7 @@ def corpus_build(config: ConfigOption = None, store: StoreOption = None, model: 
     run_config = _config(config, store, model)
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:
-        _print_corpus_summary(build_corpus(db, run_config.corpus, subject, show_progress=not quiet))
+        print_corpus_summary(build_corpus(db, run_config.corpus, subject, show_progress=not quiet))
 
 
 @model_app.command("info")
@@ -335,18 +257,18 @@ def model_info(model: ModelOption = None, config: ConfigOption = None,
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     console.print(f"{subject.model_id}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
     rows = [(alias, subject.hook_point(alias, layer).name) for alias in sorted(HOOK_ALIASES)]
-    _print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
+    print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
 
 
-TranscoderOption = Annotated[Optional[str], typer.Option(
+TranscoderOption = Annotated[str | None, typer.Option(
     "--transcoder", "-t", help="embedded:smollm2 or a transcoder folder/file (circuit-tracer, Gemma Scope, SAELens, sparsify).")]
 
 
 @transcoder_app.command("check")
 def transcoder_check(transcoder: TranscoderOption = None,
-                     format: Annotated[Optional[str], typer.Option("--format", help="auto, circuit_tracer, clt, gemma_scope, saelens, sparsify.")] = None,
-                     tokens: Annotated[Optional[int], typer.Option(help="Held-out tokens to measure on.")] = None,
-                     max_fvu: Annotated[Optional[float], typer.Option(help="Refuse above this FVU.")] = None,
+                     format: Annotated[str | None, typer.Option("--format", help="auto, circuit_tracer, clt, gemma_scope, saelens, sparsify.")] = None,
+                     tokens: Annotated[int | None, typer.Option(help="Held-out tokens to measure on.")] = None,
+                     max_fvu: Annotated[float | None, typer.Option(help="Refuse above this FVU.")] = None,
                      config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
                      quiet: QuietOption = False) -> None:
     """Measure FVU, L0 and dead fraction per layer on held-out corpus tokens; store them; refuse a bad fit."""
@@ -363,14 +285,14 @@ def transcoder_check(transcoder: TranscoderOption = None,
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
     with Store(run_config.store) as db:
         _, transcoder_id, quality = check_stage(db, subject, run_config, show_progress=not quiet)
-    _print_quality(quality)
+    print_quality(quality)
     console.print(f"transcoder [bold]{transcoder_id}[/] fits (FVU <= {settings.max_fvu} on every layer); recorded in `transcoders`")
 
 
 @transcoder_app.command("train")
 def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the transcoder set to.")],
-                     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers, e.g. 6,15,24.")] = None,
-                     tokens: Annotated[Optional[int], typer.Option(help="Training tokens.")] = None,
+                     layers: Annotated[str | None, typer.Option(help="Comma-separated layers, e.g. 6,15,24.")] = None,
+                     tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
                      config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
                      quiet: QuietOption = False) -> None:
     """Train per-layer TopK/JumpReLU transcoders on the corpus; save them in the circuit-tracer layout."""
@@ -387,7 +309,7 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
         train, _ = corpus_windows(db, subject, run_config, not quiet, for_training=True)
         _, heldout = corpus_windows(db, subject, run_config, not quiet)
     _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
-    _print_quality(quality)
+    print_quality(quality)
     console.print(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)")
 
 
@@ -403,7 +325,7 @@ def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only con
     with Store(_config(config, store).store, read_only=True) as db:
         columns, rows = db.query(sql)
     if format == "table":
-        _print_table("", columns, rows)
+        print_table("", columns, rows)
     elif format == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
