@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 from test_cli import run_cli
-from test_collect import LAYER, WORDS, collect, detector, mlp_inputs
+from test_collect import LAYER, WORDS, collect, detector, file_corpus, mlp_inputs
 
 from autolabel.audit import audit_stage, load_spec
 from autolabel.audit.measure import rate_ratio, wilson, z_score
-from autolabel.config import PROJECT_ROOT, CorpusConfig, SourceConfig
-from autolabel.corpus import build_corpus, iter_windows
+from autolabel.config import PROJECT_ROOT
 from autolabel.store import Store, now
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
@@ -47,12 +46,7 @@ def write_corpus(path, seed: int = 0) -> None:
 def corpus(tmp_path_factory, tiny_subject):
     folder = tmp_path_factory.mktemp("audit")
     write_corpus(folder / "docs.jsonl")
-    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(folder / "docs.jsonl"))], ctx_len=64)
-    config.generation.enabled = False
-    with Store(folder / "s.duckdb") as store:
-        corpus_id = build_corpus(store, config, tiny_subject, show_progress=False).corpus_id
-        windows = list(iter_windows(store, corpus_id))
-    return folder / "s.duckdb", corpus_id, windows
+    return file_corpus(folder, tiny_subject, ctx_len=64)
 
 
 @pytest.fixture(scope="module")

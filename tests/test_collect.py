@@ -14,7 +14,13 @@ from test_cli import run_cli
 
 from autolabel.collect import collect_stage
 from autolabel.collect.orders import LogBins, feature_salts, priorities, quantile_bins
-from autolabel.collect.stage import CorpusIndex, capture_batches, encode, plan_shards, shard_windows
+from autolabel.collect.stage import (
+    CorpusIndex,
+    capture_batches,
+    encode,
+    plan_shards,
+    shard_windows,
+)
 from autolabel.config import ROLES, CollectConfig, CorpusConfig, SourceConfig
 from autolabel.corpus import build_corpus, iter_windows
 from autolabel.store import Store
@@ -41,16 +47,21 @@ def write_corpus(path, n_text: int = 24, n_chat: int = 16, seed: int = 0) -> Non
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def file_corpus(folder, subject, ctx_len: int) -> tuple:
+    """Build the corpus of folder/docs.jsonl (no generated replies) in folder/s.duckdb: (store, corpus_id, windows)."""
+    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(folder / "docs.jsonl"))], ctx_len=ctx_len)
+    config.generation.enabled = False
+    with Store(folder / "s.duckdb") as store:
+        corpus_id = build_corpus(store, config, subject, show_progress=False).corpus_id
+        windows = list(iter_windows(store, corpus_id))
+    return folder / "s.duckdb", corpus_id, windows
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_subject):
     folder = tmp_path_factory.mktemp("collect")
     write_corpus(folder / "docs.jsonl")
-    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(folder / "docs.jsonl"))], ctx_len=48)
-    config.generation.enabled = False
-    with Store(folder / "s.duckdb") as store:
-        corpus_id = build_corpus(store, config, tiny_subject, show_progress=False).corpus_id
-        windows = list(iter_windows(store, corpus_id))
-    return folder / "s.duckdb", corpus_id, windows
+    return file_corpus(folder, tiny_subject, ctx_len=48)
 
 
 def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: CollectConfig):

@@ -15,10 +15,9 @@ from html.parser import HTMLParser
 import pytest
 from browser import Chromium
 from test_cli import run_cli
-from test_collect import collected, planted, write_corpus  # noqa: F401 (fixtures)
+from test_collect import collected, file_corpus, planted, write_corpus  # noqa: F401 (fixtures)
 
-from autolabel.config import CorpusConfig, ReportConfig, SourceConfig
-from autolabel.corpus import build_corpus, iter_windows
+from autolabel.config import ReportConfig
 from autolabel.report.serve import make_server
 from autolabel.report.stage import report_stage
 from autolabel.store import Store
@@ -43,12 +42,7 @@ def corpus(tmp_path_factory, tiny_subject):
             out.write(json.dumps({"id": f"xc{i}", "messages": [
                 {"role": "user", "content": f"hills {payload}"},
                 {"role": "assistant", "content": f"well certainly {payload} the cat"}]}) + "\n")
-    config = CorpusConfig(sources=[SourceConfig(name="file", path=str(folder / "docs.jsonl"))], ctx_len=48)
-    config.generation.enabled = False
-    with Store(folder / "s.duckdb") as store:
-        corpus_id = build_corpus(store, config, tiny_subject, show_progress=False).corpus_id
-        windows = list(iter_windows(store, corpus_id))
-    return folder / "s.duckdb", corpus_id, windows
+    return file_corpus(folder, tiny_subject, ctx_len=48)
 
 
 def write_report(store_path, run_id, out, tiny_subject, tset):
