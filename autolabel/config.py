@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autolabel.errors import AutolabelError
 
+M = TypeVar("M", bound=BaseModel)
 ROLES = ("system", "user", "assistant", "template", "text")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -247,19 +248,22 @@ def read_yaml_mapping(path: Path, what: str, if_missing: str, shape: str) -> dic
     return raw or {}
 
 
+def load_yaml_model(path: Path, model: type[M], what: str, if_missing: str, shape: str, see: str) -> M:
+    """A YAML file validated as `model`; every problem is one AutolabelError naming the file and the fields."""
+    raw = read_yaml_mapping(path, what, if_missing, shape)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in err.errors())
+        raise AutolabelError(f"{what} {path} is invalid: {problems} (see {see})") from err
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
-    path = Path(path)
-    raw = read_yaml_mapping(path, "config file", "pass an existing YAML file or omit --config for the defaults",
-                            "at the top level (the fields `autolabel config` prints)")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise AutolabelError(f"config file {path} is invalid: {problems} (see `autolabel config` for the defaults)") from err
+    return load_yaml_model(Path(path), RunConfig, "config file", "pass an existing YAML file or omit --config for "
+                           "the defaults", "at the top level (the fields `autolabel config` prints)",
+                           "`autolabel config` for the defaults")
 
 
 def config_yaml(config: RunConfig) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from autolabel.config import Strict, read_yaml_mapping
-from autolabel.errors import AutolabelError
+from autolabel.config import Strict, load_yaml_model
 
 METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
 
@@ -46,12 +45,5 @@ class AuditSpec(Strict):
 
 
 def load_spec(path: str | Path) -> AuditSpec:
-    path = Path(path)
-    raw = read_yaml_mapping(path, "audit spec", "the built-in one is audits/assistant_pervasiveness.yaml",
-                            "(name, kind, metrics, flag, ...)")
-    try:
-        return AuditSpec.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors())
-        raise AutolabelError(f"audit spec {path} is invalid: {problems} "
-                             "(see audits/assistant_pervasiveness.yaml for a complete spec)") from err
+    return load_yaml_model(Path(path), AuditSpec, "audit spec", "the built-in one is audits/assistant_pervasiveness.yaml",
+                           "(name, kind, metrics, flag, ...)", "audits/assistant_pervasiveness.yaml for a complete spec")
