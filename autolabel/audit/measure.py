@@ -151,7 +151,8 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
         flagged &= np.nan_to_num(gate, nan=-np.inf) >= least
 
     # Within a section: flagged first, then by the conservative end of the turn share, then lift.
-    turn_low = metrics.get("assistant_turn_share", wilson(counts["assistant_turns_active"], counts["assistant_turns"], z))[1]
+    turn_low = (metrics["assistant_turn_share"] if "assistant_turn_share" in metrics
+                else wilson(counts["assistant_turns_active"], counts["assistant_turns"], z))[1]
     lift_low = metrics["lift_vs_user"][1] if "lift_vs_user" in metrics else np.zeros_like(turn_low)
     rank = np.zeros(len(section), dtype=np.int64)
     for name in ("pervasive", "template"):

@@ -42,17 +42,19 @@ def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str 
     """
     transcoder = _transcoder(store, run_id)
     same_transcoder = against is None or (transcoder is not None and transcoder == _transcoder(store, against))
+    notes = feature_notes(store, run_id)  # labels, scores and groups: the same for every spec
+    labels = None
+    if against is not None:
+        labels = ({key: n["label"] for key, n in notes.items() if n.get("label")},
+                  {key: n["label"] for key, n in feature_notes(store, against).items() if n.get("label")})
     results = []
     for spec in specs:
         measured = measure(store, run_id, spec)
-        notes = feature_notes(store, run_id)
         tables = {"audit_findings": finding_rows(measured, spec, run_id, notes)}
         clear = {"audit_findings": {"run_id": run_id, "audit": spec.name}}
         changes: dict[str, int] = {}
         if against is not None:
             earlier = measure(store, against, spec)
-            labels = ({key: n["label"] for key, n in notes.items() if n.get("label")},
-                      {key: n["label"] for key, n in feature_notes(store, against).items() if n.get("label")})
             matching = None if same_transcoder else (_layers(decoders(run_id), measured.keys),
                                                      _layers(decoders(against), earlier.keys))
             tables["audit_diffs"] = diff_rows(measured, earlier, spec, run_id, against, labels, matching)
