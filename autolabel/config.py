@@ -87,6 +87,9 @@ class TranscoderTrainConfig(Strict):
     aux_k: int = 256
     aux_coef: float = 1 / 8
     dead_after_tokens: int = 50_000
+    resample_every_steps: int = Field(default=200, ge=0)  # re-initialise dead features this often; 0: never
+    resample_until: float = Field(default=0.5, ge=0, le=1)  # ... during this first share of training only
+    skip: bool = True  # a linear skip path x @ W_skip beside the features (circuit-tracer's W_skip)
     l0_coef: float = 2e-3  # jumprelu only
     jumprelu_init_threshold: float = 0.1
     jumprelu_bandwidth: float = 0.05

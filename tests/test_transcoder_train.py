@@ -10,7 +10,7 @@ from autolabel.config import TranscoderTrainConfig
 from autolabel.corpus.windows import Window
 from autolabel.errors import AutolabelError
 from autolabel.transcoders.check import measure_quality, refuse_bad_fit
-from autolabel.transcoders.train import train_transcoders
+from autolabel.transcoders.train import _Trainee, train_transcoders
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 
@@ -81,3 +81,70 @@ def test_jumprelu_training_learns_thresholds(tiny_subject):
     assert result.history[-1]["fvu_1"] < 0.7 * result.history[0]["fvu_1"]
     quality = measure_quality(tiny_subject, result.transcoders, random_windows(32, seed=1), n_tokens=1000)
     assert quality[1].fvu < 0.6 and 0 < quality[1].l0 < 128
+
+
+def test_calibration_centres_the_encoder_on_the_data_mean():
+    """With a large shared mean in the inputs, an uncentred random encoder leaves features that never fire."""
+    generator = torch.Generator().manual_seed(1)
+    trainee = _Trainee(0, 16, TranscoderTrainConfig(d_feat=64, k=4), generator)
+    x = torch.randn(4000, 16, generator=generator) + 3.0 * torch.randn(16, generator=generator)
+    y = torch.randn(4000, 16, generator=generator) + 2.0
+    trainee.calibrate(x, y)
+    with torch.no_grad():
+        pre = (x / trainee.x_scale) @ trainee.W_enc + trainee.b_enc  # [tokens, d_feat]
+        assert pre.mean(0).abs().max() < 1e-3 * pre.std(0).min()
+        assert ((pre > 0).float().mean(0) > 0.2).all()  # every feature is in the running on many tokens
+        assert torch.allclose(trainee.b_dec * trainee.y_scale, y.mean(0), atol=1e-5)
+
+
+def test_resampling_points_dead_features_at_badly_explained_tokens():
+    config = TranscoderTrainConfig(d_feat=64, k=4, dead_after_tokens=100)
+    generator = torch.Generator().manual_seed(0)
+    trainee = _Trainee(0, 16, config, generator)
+    optimizer = torch.optim.Adam(trainee.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    loss, _ = trainee.loss(x, y)
+    loss.backward()
+    optimizer.step()  # fills Adam's moments
+    dead = torch.tensor([3, 10, 40])
+    alive = torch.ones(64, dtype=torch.bool)
+    alive[dead] = False
+    trainee.tokens_since_fired[dead] = 1_000
+    with torch.no_grad():
+        residual = y - trainee(x)[2]
+    before = {name: tensor.clone() for name, tensor in optimizer.state[trainee.W_dec].items()}
+    assert trainee.resample_dead(x, y, optimizer, generator) == 3
+    assert int(trainee.tokens_since_fired[dead].sum()) == 0
+    directions = residual / residual.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        _, acts, _ = trainee(x)
+    for feature in dead.tolist():
+        row = trainee.W_dec[feature].detach()
+        token = int((directions @ row).argmax())
+        assert torch.allclose(row, directions[token], atol=1e-5)  # the decoder writes that token's error
+        assert acts[token, feature] > 0  # and the feature fires on it again
+    # Adam: no stale direction for the new rows, and a second moment like the alive rows' (not zero,
+    # which would make the next step a full-size sign step); the alive rows keep theirs.
+    state = optimizer.state[trainee.W_dec]
+    alive_mean = float(before["exp_avg_sq"][alive].mean())
+    assert state["exp_avg"][dead].abs().sum() == 0
+    assert torch.allclose(state["exp_avg_sq"][dead], torch.full((3, 16), alive_mean))
+    assert torch.equal(state["exp_avg"][alive], before["exp_avg"][alive])
+    assert trainee.resample_dead(x, y, optimizer, generator) == 0  # nothing is dead any more
+
+
+def test_skip_and_resampling_lower_fvu_and_dead_features(tiny_subject):
+    base = dict(layers=[1], d_feat=512, k=4, n_tokens=60_000, batch_tokens=256, buffer_tokens=8_000,
+                passes_per_buffer=4, batch_windows=32, lr=3e-3, dead_after_tokens=3_000, aux_coef=0.0)
+    heldout = random_windows(32, seed=1)
+    plain = train_transcoders(tiny_subject, random_windows(256), TranscoderTrainConfig(
+        **base, skip=False, resample_every_steps=0))
+    revived = train_transcoders(tiny_subject, random_windows(256), TranscoderTrainConfig(
+        **base, skip=True, resample_every_steps=20, resample_until=0.6))
+    assert plain.resampled == {} and revived.resampled[1] > 0
+    plain_quality = measure_quality(tiny_subject, plain.transcoders, heldout, n_tokens=1000)[1]
+    revived_quality = measure_quality(tiny_subject, revived.transcoders, heldout, n_tokens=1000)[1]
+    assert revived_quality.dead_fraction < 0.7 * plain_quality.dead_fraction, (plain_quality, revived_quality)
+    assert revived_quality.fvu < plain_quality.fvu
+    transcoder = revived.transcoders[1]
+    assert transcoder.W_skip is not None and transcoder.W_skip.abs().sum() > 0

@@ -87,6 +87,7 @@ def train_stage(train: list[Window], heldout: list[Window], subject: SubjectMode
     quality = measure_quality(subject, result.transcoders, heldout, config.transcoder.check_tokens)
     result.transcoders.metadata.update({
         "model_id": subject.model_id, "seconds": round(result.seconds, 1),
+        "resampled_features": {str(k): n for k, n in result.resampled.items()},
         "heldout": {str(k): {"fvu": q.fvu, "l0": q.l0, "dead_fraction": q.dead_fraction, "n_tokens": q.n_tokens}
                     for k, q in quality.items()},
     })

@@ -5,8 +5,12 @@ Activations stream from early-exit forward passes into a shuffled buffer; each
 layer trains in a normalised space (inputs and outputs scaled to unit mean
 square per dimension) that is folded back into the weights when saving, so the
 saved transcoder reads and writes the model's own activations. Decoder rows are
-kept at unit norm; dead features are revived by an auxiliary loss that asks the
-dead ones to explain the residual error (AuxK, as in Gao et al. 2024).
+kept at unit norm. Dead features are revived two ways: an auxiliary loss asks
+the dead ones to explain the residual error (AuxK, as in Gao et al. 2024), and,
+early in training, features dead for too long are re-initialised on the tokens
+the transcoder explains worst (resampling). An optional linear skip path
+(x @ W_skip) takes the part of the MLP that is linear in its input, so features
+spend their capacity on the rest.
 """
 
 from __future__ import annotations
@@ -42,12 +46,29 @@ class _Trainee(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(config.d_feat))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.log_threshold = nn.Parameter(torch.full((config.d_feat,), math.log(config.jumprelu_init_threshold)))
+        self.W_skip = nn.Parameter(torch.zeros(d_model, d_model)) if config.skip else None  # [d_in, d_out]
         self.tokens_since_fired = torch.zeros(config.d_feat, dtype=torch.long)
         self.x_scale = self.y_scale = 1.0
+        self.x_mean = torch.zeros(d_model)  # of the normalised inputs, set by calibrate
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """x, y [batch, d_model] in normalised space -> loss, metrics."""
-        pre = x @ self.W_enc + self.b_enc  # [batch, d_feat]
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set the normalisation from a buffer of raw activations, and centre the encoder on the data.
+
+        Mid-layer MLP inputs carry a large shared mean (a third of their energy at
+        SmolLM2's layer 15). Random encoder directions pointing against it would
+        never fire, and no loss reaches a feature that never fires, so each feature's
+        bias starts at minus its response to the mean.
+        """
+        self.x_scale = float(x.float().pow(2).mean().sqrt())
+        self.y_scale = float(y.float().pow(2).mean().sqrt())
+        self.x_mean = x.float().mean(0) / self.x_scale
+        self.b_dec.copy_(y.float().mean(0) / self.y_scale)
+        self.b_enc.copy_(-(self.x_mean @ self.W_enc))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [batch, d_model] -> pre-activations, activations [batch, d_feat], prediction [batch, d_model]."""
+        pre = x @ self.W_enc + self.b_enc
         if self.config.activation == "topk":
             values, indices = pre.topk(self.config.k, dim=-1)
             acts = torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
@@ -56,6 +77,13 @@ class _Trainee(nn.Module):
         # A dense product: on the CPU it beats gathering the k active decoder rows (2-3x at k 32-64),
         # whose backward is a slow scatter-add.
         prediction = acts @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            prediction = prediction + x @ self.W_skip
+        return pre, acts, prediction
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """x, y [batch, d_model] in normalised space -> loss, metrics."""
+        pre, acts, prediction = self(x)
         active = acts > 0
         residual = y - prediction
         fvu = residual.pow(2).sum() / (y - y.mean(0)).pow(2).sum()
@@ -78,6 +106,44 @@ class _Trainee(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
+    def resample_dead(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Adam,
+                      generator: torch.Generator) -> int:
+        """Point each dead feature at one badly explained token of the batch; returns how many.
+
+        Tokens are drawn with probability proportional to their squared error. The
+        decoder row becomes that token's residual direction, and the encoder column
+        (centred like the others) is scaled so the token's pre-activation matches a
+        typical token's largest activation, which puts the feature back into the
+        TopK competition. Adam's moments for the touched weights are reset so stale
+        statistics do not push it straight back out.
+        """
+        dead = (self.tokens_since_fired > self.config.dead_after_tokens).nonzero().squeeze(-1)  # [n_dead]
+        if len(dead) == 0:
+            return 0
+        _, acts, prediction = self(x)
+        residual = y - prediction  # [batch, d_model]
+        error = residual.pow(2).sum(-1)
+        rows = torch.multinomial(error / error.sum(), len(dead), replacement=len(dead) > len(x), generator=generator)
+        directions = residual[rows] / residual[rows].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        typical = acts.max(-1).values.mean().clamp_min(1e-3)
+        inputs = x[rows] - self.x_mean  # [n_dead, d_model]
+        self.W_dec[dead] = directions
+        self.W_enc[:, dead] = (inputs / inputs.pow(2).sum(-1, keepdim=True).clamp_min(1e-8) * typical).T
+        self.b_enc[dead] = -(self.x_mean @ self.W_enc[:, dead])
+        alive = torch.ones(self.config.d_feat, dtype=torch.bool)
+        alive[dead] = False
+        for parameter, axis in ((self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)):
+            state = optimizer.state.get(parameter, {})
+            if "exp_avg" in state:
+                state["exp_avg"].index_fill_(axis, dead, 0.0)
+                # The alive features' mean second moment, not zero: a zero would make the next
+                # Adam step a full-size sign step that knocks the new direction straight out.
+                typical_sq = state["exp_avg_sq"].index_select(axis, alive.nonzero().squeeze(-1)).mean()
+                state["exp_avg_sq"].index_fill_(axis, dead, float(typical_sq))
+        self.tokens_since_fired[dead] = 0
+        return len(dead)
+
+    @torch.no_grad()
     def constrain_decoder(self) -> None:
         """Keep decoder rows at unit norm and drop the gradient that would only change their length."""
         if self.W_dec.grad is not None:
@@ -89,10 +155,11 @@ class _Trainee(nn.Module):
         """Fold the normalisation back in: the result reads and writes raw activations."""
         with torch.no_grad():
             threshold = self.log_threshold.exp().clone() if self.config.activation == "jumprelu" else None
+            W_skip = None if self.W_skip is None else self.W_skip * (self.y_scale / self.x_scale)
             return Transcoder(
                 self.layer, self.W_enc / self.x_scale, self.b_enc.clone(), self.W_dec * self.y_scale,
                 self.b_dec * self.y_scale, activation=self.config.activation, threshold=threshold,
-                k=self.config.k if self.config.activation == "topk" else None,
+                k=self.config.k if self.config.activation == "topk" else None, W_skip=W_skip,
             )
 
 
@@ -135,6 +202,7 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict]
+    resampled: dict[int, int]  # layer -> features re-initialised over the whole run
 
 
 def _buffers(pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: list[int],
@@ -178,15 +246,18 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
     pairs = activation_pairs(subject, window_stream(), config.layers, config.input_hook, config.output_hook,
                              config.batch_windows)
     started, seen, step, history = time.perf_counter(), 0, 0, []
+    resampled: dict[int, int] = {}
+
+    def resample_now(step: int, seen: int) -> bool:
+        # Only early on: late resets would leave features no time to learn, and the LR decay no time to settle.
+        every = config.resample_every_steps
+        return bool(every) and step % every == 0 and seen <= config.resample_until * config.n_tokens
+
     calibrated = False
     for buffer in _buffers(pairs, config.layers, config.buffer_tokens):
         if not calibrated:
             for layer, (x, y) in buffer.items():
-                trainee = trainees[layer]
-                trainee.x_scale = float(x.float().pow(2).mean().sqrt())
-                trainee.y_scale = float(y.float().pow(2).mean().sqrt())
-                with torch.no_grad():
-                    trainee.b_dec.copy_(y.float().mean(0) / trainee.y_scale)
+                trainees[layer].calibrate(x, y)
             calibrated = True
         n = next(iter(buffer.values()))[0].shape[0]
         # A buffer is reused for several passes, each in a new order: the forward pass
@@ -212,6 +283,8 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
                 trainee.constrain_decoder()
                 optimizers[layer].step()
                 trainee.constrain_decoder()
+                if resample_now(step + 1, seen + config.batch_tokens):
+                    resampled[layer] = resampled.get(layer, 0) + trainee.resample_dead(xb, yb, optimizers[layer], generator)
             seen += config.batch_tokens
             step += 1
             if on_step:
@@ -225,7 +298,7 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
         if seen >= config.n_tokens:
             break
     return TrainResult(_export(trainees, config, subject.model_id, seen, step), seen,
-                       time.perf_counter() - started, history)
+                       time.perf_counter() - started, history, resampled)
 
 
 def _export(trainees: dict[int, _Trainee], config: TranscoderTrainConfig, model_id: str, tokens: int,
