@@ -6,11 +6,12 @@ Unknown keys are errors (a typo in a config should never be silently ignored).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autolabel.errors import AutolabelError
 
@@ -23,10 +24,31 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX).
+
+    There a bfloat16 forward pass runs about 1.7x as fast as float32 with the same
+    transcoder FVU; elsewhere bfloat16 is emulated and slower than float32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 class ModelConfig(Strict):
     # "embedded:smollm2", a local HF folder, a local .gguf file, or a hub id (online only).
     source: str = "embedded:smollm2"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # "auto": bfloat16 where the CPU has native bfloat16 units, else float32. Resolved when the
+    # config is read, so a run's stored config and its collection fingerprint name the dtype used.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> ModelConfig:
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if native_bfloat16() else "float32"
+        return self
 
 
 class SourceConfig(Strict):

@@ -119,6 +119,7 @@ class SubjectModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # "float32" or "bfloat16"
         self.family = model.config.model_type
         self.n_layers = model.config.num_hidden_layers
         self.d_model = model.config.hidden_size

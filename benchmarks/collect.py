@@ -1,6 +1,6 @@
 """Collection throughput and peak memory next to the bare early-exit forward pass, and delphi's caching.
 
-    .venv/bin/python benchmarks/collect.py [--tokens 32768] [--delphi-python /work/venvs/delphi/bin/python]
+    .venv/bin/python benchmarks/collect.py [--tokens 32768] [--delphi-python /work/venvs/delphi/bin/python] [--bf16]
 
 All rows are measured in this one run, on the same plain-text windows (BBC News,
 256 tokens each, SmolLM2-135M-Instruct, the embedded transcoders), each row in a
@@ -14,6 +14,11 @@ fresh process so that its peak RSS is its own:
       layer and windows (full forward, every nonzero activation kept), when --delphi-python names
       a venv that has eai-delphi (see benchmarks/delphi_cache.py). autolabel stops the forward pass
       after the hooked layer, so its lead grows the earlier the layer.
+  (d) with --bf16: (a), (b) and the layer-24 pair again with the subject model in bfloat16
+      (`model.dtype: bfloat16`; the transcoders still encode in float32). delphi's CLI loads
+      the model in bfloat16 on a GPU and in the checkpoint's dtype (float32 here) otherwise, so
+      both of its dtypes are shown. The held-out FVU of the transcoders under each dtype is
+      printed too: a faster dtype is only worth having if the transcoders still fit.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from autolabel.corpus.sources import load_source
 from autolabel.models import load_subject_model
 from autolabel.store import Store
 
+CHECK_TOKENS = 8192
 EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"
 
 
@@ -68,15 +74,16 @@ def prepare(workdir: Path, tokens: int) -> None:
             build_corpus(store, corpus_config(workdir, scale), subject, show_progress=False)
 
 
-def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
+def worker(kind: str, workdir: Path, scale: int, layers: list[int], dtype: str) -> dict:
     from autolabel.collect import collect_stage
     from autolabel.collect.stage import CorpusIndex, capture_batches, plan_shards, shard_windows
     from autolabel.corpus import corpus_id_for
     from autolabel.transcoders.activations import batch_windows, pad_batch
+    from autolabel.transcoders.check import measure_quality
     from autolabel.transcoders.formats import load_transcoders
 
     config = RunConfig()
-    subject = load_subject_model(config.model.source, config.cache_dir)
+    subject = load_subject_model(config.model.source, config.cache_dir, dtype)
     tset = load_transcoders(EMBEDDED_SET, "circuit_tracer", layers=layers)
     corpus_id = corpus_id_for(corpus_config(workdir, scale), subject.model_id)
     collect = CollectConfig()
@@ -89,6 +96,9 @@ def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
         next(capture_batches(subject, tset, windows[: collect.batch_windows], index, collect.batch_windows))  # warm-up
         n_tokens = sum(len(w.token_ids) for w in windows)
         started = time.perf_counter()
+        if kind == "fvu":
+            quality = measure_quality(subject, tset, windows, CHECK_TOKENS)
+            return {layer: q.fvu for layer, q in quality.items()}
         if kind == "forward":
             points = [subject.hook_point(tset.input_hook, layer) for layer in tset.layers]
             for shard in shards:
@@ -101,14 +111,14 @@ def worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
     return {"tokens": n_tokens, "seconds": seconds, "tok_per_s": n_tokens / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_worker(kind: str, workdir: Path, scale: int, layers: list[int]) -> dict:
+def run_worker(kind: str, workdir: Path, scale: int, layers: list[int], dtype: str = "float32") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir), "--scale", str(scale),
-               "--layers", ",".join(map(str, layers))]
+               "--layers", ",".join(map(str, layers)), "--dtype", dtype]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_delphi(python: str, workdir: Path, layer: int) -> dict:
+def run_delphi(python: str, workdir: Path, layer: int, dtype: str = "float32") -> dict:
     from autolabel.corpus import corpus_id_for
     from autolabel.models import convert_gguf, embedded_gguf
 
@@ -121,7 +131,7 @@ def run_delphi(python: str, workdir: Path, layer: int) -> dict:
     model_dir = convert_gguf(embedded_gguf("smollm2"), Path(config.cache_dir))
     command = [python, str(Path(__file__).parent / "delphi_cache.py"), "--model-dir", str(model_dir),
                "--transcoder-dir", str(EMBEDDED_SET), "--layer", str(layer),
-               "--tokens", str(workdir / "delphi-tokens.npy"), "--batch-size", "16"]
+               "--tokens", str(workdir / "delphi-tokens.npy"), "--batch-size", "16", "--dtype", dtype]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -131,13 +141,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32_768, help="tokens at 1x (4x is measured too)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/autolabel-bench"))
     parser.add_argument("--delphi-python", help="python of a venv with eai-delphi installed")
-    parser.add_argument("--worker", choices=["forward", "collect"], help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help="also measure with the subject model in bfloat16")
+    parser.add_argument("--worker", choices=["forward", "collect", "fvu"], help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--layers", default="6,15,24", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, args.workdir, args.scale, layers)))
+        print(json.dumps(worker(args.worker, args.workdir, args.scale, layers, args.dtype)))
         return
 
     prepare(args.workdir, args.tokens)
@@ -150,6 +162,13 @@ def main() -> None:
         rows[f"(c) collect, layer {layer} only"] = run_worker("collect", args.workdir, 1, [layer])
         if args.delphi_python:
             rows[f"(c) delphi 0.1.3 LatentCache, layer {layer}"] = run_delphi(args.delphi_python, args.workdir, layer)
+    if args.bf16:
+        rows["(d) bare forward, stop after layer 24, bf16"] = run_worker("forward", args.workdir, 1, [6, 15, 24], "bfloat16")
+        rows["(d) collect, layers 6/15/24, bf16"] = run_worker("collect", args.workdir, 1, [6, 15, 24], "bfloat16")
+        rows["(d) collect, layer 24 only, bf16"] = run_worker("collect", args.workdir, 1, [24], "bfloat16")
+        if args.delphi_python:
+            rows["(d) delphi 0.1.3 LatentCache, layer 24, bf16"] = run_delphi(args.delphi_python, args.workdir, 24,
+                                                                              "bfloat16")
     baseline = rows["(a) bare forward, stop after layer 24"]["tok_per_s"]
     print(f"\nSmolLM2-135M-Instruct, embedded transcoders (d_feat 2048, TopK 64), batches of 16 x 256 tokens, "
           f"torch threads {torch.get_num_threads()}")
@@ -158,10 +177,21 @@ def main() -> None:
         print(f"{name:<44}{row['tokens']:>9}{row['tok_per_s']:>9.0f}{row['tok_per_s'] / baseline:>8.2f}"
               f"{row['peak_rss_mb']:>13.0f}")
     print()
-    for layer in (24, 6) if args.delphi_python else ():
-        ours, theirs = rows[f"(c) collect, layer {layer} only"], rows[f"(c) delphi 0.1.3 LatentCache, layer {layer}"]
-        print(f"layer {layer}: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x "
-              f"tok/s, peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB")
+    pairs = [("layer 24", "(c) collect, layer 24 only", "(c) delphi 0.1.3 LatentCache, layer 24"),
+             ("layer 6", "(c) collect, layer 6 only", "(c) delphi 0.1.3 LatentCache, layer 6"),
+             ("layer 24, both bf16", "(d) collect, layer 24 only, bf16", "(d) delphi 0.1.3 LatentCache, layer 24, bf16"),
+             ("layer 24, autolabel bf16, delphi float32", "(d) collect, layer 24 only, bf16",
+              "(c) delphi 0.1.3 LatentCache, layer 24")]
+    for what, ours, theirs in pairs:
+        if ours in rows and theirs in rows:
+            ours, theirs = rows[ours], rows[theirs]
+            print(f"{what}: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x "
+                  f"tok/s, peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB")
+    if args.bf16:
+        print("\nFVU of the embedded transcoders on the benchmark's news windows (float32 vs bfloat16 subject model):")
+        for dtype in ("float32", "bfloat16"):
+            fvu = run_worker("fvu", args.workdir, 1, [6, 15, 24], dtype)
+            print(f"  subject model in {dtype:<9}" + "".join(f"  layer {layer} {value:.3f}" for layer, value in fvu.items()))
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
 
-    model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
     hookpoint = next(
         name for name, _ in model.named_modules() if name.endswith(f"layers.{args.layer}.mlp")
     )

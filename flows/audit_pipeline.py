@@ -40,6 +40,7 @@ from autolabel.collect.stage import (
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
+from autolabel.models import SubjectModel
 from autolabel.label.stage import STAGE as LABEL_STAGE
 from autolabel.label.stage import (
     LabelSummary,
@@ -128,7 +129,7 @@ def collect_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: 
         if slices is None:
             summary = collect_stage(store, model, tset, corpus_id, transcoder_id, config.collect, run_id, show_progress)
         else:
-            summary = merge_slices(store, model.model_id, tset, corpus_id, transcoder_id, config.collect, run_id,
+            summary = merge_slices(store, model, tset, corpus_id, transcoder_id, config.collect, run_id,
                                    slices, seconds)
     return {"run_id": run_id, "seconds": summary.seconds, "resumed_shards": summary.resumed_shards}
 
@@ -222,10 +223,10 @@ def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
     return str(report_run(config, run_id, show_progress=show_progress).index.resolve())
 
 
-def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, model_id: str, fresh: bool,
+def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, model: SubjectModel, fresh: bool,
                n_slices: int, show_progress: bool) -> tuple[CollectSummary, str | None]:
     """Collect `run_id`, or copy an identical earlier collection: (summary, the run it was copied from)."""
-    content_key = fingerprint(config.collect, corpus_id, transcoder_id, model_id)
+    content_key = fingerprint(config.collect, corpus_id, transcoder_id, model.model_id, model.dtype)
     arguments = (config, run_id, corpus_id, transcoder_id, content_key, show_progress)
     slices, started = None, time.perf_counter()
     cached = get_result_store().exists(collect_key(None, {"config": config, "content_key": content_key}))
@@ -264,7 +265,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
         with Store(config.store) as store:
             store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
-        collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model.model_id, fresh,
+        collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model, fresh,
                                           n_slices, show_progress)
         audit = audit_task(config, run_id) if until != "collect" else None
         labeling = [flagged_labeling(config, result.audit) for result in audit.results

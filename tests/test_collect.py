@@ -409,6 +409,6 @@ def test_slices_collected_apart_and_merged_equal_one_pass(corpus, tiny_subject, 
     paths = [collect_slice(str(store_path), tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, a, b)
              for a, b in slices]
     with Store(store_path) as store:
-        merge_slices(store, tiny_subject.model_id, planted[0], corpus_id, "tc-test", CONFIG, merged_run, paths, 0.0)
+        merge_slices(store, tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, paths, 0.0)
         for name in TABLES:
             assert table(store, name, merged_run) == table(store, name, run_id), name

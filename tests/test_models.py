@@ -100,3 +100,20 @@ def test_model_source_errors(tmp_path, cache_dir, monkeypatch):
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(AutolabelError, match="cannot read GGUF"):
         load_subject_model(str(broken), cache_dir)
+
+
+def test_auto_dtype_follows_the_cpu_and_keys_the_collection(monkeypatch, tiny_model_dir, cache_dir):
+    import autolabel.config as config
+    from autolabel.collect.stage import fingerprint
+
+    monkeypatch.setattr(config, "native_bfloat16", lambda: True)
+    assert config.ModelConfig().dtype == "bfloat16"
+    assert config.ModelConfig(dtype="float32").dtype == "float32"  # an explicit choice wins
+    monkeypatch.setattr(config, "native_bfloat16", lambda: False)
+    assert config.RunConfig().model.dtype == "float32"
+    assert config.RunConfig.model_validate({"model": {"dtype": "auto"}}).model_dump()["model"]["dtype"] == "float32"
+
+    subject = load_subject_model(str(tiny_model_dir), cache_dir, "bfloat16")
+    assert subject.dtype == "bfloat16" and next(subject.model.parameters()).dtype == torch.bfloat16
+    keys = {fingerprint(config.CollectConfig(), "corpus", "tc", subject.model_id, dtype) for dtype in ("float32", "bfloat16")}
+    assert len(keys) == 2  # a bfloat16 run never resumes or reuses a float32 collection

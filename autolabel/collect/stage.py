@@ -165,9 +165,13 @@ class Checkpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def fingerprint(config: CollectConfig, corpus_id: str, transcoder_id: str, model_id: str) -> str:
+def fingerprint(config: CollectConfig, corpus_id: str, transcoder_id: str, model_id: str, dtype: str) -> str:
+    """Names what a collection depends on: its checkpoints and cached results are reused only on a match.
+
+    The dtype is part of it: a bfloat16 forward pass gives (slightly) different activations.
+    """
     spec = {"collect": config.model_dump(mode="json"), "corpus": corpus_id, "transcoder": transcoder_id,
-            "model": model_id}
+            "model": model_id, "dtype": dtype}
     return hashlib.sha256(to_json(spec).encode()).hexdigest()[:16]
 
 
@@ -205,7 +209,8 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
                              f"start a new collection without --resume")
 
     states = new_states(tset, index, config)
-    checkpoints = Checkpoints(store.path, run_id, fingerprint(config, corpus_id, transcoder_id, subject.model_id))
+    key = fingerprint(config, corpus_id, transcoder_id, subject.model_id, subject.dtype)
+    checkpoints = Checkpoints(store.path, run_id, key)
     if n_done:
         checkpoints.load(states, n_done)
     with progress_bar("tok", disable=not show_progress) as bar:
@@ -279,17 +284,19 @@ def collect_slice(store_path: str, subject: SubjectModel, tset: TranscoderSet, c
         states = new_states(tset, index, config)
         for k in range(first, last):
             run_shard(store, subject, tset, corpus_id, index, plan[k], states, config, lambda n: None)
-    checkpoints = Checkpoints(Path(store_path), run_id, fingerprint(config, corpus_id, transcoder_id, subject.model_id))
+    key = fingerprint(config, corpus_id, transcoder_id, subject.model_id, subject.dtype)
+    checkpoints = Checkpoints(Path(store_path), run_id, key)
     path = checkpoints.slice_path(first, last)
     checkpoints.write(states, path)
     return str(path)
 
 
-def merge_slices(store: Store, model_id: str, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
+def merge_slices(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
                  config: CollectConfig, run_id: str, paths: list[str], seconds: float) -> CollectSummary:
     """Fold the slices' states together (equal to one pass over all of them) and write the run's tables."""
     index = CorpusIndex.read(store, corpus_id)
-    checkpoints = Checkpoints(store.path, run_id, fingerprint(config, corpus_id, transcoder_id, model_id))
+    key = fingerprint(config, corpus_id, transcoder_id, subject.model_id, subject.dtype)
+    checkpoints = Checkpoints(store.path, run_id, key)
     states = None
     for path in paths:
         part = new_states(tset, index, config)
