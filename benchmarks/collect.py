@@ -17,7 +17,7 @@ fresh process so that its peak RSS is its own:
   (d) with --bf16: (a), (b) and the layer-24 pair again with the subject model in bfloat16
       (`model.dtype: bfloat16`; the transcoders still encode in float32). delphi's CLI loads
       the model in bfloat16 on a GPU and in the checkpoint's dtype (float32 here) otherwise, so
-      both of its dtypes are shown. The held-out FVU of the transcoders under each dtype is
+      both of its dtypes are shown. The transcoders' FVU on these windows under each dtype is
       printed too: a faster dtype is only worth having if the transcoders still fit.
 """
 
@@ -191,7 +191,7 @@ def main() -> None:
         print("\nFVU of the embedded transcoders on the benchmark's news windows (float32 vs bfloat16 subject model):")
         for dtype in ("float32", "bfloat16"):
             fvu = run_worker("fvu", args.workdir, 1, [6, 15, 24], dtype)
-            print(f"  subject model in {dtype:<9}" + "".join(f"  layer {layer} {value:.3f}" for layer, value in fvu.items()))
+            print(f"  subject model in {dtype:<9}" + "".join(f"  layer {layer} {value:.4f}" for layer, value in fvu.items()))
 
 
 if __name__ == "__main__":
