@@ -5,6 +5,7 @@ Unknown keys are errors (a typo in a config should never be silently ignored).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@functools.cache  # the CPU does not change; every config read would otherwise re-read /proc/cpuinfo
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX).
 
