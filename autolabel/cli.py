@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from autolabel.config import RunConfig, config_yaml, load_config
 from autolabel.errors import AutolabelError
@@ -96,7 +98,7 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
         print_cluster(summary.cluster)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
                   f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
-    console.print(f"report: {summary.report}", soft_wrap=True)
+    console.print(f"report: {escape(str(summary.report))}", soft_wrap=True)
 
 
 @app.command()
@@ -179,7 +181,7 @@ def audit(config: ConfigOption = None, store: StoreOption = None,
         run_config.audit.specs = [str(path) for path in spec]
     if against:
         run_config.audit.against = None if against == "none" else against
-    with Store(run_config.store) as db:
+    with Store(run_config.store, create=False) as db:
         print_audit(audit_run(db, run_config, run_id))
 @app.command()
 def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
@@ -190,7 +192,7 @@ def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietO
 
     summary = report_run(_config(config, store), run_id, out, show_progress=not quiet)
     console.print(f"run [bold]{summary.run_id}[/]: {summary.pages:,} feature pages in {summary.seconds:.1f} s; "
-                  f"open {summary.index}")
+                  f"open {escape(str(summary.index))}")
 
 
 @app.command()
@@ -200,7 +202,7 @@ def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve."
     from autolabel.report.serve import make_server
 
     server = make_server(folder, port)
-    console.print(f"serving {folder} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+    console.print(f"serving {escape(str(folder))} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -255,7 +257,7 @@ def model_info(model: ModelOption = None, config: ConfigOption = None,
 
     run_config = _config(config, model=model)
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
-    console.print(f"{subject.model_id}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
+    console.print(f"{escape(subject.model_id)}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
     rows = [(alias, subject.hook_point(alias, layer).name) for alias in sorted(HOOK_ALIASES)]
     print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
 
@@ -310,19 +312,20 @@ def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the
         _, heldout = corpus_windows(db, subject, run_config, not quiet)
     _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
     print_quality(quality)
-    console.print(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)")
+    console.print(escape(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)"))
 
 
 @app.command()
 def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only connection.")],
           store: StoreOption = None, config: ConfigOption = None,
           format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table") -> None:
-    """Run SQL against the store (read-only) and print the result."""
+    """Run SQL against the store and print the result. Read-only, and sandboxed: no COPY TO files, no ATTACH,
+    no reading other files (use duckdb itself to join the store with your own files)."""
     from autolabel.store import Store
 
     if format not in {"table", "csv", "json"}:
         raise AutolabelError(f"--format must be table, csv or json, not {format!r}")
-    with Store(_config(config, store).store, read_only=True) as db:
+    with Store(_config(config, store).store, read_only=True, sandboxed=True) as db:
         columns, rows = db.query(sql)
     if format == "table":
         print_table("", columns, rows)
@@ -342,9 +345,32 @@ def show_config(config: ConfigOption = None) -> None:
     sys.stdout.write(config_yaml(load_config(config)))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record, not the one it was made with."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """Stage progress outside a flow goes to the `autolabel` logger (see autolabel/progress.py): show it."""
+    logger = logging.getLogger("autolabel")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main() -> None:
+    _log_to_stderr()
     try:
         app()
     except AutolabelError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -63,6 +63,20 @@ def open_run(store: Store, config: RunConfig, resume: bool, run_id: str | None,
     return run_id, config
 
 
+def collect_afresh(store: Store, run_id: str, fresh: bool) -> bool:
+    """Whether the run must collect by itself instead of copying an identical earlier collection.
+
+    `--fresh` is kept with the run (runs.fresh), so resuming a killed `--fresh` collection still
+    collects; and a run with committed collect shards continues its own checkpoint rather than
+    copy another run's tables and leave that checkpoint behind.
+    """
+    if fresh:
+        store.update_run(run_id, fresh=True)
+    asked = store.one("SELECT coalesce(fresh, false) FROM runs WHERE run_id = ?", [run_id])[0]
+    shards = store.committed_shards(run_id, COLLECT_STAGE)
+    return bool(asked) or bool(shards and "final" not in shards)
+
+
 def reuse_collection(store: Store, source_run: str, run_id: str) -> bool:
     """Copy an identical earlier collection's tables into `run_id` (False if that run is gone from the store)."""
     if "final" not in store.committed_shards(source_run, COLLECT_STAGE):
@@ -101,7 +115,7 @@ def previous_run(store: Store, run_id: str) -> str | None:
 def cluster_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> ClusterSummary:
     """Map, cluster, name and tag the features of a collected run (the latest by default) with `config`'s
     cluster and llm settings; the tokenizer and transcoders are the run's own."""
-    with Store(config.store) as store:
+    with Store(config.store, create=False) as store:
         run_id, stored = collected_run(store, run_id)
         subject = subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
         tset = None
@@ -113,7 +127,7 @@ def cluster_run(config: RunConfig, run_id: str | None = None, show_progress: boo
 def label_run(config: RunConfig, run_id: str | None = None, show_progress: bool = True) -> LabelSummary:
     """Label the features of a collected run (the latest one by default) with `config`'s label and llm
     settings; the model and transcoders are the run's own."""
-    with Store(config.store) as store:
+    with Store(config.store, create=False) as store:
         run_id, stored = collected_run(store, run_id)
         subject = subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
         tset = transcoders(stored.transcoder.source, stored.transcoder.format)

@@ -10,6 +10,9 @@ lost or doubled. Corpus-scoped tables use the corpus_id in the run_id slot.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -155,6 +158,7 @@ ADDED_COLUMNS = [
     ("features", "status", "VARCHAR"),
     ("examples", "bin", "INTEGER"),
     ("runs", "flow_run_id", "VARCHAR"),
+    ("runs", "fresh", "BOOLEAN"),  # collected with --fresh: a resume must not copy a cached collection
     ("audit_findings", "section", "VARCHAR"),
     ("audit_findings", "rank", "INTEGER"),
     ("audit_findings", "group_name", "VARCHAR"),
@@ -184,17 +188,57 @@ def _as_arrow(rows: pa.Table | list[dict[str, Any]]) -> pa.Table:
     return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
 
 
-class Store:
-    """A DuckDB file holding every table of every run."""
+def wait_for_lock_s() -> float:
+    """How long an open waits for another process's lock on the store (AUTOLABEL_STORE_WAIT_S, default 300 s)."""
+    value = os.environ.get("AUTOLABEL_STORE_WAIT_S", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise AutolabelError(f"AUTOLABEL_STORE_WAIT_S={value!r} is not a number of seconds; set it to e.g. 300, or unset it")
+    return seconds
 
-    def __init__(self, path: str | Path, read_only: bool = False):
-        self.path = Path(path)
-        if read_only and not self.path.is_file():
-            raise AutolabelError(f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store")
+
+def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
+    """Open the file, waiting while another process holds its lock.
+
+    DuckDB lets one process write a file and no other process open it meanwhile, not even to read.
+    A query, report or label command beside a running collection therefore waits (with a note) until
+    the writer lets go between its stages, instead of failing at once.
+    """
+    deadline = time.monotonic() + wait_for_lock_s()
+    noted = False
+    while True:
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or time.monotonic() >= deadline:
+                hint = (f" (waited {wait_for_lock_s():.0f} s; another autolabel process holds it: let it finish, "
+                        "or raise AUTOLABEL_STORE_WAIT_S)") if "lock" in str(err).lower() else ""
+                raise AutolabelError(f"cannot open store {path}: {err}{hint}") from err
+            if not noted:
+                logging.getLogger("autolabel").warning(f"store {path} is in use by another process; waiting for it")
+                noted = True
+            time.sleep(0.5)
         except duckdb.Error as err:
-            raise AutolabelError(f"cannot open store {self.path}: {err}") from err
+            raise AutolabelError(f"cannot open store {path}: {err}") from err
+
+
+class Store:
+    """A DuckDB file holding every table of every run.
+
+    `create=False` is for commands that read or add to what a run made (audit, label, cluster,
+    report, query): a mistyped --store must be an error, not a new empty store. `sandboxed` opens
+    the file with DuckDB's external access off (no COPY TO files, no ATTACH, no reading other files),
+    for SQL the user types.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True, sandboxed: bool = False):
+        self.path = Path(path)
+        if (read_only or not create) and not self.path.is_file():
+            raise AutolabelError(f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store")
+        self.con = _connect(self.path, read_only, {"enable_external_access": False} if sandboxed else {})
         if not read_only:
             self._migrate()
         self._check_version()

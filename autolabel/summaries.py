@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
 
 def print_table(title: str, columns: list[str], rows: list[tuple]) -> None:
-    table = Table(title=title)
+    """Cells are plain text, never markup: they carry corpus text, labels and file names."""
+    table = Table(title=Text(title))
     for column in columns:
-        table.add_column(column)
+        table.add_column(Text(column))
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
+        table.add_row(*[Text("" if v is None else str(v)) for v in row])
     console.print(table)
 
 
@@ -35,7 +38,7 @@ def print_collect(summary) -> None:
     rows = [(layer, counts["active"], counts["rare"], counts["dead"]) for layer, counts in sorted(collect.status_by_layer.items())]
     print_table("features collected", ["layer", "active", "rare", "dead"], rows)
     if summary.reused_from:
-        console.print(f"collection reused from run {summary.reused_from} (same model, transcoder, corpus and "
+        console.print(f"collection reused from run {escape(summary.reused_from)} (same model, transcoder, corpus and "
                       f"settings; --fresh collects again)")
         return
     resumed = f", resumed after {collect.resumed_shards} shards" if collect.resumed_shards else ""
@@ -47,7 +50,7 @@ def print_labels(summary) -> None:
     console.print(f"run [bold]{summary.run_id}[/]: {summary.unreliable} labels flagged unreliable; "
                   f"{summary.calls} requests, ${summary.cost_usd:.4f}, {summary.seconds:.0f} s")
     if summary.stopped:
-        console.print(f"[yellow]stopped early:[/] {summary.stopped}; `autolabel label --run {summary.run_id}` resumes")
+        console.print(f"[yellow]stopped early:[/] {escape(str(summary.stopped))}; `autolabel label --run {summary.run_id}` resumes")
 
 
 def interval(metric: tuple | None, lower_only: bool = False) -> str:
@@ -62,7 +65,7 @@ def interval(metric: tuple | None, lower_only: bool = False) -> str:
 
 def print_audit(summary) -> None:
     if summary.skipped:
-        console.print(f"[yellow]audit skipped:[/] {summary.skipped}")
+        console.print(f"[yellow]audit skipped:[/] {escape(summary.skipped)}")
     for result in summary.results:
         rows = [(f["rank"], f"{f['layer']}/{f['feature']}", interval(f["metrics"].get("assistant_turn_share")),
                  interval(f["metrics"].get("lift_vs_user"), True), interval(f["metrics"].get("lift_vs_text"), True),
@@ -74,7 +77,7 @@ def print_audit(summary) -> None:
             rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
             print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)
         for note in result.notes:
-            console.print(f"[yellow]note:[/] {note}")
+            console.print(f"[yellow]note:[/] {escape(note)}")
         if summary.against:
             changes = ", ".join(f"{n} {change.replace('_', ' ')}" for change, n in sorted(result.changes.items()))
             console.print(f"against {summary.against}: {changes or 'no changes'}")
@@ -86,7 +89,7 @@ def print_cluster(summary) -> None:
     print_table("clusters", ["name status", "clusters"], sorted(summary.names_by_status.items()))
     print_table("audit groups", ["group", "features"], list(summary.group_sizes.items()))
     for group, categories in summary.missing_categories.items():
-        console.print(f"[yellow]note:[/] group {group}: the run's corpus has no {', '.join(categories)} documents, "
+        console.print(f"[yellow]note:[/] group {escape(group)}: the run's corpus has no {', '.join(categories)} documents, "
                       f"so they give no lift evidence")
     stability = f"; ARI {summary.ari:.3f} against seed {summary.ari_vs_seed}" if summary.ari is not None else ""
     console.print(f"run [bold]{summary.run_id}[/]: {summary.n_features} features ({summary.n_reliable} reliably "

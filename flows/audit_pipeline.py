@@ -265,6 +265,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
         with Store(config.store) as store:
             store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
+            fresh = pipeline.collect_afresh(store, run_id, fresh)
         collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model, fresh,
                                           n_slices, show_progress)
         audit = audit_task(config, run_id) if until != "collect" else None
@@ -275,14 +276,19 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
         if labels or cluster:  # again, so the findings carry the new labels and groups (seconds: counts only)
             audit = audit_task(config, run_id)
+        record_end(config, run_id, "complete")  # before the report, which shows the run's final state
         report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
-        with Store(config.store) as store:
-            store.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
+        record_end(config, run_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    with Store(config.store) as store:
-        store.finish_run(run_id, "complete")
     return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, cluster, report)
+
+
+def record_end(config: RunConfig, run_id: str, status: str, error: str | None = None) -> None:
+    """Mark the run finished. Opening the store waits out another process's lock (see Store), so a query
+    beside the run delays this line instead of leaving the run `running` with no error recorded."""
+    with Store(config.store) as store:
+        store.finish_run(run_id, status, error=error)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
@@ -301,7 +307,7 @@ def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
         raise AutolabelError(f"--cron {cron!r} is not a cron expression (five fields, e.g. \"0 3 * * *\" for "
                              f"03:00 every day): {err.errors()[0]['msg']}") from err
     return audit_pipeline.to_deployment(name=name, cron=cron, tags=["autolabel"],
-                                        parameters={"config": config.model_dump(mode="json"), "show_progress": False})
+                                        parameters={"config": config.model_dump(mode="json"), "show_progress": True})
 
 
 def on_dask(address: str | None = None, workers: int = 2):

@@ -53,8 +53,10 @@ def _fingerprint(source: SourceConfig) -> str:
 
 
 def corpus_id_for(config: CorpusConfig, model_id: str) -> str:
-    spec = {"config": config.model_dump(mode="json"), "model": model_id,
-            "inputs": [_fingerprint(s) for s in config.sources]}
+    """Paths are left out (their files' contents are in `inputs`): the same corpus read from another
+    checkout, a CI clone or a scheduled run's folder is the same corpus, with the same id."""
+    settings = config.model_dump(mode="json", exclude={"sources": {"__all__": {"path"}}})
+    spec = {"config": settings, "model": model_id, "inputs": [_fingerprint(s) for s in config.sources]}
     return "corpus-" + hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
 
 
