@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -373,4 +374,8 @@ def main() -> None:
         app()
     except AutolabelError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as err:  # an option that overwrote a config value with one the config refuses
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        err_console.print(f"[bold red]error:[/] invalid setting: {escape(problems)}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -9,10 +9,10 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autolabel.errors import AutolabelError
 
@@ -22,7 +22,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity pass every bound (`nan > 0.5` is false), so `max_fvu: .nan` would switch the fit check off.
+    # Assignments are validated too: command-line options (--seed, --layers, ...) overwrite loaded values.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+# Numbers whose sign or size has only one sensible reading, shared by every section below.
+Index = Annotated[int, Field(ge=0)]  # a layer or feature number
+Indices = Annotated[list[Index], Field(min_length=1)]  # an empty list would select nothing
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # NumPy and UMAP take seeds in [0, 2**32)
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 @functools.cache  # the CPU does not change; every config read would otherwise re-read /proc/cpuinfo
@@ -89,14 +98,33 @@ class GenerationConfig(Strict):
 class CorpusConfig(Strict):
     sources: list[SourceConfig] = Field(default_factory=_default_sources)
     ctx_len: int = Field(default=256, ge=8)
-    seed: int = 0
+    seed: Seed = 0
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        """A typo in a source name should fail when the config is read, not when the corpus is built.
+
+        Only sources the config lists are checked (pydantic leaves defaults alone), so reading
+        the default config never imports the corpus package and torch with it.
+        """
+        from autolabel.corpus.sources import SOURCE_NAMES  # deferred: sources.py imports this module
+
+        if not sources:
+            raise ValueError("lists no sources, so the corpus would be empty; list at least one, or omit `sources` "
+                             "for the defaults")
+        unknown = [source.name for source in sources if source.name not in SOURCE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown source name(s) {', '.join(map(repr, unknown))}; known sources: "
+                             f"{', '.join(SOURCE_NAMES)}")
+        return sources
 
 
 class TranscoderTrainConfig(Strict):
     """How `autolabel transcoder train` trains per-layer transcoders (defaults: the embedded set)."""
 
-    layers: list[int] = Field(default_factory=lambda: [6, 15, 24])
+    layers: Indices = Field(default_factory=lambda: [6, 15, 24])
     input_hook: str = "mlp_in"
     output_hook: str = "mlp_out"
     activation: Literal["topk", "jumprelu"] = "topk"
@@ -107,30 +135,36 @@ class TranscoderTrainConfig(Strict):
     buffer_tokens: int = Field(default=160_000, ge=1)  # activation buffer per layer (fp16)
     passes_per_buffer: int = Field(default=13, ge=1)  # shuffled training passes over each filled buffer
     batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
-    lr: float = 1e-3
-    aux_k: int = 256
-    aux_coef: float = 1 / 8
-    dead_after_tokens: int = 50_000
+    lr: float = Field(default=1e-3, gt=0)
+    aux_k: int = Field(default=256, ge=0)  # dead features in the auxiliary loss; 0: none
+    aux_coef: float = Field(default=1 / 8, ge=0)
+    dead_after_tokens: int = Field(default=50_000, ge=0)
     resample_every_steps: int = Field(default=200, ge=0)  # re-initialise dead features this often; 0: never
-    resample_until: float = Field(default=0.5, ge=0, le=1)  # ... during this first share of training only
+    resample_until: Fraction = 0.5  # ... during this first share of training only
     skip: bool = True  # a linear skip path x @ W_skip beside the features (circuit-tracer's W_skip)
-    l0_coef: float = 2e-3  # jumprelu only
-    jumprelu_init_threshold: float = 0.1
-    jumprelu_bandwidth: float = 0.05
+    l0_coef: float = Field(default=2e-3, ge=0)  # jumprelu only
+    jumprelu_init_threshold: float = Field(default=0.1, gt=0)  # trained as its log
+    jumprelu_bandwidth: float = Field(default=0.05, gt=0)
     heldout_every: int = Field(default=10, ge=2)  # every n-th document (by hash) is kept for checking
     checkpoint_every_steps: int = Field(default=500, ge=1)
     # A corpus for training only (e.g. the run's sources with more plain text); None: the run's corpus.
     # Held-out documents are chosen by a hash of their id, so they stay held out in either corpus.
     corpus: CorpusConfig | None = None
     save_dtype: Literal["float32", "float16"] = "float16"  # fp16 halves the files at no measurable FVU cost
-    seed: int = 0
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _k_within_width(self) -> TranscoderTrainConfig:
+        if self.activation == "topk" and self.k > self.d_feat:
+            raise ValueError(f"k {self.k} is more features than d_feat {self.d_feat} holds; lower k or raise d_feat")
+        return self
 
 
 class TranscoderConfig(Strict):
     # "embedded:smollm2" (trained at first use and cached), or a folder/file in any supported format.
     source: str = "embedded:smollm2"
     format: str = "auto"
-    max_fvu: float = 0.5  # a run refuses a transcoder that reconstructs worse than this
+    max_fvu: float = Field(default=0.5, gt=0)  # a run refuses a transcoder that reconstructs worse than this
     check_tokens: int = Field(default=8192, ge=1)
     train: TranscoderTrainConfig = Field(default_factory=TranscoderTrainConfig)
 
@@ -147,10 +181,10 @@ class CollectConfig(Strict):
     # each feature's max (smaller activations share the lowest bin). Quantile bins are unions of these.
     bins_per_octave: int = Field(default=3, ge=1)
     octaves: int = Field(default=8, ge=1)
-    rare_density: float = Field(default=1e-4, ge=0)  # features firing on fewer tokens are marked rare
+    rare_density: Fraction = 1e-4  # features firing on fewer tokens are marked rare
     batch_windows: int = Field(default=16, ge=1)  # windows per forward pass
     shard_tokens: int = Field(default=32_768, ge=1)  # a checkpoint after about this many tokens
-    seed: int = 0  # salts the reservoir priorities
+    seed: Seed = 0  # salts the reservoir priorities
 
 
 class Price(Strict):
@@ -183,8 +217,8 @@ class LLMConfig(Strict):
 class LabelConfig(Strict):
     """Which features `autolabel label` names, from which examples, and how labels are scored."""
 
-    layers: list[int] | None = None  # None: every layer
-    features: list[int] | None = None  # None: every feature that fired enough (with `layers`)
+    layers: Indices | None = None  # None: every layer
+    features: Indices | None = None  # None: every feature that fired enough (with `layers`)
     limit: int | None = Field(default=None, ge=1)  # at most this many features, by activation density
     audit: str | None = None  # only the features this audit flagged in the run (e.g. assistant_pervasiveness)
     min_examples: int = Field(default=4, ge=1)  # fewer top examples: recorded as skipped
@@ -196,10 +230,9 @@ class LabelConfig(Strict):
     scorers: list[Literal["detection", "fuzzing", "embedding"]] = Field(
         default_factory=lambda: ["detection", "fuzzing", "embedding"])
     score_examples: int = Field(default=10, ge=2)  # items per detection / fuzzing request
-    unreliable_below: float = Field(default=0.6, ge=0, le=1)  # a score under this flags the label
+    unreliable_below: Fraction = 0.6  # a score under this flags the label
     features_per_shard: int = Field(default=32, ge=1)
-    seed: int = 0
-
+    seed: Seed = 0
 
 class AuditConfig(Strict):
     """Which audit specs `autolabel audit` (and `autolabel run`) apply, and what to diff against."""
@@ -220,24 +253,24 @@ class ReportConfig(Strict):
 class ClusterConfig(Strict):
     """How `autolabel cluster` lays features out, clusters and names them, and tags audit groups."""
 
-    layers: list[int] | None = None  # None: every layer
+    layers: Indices | None = None  # None: every layer
     # What a feature's point is made of: its label text (MiniLM), or that text joined with its decoder
     # direction, each part weighted so the cosine is (1 - w) * text cosine + w * decoder cosine.
     embedding: Literal["label", "label+decoder"] = "label"
-    decoder_weight: float = Field(default=0.3, ge=0, le=1)
+    decoder_weight: Fraction = 0.3
     labeler: str | None = None  # whose labels to use; None: the latest ok label of each feature
     example_texts: int = Field(default=1, ge=1)  # top examples embedded for a feature with no label
     batch_size: int = Field(default=128, ge=1)  # MiniLM batch
     embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # bfloat16: ~1.7x as fast on AVX-512 BF16 CPUs
     neighbors: int = Field(default=15, ge=2)  # UMAP's k nearest neighbours (computed exactly, once)
-    map_min_dist: float = Field(default=0.1, ge=0, le=1)
+    map_min_dist: Fraction = 0.1
     cluster_dims: int = Field(default=10, ge=2)  # UMAP dimensions HDBSCAN clusters in
     epochs: int = Field(default=200, ge=10)  # UMAP optimisation epochs
     # None: max(5, n_features // 400). Small clusters of a big map change with the seed (16k synthetic labels:
     # ARI 0.74 between seeds at 15, 0.96 at 40), and auditors read tens to hundreds of clusters, not thousands.
     min_cluster_size: int | None = Field(default=None, ge=2)
     min_samples: int | None = Field(default=None, ge=1)  # None: min_cluster_size (the most stable choice)
-    seed: int = 0  # UMAP's random state; a re-run with another seed records the ARI between the two
+    seed: Seed = 0  # UMAP's random state; a re-run with another seed records the ARI between the two
     name_clusters: bool = True  # one LLM call per cluster
     name_labels: int = Field(default=20, ge=1)  # member labels shown per naming call, nearest the centre first
     groups: str = str(PROJECT_ROOT / "audits" / "groups.yaml")  # audit group spec; "" for none

@@ -221,3 +221,10 @@ def test_without_a_terminal_progress_is_logged_at_a_bounded_rate(caplog):
                 bar.advance(task, 5)
     assert [r.getMessage().split(" in ")[0] for r in caplog.records][1:] == [
         "reading: progress 5 tok", "reading: progress 10 tok", "reading: progress 15 tok", "reading: done 15 tok"]
+
+
+@pytest.mark.parametrize("args, field", [(["cluster", "--seed", "-1"], "seed"), (["label", "--layers", "-3"], "layers"),
+                                         (["transcoder", "train", "--out", "x", "--tokens", "-5"], "n_tokens")])
+def test_options_that_overwrite_the_config_are_validated_like_it(monkeypatch, capsys, filled_store, args, field):
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--store", str(filled_store))
+    assert code == 2 and "invalid setting" in err and field in err and "Traceback" not in err

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.numpy import load_file as load_numpy, save_file
-from test_transcoder_formats import D, F, N_TOK, TOL, ct_config, ct_layer, gemma_scope_1, rand, run
+from test_transcoder_formats import D, F, N_TOK, TOL, ct_config, ct_layer, gemma_scope_1, rand, run, saelens_folder
 
 from autolabel.errors import AutolabelError
+from autolabel.transcoders.check import LayerQuality, refuse_bad_fit
 from autolabel.transcoders.formats import load_transcoders, save_circuit_tracer
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
@@ -170,3 +171,123 @@ def test_error_unresolvable_hook_and_missing_listed_file(tmp_path):
     ct_config(tmp_path, transcoders=["hf://org/repo/layer_0/params.npz"])
     with pytest.raises(AutolabelError, match="config.yaml lists hf://org/repo/layer_0/params.npz for layer 0"):
         load_transcoders(tmp_path)
+
+
+# ---------------------------------------------------------------- non-finite weights, a non-finite fit
+
+def spoil(path: Path, tensor: str, value: float, index: int = 5) -> None:
+    """Rewrite one tensor of a layer file with one value replaced (a diverged run or a damaged export)."""
+    tensors = {key: array.copy() for key, array in load_numpy(str(path)).items()}
+    tensors.setdefault(tensor, np.full(F, 0.1, np.float32))  # a threshold, for the layers that have none
+    tensors[tensor].flat[index] = value
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("tensor, value, name, counts", [
+    ("W_dec", np.nan, "W_dec", "1 NaN and 0 infinite"),
+    ("b_enc", np.inf, "b_enc", "0 NaN and 1 infinite"),
+    ("activation_function.threshold", -np.inf, "threshold", "0 NaN and 1 infinite"),
+])
+def test_non_finite_weights_are_refused_naming_layer_tensor_and_file(tmp_path, tensor, value, name, counts):
+    plt_folder(tmp_path, n=3)
+    spoil(tmp_path / "layer_1.safetensors", tensor, value)
+    with pytest.raises(AutolabelError) as err:
+        load_transcoders(tmp_path)
+    message = str(err.value)
+    assert f"layer 1: {name} in {tmp_path / 'layer_1.safetensors'} holds {counts}" in message
+    assert "again" in message  # the fix
+    assert load_transcoders(tmp_path, layers=[0, 2]).layers == [0, 2]  # the intact layers still load
+
+
+def test_non_finite_weights_are_refused_in_every_format(tmp_path):
+    params = gemma_scope_1(np.random.default_rng(15), tmp_path / "gemma")
+    sub = tmp_path / "gemma" / "layer_2" / "width_16k" / "average_l0_10"
+    W_enc = params[2]["W_enc"].copy()
+    W_enc[3, 4] = np.nan
+    np.savez(sub / "params.npz", **{**params[2], "W_enc": W_enc})
+    with pytest.raises(AutolabelError, match=r"layer 2: W_enc in .*params\.npz holds 1 NaN"):
+        load_transcoders(tmp_path / "gemma")
+    # a float64 value beyond float32's range becomes infinite when loaded, so it is refused too
+    rng = np.random.default_rng(16)
+    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D).astype(np.float64), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
+    w["W_dec"][0, 0] = 1e300
+    saelens_folder(tmp_path / "sae", {"architecture": "standard", "metadata": {"hook_name": "blocks.4.hook_mlp_out"}}, w)
+    with pytest.raises(AutolabelError, match=r"layer 4: W_dec in .*sae_weights\.safetensors holds 0 NaN and 1 infinite"):
+        load_transcoders(tmp_path / "sae")
+    # and a trained set that diverged, which never passes through a file
+    W_dec = torch.zeros(F, D)
+    W_dec[2, 1] = float("nan")
+    with pytest.raises(AutolabelError, match=r"transcoder layer 0: W_dec holds 1 NaN .*first at index \[2, 1\]"):
+        Transcoder(0, torch.zeros(D, F), torch.zeros(F), W_dec, torch.zeros(D))
+
+
+def test_fit_check_refuses_a_non_finite_fvu_or_bound():
+    tset = TranscoderSet({0: Transcoder(0, torch.zeros(D, F), torch.zeros(F), torch.zeros(F, D), torch.zeros(D))},
+                         path="/releases/tc")
+    fine = LayerQuality(0, 0.1, 5.0, 0.0, 100)
+    refuse_bad_fit(tset, {0: fine}, 0.5)
+    for fvu in (float("nan"), float("inf")):
+        with pytest.raises(AutolabelError) as err:
+            refuse_bad_fit(tset, {0: fine, 3: LayerQuality(3, fvu, 5.0, 0.0, 100)}, 0.5)
+        assert f"/releases/tc reconstructs" in str(err.value) and f"layer 3: FVU {fvu}" in str(err.value)
+        assert "model.dtype: float32" in str(err.value)
+    for bound in (float("nan"), float("inf"), 0.0, -1.0):  # e.g. `transcoder check --max-fvu nan`
+        with pytest.raises(AutolabelError, match="must be a positive finite number"):
+            refuse_bad_fit(tset, {0: fine}, bound)
+
+
+# ---------------------------------------------------------------- numbers in a release's config
+
+@pytest.mark.parametrize("k", [5000, -3, 0, "sixty", 2.5, True])
+def test_bad_k_in_circuit_tracer_config_is_one_clear_error(tmp_path, k):
+    plt_folder(tmp_path)
+    ct_config(tmp_path, activation="topk", k=k)
+    with pytest.raises(AutolabelError) as err:
+        load_transcoders(tmp_path)
+    assert f"{tmp_path / 'config.yaml'}: k is {k!r} but must be an integer from 1 to {F}" in str(err.value)
+    assert "features each token keeps" in str(err.value) and "fix it in the file" in str(err.value)
+
+
+def test_bad_k_in_other_formats_names_the_file_and_field(tmp_path):
+    rng = np.random.default_rng(17)
+    t = ct_layer(rng)
+    save_file({**t, "k": np.array(0, dtype=np.int64)}, str(tmp_path / "layer_0.safetensors"))
+    ct_config(tmp_path, activation="topk")
+    with pytest.raises(AutolabelError, match=r"layer_0\.safetensors: tensor 'k' is 0 but must be an integer from 1"):
+        load_transcoders(tmp_path)
+
+    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
+    saelens_folder(tmp_path / "sae", {"architecture": "standard", "activation_fn": "topk", "activation_fn_kwargs": {"k": 5000},
+                                      "metadata": {"hook_name": "blocks.0.hook_mlp_out"}}, w)
+    with pytest.raises(AutolabelError, match=rf"sae.cfg\.json: activation_fn_kwargs\.k is 5000 but must be an integer from 1 to {F}"):
+        load_transcoders(tmp_path / "sae")
+
+    sub = tmp_path / "sparsify" / "layers.0.mlp"
+    sub.mkdir(parents=True)
+    save_file({"encoder.weight": rand(rng, F, D), "encoder.bias": rand(rng, F), "W_dec": rand(rng, F, D), "b_dec": rand(rng, D)},
+              str(sub / "sae.safetensors"))
+    (sub / "cfg.json").write_text(json.dumps({"activation": "topk", "k": "sixty", "transcode": True}))
+    with pytest.raises(AutolabelError, match=r"layers\.0\.mlp.cfg\.json: k is 'sixty' but must be an integer"):
+        load_transcoders(tmp_path / "sparsify")
+
+
+def test_bad_layer_numbers_in_a_config_name_the_file_and_field(tmp_path):
+    (tmp_path / "ct").mkdir()
+    plt_folder(tmp_path / "ct")
+    for layers, needle in (("0,1", "layers is '0,1' but must be a list of layer numbers"),
+                           ([0, -1], "layers is -1 but must be an integer of at least 0"),
+                           ([0, "one"], "layers is 'one' but must be an integer of at least 0")):
+        ct_config(tmp_path / "ct", layers=layers)
+        with pytest.raises(AutolabelError) as err:
+            load_transcoders(tmp_path / "ct")
+        assert f"{tmp_path / 'ct' / 'config.yaml'}: {needle}" in str(err.value)
+    ct_config(tmp_path / "ct", transcoders="layer_0.safetensors")  # one string, not a list
+    with pytest.raises(AutolabelError, match="transcoders is 'layer_0.safetensors' but must be a list of weight files"):
+        load_transcoders(tmp_path / "ct")
+
+    rng = np.random.default_rng(18)
+    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
+    saelens_folder(tmp_path / "sae", {"architecture": "standard", "hook_point": "blocks.2.hook_mlp_out",
+                                      "hook_point_layer": "three"}, w)
+    with pytest.raises(AutolabelError, match=r"sae.cfg\.json: hook_point_layer is 'three' but must be an integer"):
+        load_transcoders(tmp_path / "sae")

@@ -144,6 +144,8 @@ BUILTIN_SOURCES: dict[str, Callable[[int | None, int], list[Document]]] = {
     "rho_sycophancy": rho_sycophancy,
     "bastion_injection": bastion_injection,
 }
+# Every name a corpus source may have; the config is checked against it when it is read.
+SOURCE_NAMES = (*BUILTIN_SOURCES, "prompts", "file")
 
 
 def load_source(source: SourceConfig, seed: int) -> list[Document]:
@@ -157,8 +159,7 @@ def load_source(source: SourceConfig, seed: int) -> list[Document]:
         return prompt_sets(source.path, source.limit, seed)
     loader = BUILTIN_SOURCES.get(source.name)
     if loader is None:
-        known = ", ".join([*BUILTIN_SOURCES, "prompts", "file"])
-        raise AutolabelError(f"unknown corpus source {source.name!r}; known sources: {known}")
+        raise AutolabelError(f"unknown corpus source {source.name!r}; known sources: {', '.join(SOURCE_NAMES)}")
     documents = loader(source.limit, seed)
     if source.category:
         for document in documents:

@@ -9,6 +9,7 @@ transcoder and near or above 1 for a mismatched one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -107,6 +108,18 @@ def record_quality(store: Store, tset: TranscoderSet, model_id: str, quality: di
 
 
 def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fvu: float) -> None:
+    """A NaN FVU or bound compares false with everything, so each is refused before the comparison could pass it."""
+    if not 0 < max_fvu < math.inf:
+        raise AutolabelError(f"the FVU bound {max_fvu} (transcoder.max_fvu or --max-fvu) must be a positive finite "
+                             f"number, e.g. 0.5")
+    broken = {layer: q.fvu for layer, q in quality.items() if not math.isfinite(q.fvu)}
+    if broken:
+        layers = ", ".join(f"layer {layer}: FVU {fvu}" for layer, fvu in sorted(broken.items()))
+        raise AutolabelError(
+            f"transcoder {tset.path} reconstructs this model's MLP output as NaN or infinite values ({layers}): the "
+            f"transcoder's outputs or the model's activations overflow. Check the weights of those layers (export them "
+            f"in float32) and run the model in float32 (model.dtype: float32)."
+        )
     bad = {layer: q.fvu for layer, q in quality.items() if q.fvu > max_fvu}
     if bad:
         worst = ", ".join(f"layer {layer}: FVU {fvu:.2f}" for layer, fvu in sorted(bad.items()))

@@ -86,6 +86,16 @@ def required(cfg: dict, key: str, path: Path, example: str):
     return cfg[key]
 
 
+def setting_int(value, path: Path, field: str, low: int, high: int | None = None, meaning: str = "") -> int:
+    """An integer setting of a release's config (k, a layer); a word, a fraction or a value out of range is an error
+    naming the file and the field, where int() or torch would raise a traceback or run with nonsense."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if not whole or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise AutolabelError(f"{path}: {field} is {value!r} but must be an integer {bound}{meaning}; fix it in the file")
+    return int(value)
+
+
 def hook_of(name: str, path: Path, field: str) -> tuple[str, int | None]:
     """A release hook name -> (name autolabel resolves, layer in it). Release names that are aliases stay as-is."""
     match = re.fullmatch(r"(?:blocks\.(\d+)\.)?([\w.]+)", str(name))

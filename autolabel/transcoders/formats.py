@@ -29,6 +29,7 @@ from autolabel.transcoders.files import (
     required,
     same_hooks,
     select_layers,
+    setting_int,
 )
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
@@ -36,9 +37,10 @@ FORMATS = ("circuit-tracer", "circuit-tracer-clt", "gemma-scope", "gemma-scope-2
 # Gemma Scope 2 names its sites by HF module; these are the ones autolabel's hooks cover.
 _HF_SITES = {"pre_feedforward_layernorm.output": "mlp_in", "mlp.input": "mlp_in",
              "pre_feedforward_layernorm.input": "resid_mid", "post_feedforward_layernorm.output": "mlp_out"}
+K_MEANING = " (the number of features each token keeps, at most the transcoder's width d_feat)"
 
 
-def _circuit_tracer_layer(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
+def _circuit_tracer_layer(t: dict, p: Path, layer: int, cfg: dict, cfg_path: Path) -> Transcoder:
     """circuit-tracer: pre = x @ W_enc.T + b_enc; out = acts @ W_dec + b_dec + x @ W_skip.T (W_skip is [d_out, d_in]).
 
     Its JumpReLU is pre * (pre > threshold), as ours; its TopK keeps the k largest values without a ReLU.
@@ -47,12 +49,15 @@ def _circuit_tracer_layer(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder
         t, p, "circuit-tracer: W_enc [d_feat, d_model], W_dec [d_feat, d_model], b_enc [d_feat], b_dec [d_model], "
         "optional activation_function.threshold [d_feat], W_skip [d_model, d_model]", ("W_enc", "W_dec", "b_enc", "b_dec"),
         True, (("activation_function.threshold", "F"), ("W_skip", "OI")))
-    k = cfg.get("k", int(t["k"]) if "k" in t else None)
     activation = "topk" if cfg.get("activation") == "topk" else "jumprelu" if threshold is not None else "relu"
-    if activation == "topk" and not k:
-        raise AutolabelError(f"{p.parent / 'config.yaml'} says activation: topk but gives no k; add e.g. `k: 64`")
+    k = None
+    if activation == "topk":  # k lives in config.yaml; older exports keep it as a tensor in the layer file
+        if cfg.get("k") is None and "k" not in t:
+            raise AutolabelError(f"{cfg_path} says activation: topk but gives no k; add e.g. `k: 64`")
+        k = (setting_int(cfg["k"], cfg_path, "k", 1, W_enc.shape[1], K_MEANING) if cfg.get("k") is not None
+             else setting_int(t["k"].tolist(), p, "tensor 'k'", 1, W_enc.shape[1], K_MEANING))
     return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, activation, threshold if activation == "jumprelu" else None,
-                      k if activation == "topk" else None, None if W_skip is None else W_skip.T)
+                      k, None if W_skip is None else W_skip.T, origin=str(p))
 
 
 def _gemma_scope(t: dict, p: Path, layer: int) -> Transcoder:
@@ -68,7 +73,7 @@ def _gemma_scope(t: dict, p: Path, layer: int) -> Transcoder:
         (("threshold", "F"), ("affine_skip_connection", "IO")))
     if threshold is None:
         raise AutolabelError(f"{p} has no tensor 'threshold'; Gemma Scope JumpReLU transcoders need one per feature")
-    return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold.clamp(min=0), W_skip=W_skip)
+    return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, "jumprelu", threshold.clamp(min=0), W_skip=W_skip, origin=str(p))
 
 
 _SAELENS_ARCHS = ("standard", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
@@ -81,10 +86,10 @@ def _saelens(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     Its JumpReLU is relu(pre) * (pre > thr) (exact here with the threshold clamped at 0); its TopK is ours.
     """
     arch, act = cfg.get("architecture", "standard"), cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
-    topk, jump, transcoder = arch == "topk" or act == "topk", arch.startswith("jumprelu"), "transcoder" in arch
     if arch not in _SAELENS_ARCHS or act not in ("relu", "topk"):
         raise AutolabelError(f"{p.parent / 'cfg.json'}: SAELens architecture {arch!r} with activation {act!r} is not "
                              f"supported; supported architectures: {', '.join(_SAELENS_ARCHS)}")
+    topk, jump, transcoder = arch == "topk" or act == "topk", arch.startswith("jumprelu"), "transcoder" in arch
     if cfg.get("normalize_activations") not in (None, "none", False) or cfg.get("reshape_activations") == "hook_z":
         raise AutolabelError(f"{p.parent / 'cfg.json'}: normalize_activations/reshape_activations change the input at "
                              f"run time; fold them into the weights with SAELens before exporting")
@@ -97,9 +102,13 @@ def _saelens(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
             raise AutolabelError(f"{p} has no tensor {name!r}, which SAELens architecture {arch!r} needs; re-export it")
     if scale is not None:  # pre-6.0 finetuning scale multiplies the activations before decoding
         W_dec = W_dec * scale[:, None]
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if topk and not k:
+    kwargs = cfg.get("activation_fn_kwargs")
+    k_field, k = ("k", cfg["k"]) if cfg.get("k") is not None else \
+        ("activation_fn_kwargs.k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+    if topk and k is None:
         raise AutolabelError(f"{p.parent / 'cfg.json'} describes a topk SAE but gives no k; add `\"k\": <int>`")
+    if topk:
+        k = setting_int(k, p.parent / "cfg.json", k_field, 1, W_enc.shape[1], K_MEANING)
     if topk and cfg.get("rescale_acts_by_decoder_norm"):  # SAELens: topk(pre * |d_j|), decode acts / |d_j|; fold it
         norms = W_dec.norm(dim=-1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
@@ -107,8 +116,8 @@ def _saelens(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     if b_in is not None and b_in.shape[0] != W_enc.shape[0]:
         raise AutolabelError(f"{p}: apply_b_dec_to_input needs b_dec of width d_in={W_enc.shape[0]}, not {b_in.shape[0]}")
     return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, "topk" if topk else "jumprelu" if jump else "relu",
-                      None if threshold is None else threshold.clamp(min=0), int(k) if topk else None,
-                      None if W_skip is None else W_skip.T, b_in)
+                      None if threshold is None else threshold.clamp(min=0), k if topk else None,
+                      None if W_skip is None else W_skip.T, b_in, origin=str(p))
 
 
 def _sparsify(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
@@ -122,9 +131,10 @@ def _sparsify(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     W_enc, W_dec, b_enc, b_dec, W_skip = core_weights(
         t, p, "sparsify: encoder.weight [d_feat, d_in], encoder.bias [d_feat], W_dec [d_feat, d_out], b_dec [d_out], "
         "optional W_skip [d_out, d_in]", ("encoder.weight", "W_dec", "encoder.bias", "b_dec"), True, (("W_skip", "OI"),))
-    k = int(required(cfg, "k", p.parent / "cfg.json", '"k": 32'))
+    k = setting_int(required(cfg, "k", p.parent / "cfg.json", '"k": 32'), p.parent / "cfg.json", "k", 1, W_enc.shape[1],
+                    K_MEANING)
     return Transcoder(layer, W_enc, b_enc, W_dec, b_dec, "topk", k=k, W_skip=None if W_skip is None else W_skip.T,
-                      b_in=None if cfg.get("transcode") else b_dec)
+                      b_in=None if cfg.get("transcode") else b_dec, origin=str(p))
 
 
 def _load_circuit_tracer(folder: Path, layers: list[int] | None) -> TranscoderSet:
@@ -135,17 +145,21 @@ def _load_circuit_tracer(folder: Path, layers: list[int] | None) -> TranscoderSe
         return _load_clt(folder, layers)
     hooks = [hook_of(required(cfg, key, cfg_path, f"{key}: {example}"), cfg_path, key)[0]
              for key, example in (("feature_input_hook", "mlp.hook_in"), ("feature_output_hook", "mlp.hook_out"))]
-    listed = cfg.get("transcoders")
+    listed, saved = cfg.get("transcoders"), cfg.get("layers")
+    for key, value, kind in (("transcoders", listed, "weight files, one per layer from 0"), ("layers", saved, "layer numbers")):
+        if value is not None and not isinstance(value, list):
+            raise AutolabelError(f"{cfg_path}: {key} is {value!r} but must be a list of {kind}; fix it in the file")
+    saved = [setting_int(layer, cfg_path, "layers", 0, meaning=" (a layer number)") for layer in saved or []]
     found = dict(enumerate(listed)) if listed else numbered_files(folder, "layer_")
-    if not listed and cfg.get("layers"):  # written by save_circuit_tracer: ignore stale files of other layers
-        found = {layer: f for layer, f in found.items() if layer in cfg["layers"]}
-    expected = None if listed else cfg.get("layers") or list(range(max(found, default=-1) + 1))
+    if not listed and saved:  # written by save_circuit_tracer: ignore stale files of other layers
+        found = {layer: f for layer, f in found.items() if layer in saved}
+    expected = None if listed else saved or list(range(max(found, default=-1) + 1))
     transcoders = {}
     for layer, entry in select_layers(found, layers, folder, "layer_{i}.safetensors", expected).items():
         path = _listed_file(folder, str(entry), layer) if listed else entry
         tensors = read_tensors(path)  # a list may name Gemma Scope files; their keys tell their orientation
         transcoders[layer] = (_gemma_scope(tensors, path, layer) if path.suffix == ".npz" or "w_enc" in tensors
-                              else _circuit_tracer_layer(tensors, path, layer, cfg))
+                              else _circuit_tracer_layer(tensors, path, layer, cfg, cfg_path))
     metadata = read_config(folder / "autolabel.json") if (folder / "autolabel.json").is_file() else {"config": cfg}
     return TranscoderSet(transcoders, hooks[0], hooks[1], "circuit-tracer", str(folder), cfg.get("model_name", ""), metadata)
 
@@ -179,12 +193,14 @@ def _load_clt(folder: Path, layers: list[int] | None) -> TranscoderSet:
     transcoders = {}
     for i, enc_path in select_layers(found, layers, folder, "W_enc_{i}.safetensors", list(range(n_layers))).items():
         tensors = {**read_tensors(enc_path), **read_tensors(folder / f"W_dec_{i}.safetensors")}
+        files = folder / f"W_enc_{i}.safetensors + W_dec_{i}.safetensors"
         W_enc, W_dec, b_enc, b_dec, threshold = core_weights(
-            tensors, folder / f"W_enc_{i}.safetensors + W_dec_{i}.safetensors", layout,
-            (f"W_enc_{i}", f"W_dec_{i}", f"b_enc_{i}", f"b_dec_{i}"), True, ((f"threshold_{i}", "F"),), "FLO", L=n_layers - i)
+            tensors, files, layout, (f"W_enc_{i}", f"W_dec_{i}", f"b_enc_{i}", f"b_dec_{i}"), True,
+            ((f"threshold_{i}", "F"),), "FLO", L=n_layers - i)
         bias = torch.zeros(n_layers - i, b_dec.shape[0])
         bias[0] = b_dec
-        transcoders[i] = Transcoder(i, W_enc, b_enc, W_dec, bias, "relu" if threshold is None else "jumprelu", threshold)
+        transcoders[i] = Transcoder(i, W_enc, b_enc, W_dec, bias, "relu" if threshold is None else "jumprelu", threshold,
+                                    origin=str(files))
     return TranscoderSet(transcoders, hooks[0], hooks[1], "circuit-tracer-clt", str(folder),
                          cfg.get("model_name", ""), {"config": cfg, "n_layers": n_layers})
 
@@ -237,12 +253,14 @@ def _load_saelens(folder: Path, layers: list[int] | None) -> TranscoderSet:
                                  f"6, hook_point before); add e.g. \"hook_name\": \"blocks.3.ln2.hook_normalized\"")
         hook_in, layer = hook_of(meta.get("hook_name") or meta["hook_point"], d / "cfg.json", "hook_name")
         hook_out = hook_of(meta["hook_name_out"], d / "cfg.json", "hook_name_out")[0] if meta.get("hook_name_out") else hook_in
-        layer = meta.get("hook_layer", meta.get("hook_point_layer", layer))
+        layer_key = next((key for key in ("hook_layer", "hook_point_layer") if meta.get(key) is not None), "hook_name")
+        layer = layer if layer_key == "hook_name" else meta[layer_key]
         if layer is None:
             raise AutolabelError(f"{d / 'cfg.json'} names no layer; use hook_name blocks.<L>.{hook_in} or add hook_layer")
-        if int(layer) in found:
-            raise AutolabelError(f"{folder}: both {found[int(layer)]} and {d} are for layer {layer}; keep one per layer")
-        found[int(layer)], info[int(layer)] = d, (cfg, (hook_in, hook_out))
+        layer = setting_int(layer, d / "cfg.json", layer_key, 0, meaning=" (the layer the SAE reads)")
+        if layer in found:
+            raise AutolabelError(f"{folder}: both {found[layer]} and {d} are for layer {layer}; keep one per layer")
+        found[layer], info[layer] = d, (cfg, (hook_in, hook_out))
     chosen = select_layers(found, layers, folder, "a folder with cfg.json + sae_weights.safetensors")
     transcoders = {layer: _saelens(read_tensors(d / "sae_weights.safetensors"), d / "sae_weights.safetensors", layer, info[layer][0])
                    for layer, d in chosen.items()}

@@ -19,15 +19,21 @@ from typing import Literal
 import torch
 from torch import nn
 
+from autolabel.errors import AutolabelError
+
 Activation = Literal["relu", "jumprelu", "topk"]
 
 
 class Transcoder(nn.Module):
-    """Reads one layer's MLP input and predicts its MLP output (or, cross-layer, later layers' outputs)."""
+    """Reads one layer's MLP input and predicts its MLP output (or, cross-layer, later layers' outputs).
+
+    `origin` (the file the weights came from, where known) only serves error messages.
+    """
 
     def __init__(self, layer: int, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                  b_dec: torch.Tensor, activation: Activation = "relu", threshold: torch.Tensor | None = None,
-                 k: int | None = None, W_skip: torch.Tensor | None = None, b_in: torch.Tensor | None = None):
+                 k: int | None = None, W_skip: torch.Tensor | None = None, b_in: torch.Tensor | None = None,
+                 origin: str = ""):
         super().__init__()
         d_in, d_feat = W_enc.shape
         if W_dec.shape[0] != d_feat:
@@ -44,6 +50,7 @@ class Transcoder(nn.Module):
         self.threshold = None if threshold is None else nn.Parameter(threshold.float(), requires_grad=False)
         self.W_skip = None if W_skip is None else nn.Parameter(W_skip.float())
         self.b_in = None if b_in is None else nn.Parameter(b_in.float(), requires_grad=False)
+        refuse_non_finite(self, origin)
 
     @property
     def d_in(self) -> int:
@@ -107,6 +114,23 @@ class Transcoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
+
+
+def refuse_non_finite(transcoder: Transcoder, origin: str) -> None:
+    """Every loader and the trainer build a Transcoder, so this is where NaN or infinite weights stop.
+
+    Such weights run without error and poison what follows: TopK ranks NaN pre-activations
+    first, stored statistics turn NaN, and a NaN FVU passes `fvu > max_fvu`.
+    """
+    for name, tensor in transcoder.named_parameters():  # float32 already: a float64 value too big for it is inf
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+            first = finite.logical_not().nonzero()[0].tolist()
+            raise AutolabelError(
+                f"transcoder layer {transcoder.layer}: {name}{f' in {origin}' if origin else ''} holds {n_nan} NaN and "
+                f"{n_inf} infinite value(s) of {tensor.numel()} (first at index {first}); the weights are damaged (a "
+                f"diverged training run, a bad export or a corrupt download): export, download or train them again")
 
 
 @dataclass
