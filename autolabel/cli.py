@@ -215,12 +215,12 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
             run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
             seed: Annotated[int | None, typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
             embedding: Annotated[str | None, typer.Option(help="label or label+decoder.")] = None,
-            groups: Annotated[Path | None, typer.Option(help="Audit group spec YAML (default: audits/groups.yaml).")] = None,
+            groups: Annotated[Path | None, typer.Option(help="Audit group spec YAML (default: the built-in groups.yaml).")] = None,
             no_names: Annotated[bool, typer.Option("--no-names", help="Do not ask the LLM for cluster names.")] = False,
             base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
             llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None) -> None:
     """Lay features out on a 2-D map (MiniLM + UMAP), cluster them (HDBSCAN), name the clusters with an LLM,
-    and tag the audit groups of audits/groups.yaml."""
+    and tag the audit groups (the built-in groups.yaml, or --groups)."""
     from autolabel.pipeline import cluster_run
 
     run_config = _config(config, store)

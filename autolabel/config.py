@@ -19,6 +19,9 @@ from autolabel.errors import AutolabelError
 M = TypeVar("M", bound=BaseModel)
 ROLES = ("system", "user", "assistant", "template", "text")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The default audit spec, groups, prompt sets and training configs: package data, so a plain
+# `pip install .` has them too. Users keep their own in a folder of their choice (audits/ here).
+DEFAULTS_DIR = Path(__file__).resolve().parent / "data" / "defaults"
 
 
 class Strict(BaseModel):
@@ -81,7 +84,7 @@ def _default_sources() -> list[SourceConfig]:
         SourceConfig(name="rho_over_refusal", limit=60),
         SourceConfig(name="rho_sycophancy", limit=60),
         SourceConfig(name="bastion_injection", limit=100),
-        SourceConfig(name="prompts", path=str(PROJECT_ROOT / "audits" / "prompts")),
+        SourceConfig(name="prompts"),  # no path: the built-in prompt sets
     ]
 
 
@@ -237,7 +240,7 @@ class LabelConfig(Strict):
 class AuditConfig(Strict):
     """Which audit specs `autolabel audit` (and `autolabel run`) apply, and what to diff against."""
 
-    specs: list[str] = Field(default_factory=lambda: [str(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")])
+    specs: list[str] = Field(default_factory=lambda: [str(DEFAULTS_DIR / "assistant_pervasiveness.yaml")])
     # A run id, "previous" (the latest earlier collected run, if any), or None for no diff.
     against: str | None = "previous"
     # `autolabel run` labels this many of each audit's flagged features, best ranked first (0: none).
@@ -273,7 +276,7 @@ class ClusterConfig(Strict):
     seed: Seed = 0  # UMAP's random state; a re-run with another seed records the ARI between the two
     name_clusters: bool = True  # one LLM call per cluster
     name_labels: int = Field(default=20, ge=1)  # member labels shown per naming call, nearest the centre first
-    groups: str = str(PROJECT_ROOT / "audits" / "groups.yaml")  # audit group spec; "" for none
+    groups: str = str(DEFAULTS_DIR / "groups.yaml")  # audit group spec; "" for none
 
 
 class RunConfig(Strict):

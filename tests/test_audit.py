@@ -15,11 +15,11 @@ from test_collect import LAYER, WORDS, collect, detector, file_corpus, mlp_input
 
 from autolabel.audit import audit_stage, load_spec
 from autolabel.audit.measure import rate_ratio, wilson, z_score
-from autolabel.config import PROJECT_ROOT
+from autolabel.config import DEFAULTS_DIR
 from autolabel.store import Store, now
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
-SPEC = load_spec(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")
+SPEC = load_spec(DEFAULTS_DIR / "assistant_pervasiveness.yaml")
 CHAT_CATEGORIES = ["help", "chit", "code", "travel"]
 # Planted features: 0 fires in every assistant turn; 1 only in the assistant turns of "help"; 2 on the
 # `assistant` marker of the chat template; 3 on a word every role uses. Run B adds 4: a second word that

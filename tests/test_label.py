@@ -92,7 +92,7 @@ def test_budget_stops_cleanly_and_a_resume_finishes(corpus, tiny_subject, plante
 
 def test_an_audits_flagged_features_are_the_candidates(corpus, collected):
     from autolabel.audit import audit_stage, load_spec
-    from autolabel.config import PROJECT_ROOT
+    from autolabel.config import DEFAULTS_DIR
     from autolabel.errors import AutolabelError
     from autolabel.label.stage import select_features
 
@@ -102,7 +102,7 @@ def test_an_audits_flagged_features_are_the_candidates(corpus, collected):
     with Store(store_path) as store:
         with pytest.raises(AutolabelError, match="no findings of audit 'assistant_pervasiveness'.*autolabel audit"):
             select_features(store, run_id, settings)
-        audit_stage(store, run_id, [load_spec(PROJECT_ROOT / "audits" / "assistant_pervasiveness.yaml")])
+        audit_stage(store, run_id, [load_spec(DEFAULTS_DIR / "assistant_pervasiveness.yaml")])
         selected = select_features(store, run_id, settings)
     # Feature 5 fires on "certainly", which opens every assistant turn; nothing else is assistant-only.
     assert [(layer, feature) for layer, feature, _ in selected] == [(1, 5)]

@@ -1,4 +1,4 @@
-"""Audit specs: the YAML files in `audits/` that name an audit, its metrics and its flag thresholds."""
+"""Audit specs: YAML files (the built-in one in autolabel/data/defaults/, yours anywhere) that name an audit, its metrics and its flag thresholds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
 
 
 class AuditSpec(Strict):
-    """One audit, as written in `audits/*.yaml`."""
+    """One audit, as written in a spec YAML file."""
 
     name: str = Field(min_length=1)
     kind: Literal["assistant_pervasiveness"]
@@ -45,5 +45,5 @@ class AuditSpec(Strict):
 
 
 def load_spec(path: str | Path) -> AuditSpec:
-    return load_yaml_model(Path(path), AuditSpec, "audit spec", "the built-in one is audits/assistant_pervasiveness.yaml",
-                           "(name, kind, metrics, flag, ...)", "audits/assistant_pervasiveness.yaml for a complete spec")
+    return load_yaml_model(Path(path), AuditSpec, "audit spec", "the built-in one is autolabel/data/defaults/assistant_pervasiveness.yaml",
+                           "(name, kind, metrics, flag, ...)", "autolabel/data/defaults/assistant_pervasiveness.yaml for a complete spec")

@@ -1,6 +1,6 @@
 """Audit groups (refusal, reward-model bias, sycophancy, ...) as data, and which features join them.
 
-A group in `audits/groups.yaml` has concept seeds (descriptions and example
+A group in a groups file (the built-in autolabel/data/defaults/groups.yaml) has concept seeds (descriptions and example
 phrases) and optionally probe categories of the corpus. A feature joins a group
 - by similarity: the MiniLM cosine between its reliable label and the nearest
   seed reaches the group's `min_similarity`; or
@@ -75,7 +75,7 @@ def load_groups(path: str | Path) -> GroupsSpec:
     """The validated spec; any problem is an AutolabelError naming the file, the group, the field and the fix."""
     path = Path(path)
     raw = read_yaml_mapping(path, "audit group file", "set cluster.groups to an existing YAML file, or to \"\" for "
-                            "no groups", "with a `groups:` key (see audits/groups.yaml)")
+                            "no groups", "with a `groups:` key (see autolabel/data/defaults/groups.yaml)")
     try:
         spec = GroupsSpec.model_validate(raw)
     except ValidationError as err:

