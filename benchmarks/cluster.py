@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from autolabel.cluster import cluster_stage
 from autolabel.cluster.embed import load_embedder
 from autolabel.config import ClusterConfig, RunConfig
 from autolabel.store import Store, now
+from common import peak_rss_mb
 
 DOMAINS = {
     "cooking": "flour butter sugar oven recipe chocolate garlic onion",
@@ -70,10 +70,6 @@ def synthetic_labels(n: int, seed: int = 0) -> list[tuple[str, str]]:
     chosen = rng.sample(every, n)
     return [(phrasing.format(a=a, b=b), f"Fires on {a} in {context} about {domain}.")
             for domain, a, b, phrasing, context in chosen]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,13 +38,10 @@ from autolabel.corpus import build_corpus, iter_windows
 from autolabel.corpus.sources import load_source
 from autolabel.models import load_subject_model
 from autolabel.store import Store
+from common import peak_rss_mb
 
 CHECK_TOKENS = 8192
 EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def corpus_config(workdir: Path, scale: int) -> CorpusConfig:

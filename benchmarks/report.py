@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,14 +38,11 @@ from autolabel.report import summary
 from autolabel.report.stage import report_stage
 from autolabel.store import Store, now, to_json
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
+from common import peak_rss_mb
 
 CORPUS = "bench-corpus"
 N_DOCS, DOC_TOKENS, EXAMPLE_TOKENS = 2000, 256, 32
 TOP, QUANTILE, RANDOM = 50, 50, 20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def lists(values: np.ndarray, width: int, value_type: pa.DataType) -> pa.ListArray:

@@ -14,7 +14,6 @@ process's high-water mark.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
@@ -26,10 +25,7 @@ from autolabel.transcoders.activations import activation_pairs
 from autolabel.transcoders.check import measure_quality
 from autolabel.transcoders.stage import corpus_windows
 from autolabel.transcoders.train import train_transcoders
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_rss_mb
 
 
 def main() -> None:

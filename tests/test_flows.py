@@ -45,7 +45,9 @@ def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(
                                                   (third.run_id, "complete", None)]
     assert top == 2  # ranks from 0: the changed setting really collected again
     assert [r for r, n in audited if n > 0] == sorted([first.run_id, second.run_id, third.run_id])
-    assert diffs == [] or {r for r, _ in diffs} <= {second.run_id, third.run_id}  # only against earlier runs
+    # Each run after the first diffed against the run before it (rows only where something changed).
+    assert (first.audit.against, second.audit.against, third.audit.against) == (None, first.run_id, second.run_id)
+    assert {(r, a) for r, a in diffs} <= {(second.run_id, first.run_id), (third.run_id, second.run_id)}
 
     # Every run names its flow run, and that flow run is in Prefect's API, completed.
     async def flow_states():
@@ -109,12 +111,14 @@ def test_prefect_yaml_deploys_the_flow_with_a_valid_schedule():
     from autolabel.config import PROJECT_ROOT
 
     spec = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    flows = {}
     for deployment in spec["deployments"]:
         flow = load_flow_from_entrypoint(str(PROJECT_ROOT / deployment["entrypoint"]))
-        assert flow.name == "audit_pipeline"
+        flows[deployment["name"]] = flow.name
         flow.validate_parameters(deployment["parameters"])  # {} is a valid RunConfig
         for schedule in deployment["schedules"]:
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert flows == {"nightly-audit": "audit_pipeline", "relabel": "label", "rereport": "report"}
 
 
 def test_two_dask_workers_give_the_single_process_tables(config, prefect_api):

@@ -222,7 +222,12 @@ def test_no_planted_script_runs_in_chromium(reports, browser):
     for page in [full.index, folder / "features" / f"{LAYER}-5.html", folder / "features" / f"{LAYER}-7.html",
                  *sorted((folder / "features").glob("*.html"))]:
         browser.open(page.as_uri())
-        browser.evaluate("new Promise(r => setTimeout(r, 200))")  # let any image error fire
+        # A control image with the payloads' broken src, added last: once its error handler has run, any
+        # payload image's would have too (the page's load event already waited for the markup's own).
+        browser.evaluate("(() => { const probe = document.createElement('img');"
+                         "probe.onerror = () => { window.__probe = true }; probe.src = 'x';"
+                         "document.body.append(probe); })()")
+        browser.wait_until("window.__probe === true")
         assert browser.evaluate("window.__xss === undefined && document.title !== 'pwned'"), page
     browser.open(full.index.as_uri())
     browser.wait_until("document.querySelector('#feature-map .main-svg') !== null")

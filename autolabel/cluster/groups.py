@@ -19,26 +19,22 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 
-from autolabel.config import ROLES, read_yaml_mapping
+from autolabel.config import ROLES, Strict, read_yaml_mapping
 from autolabel.errors import AutolabelError
 from autolabel.store import Store
 
 Seed = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Thresholds(_Strict):
+class Thresholds(Strict):
     min_similarity: float = Field(default=0.6, gt=0, le=1)  # cosine of label and nearest seed
     min_lift: float = Field(default=4.0, gt=1)  # activation rate on probe categories / elsewhere
     min_active: int = Field(default=5, ge=1)  # active probe tokens needed for a lift to count
 
 
-class GroupSpec(_Strict):
+class GroupSpec(Strict):
     description: str
     seeds: list[Seed] = Field(min_length=1)  # descriptions and example phrases of the concept
     categories: list[str] = Field(default_factory=list)  # probe document categories (category_stats)
@@ -55,7 +51,7 @@ class GroupSpec(_Strict):
                                            if (v := getattr(self, k)) is not None})
 
 
-class GroupsSpec(_Strict):
+class GroupsSpec(Strict):
     defaults: Thresholds = Field(default_factory=Thresholds)
     groups: dict[str, GroupSpec] = Field(min_length=1)
 

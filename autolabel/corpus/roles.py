@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autolabel.config import ROLES
 from autolabel.corpus.documents import Document, Message
 from autolabel.errors import AutolabelError
 
-ROLE_CODES = {"system": 0, "user": 1, "assistant": 2, "template": 3, "text": 4}
-ROLE_NAMES = list(ROLE_CODES)
+# A role's code is its place in config.ROLES, which is also the store's token_role enum order: the windows
+# read the stored enum as these codes, so there is one order, owned there.
+ROLE_NAMES = list(ROLES)
+ROLE_CODES = {role: code for code, role in enumerate(ROLE_NAMES)}
 
 
 @dataclass

@@ -49,7 +49,7 @@ def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None, docs_
             return
         for doc_id, category, token_ids, roles, turns in rows:
             ids = np.asarray(token_ids, dtype=np.int32)
-            codes = np.asarray(roles, dtype=np.uint8)  # enum order is ROLE_CODES order
+            codes = np.asarray(roles, dtype=np.uint8)  # the enum and ROLE_CODES both follow config.ROLES
             turn_ids = np.asarray(turns, dtype=np.int16)
             for start, end in windows(len(ids), ctx_len):
                 yield Window(doc_id, category, start, ids[start:end], codes[start:end], turn_ids[start:end])

@@ -86,19 +86,6 @@ class Transcoder(nn.Module):
         """Dense feature activations [..., d_in] -> [..., d_feat]."""
         return self.activate(self.pre_acts(x))
 
-    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Active features per token: values, indices [n_tokens, k_max], padded with value 0.
-
-        k_max is k for topk and the largest number of active features in the batch otherwise.
-        """
-        pre = self.pre_acts(x.reshape(-1, self.d_in))
-        if self.activation == "topk":
-            values, indices = pre.topk(self.k, dim=-1)
-            return torch.relu(values), indices
-        acts = self.activate(pre)
-        k_max = max(int((acts > 0).sum(-1).max()), 1) if acts.numel() else 1
-        return acts.topk(k_max, dim=-1)
-
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Feature activations [..., d_feat] -> prediction [..., d_out] (cross-layer: [..., n_out, d_out])."""
         if self.cross_layer:
