@@ -150,7 +150,8 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
           llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
           labeler_gguf: Annotated[Path | None, typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
           max_calls: Annotated[int | None, typer.Option(help="Stop cleanly after this many requests.")] = None,
-          max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None) -> None:
+          max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None,
+          retry_invalid: Annotated[bool, typer.Option("--retry-invalid", help="Ask again for labels that never parsed, past the cache (failed ones always are).")] = False) -> None:
     """Draft a label per feature with an LLM and score it on held-out examples (detection, fuzzing, embedding)."""
     from autolabel.pipeline import label_run
 
@@ -160,6 +161,7 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
     settings.features = _int_list(features, "--features") or settings.features
     settings.limit = limit or settings.limit
     settings.audit = audit or settings.audit
+    settings.retry_invalid = retry_invalid or settings.retry_invalid
     llm.base_url = base_url or llm.base_url
     llm.model = llm_model or llm.model
     llm.gguf = str(labeler_gguf) if labeler_gguf else llm.gguf

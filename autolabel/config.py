@@ -236,6 +236,10 @@ class LabelConfig(Strict):
     unreliable_below: Fraction = 0.6  # a score under this flags the label
     features_per_shard: int = Field(default=32, ge=1)
     seed: Seed = 0
+    # A re-run asks again for features whose label failed (`error`); with this, also for those whose
+    # answers never parsed (`invalid`), past their cached answers.
+    retry_invalid: bool = False
+
 
 class AuditConfig(Strict):
     """Which audit specs `autolabel audit` (and `autolabel run`) apply, and what to diff against."""

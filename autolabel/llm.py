@@ -11,7 +11,12 @@ What a long unattended run needs from its calls:
   tokens in and out, latency, status, cost from the configured price table;
 - budgets (`max_calls`, `max_cost_usd`) that stop the caller cleanly;
 - output that does not parse is retried as a new attempt and finally reported
-  as invalid, never returned as a value.
+  as invalid, never returned as a value;
+- a server that answers with something other than a chat completion (an HTML
+  page with status 200, `null`, another API's JSON, a body cut short) or fails
+  in a way nothing here foresaw costs that request, recorded in the ledger,
+  never the run: the openai client fetches the body and this module checks its
+  shape, and no exception of one request reaches the others.
 The API key is read from the environment when the client is made and goes only
 into the Authorization header: never into the store, logs or errors.
 """
@@ -22,6 +27,7 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -29,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -49,6 +56,10 @@ class InvalidOutput(ValueError):
     """Raised by a parse function when the model's text is not the expected answer."""
 
 
+class MalformedResponse(ValueError):
+    """A 2xx reply that is not an OpenAI chat completion."""
+
+
 @dataclass
 class Reply(Generic[T]):
     value: T | None  # the parsed answer; None unless status is "ok"
@@ -65,22 +76,53 @@ class _Response:
     tokens_out: int
 
 
-def _retry_after(error: openai.APIStatusError) -> float | None:
-    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header."""
-    headers = error.response.headers
-    if "retry-after-ms" in headers:
-        try:
-            return float(headers["retry-after-ms"]) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
+def _completion(body: bytes) -> _Response:
+    """The answer and token counts of a chat completion's JSON body, checked field by field here:
+    the openai client would hand a non-JSON body back as a str, `null` as None and another shape as
+    a half-built object, each of which failed later with an AttributeError."""
     try:
-        return max(float(value), 0.0)
+        data = json.loads(body)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max((parsed - now()).total_seconds(), 0.0) if parsed else None
+        raise MalformedResponse(f"the body is not JSON: {body[:60].decode(errors='replace')!r}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise MalformedResponse(f"no choices in {type(data).__name__} {str(data)[:60]!r}")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise MalformedResponse("the first choice has no message content")
+    usage = data["usage"] if isinstance(data.get("usage"), dict) else {}
+    return _Response(content, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+
+
+def _token_count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds a 429 asks to wait, from retry-after-ms or Retry-After (seconds or an HTTP date);
+    None (the backoff decides) for a value that is neither, such as `soon` or NaN."""
+    for name, seconds_per_unit in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * seconds_per_unit
+        except ValueError:
+            seconds = _seconds_until(value) if name == "retry-after" else None
+        if seconds is not None and math.isfinite(seconds):
+            return max(seconds, 0.0)
+    return None
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """A date with the zone `-0000` (or none) is read as UTC, as RFC 5322 has it."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return (when - now()).total_seconds()
 
 
 class LLMClient:
@@ -94,15 +136,17 @@ class LLMClient:
         self.calls, self.cost_usd = 0, 0.0  # HTTP requests and spend of this client
 
     async def complete(self, messages: list[dict[str, str]], parse: Callable[[str], T],
-                       response_format: dict[str, Any] | None = None, max_tokens: int | None = None) -> Reply[T]:
-        """Ask, parse, and ask again (as a new attempt) while the answer does not parse."""
+                       response_format: dict[str, Any] | None = None, max_tokens: int | None = None,
+                       refresh: bool = False) -> Reply[T]:
+        """Ask, parse, and ask again (as a new attempt) while the answer does not parse.
+        `refresh` asks the server even where the cache holds an answer, and caches the new one."""
         reply: Reply[T] = Reply(None, "error")
         for attempt in range(self.config.invalid_retries + 1):
             params = {"temperature": self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7),
                       "max_tokens": max_tokens or self.config.max_tokens, "response_format": response_format,
                       "attempt": attempt}
             key = hashlib.sha256(to_json({"model": self.config.model, "messages": messages, **params}).encode()).hexdigest()
-            response, cached = self._cached(key), True
+            response, cached = None if refresh else self._cached(key), True
             if response is None:
                 cached = False
                 response, error = await self._request(messages, params, key)
@@ -124,7 +168,8 @@ class LLMClient:
 
     async def _request(self, messages: list[dict[str, str]], params: dict[str, Any],
                        key: str) -> tuple[_Response | None, str | None]:
-        """One logical request: HTTP attempts with backoff; (response, None) or (None, last error)."""
+        """One logical request: HTTP attempts with backoff; (response, None) or (None, last error).
+        Only a chat completion is cached: a failure is recorded in the ledger and asked again next run."""
         error = None
         for retry in range(self.config.max_retries + 1):
             self._check_budget()
@@ -133,22 +178,13 @@ class LLMClient:
             wait = None
             try:
                 async with self.semaphore:
-                    completion = await self.openai.chat.completions.create(
+                    raw = await self.openai.chat.completions.with_raw_response.create(
                         model=self.config.model, messages=messages, temperature=params["temperature"],
                         max_tokens=params["max_tokens"],
                         **({"response_format": params["response_format"]} if params["response_format"] else {}))
-                usage = completion.usage
-                text = completion.choices[0].message.content if completion.choices else None
-                if text is None:
-                    raise openai.APIResponseValidationError(None, None, message="the response has no message content")
-                response = _Response(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-                self._ledger(key, response, time.monotonic() - started, "ok", None)
-                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.config.model,
-                                                 "request_json": to_json({"messages": messages, **params}),
-                                                 "response_json": to_json(response.__dict__), "created_at": now()}])
-                return response, None
+                response = _completion(raw.content)
             except openai.RateLimitError as err:
-                status, error, wait = "rate_limited", "429 rate limited", _retry_after(err)
+                status, error, wait = "rate_limited", "429 rate limited", _retry_after(err.response.headers)
             except openai.APITimeoutError:
                 status, error = "timeout", f"no answer within {self.config.timeout_s} s"
             except openai.APIConnectionError as err:
@@ -158,8 +194,18 @@ class LLMClient:
                 if err.status_code < 500:  # a request the server will never accept: no retry
                     self._ledger(key, None, time.monotonic() - started, status, error)
                     return None, error
-            except (openai.APIResponseValidationError, ValueError) as err:
-                status, error = "bad_response", f"malformed response: {type(err).__name__}"
+            except MalformedResponse as err:
+                status, error = "bad_response", f"malformed response: {err}"
+            except Exception as err:  # nothing above foresaw it, so asking again may not help either
+                error = f"{type(err).__name__}: {err}"
+                self._ledger(key, None, time.monotonic() - started, "error", error)
+                return None, error
+            else:
+                self._ledger(key, response, time.monotonic() - started, "ok", None)
+                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.config.model,
+                                                 "request_json": to_json({"messages": messages, **params}),
+                                                 "response_json": to_json(response.__dict__), "created_at": now()}])
+                return response, None
             self._ledger(key, None, time.monotonic() - started, status, error)
             if retry < self.config.max_retries:
                 backoff = random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_s * 2**retry))

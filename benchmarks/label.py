@@ -5,8 +5,10 @@
 Both tools talk to the same llama.cpp server (SmolLM2-135M-Instruct, started by
 autolabel on 127.0.0.1) about the same features of a collected run of the
 embedded transcoders: the latest run in --store, or a small collection made
-first. autolabel's labels use the cache-free path (a fresh store copy each
-run), so every request really goes to the server. delphi runs in its own venv
+first. autolabel labels in a copy of the store that keeps no labels, scores or
+cached answers, so every feature is labeled and every request really goes to
+the server; its row counts the labels, scores and requests of those features
+only. delphi runs in its own venv
 (benchmarks/delphi_label.py) on the same examples: the even-ranked top examples
 to explain from, the odd-ranked ones and the random contexts to score with.
 """
@@ -50,6 +52,30 @@ def export(store: Store, run_id: str, features: list[tuple[int, int]], tokenizer
     path.write_text(json.dumps(records))
 
 
+def forget_labels(store: Store) -> None:
+    """The copy's earlier labels would count as done and its cached answers would be replayed for free."""
+    for table in ("labels", "scores", "llm_cache", "llm_calls"):
+        store.con.execute(f"DELETE FROM {table}")
+    store.con.execute("DELETE FROM shards WHERE stage = 'label'")
+
+
+def made(store: Store, run_id: str, labeler: str, features: list[tuple[int, int]]) -> dict:
+    """What labeling `features` of the run made: valid labels, mean prompt tokens, mean score per scorer."""
+    wanted = set(features)
+    statuses = [status for layer, feature, status in store.con.execute(
+        "SELECT layer, feature, status FROM labels WHERE run_id = ? AND labeler = ?", [run_id, labeler]).fetchall()
+        if (layer, feature) in wanted]
+    scores: dict[str, list[float]] = {}
+    for layer, feature, scorer, value in store.con.execute(
+            "SELECT layer, feature, scorer, value FROM scores WHERE run_id = ? AND status = 'ok'", [run_id]).fetchall():
+        if (layer, feature) in wanted:
+            scores.setdefault(scorer, []).append(value)
+    (tokens_in,), = store.query("SELECT avg(tokens_in) FROM llm_calls WHERE run_id = ? AND model = ? "
+                                "AND stage = 'label' AND status = 'ok' AND NOT cached", [run_id, labeler])[1]
+    return {"valid": statuses.count("ok"), "prompt_tokens": tokens_in,
+            **{scorer: _mean(values) for scorer, values in scores.items()}}
+
+
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -64,7 +90,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="label-bench-"))
     store_path = workdir / "copy.duckdb"
-    shutil.copy(args.store, store_path)  # a fresh copy: no cached answers
+    shutil.copy(args.store, store_path)  # labels and cached answers are cleared in the copy below
     base = RunConfig()
     subject = load_subject_model(base.model.source, base.cache_dir)
     tset = open_transcoders(base.transcoder.source)
@@ -73,6 +99,7 @@ def main() -> None:
         if row is None:
             raise SystemExit(f"{args.store} has no collected run; run benchmarks/collect.py first")
         run_id = row[0]
+        forget_labels(store)
         features = pick_features(store, run_id, args.features)
         export(store, run_id, features, subject.tokenizer, workdir / "examples.json")
 
@@ -91,14 +118,11 @@ def main() -> None:
                 config.label.layers, config.label.features = [layer], ids
                 calls += label_stage(store, subject, tset, run_id, config, show_progress=False).calls
             seconds = time.perf_counter() - started
-            (valid,), = store.query("SELECT count(*) FROM labels WHERE run_id = ? AND status = 'ok'", [run_id])[1]
-            (tokens_in,), = store.query("SELECT avg(tokens_in) FROM llm_calls WHERE NOT cached")[1]
-            scores = dict(store.query("SELECT scorer, avg(value) FROM scores WHERE run_id = ? AND status = 'ok' "
-                                      "GROUP BY 1", [run_id])[1])
+            result = made(store, run_id, llm.model, features)
         rows["autolabel (explain + detection + fuzzing)"] = {
             "seconds_per_feature": seconds / len(features), "requests_per_feature": calls / len(features),
-            "valid": f"{valid}/{len(features)}", "prompt_tokens": tokens_in,
-            "detection": scores.get("detection"), "fuzzing": scores.get("fuzzing")}
+            "valid": f"{result['valid']}/{len(features)}", "prompt_tokens": result["prompt_tokens"],
+            "detection": result.get("detection"), "fuzzing": result.get("fuzzing")}
         if args.delphi_python:
             command = [args.delphi_python, str(Path(__file__).parent / "delphi_label.py"), "--base-url", base_url,
                        "--model", llm.model, "--examples", str(workdir / "examples.json"),

@@ -189,10 +189,9 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
     LLM cache and ledger) are written here once every worker has finished, shard by shard."""
     started = time.perf_counter()
     with Store(config.store) as store:
-        plan, skipped = plan_labels(store, run_id, config)
-        done = store.committed_shards(run_id, LABEL_STAGE)
+        plan, skipped = plan_labels(store, run_id, config)  # only what is still to label
         store.upsert("labels", skipped_rows(run_id, config, skipped))
-    futures = {name: label_shard_task.submit(config, run_id, shard) for name, shard in plan if name not in done}
+    futures = {name: label_shard_task.submit(config, run_id, shard) for name, shard in plan}
     results = {name: future.result() for name, future in futures.items()}  # readers finish before the writer opens
     calls, cost, stopped = 0, 0.0, None
     with Store(config.store) as store:
@@ -204,7 +203,7 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
             store.upsert("llm_calls", ledger)
             tables = {"labels": rows["labels"], "scores": rows["scores"]}
             if budget is None:
-                store.write_shard(run_id, LABEL_STAGE, name, tables)
+                store.write_shard(run_id, LABEL_STAGE, name, tables, replace=True)
             else:  # what finished is kept; the shard stays open for a resume
                 store.upsert("labels", tables["labels"])
                 store.upsert("scores", tables["scores"])

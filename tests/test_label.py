@@ -7,21 +7,24 @@ import json
 
 import pytest
 
+from autolabel import label as label_package
 from autolabel.config import LabelConfig, LLMConfig, RunConfig
-from autolabel.label.stage import label_stage
+from autolabel.errors import AutolabelError
+from autolabel.label.stage import label_stage, select_features
 from autolabel.store import Store
 
 from test_collect import collected, corpus, planted  # noqa: F401 (fixtures)
-from test_llm import FaultServer
+from test_llm import NOT_A_COMPLETION, FaultServer
 
 FEATURES = [2, 5, 7]  # a token detector, the assistant-word detector, a dense random feature
+ANSWER = json.dumps({"label": "cats", "explanation": "Fires on cat.", "fires": [1, 2], "correct": [1]})
 
 
 def config(**llm) -> RunConfig:
     return RunConfig(label=LabelConfig(layers=[1], features=FEATURES + [0], min_examples=2, explain_top=3,
                                        explain_quantile=1, score_examples=4, output_tokens=3,
                                        features_per_shard=2),  # two shards
-                     llm=LLMConfig(max_tokens=160, concurrency=2, **llm))  # room for the bounded schema
+                     llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}))  # room for the bounded schema
 
 
 def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_subject, planted, collected):
@@ -106,3 +109,135 @@ def test_an_audits_flagged_features_are_the_candidates(corpus, collected):
         selected = select_features(store, run_id, settings)
     # Feature 5 fires on "certainly", which opens every assistant turn; nothing else is assistant-only.
     assert [(layer, feature) for layer, feature, _ in selected] == [(1, 5)]
+
+
+def label_with(store, tiny_subject, tset, run_id, server: FaultServer, model: str, features=FEATURES, **llm):
+    """A detection-scored label run against the fault server: (summary, [(feature, status, error)])."""
+    settings = config(base_url=server.base_url, model=model, backoff_s=0.01, **llm)
+    settings.label.features, settings.label.scorers = features, ["detection"]
+    summary = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
+    labels = store.query("SELECT feature, status, error FROM labels WHERE run_id = ? AND labeler = ? ORDER BY 1",
+                         [run_id, model])[1]
+    return summary, labels
+
+
+def test_replies_that_are_not_completions_are_counted_failures_and_the_run_completes(corpus, tiny_subject, planted,
+                                                                                       collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    faults = NOT_A_COMPLETION + ["429:soon", "429:Wed, 21 Oct 2015 07:28:00 -0000"]
+    server = FaultServer(faults, answer=ANSWER)
+    try:
+        with Store(store_path) as store:
+            summary, labels = label_with(store, tiny_subject, planted[0], run_id, server, "garbage-labeler",
+                                         max_retries=len(faults))
+            ledger = dict(store.query("SELECT status, count(*) FROM llm_calls WHERE run_id = ? "
+                                      "AND model = 'garbage-labeler' GROUP BY 1", [run_id])[1])
+    finally:
+        server.close()
+    assert labels == [(f, "ok", None) for f in FEATURES] and summary.by_status == {"ok": 3}
+    assert ledger.pop("ok") == server.requests - len(faults)  # two per feature: the label, its detection score
+    assert ledger == {"bad_response": 5, "connection_error": 1, "rate_limited": 2}
+    assert summary.calls == server.requests == 6 + len(faults)
+
+
+def test_labels_failed_in_an_outage_are_asked_again_and_then_never(corpus, tiny_subject, planted, collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    tset = planted[0]
+    server = FaultServer(["500"] * 1000, answer=ANSWER)
+    try:
+        with Store(store_path) as store:
+            outage, failed = label_with(store, tiny_subject, tset, run_id, server, "outage-labeler", max_retries=1)
+            server.script = []
+            healthy, healed = label_with(store, tiny_subject, tset, run_id, server, "outage-labeler", max_retries=1)
+            requests = server.requests
+            again, _ = label_with(store, tiny_subject, tset, run_id, server, "outage-labeler", max_retries=1)
+    finally:
+        server.close()
+    assert [(f, status) for f, status, _ in failed] == [(f, "error") for f in FEATURES]
+    assert all("HTTP 500 (after 2 attempts)" in error for *_, error in failed) and outage.by_status == {"error": 3}
+    assert healthy.calls > 0 and healed == [(f, "ok", None) for f in FEATURES]
+    assert again.calls == 0 and server.requests == requests and again.by_status == {"ok": 3}
+
+
+def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted, collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    tset = planted[0]
+    server = FaultServer(["ok", "500"], answer=ANSWER)  # one request at a time: the label, then its score
+    try:
+        with Store(store_path) as store:
+            first, labels = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
+                                       features=[2], max_retries=0, concurrency=1)
+            score = store.one("SELECT status FROM scores WHERE run_id = ? AND feature = 2", [run_id])[0]
+            second, _ = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
+                                   features=[2], max_retries=0, concurrency=1)
+            healed = store.one("SELECT status FROM scores WHERE run_id = ? AND feature = 2", [run_id])[0]
+    finally:
+        server.close()
+    assert labels == [(2, "ok", None)] and score == "error"
+    assert second.calls == 1 and healed == "ok"  # the label came from the cache, the score from the server
+
+
+def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(corpus, tiny_subject, planted, collected,
+                                                                  monkeypatch):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    tset = planted[0]
+    label_feature = label_package.stage.label_feature
+
+    async def fails_after_its_requests(client, embedder, layer, feature, *args):
+        result = await label_feature(client, embedder, layer, feature, *args)
+        if feature == 5:
+            raise RuntimeError("the scorer fell over")
+        return result
+
+    server = FaultServer([], answer=ANSWER)
+    try:
+        with Store(store_path) as store:
+            monkeypatch.setattr(label_package.stage, "label_feature", fails_after_its_requests)
+            first, labels = label_with(store, tiny_subject, tset, run_id, server, "surprised-labeler")
+            monkeypatch.undo()
+            second, healed = label_with(store, tiny_subject, tset, run_id, server, "surprised-labeler")
+    finally:
+        server.close()
+    assert labels == [(2, "ok", None), (5, "error", "RuntimeError: the scorer fell over"), (7, "ok", None)]
+    assert first.by_status == {"ok": 2, "error": 1}
+    assert second.calls == 0 and healed == [(f, "ok", None) for f in FEATURES]  # feature 5 replayed from the cache
+
+
+def test_invalid_labels_are_asked_again_only_when_asked(corpus, tiny_subject, planted, collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    tset = planted[0]
+    server = FaultServer(["wrong_schema"] * 2, answer=ANSWER)
+    try:
+        with Store(store_path) as store:
+            _, invalid = label_with(store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2],
+                                    invalid_retries=1)
+            kept, still = label_with(store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2],
+                                     invalid_retries=1)
+            settings = config(base_url=server.base_url, model="stubborn-labeler", invalid_retries=1)
+            settings.label.features, settings.label.scorers = [2], ["detection"]
+            settings.label.retry_invalid = True
+            retried = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
+            status = store.one("SELECT status FROM labels WHERE run_id = ? AND labeler = 'stubborn-labeler'",
+                               [run_id])[0]
+    finally:
+        server.close()
+    assert [status for _, status, _ in invalid] == ["invalid"] and still == invalid and kept.calls == 0
+    assert retried.calls == 2 and status == "ok"  # past the two cached invalid answers: a label, its score
+
+
+@pytest.mark.parametrize("selection,message", [
+    ({"layers": [99]}, r"has no layer 99; pick --layers from the layers it has: 1$"),
+    ({"layers": [1, 99, 7]}, r"has no layer 7, 99; pick --layers from the layers it has: 1$"),
+    ({"features": [999_999]}, r"has no feature 999999; pick --features from 0 to 15$"),
+    ({"layers": [1], "features": [2, 16]}, r"has no feature 16; pick --features from 0 to 15$"),
+])
+def test_a_selection_the_run_does_not_have_is_an_error(corpus, collected, selection, message):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    with Store(store_path) as store, pytest.raises(AutolabelError, match=message):
+        select_features(store, run_id, RunConfig(label=LabelConfig(**selection)))

@@ -43,7 +43,8 @@ def test_parse_label_accepts_json_and_fallbacks(text, label):
 
 
 @pytest.mark.parametrize("text", ["I cannot tell.", '{"label": ""}', '{"name": "x"}', '{"label": 3}',
-                                  '{"label": "' + "word " * 40 + '"}', '{"label": "trunc'])
+                                  '{"label": "' + "word " * 40 + '"}', '{"label": "trunc', "[" * 100_000,
+                                  '{"label": ' + "[" * 100_000 + "}"])
 def test_parse_label_rejects_garbage(text):
     with pytest.raises(InvalidOutput):
         parse_label(text)

@@ -21,7 +21,18 @@ MESSAGES = [{"role": "user", "content": "name this feature in json"}]
 
 
 class FaultServer:
-    """/v1/chat/completions that plays a script: ok, timeout, 429, 500, truncated, wrong_schema."""
+    """/v1/chat/completions that plays a script of steps, one per request (then "ok"):
+    ok, timeout, 429[:Retry-After value], 500, truncated (half a JSON body), wrong_schema (an answer
+    that does not parse), and replies that are not an OpenAI completion at all: html and text (status
+    200, another content type), null (the JSON body `null`), null_content (a completion whose message
+    content is null), no_choices (JSON without `choices`), cut (the connection closes mid-body)."""
+
+    NOT_COMPLETIONS = {
+        "html": ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+        "text": ("text/plain", b"upstream connect error or disconnect/reset before headers"),
+        "null": ("application/json", b"null"),
+        "no_choices": ("application/json", b'{"object": "error", "message": "model is loading"}'),
+    }
 
     def __init__(self, script: list[str], answer: str = '{"label": "cats"}'):
         self.script, self.answer = list(script), answer
@@ -44,9 +55,13 @@ class FaultServer:
                     return self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": step[4:] or "1"})
                 if step == "500":
                     return self._send(500, b'{"error": {"message": "boom"}}')
-                content = {"ok": server.answer, "wrong_schema": '{"name": 3}', "truncated": server.answer}[step]
+                if step in server.NOT_COMPLETIONS:
+                    content_type, payload = server.NOT_COMPLETIONS[step]
+                    return self._send(200, payload, {"Content-Type": content_type})
+                content = {"ok": server.answer, "wrong_schema": '{"name": 3}', "truncated": server.answer,
+                           "cut": server.answer, "null_content": None}[step]
                 tokens_in = sum(len(m["content"].split()) for m in body["messages"])
-                tokens_out = len(content.split())
+                tokens_out = len((content or "").split())
                 reply = json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -55,18 +70,22 @@ class FaultServer:
                               "total_tokens": tokens_in + tokens_out}}).encode()
                 if step == "truncated":
                     return self._send(200, reply[: len(reply) // 2])
-                server.tokens_in += tokens_in
-                server.tokens_out += tokens_out
+                if step == "cut":  # promise the whole body, send half, hang up
+                    self.close_connection = True
+                    return self._send(200, reply, length=len(reply) // 2)
+                if step in ("ok", "wrong_schema"):  # answers the client counts as delivered
+                    server.tokens_in += tokens_in
+                    server.tokens_out += tokens_out
                 self._send(200, reply)
 
-            def _send(self, code: int, body: bytes, headers: dict | None = None) -> None:
+            def _send(self, code: int, body: bytes, headers: dict | None = None, length: int | None = None) -> None:
+                headers = {"Content-Type": "application/json", **(headers or {})}
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
-                for name, value in (headers or {}).items():
+                for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:length])
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
@@ -194,3 +213,67 @@ def test_local_llama_cpp_server_wiring_and_its_token_counts(store):
     assert tokens_out == counters["llamacpp:tokens_predicted_total"]
     # llama.cpp counts prompt tokens it evaluated and those it reused from its prompt cache apart.
     assert tokens_in == counters["llamacpp:prompt_tokens_total"] + counters["llamacpp:prompt_tokens_cached_total"]
+
+
+NOT_A_COMPLETION = ["html", "text", "null", "null_content", "no_choices", "cut"]
+
+
+@pytest.mark.parametrize("step", NOT_A_COMPLETION)
+def test_a_reply_that_is_not_a_completion_is_a_recorded_failure_then_retried(store, step):
+    server = FaultServer([step])
+    reply, client = ask(store, server)
+    server.close()
+    assert (reply.status, reply.value) == ("ok", "cats")
+    (status, error), ok = store.query("SELECT status, error FROM llm_calls ORDER BY created_at")[1]
+    assert status == ("connection_error" if step == "cut" else "bad_response") and error
+    assert ok == ("ok", None) and server.requests == client.calls == 2
+
+
+def test_a_server_that_only_answers_garbage_gives_an_error_reply_and_caches_nothing(store):
+    server = FaultServer(NOT_A_COMPLETION[:5])
+    reply, _ = ask(store, server, max_retries=4)
+    assert reply.status == "error" and reply.value is None and "malformed response" in reply.error
+    assert [row[0] for row in ledger(store)] == ["bad_response"] * 5
+    assert store.one("SELECT count(*) FROM llm_cache")[0] == 0
+    again, client = ask(store, server)  # nothing was cached as an answer: the next run asks again
+    server.close()
+    assert again.status == "ok" and not again.cached and client.calls == 1
+
+
+def test_garbage_for_one_request_leaves_the_others_in_flight_untouched(store):
+    server = FaultServer(["null", "html", "null_content"])
+    settings = LLMConfig(base_url=server.base_url, timeout_s=2, backoff_s=0.01, max_retries=0, concurrency=4)
+
+    async def go():
+        client = LLMClient(store, settings, server.base_url, "run-1", "label")
+        return await asyncio.gather(*(client.complete([{"role": "user", "content": f"feature {i}"}], parse_label)
+                                      for i in range(6)))
+
+    replies = asyncio.run(go())
+    server.close()
+    assert sorted(r.status for r in replies) == ["error"] * 3 + ["ok"] * 3
+    assert sorted(row[0] for row in ledger(store)) == ["bad_response"] * 3 + ["ok"] * 3
+
+
+@pytest.mark.parametrize("retry_after", ["soon", "Wed, 21 Oct 2015 07:28:00 -0000", "nan", "-5", "inf"])
+def test_a_retry_after_that_is_no_delay_falls_back_to_the_backoff(store, retry_after):
+    server = FaultServer([f"429:{retry_after}"])
+    started = time.monotonic()
+    reply, _ = ask(store, server)
+    server.close()
+    assert reply.status == "ok" and time.monotonic() - started < 1.0
+    assert [row[0] for row in ledger(store)] == ["rate_limited", "ok"]
+
+
+def test_a_failure_nothing_foresaw_is_recorded_with_its_type_and_not_retried(store, monkeypatch):
+    from autolabel import llm
+
+    def reads_the_body_and_falls_over(body: bytes):
+        raise KeyError("choices")
+
+    monkeypatch.setattr(llm, "_completion", reads_the_body_and_falls_over)
+    server = FaultServer([])
+    reply, client = ask(store, server)
+    server.close()
+    assert (reply.status, reply.error) == ("error", "KeyError: 'choices'")
+    assert ledger(store) == [("error", False, 0, 0)] and server.requests == client.calls == 1

@@ -91,7 +91,7 @@ def json_objects(text: str) -> Iterator[dict]:
     for candidate in [text.strip(), *re.findall(r"\{[^{}]*\}", text)]:
         try:
             data = json.loads(candidate)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: thousands of nested brackets
             continue
         if isinstance(data, dict):
             yield data

@@ -6,8 +6,9 @@
   many random other tokens; the scorer says which are marked correctly; balanced accuracy.
 - embedding: MiniLM embeddings of the label and of the texts; AUROC of their cosine
   similarity, activating against silent texts. No LLM call.
-A scorer that cannot run (too few examples, the LLM kept failing) is recorded as
-failed with the reason, never as 0.
+A scorer that cannot run is recorded with the reason, never as 0: `failed` when
+it never can (too few examples, answers that do not parse), `error` when the LLM
+gave no answer (a re-run asks again).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Score:
     scorer: str
     value: float | None
     n: int
-    status: str  # ok, failed
+    status: str  # ok, failed, error
     details: dict = field(default_factory=dict)
 
 
@@ -84,7 +85,8 @@ async def _llm_score(client: LLMClient, scorer: str, label: Label, texts: list[s
     reply = await client.complete(_ask(label, task, texts, key), _numbers_answer(key, len(texts)),
                                   _schema(key, len(texts)))
     if reply.status != "ok":
-        return Score(scorer, None, len(truth), "failed", {"reason": reply.error or reply.status})
+        return Score(scorer, None, len(truth), "error" if reply.status == "error" else "failed",
+                     {"reason": reply.error or reply.status})
     said = [i + 1 in reply.value for i in range(len(texts))]
     return Score(scorer, balanced_accuracy(truth, said), len(truth), "ok", {"truth": truth, "said": said})
 

@@ -3,8 +3,12 @@
 The labeler sees the even-ranked top examples and some quantile samples; the
 odd-ranked top examples, the other quantile samples and the random (silent)
 contexts are held out for the scorers. Features are labeled in shards, each
-written in one transaction, so a stopped run resumes where it stopped (and the
-response cache makes a finished run's re-run free).
+written in one transaction with its scores. The labels table says what is done:
+a re-run asks again for the features still unlabeled and for those that failed
+for want of an answer (status `error`: an outage, a server that answered with
+garbage, a surprise in one feature's requests, also in a score), and with
+`retry_invalid` for those whose answers never parsed. The response cache makes
+everything else free, and a finished run's re-run sends no request.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autolabel.config import RunConfig
+from autolabel.config import LabelConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.label.prompts import (
     LABEL_SCHEMA,
@@ -51,6 +55,7 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
     """(layer, feature, n_top_examples) of the features to label: densest first, or an audit's best ranked first."""
     settings = config.label
     where, params = ["f.run_id = ?", "f.status <> 'dead'"], [run_id]
+    check_selection_exists(store, run_id, settings)
     if settings.layers is not None:
         where.append("f.layer IN (SELECT unnest(?))")
         params.append(settings.layers)
@@ -73,10 +78,24 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
             "SELECT layer, feature, min(rank) FROM audit_findings WHERE run_id = ? AND audit = ? GROUP BY ALL",
             [run_id, settings.audit]).fetchall()}
         rows.sort(key=lambda row: ranks[row[0], row[1]])
-    rows = rows[: settings.limit] if settings.limit else rows
-    if not rows and not store.one("SELECT count(*) FROM features WHERE run_id = ?", [run_id])[0]:
+    return rows[: settings.limit] if settings.limit else rows
+
+
+def check_selection_exists(store: Store, run_id: str, settings: LabelConfig) -> None:
+    """Layers or features the run does not have are a mistake to name, not a selection of nothing."""
+    n_features = dict(store.con.execute("SELECT layer, max(feature) + 1 FROM features WHERE run_id = ? GROUP BY 1",
+                                        [run_id]).fetchall())
+    if not n_features:
         raise AutolabelError(f"run {run_id} has no collected features; run `autolabel collect` first")
-    return rows
+    missing = sorted(set(settings.layers or []) - n_features.keys())
+    if missing:
+        raise AutolabelError(f"run {run_id} has no layer {', '.join(map(str, missing))}; pick --layers from "
+                             f"the layers it has: {', '.join(map(str, sorted(n_features)))}")
+    size = max(n_features[layer] for layer in settings.layers or n_features)
+    beyond = sorted(f for f in settings.features or [] if not 0 <= f < size)
+    if beyond:
+        raise AutolabelError(f"run {run_id} has no feature {', '.join(map(str, beyond))}; pick --features "
+                             f"from 0 to {size - 1}")
 
 
 @torch.inference_mode()
@@ -111,8 +130,9 @@ def read_examples(store: Store, run_id: str, layer: int, feature: int, tokenizer
 
 
 async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
-                        outputs: tuple[list[str], list[str]], config: RunConfig, run_id: str) -> tuple[dict, list[dict]]:
-    """One feature: (labels row, scores rows)."""
+                        outputs: tuple[list[str], list[str]], config: RunConfig, run_id: str,
+                        refresh: bool = False) -> tuple[dict, list[dict]]:
+    """One feature: (labels row, scores rows). `refresh` asks for a label past the cached answers."""
     settings = config.label
     shown = examples["top"][0::2][: settings.explain_top] + examples["quantile"][0::2][: settings.explain_quantile]
     held_out = examples["top"][1::2] + examples["quantile"][1::2]
@@ -122,7 +142,7 @@ async def label_feature(client: LLMClient, embedder, layer: int, feature: int, e
         marked.append(Example(pieces, acts).marked(settings.mark_fraction * max(acts)))
     messages = explain_messages(marked, *outputs)
     prompt_hash = hashlib.sha256(to_json(messages).encode()).hexdigest()
-    reply = await client.complete(messages, parse_label, LABEL_SCHEMA)
+    reply = await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh)
     label_row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model,
                  "label": reply.value.label if reply.value else None,
                  "explanation": reply.value.explanation if reply.value else None, "prompt_hash": prompt_hash,
@@ -151,42 +171,67 @@ def load_embedder():
 Key = tuple[int, int]
 
 
+def labeled(store: Store, run_id: str, labeler: str, statuses: list[str]) -> set[Key]:
+    """Features whose label by `labeler` has one of `statuses` and no score left without an answer."""
+    return set(store.con.execute(
+        "SELECT layer, feature FROM labels l WHERE run_id = ? AND labeler = ? AND status IN (SELECT unnest(?)) "
+        "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = l.run_id AND s.layer = l.layer "
+        "AND s.feature = l.feature AND s.status = 'error')", [run_id, labeler, statuses]).fetchall())
+
+
 def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tuple[str, list[Key]]], list[Key]]:
-    """(shard name, features) of every shard to label, and the features skipped for too few examples."""
+    """(shard name, features) of every shard still to label, and the features skipped for too few examples.
+    A shard is named by its first feature; a later run's shard of the same name rewrites it."""
     selected = select_features(store, run_id, config)
-    todo = [(layer, feature) for layer, feature, n_top in selected if n_top >= config.label.min_examples]
+    done = labeled(store, run_id, config.llm.model, ["ok"] if config.label.retry_invalid else ["ok", "invalid"])
+    todo = [(layer, feature) for layer, feature, n_top in selected
+            if n_top >= config.label.min_examples and (layer, feature) not in done]
     size = config.label.features_per_shard
     shards = [todo[i:i + size] for i in range(0, len(todo), size)]
     plan = [(f"{config.llm.model}:{shard[0][0]}:{shard[0][1]}", shard) for shard in shards]
     return plan, [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
 
 
+def unlabeled_row(run_id: str, config: RunConfig, key: Key, status: str, error: str) -> dict:
+    layer, feature = key
+    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model, "status": status,
+            "created_at": now(), "error": error}
+
+
 def skipped_rows(run_id: str, config: RunConfig, skipped: list[Key]) -> list[dict]:
-    return [{"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model, "status": "skipped",
-             "created_at": now(), "error": f"fewer than {config.label.min_examples} top examples"}
-            for layer, feature in skipped]
+    return [unlabeled_row(run_id, config, key, "skipped", f"fewer than {config.label.min_examples} top examples")
+            for key in skipped]
 
 
 async def label_shard(client: LLMClient, embedder, store: Store, tokenizer, outputs: dict, shard: list[Key],
                       config: RunConfig, run_id: str) -> tuple[dict[str, list[dict]], BudgetExhausted | None]:
-    """Label and score one shard's features at once: (labels and scores rows, the budget that stopped it)."""
+    """Label and score one shard's features at once: (labels and scores rows, the budget that stopped it).
+    A feature whose requests raised what nothing foresaw gets an `error` row with the exception; the
+    others finish and are kept. A feature the budget stopped gets no row, so a resume asks again."""
     examples = {key: read_examples(store, run_id, *key, tokenizer) for key in shard}
+    refresh = labeled(store, run_id, config.llm.model, ["invalid"]) if config.label.retry_invalid else set()
     results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
-                                                   outputs[(layer, feature)], config, run_id)
+                                                   outputs[(layer, feature)], config, run_id,
+                                                   (layer, feature) in refresh)
                                      for layer, feature in shard), return_exceptions=True)
-    finished = [r for r in results if not isinstance(r, BaseException)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    budget = next((r for r in failures if isinstance(r, BudgetExhausted)), None)
-    if failures and budget is None:
-        raise failures[0]
-    return {"labels": [row for row, _ in finished], "scores": [s for _, rows in finished for s in rows]}, budget
+    tables: dict[str, list[dict]] = {"labels": [], "scores": []}
+    for key, result in zip(shard, results):
+        if isinstance(result, BudgetExhausted):
+            continue
+        if isinstance(result, Exception):
+            tables["labels"].append(unlabeled_row(run_id, config, key, "error", f"{type(result).__name__}: {result}"))
+        elif isinstance(result, BaseException):  # an interrupt stops the run
+            raise result
+        else:
+            tables["labels"].append(result[0])
+            tables["scores"].extend(result[1])
+    return tables, next((r for r in results if isinstance(r, BudgetExhausted)), None)
 
 
 def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
                 show_progress: bool = True) -> LabelSummary:
     started = time.perf_counter()
     plan, skipped = plan_labels(store, run_id, config)
-    done = store.committed_shards(run_id, STAGE)
     store.upsert("labels", skipped_rows(run_id, config, skipped))
     todo = [key for _, shard in plan for key in shard]
     outputs = output_tokens(subject, tset, todo, config.label.output_tokens)
@@ -195,14 +240,11 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
     async def run_shards(client: LLMClient, advance: Callable[[int], None]) -> str | None:
         """Every open shard, in one event loop (the HTTP client's connections belong to it)."""
         for name, shard in plan:
-            if name not in done:
-                tables, budget = await label_shard(client, embedder, store, subject.tokenizer, outputs, shard,
-                                                   config, run_id)
-                if budget is not None:  # keep what finished; the shard stays open so a resume redoes the rest
-                    store.upsert("labels", tables["labels"])
-                    store.upsert("scores", tables["scores"])
-                    return str(budget)
-                store.write_shard(run_id, STAGE, name, tables)
+            tables, budget = await label_shard(client, embedder, store, subject.tokenizer, outputs, shard,
+                                               config, run_id)
+            store.write_shard(run_id, STAGE, name, tables, replace=True)
+            if budget is not None:  # what finished is kept; a resume plans the rest
+                return str(budget)
             advance(len(shard))
         return None
 
