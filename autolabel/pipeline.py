@@ -81,14 +81,7 @@ def reuse_collection(store: Store, source_run: str, run_id: str) -> bool:
     """Copy an identical earlier collection's tables into `run_id` (False if that run is gone from the store)."""
     if "final" not in store.committed_shards(source_run, COLLECT_STAGE):
         return False
-    with store.transaction() as con:
-        for table in COLLECT_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS run_id) FROM {table} WHERE run_id = ?",
-                        [run_id, source_run])
-        con.execute("INSERT OR REPLACE INTO shards SELECT ?, stage, shard, committed_at, n_rows FROM shards "
-                    "WHERE run_id = ? AND stage = ? AND shard = 'final'", [run_id, source_run, COLLECT_STAGE])
-        con.execute("UPDATE runs SET parent_run_id = ? WHERE run_id = ?", [source_run, run_id])
+    store.copy_collection(source_run, run_id, COLLECT_TABLES, COLLECT_STAGE)
     return True
 
 

@@ -327,6 +327,28 @@ class Store:
             )
         return True
 
+    def record_transcoder(self, row: dict[str, Any]) -> None:
+        """One `transcoders` row; its *_by_layer values are {layer: value} dicts, stored as DuckDB MAPs."""
+        maps = [column for column, value in row.items() if isinstance(value, dict)]
+        columns = ", ".join(row)
+        values = ", ".join("MAP(?, ?)" if column in maps else "?" for column in row)
+        params = [x for column, value in row.items()
+                  for x in ((list(value), list(value.values())) if column in maps else (value,))]
+        with self.transaction() as con:
+            con.execute(f"INSERT OR REPLACE INTO transcoders ({columns}) VALUES ({values})", params)
+
+    def copy_collection(self, source_run: str, run_id: str, tables: tuple[str, ...], stage: str) -> None:
+        """Give `run_id` the collected rows of `source_run` (an identical earlier collection), its final
+        shard and its parent link, in one transaction."""
+        with self.transaction() as con:
+            for table in tables:
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS run_id) FROM {table} WHERE run_id = ?",
+                            [run_id, source_run])
+            con.execute("INSERT OR REPLACE INTO shards SELECT ?, stage, shard, committed_at, n_rows FROM shards "
+                        "WHERE run_id = ? AND stage = ? AND shard = 'final'", [run_id, source_run, stage])
+            con.execute("UPDATE runs SET parent_run_id = ? WHERE run_id = ?", [source_run, run_id])
+
     def upsert(self, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
         """Insert-or-replace rows by primary key, outside the shard ledger (for caches)."""
         with self.transaction() as con:
@@ -377,7 +399,44 @@ class Store:
     def finish_run(self, run_id: str, status: str = "complete", error: str | None = None) -> None:
         self.update_run(run_id, finished_at=now(), status=status, error=error)
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads: every query outside this module goes through these -------------
+    # `params` is a list (? placeholders) or a dict ($name placeholders); `tables` are Arrow tables the
+    # query may join by name (a list of wanted keys, say), registered for this query only.
+
+    @contextmanager
+    def _registered(self, tables: dict[str, pa.Table]) -> Iterator[None]:
+        for name, table in tables.items():
+            self.con.register(name, table)
+        try:
+            yield
+        finally:
+            for name in tables:
+                self.con.unregister(name)
+
+    @contextmanager
+    def _cursor(self, sql: str, params: list[Any] | dict[str, Any] | None,
+                tables: dict[str, pa.Table]) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._registered(tables):
+            yield self.con.execute(sql, params if params is not None else [])
+
+    def rows(self, sql: str, params: list[Any] | dict[str, Any] | None = None, **tables: pa.Table) -> list[tuple]:
+        with self._cursor(sql, params, tables) as cursor:
+            return cursor.fetchall()
+
+    def dicts(self, sql: str, params: list[Any] | dict[str, Any] | None = None, **tables: pa.Table) -> list[dict]:
+        """Rows as {column: value}."""
+        with self._cursor(sql, params, tables) as cursor:
+            columns = [d[0] for d in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def arrow(self, sql: str, params: list[Any] | dict[str, Any] | None = None, **tables: pa.Table) -> pa.Table:
+        with self._registered(tables):  # a relation, not a cursor: Arrow straight from DuckDB, no row copy
+            return self.con.sql(sql, params=params).to_arrow_table()
+
+    def numpy(self, sql: str, params: list[Any] | dict[str, Any] | None = None, **tables: pa.Table) -> dict:
+        """Columns as NumPy arrays: {column: array}."""
+        with self._cursor(sql, params, tables) as cursor:
+            return cursor.fetchnumpy()
 
     def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
         try:

@@ -112,8 +112,8 @@ class Measured:
 
 
 def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
-    columns = store.con.execute(COUNTS_SQL, {"run": run_id, "share": spec.breadth_turn_share,
-                                             "min_turns": spec.breadth_min_turns}).fetchnumpy()
+    columns = store.numpy(COUNTS_SQL, {"run": run_id, "share": spec.breadth_turn_share,
+                                             "min_turns": spec.breadth_min_turns})
     if len(columns["layer"]) == 0:
         raise AutolabelError(f"run {run_id} has no collected role statistics; run `autolabel collect` first")
     counts = {name: np.nan_to_num(np.asarray(values, dtype=np.float64)) for name, values in columns.items()
@@ -182,7 +182,7 @@ def feature_notes(store: Store, run_id: str) -> dict[tuple[int, int], dict]:
                  "WHERE run_id = ? GROUP BY ALL",
     }
     for name, sql in queries.items():
-        for layer, feature, value in store.con.execute(sql, [run_id]).fetchall():
+        for layer, feature, value in store.rows(sql, [run_id]):
             notes.setdefault((layer, feature), {})[name] = value
     return notes
 

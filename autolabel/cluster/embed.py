@@ -41,7 +41,7 @@ def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -
         where.append("f.layer IN (SELECT unnest(?))")
         params.append(config.layers)
     labeler = "AND l.labeler = ?" if config.labeler else ""
-    rows = store.con.execute(
+    rows = store.rows(
         f"""WITH latest AS (
                 SELECT l.layer, l.feature, arg_max(l.label, l.created_at) AS label,
                        arg_max(l.explanation, l.created_at) AS explanation
@@ -50,7 +50,7 @@ def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -
             SELECT f.layer, f.feature, latest.label, latest.explanation, flagged.layer IS NOT NULL
             FROM features f LEFT JOIN latest USING (layer, feature) LEFT JOIN flagged USING (layer, feature)
             WHERE {' AND '.join(where)} ORDER BY 1, 2""",
-        [run_id, *([config.labeler] if config.labeler else []), run_id, *params]).fetchall()
+        [run_id, *([config.labeler] if config.labeler else []), run_id, *params])
     unlabeled = [(layer, feature) for layer, feature, label, *_ in rows if label is None]
     examples = top_example_text(store, run_id, unlabeled, tokenizer, config.example_texts)
     keys, texts, labels, reliable = [], [], [], []
@@ -71,13 +71,9 @@ def top_example_text(store: Store, run_id: str, keys: list[tuple[int, int]], tok
     if not keys:
         return {}
     wanted = pa.table({"layer": [k[0] for k in keys], "feature": [k[1] for k in keys]})
-    store.con.register("_wanted", wanted)
-    try:
-        rows = store.con.execute(
-            "SELECT e.layer, e.feature, e.tokens FROM examples e JOIN _wanted USING (layer, feature) "
-            "WHERE e.run_id = ? AND e.kind = 'top' AND e.rank < ? ORDER BY 1, 2, e.rank", [run_id, n]).fetchall()
-    finally:
-        store.con.unregister("_wanted")
+    rows = store.rows("SELECT e.layer, e.feature, e.tokens FROM examples e JOIN _wanted USING (layer, feature) "
+                      "WHERE e.run_id = ? AND e.kind = 'top' AND e.rank < ? ORDER BY 1, 2, e.rank", [run_id, n],
+                      _wanted=wanted)
     texts: dict[tuple[int, int], list[str]] = {}
     for layer, feature, tokens in rows:
         texts.setdefault((layer, feature), []).append(tokenizer.decode(tokens).strip())
@@ -98,12 +94,8 @@ def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_
     """Unit vectors [n, 384] for `texts`, from the cache where it has them; new ones are stored."""
     model = f"{EMBEDDER_MODEL}:{str(next(embedder.parameters()).dtype).removeprefix('torch.')}"
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    store.con.register("_hashes", pa.table({"text_hash": sorted(set(hashes))}))
-    try:
-        cached = store.con.sql("SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) "
-                               "WHERE model = ?", params=[model]).to_arrow_table()
-    finally:
-        store.con.unregister("_hashes")
+    cached = store.arrow("SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) WHERE model = ?",
+                         [model], _hashes=pa.table({"text_hash": sorted(set(hashes))}))
     found = dict(zip(cached["text_hash"].to_pylist(), _as_matrix(cached["vector"])))
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     if missing:

@@ -114,7 +114,7 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
         return {}
     roles = group.roles or list(ROLES)
     controls = "category IN (SELECT unnest($controls))" if group.controls else "category NOT IN (SELECT unnest($cats))"
-    rows = store.con.execute(
+    rows = store.rows(
         f"""SELECT layer, feature,
                   coalesce(sum(n_active) FILTER (WHERE category IN (SELECT unnest($cats))), 0) AS a_in,
                   coalesce(sum(n_tokens) FILTER (WHERE category IN (SELECT unnest($cats))), 0) AS n_in,
@@ -123,7 +123,7 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
            FROM category_stats WHERE run_id = $run AND CAST(role AS VARCHAR) IN (SELECT unnest($roles))
            GROUP BY ALL HAVING n_in > 0 AND n_out > 0""",
         {"cats": group.categories, "run": run_id, "roles": roles,
-         **({"controls": group.controls} if group.controls else {})}).fetchall()
+         **({"controls": group.controls} if group.controls else {})})
     # Add-one smoothing keeps a feature silent outside the probes finite, and a rare one from a huge ratio.
     return {(layer, feature): (((a_in + 1) / (n_in + 1)) / ((a_out + 1) / (n_out + 1)), int(a_in))
             for layer, feature, a_in, n_in, a_out, n_out in rows}
@@ -131,8 +131,8 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
 
 def missing_categories(store: Store, run_id: str, spec: GroupsSpec) -> dict[str, list[str]]:
     """Probe and control categories of each group that the run's corpus does not have."""
-    present = {row[0] for row in store.con.execute(
-        "SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id]).fetchall()}
+    present = {row[0] for row in store.rows(
+        "SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id])}
     return {name: missing for name, group in spec.groups.items()
             if (missing := sorted(set(group.categories + group.controls) - present))}
 

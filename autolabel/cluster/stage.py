@@ -64,7 +64,7 @@ class ClusterSummary:
 def previous_clustering(store: Store, run_id: str) -> tuple[int | None, dict[tuple[int, int], int]]:
     """(seed, {(layer, feature): cluster_id}) of the run's stored clustering, if there is one."""
     row = store.one("SELECT seed FROM cluster_runs WHERE run_id = ? ORDER BY created_at DESC LIMIT 1", [run_id])
-    rows = store.con.execute("SELECT layer, feature, cluster_id FROM feature_map WHERE run_id = ?", [run_id]).fetchall()
+    rows = store.rows("SELECT layer, feature, cluster_id FROM feature_map WHERE run_id = ?", [run_id])
     return (row[0] if row else None), {(layer, feature): cluster for layer, feature, cluster in rows}
 
 

@@ -60,8 +60,8 @@ class CorpusIndex:
 
     @classmethod
     def read(cls, store: Store, corpus_id: str) -> CorpusIndex:
-        rows = store.con.execute("SELECT doc_id, n_tokens, category FROM documents WHERE corpus_id = ? ORDER BY doc_id",
-                                 [corpus_id]).fetchall()
+        rows = store.rows("SELECT doc_id, n_tokens, category FROM documents WHERE corpus_id = ? ORDER BY doc_id",
+                                 [corpus_id])
         if not rows:
             raise AutolabelError(f"corpus {corpus_id} has no documents; build it first with `autolabel corpus build`")
         too_long = [doc_id for doc_id, n, _ in rows if n >= MAX_DOC_TOKENS]
@@ -312,8 +312,8 @@ def merge_slices(store: Store, subject: SubjectModel, tset: TranscoderSet, corpu
 
 
 def collect_summary(store: Store, run_id: str, seconds: float, resumed_shards: int) -> CollectSummary:
-    rows = store.con.execute("SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? "
-                             "GROUP BY ALL ORDER BY ALL", [run_id]).fetchall()
+    rows = store.rows("SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? "
+                             "GROUP BY ALL ORDER BY ALL", [run_id])
     by_layer: dict[int, dict[str, int]] = {}
     for layer, status, count, _ in rows:
         by_layer.setdefault(layer, {"active": 0, "rare": 0, "dead": 0})[status] = count

@@ -151,9 +151,9 @@ def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, 
     wanted = np.unique(ordinal)
     for chunk in range(0, len(wanted), docs_per_read):
         ordinals = wanted[chunk:chunk + docs_per_read]
-        rows = store.con.execute(
+        rows = store.rows(
             "SELECT doc_id, token_ids, list_transform(roles, lambda r: enum_code(r)), turns FROM doc_tokens "
-            "WHERE corpus_id = ? AND doc_id IN (SELECT unnest(?))", [corpus_id, [doc_ids[i] for i in ordinals]]).fetchall()
+            "WHERE corpus_id = ? AND doc_id IN (SELECT unnest(?))", [corpus_id, [doc_ids[i] for i in ordinals]])
         by_doc = {doc_id: (np.asarray(ids), np.asarray(codes), np.asarray(turns)) for doc_id, ids, codes, turns in rows}
         for doc_ordinal in ordinals:
             ids, codes, turns = by_doc[doc_ids[doc_ordinal]]

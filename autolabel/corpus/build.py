@@ -74,10 +74,10 @@ def load_documents(config: CorpusConfig) -> list[Document]:
 
 def summarize(store: Store, corpus_id: str, generated: int = 0, reused: bool = False) -> CorpusSummary:
     n_docs, n_tokens = store.one("SELECT n_docs, n_tokens FROM corpora WHERE corpus_id = ?", [corpus_id])
-    by_role = dict(store.con.execute(
-        "SELECT role::VARCHAR, count(*) FROM tokens WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]).fetchall())
-    by_category = dict(store.con.execute(
-        "SELECT category, sum(n_tokens) FROM documents WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]).fetchall())
+    by_role = dict(store.rows(
+        "SELECT role::VARCHAR, count(*) FROM tokens WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]))
+    by_category = dict(store.rows(
+        "SELECT category, sum(n_tokens) FROM documents WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]))
     return CorpusSummary(corpus_id, n_docs, n_tokens, generated, by_role, {k: int(v) for k, v in by_category.items()},
                          reused)
 

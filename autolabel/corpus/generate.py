@@ -48,10 +48,10 @@ def add_assistant_replies(store: Store, subject: SubjectModel, documents: list[D
               "decoding": "greedy"}
     todo = [d for d in documents if d.needs_reply]
     hashes = {d.doc_id: prompt_hash(d.messages, params) for d in todo}
-    cached = dict(store.con.execute(
+    cached = dict(store.rows(
         "SELECT prompt_hash, response FROM generations WHERE model_id = ? AND prompt_hash IN (SELECT UNNEST(?))",
         [subject.model_id, list(hashes.values())],
-    ).fetchall()) if todo else {}
+    )) if todo else {}
     missing = [d for d in todo if hashes[d.doc_id] not in cached]
     prompts = {d.doc_id: render_chat(subject.tokenizer, d.messages, d.doc_id, add_generation_prompt=True)
                for d in missing}

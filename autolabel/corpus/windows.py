@@ -41,10 +41,10 @@ def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None, docs_
     bounds = [] if last_doc is None else [last_doc]
     previous, comparison = first_doc, ">="
     while True:
-        rows = store.con.execute(
+        rows = store.rows(
             "SELECT t.doc_id, d.category, t.token_ids, list_transform(t.roles, lambda r: enum_code(r)), t.turns FROM doc_tokens t "
             f"JOIN documents d USING (corpus_id, doc_id) WHERE t.corpus_id = ? AND t.doc_id {comparison} ? {upper}"
-            "ORDER BY t.doc_id LIMIT ?", [corpus_id, previous, *bounds, docs_per_read]).fetchall()
+            "ORDER BY t.doc_id LIMIT ?", [corpus_id, previous, *bounds, docs_per_read])
         if not rows:
             return
         for doc_id, category, token_ids, roles, turns in rows:

@@ -24,18 +24,16 @@ CANDIDATES = 4  # bfloat16 candidates per output token shown, re-ranked in float
 
 
 def feature_rows(store: Store, run_id: str) -> list[dict]:
-    cursor = store.con.execute("SELECT layer, feature, n_tokens, n_active, density, max_act, mean_act, histogram, "
-                               "histogram_edges, status FROM features WHERE run_id = ? ORDER BY layer, feature", [run_id])
-    columns = [d[0] for d in cursor.description]
-    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+    return store.dicts("SELECT layer, feature, n_tokens, n_active, density, max_act, mean_act, histogram, "
+                       "histogram_edges, status FROM features WHERE run_id = ? ORDER BY layer, feature", [run_id])
 
 
 def role_density(store: Store, run_id: str) -> dict[tuple[int, int], list[dict]]:
     """Per feature and role: the share of tokens and of turns on which it fires."""
     result: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for layer, feature, role, n_tokens, n_active, max_act, n_turns, n_turns_active in store.con.execute(
+    for layer, feature, role, n_tokens, n_active, max_act, n_turns, n_turns_active in store.rows(
             "SELECT layer, feature, role::VARCHAR, n_tokens, n_active, max_act, n_turns, n_turns_active "
-            "FROM role_stats WHERE run_id = ? ORDER BY layer, feature, role", [run_id]).fetchall():
+            "FROM role_stats WHERE run_id = ? ORDER BY layer, feature, role", [run_id]):
         result[(layer, feature)].append({
             "role": role, "n_tokens": n_tokens, "n_active": n_active, "max_act": max_act,
             "density": n_active / n_tokens if n_tokens else None,
@@ -45,7 +43,7 @@ def role_density(store: Store, run_id: str) -> dict[tuple[int, int], list[dict]]
 
 def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int, settings: ReportConfig) -> pa.Table:
     """One layer's shown examples (top ones by rank, then a few per quantile bin) with each token's role code."""
-    return store.con.sql(
+    return store.arrow(
         "SELECT e.feature, e.kind, e.rank, e.bin, e.doc_id, e.role::VARCHAR AS role, e.max_act, e.tokens, e.acts, "
         "       list_transform(list_slice(d.roles, e.start + 1, e.start + len(e.tokens)), lambda r: enum_code(r)) AS codes "
         "FROM examples e LEFT JOIN doc_tokens d ON d.corpus_id = $corpus AND d.doc_id = e.doc_id "
@@ -53,8 +51,8 @@ def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int,
         "QUALIFY row_number() OVER (PARTITION BY e.feature, e.kind, e.bin ORDER BY e.rank) "
         "        <= CASE e.kind WHEN 'top' THEN $top ELSE $per_bin END "
         "ORDER BY e.feature, e.kind DESC, e.rank",
-        params={"corpus": corpus_id, "run": run_id, "layer": layer, "top": settings.top_examples,
-                "per_bin": settings.quantile_per_bin}).to_arrow_table()
+        {"corpus": corpus_id, "run": run_id, "layer": layer, "top": settings.top_examples,
+                "per_bin": settings.quantile_per_bin})
 
 
 def distinct_tokens(table: pa.Table) -> set[int]:

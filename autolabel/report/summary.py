@@ -36,16 +36,10 @@ class FeatureLabel:
         return any(s["unreliable"] for s in self.scores.values())
 
 
-def rows(store: Store, sql: str, params: list) -> list[dict]:
-    cursor = store.con.execute(sql, params)
-    columns = [d[0] for d in cursor.description]
-    return [dict(zip(columns, row)) for row in cursor.fetchall()]
-
-
 def run_info(store: Store, run_id: str) -> dict:
-    (info,) = rows(store, "SELECT run_id, status, started_at, finished_at, model_id, transcoder_id, corpus_id, "
+    (info,) = store.dicts("SELECT run_id, status, started_at, finished_at, model_id, transcoder_id, corpus_id, "
                           "parent_run_id, error FROM runs WHERE run_id = ?", [run_id])
-    transcoder = rows(store, "SELECT * FROM transcoders WHERE transcoder_id = ?", [info["transcoder_id"]])
+    transcoder = store.dicts("SELECT * FROM transcoders WHERE transcoder_id = ?", [info["transcoder_id"]])
     info["transcoder"] = transcoder[0] if transcoder else None
     if info["transcoder"]:
         t = info["transcoder"]
@@ -59,15 +53,15 @@ def corpus_tokens(store: Store, corpus_id: str | None) -> dict:
     """Corpus tokens by role and by category (the tokens view, one pass each)."""
     if corpus_id is None:
         return {"by_role": [], "by_category": []}
-    by_role = rows(store, "SELECT role::VARCHAR AS name, count(*) AS tokens FROM tokens WHERE corpus_id = ? "
+    by_role = store.dicts("SELECT role::VARCHAR AS name, count(*) AS tokens FROM tokens WHERE corpus_id = ? "
                           "GROUP BY 1 ORDER BY 2 DESC", [corpus_id])
-    by_category = rows(store, "SELECT category AS name, count(*) AS tokens FROM tokens WHERE corpus_id = ? "
+    by_category = store.dicts("SELECT category AS name, count(*) AS tokens FROM tokens WHERE corpus_id = ? "
                               "GROUP BY 1 ORDER BY 2 DESC", [corpus_id])
     return {"by_role": by_role, "by_category": by_category}
 
 
 def llm_ledger(store: Store, run_id: str) -> list[dict]:
-    return rows(store, "SELECT stage, model, count(*) AS calls, count(*) FILTER (cached) AS cached, "
+    return store.dicts("SELECT stage, model, count(*) AS calls, count(*) FILTER (cached) AS cached, "
                        "count(*) FILTER (status <> 'ok') AS failed, sum(tokens_in) AS tokens_in, "
                        "sum(tokens_out) AS tokens_out, sum(cost_usd) AS cost_usd FROM llm_calls WHERE run_id = ? "
                        "GROUP BY ALL ORDER BY 1, 2", [run_id])
@@ -75,24 +69,24 @@ def llm_ledger(store: Store, run_id: str) -> list[dict]:
 
 def feature_status(store: Store, run_id: str) -> dict:
     """Features by collection status (active / rare / dead) and by label status (ok / skipped / ...)."""
-    collected = dict(store.con.execute("SELECT status, count(*) FROM features WHERE run_id = ? GROUP BY 1",
-                                       [run_id]).fetchall())
-    labeled = dict(store.con.execute("SELECT status, count(DISTINCT (layer, feature)) FROM labels WHERE run_id = ? "
-                                     "GROUP BY 1", [run_id]).fetchall())
+    collected = dict(store.rows("SELECT status, count(*) FROM features WHERE run_id = ? GROUP BY 1",
+                                       [run_id]))
+    labeled = dict(store.rows("SELECT status, count(DISTINCT (layer, feature)) FROM labels WHERE run_id = ? "
+                                     "GROUP BY 1", [run_id]))
     return {"total": sum(collected.values()), "collected": collected, "labeled": labeled}
 
 
 def feature_labels(store: Store, run_id: str) -> dict[tuple[int, int], FeatureLabel]:
     """One label per feature (a valid one first, then the newest) with every score of the feature."""
     labels: dict[tuple[int, int], FeatureLabel] = {}
-    for layer, feature, label, explanation, labeler, status in store.con.execute(
+    for layer, feature, label, explanation, labeler, status in store.rows(
             "SELECT layer, feature, label, explanation, labeler, status FROM labels WHERE run_id = ? "
             "QUALIFY row_number() OVER (PARTITION BY layer, feature ORDER BY status = 'ok' DESC, created_at DESC) = 1",
-            [run_id]).fetchall():
+            [run_id]):
         labels[(layer, feature)] = FeatureLabel(label, explanation, labeler, status)
-    for layer, feature, scorer, value, n, status, unreliable in store.con.execute(
+    for layer, feature, scorer, value, n, status, unreliable in store.rows(
             "SELECT layer, feature, scorer, value, n, status, unreliable FROM scores WHERE run_id = ?",
-            [run_id]).fetchall():
+            [run_id]):
         entry = labels.setdefault((layer, feature), FeatureLabel())
         entry.scores[scorer] = {"value": value, "n": n, "status": status, "unreliable": bool(unreliable)}
     return labels
@@ -117,7 +111,7 @@ def score_distribution(labels: dict[tuple[int, int], FeatureLabel]) -> list[dict
 def audits(store: Store, run_id: str) -> list[dict]:
     """Per audit and section, one row per feature with its metrics pivoted, in the audit's rank order."""
     features: dict[tuple, dict] = {}
-    for row in rows(store, "SELECT audit, section, layer, feature, metric, value, ci_low, ci_high, flagged, rank, "
+    for row in store.dicts("SELECT audit, section, layer, feature, metric, value, ci_low, ci_high, flagged, rank, "
                            "group_name, label FROM audit_findings WHERE run_id = ? ORDER BY audit, section, rank, "
                            "layer, feature", [run_id]):
         key = (row["audit"], row["section"] or "pervasive", row["layer"], row["feature"])
@@ -134,21 +128,21 @@ def audits(store: Store, run_id: str) -> list[dict]:
 
 def audit_diffs(store: Store, run_id: str) -> dict[str, list[dict]]:
     by_change: dict[str, list[dict]] = defaultdict(list)
-    for row in rows(store, "SELECT against_run_id, audit, change, layer, feature, against_layer, against_feature, "
+    for row in store.dicts("SELECT against_run_id, audit, change, layer, feature, against_layer, against_feature, "
                            "match, cosine FROM audit_diffs WHERE run_id = ? ORDER BY change, layer, feature", [run_id]):
         by_change[row["change"]].append(row)
     return dict(by_change)
 
 
 def clusters(store: Store, run_id: str) -> list[dict]:
-    return rows(store, "SELECT cluster_id, name, description, size FROM clusters WHERE run_id = ? "
+    return store.dicts("SELECT cluster_id, name, description, size FROM clusters WHERE run_id = ? "
                        "ORDER BY size DESC, cluster_id", [run_id])
 
 
 def group_members(store: Store, run_id: str) -> dict[str, list[dict]]:
     """Group name -> members, most similar first."""
     members: dict[str, list[dict]] = defaultdict(list)
-    for row in rows(store, "SELECT group_name, layer, feature, similarity, lift FROM groups WHERE run_id = ? "
+    for row in store.dicts("SELECT group_name, layer, feature, similarity, lift FROM groups WHERE run_id = ? "
                            "ORDER BY group_name, similarity DESC NULLS LAST, layer, feature", [run_id]):
         members[row["group_name"]].append(row)
     return dict(members)
@@ -156,6 +150,6 @@ def group_members(store: Store, run_id: str) -> dict[str, list[dict]]:
 
 def feature_map(store: Store, run_id: str) -> list[tuple]:
     """(layer, feature, x, y, cluster_id, reliable) per mapped feature (one without finite coordinates has no place)."""
-    return store.con.execute("SELECT layer, feature, umap_x, umap_y, cluster_id, reliable FROM feature_map "
+    return store.rows("SELECT layer, feature, umap_x, umap_y, cluster_id, reliable FROM feature_map "
                              "WHERE run_id = ? AND isfinite(umap_x) AND isfinite(umap_y) ORDER BY layer, feature",
-                             [run_id]).fetchall()
+                             [run_id])

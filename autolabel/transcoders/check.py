@@ -97,13 +97,12 @@ def transcoder_id(tset: TranscoderSet) -> str:
 def record_quality(store: Store, tset: TranscoderSet, model_id: str, quality: dict[int, LayerQuality]) -> str:
     tid = transcoder_id(tset)
     layers = sorted(quality)
-    store.con.execute(
-        "INSERT OR REPLACE INTO transcoders VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, MAP(?, ?), MAP(?, ?), MAP(?, ?), ?)",
-        [tid, tset.source_format, str(tset.path), model_id, tset[layers[0]].d_in, tset.d_feat, tset.layers,
-         tset.activation, tset.input_hook, tset.output_hook,
-         layers, [quality[k].fvu for k in layers], layers, [quality[k].l0 for k in layers],
-         layers, [quality[k].dead_fraction for k in layers], now()],
-    )
+    store.record_transcoder({
+        "transcoder_id": tid, "source_format": tset.source_format, "path": str(tset.path), "model_id": model_id,
+        "d_in": tset[layers[0]].d_in, "d_feat": tset.d_feat, "layers": tset.layers, "activation": tset.activation,
+        "input_hook": tset.input_hook, "output_hook": tset.output_hook, "checked_at": now(),
+        "fvu_by_layer": {k: quality[k].fvu for k in layers}, "l0_by_layer": {k: quality[k].l0 for k in layers},
+        "dead_by_layer": {k: quality[k].dead_fraction for k in layers}})
     return tid
 
 
