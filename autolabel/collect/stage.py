@@ -158,8 +158,8 @@ class Checkpoints:
             raise AutolabelError(f"cannot continue from {path}: it was made with other collect settings, corpus or "
                                  f"transcoder; start a new collection without --resume")
         for layer, state in states.items():
-            for name in state.tensors:
-                state.tensors[name] = tensors[f"{layer}/{name}"]
+            for name in state.tensors.names():
+                setattr(state.tensors, name, tensors[f"{layer}/{name}"])
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -249,7 +249,7 @@ def run_shard(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_i
 def write_tables(store: Store, corpus_id: str, index: CorpusIndex, run_id: str, states: dict[int, LayerState]) -> None:
     tables: dict[str, list[pa.Table]] = {"features": [], "role_stats": [], "category_stats": [], "examples": []}
     for layer, state in states.items():
-        n_tokens = int(state.group_tokens.sum())
+        n_tokens = int(state.tensors.group_tokens.sum())
         tables["features"].append(feature_rows(run_id, layer, state, n_tokens))
         role_table, category_table = role_rows(run_id, layer, state, index.categories)
         tables["role_stats"].append(role_table)

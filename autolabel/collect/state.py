@@ -10,7 +10,7 @@ The keys, priorities, orders and histogram bins it uses are defined in orders.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -57,6 +57,80 @@ class Peaks:
     ctx_key: torch.Tensor  # token key of the context's first token
 
 
+@dataclass
+class LayerTensors:
+    """Every tensor collection keeps for one layer: what a checkpoint saves and a merge combines.
+
+    F features, G histogram bins, K top contexts, P reservoir samples per bin, T context tokens, R random
+    contexts, n_groups (category, role) pairs. Built by `empty`; `items()` walks them by name.
+    """
+
+    # token and turn counts per (category, role)
+    group_tokens: torch.Tensor  # [n_groups]
+    group_active: torch.Tensor  # [n_groups, F]
+    group_sum: torch.Tensor  # [n_groups, F] float64
+    group_turns: torch.Tensor  # [n_groups]
+    group_turns_active: torch.Tensor  # [n_groups, F]
+    role_max: torch.Tensor  # [N_ROLES, F]
+    # histograms: of every active token, and of each window's peak
+    exponent: torch.Tensor  # [F] each feature's histogram ceiling (UNSET: none yet)
+    hist_tokens: torch.Tensor  # [G, F]
+    hist_peaks: torch.Tensor  # [G, F]
+    # top-k contexts in unordered slots (top_order() ranks them)
+    top_value: torch.Tensor  # [K, F]
+    top_key: torch.Tensor  # [K, F]
+    top_hash: torch.Tensor  # [K, F] of the context's tokens: shown contexts are distinct
+    top_ctx: torch.Tensor  # [K, F] token key of the context's first token
+    top_len: torch.Tensor  # [K, F]
+    top_acts: torch.Tensor  # [K, F, T] bfloat16
+    # reservoir per histogram bin of window peaks: the P smallest priorities
+    res_prio: torch.Tensor  # [G, P, F]
+    res_value: torch.Tensor  # [G, P, F]
+    res_key: torch.Tensor  # [G, P, F]
+    res_ctx: torch.Tensor  # [G, P, F]
+    res_len: torch.Tensor  # [G, P, F]
+    res_acts: torch.Tensor  # [G, P, F, T] bfloat16
+    # non-activating contexts: the smallest priorities among chunks where the feature is silent
+    neg_prio: torch.Tensor  # [R, F]
+    neg_ctx: torch.Tensor  # [R, F]
+    neg_len: torch.Tensor  # [R, F]
+
+    @classmethod
+    def empty(cls, F: int, n_groups: int, G: int, K: int, P: int, T: int, R: int) -> LayerTensors:
+        return cls(
+            group_tokens=torch.zeros(n_groups, dtype=torch.long),
+            group_active=torch.zeros(n_groups, F, dtype=torch.long),
+            group_sum=torch.zeros(n_groups, F, dtype=torch.float64),
+            group_turns=torch.zeros(n_groups, dtype=torch.long),
+            group_turns_active=torch.zeros(n_groups, F, dtype=torch.long),
+            role_max=torch.zeros(N_ROLES, F),
+            exponent=torch.full((F,), UNSET, dtype=torch.long),
+            hist_tokens=torch.zeros(G, F, dtype=torch.long),
+            hist_peaks=torch.zeros(G, F, dtype=torch.long),
+            top_value=torch.full((K, F), float("-inf")),
+            top_key=torch.full((K, F), EMPTY_KEY, dtype=torch.long),
+            top_hash=torch.zeros(K, F, dtype=torch.long),
+            top_ctx=torch.zeros(K, F, dtype=torch.long),
+            top_len=torch.zeros(K, F, dtype=torch.long),
+            top_acts=torch.zeros(K, F, T, dtype=CONTEXT_DTYPE),
+            res_prio=torch.full((G, P, F), EMPTY_KEY, dtype=torch.long),
+            res_value=torch.zeros(G, P, F),
+            res_key=torch.zeros(G, P, F, dtype=torch.long),
+            res_ctx=torch.zeros(G, P, F, dtype=torch.long),
+            res_len=torch.zeros(G, P, F, dtype=torch.long),
+            res_acts=torch.zeros(G, P, F, T, dtype=CONTEXT_DTYPE),
+            neg_prio=torch.full((R, F), EMPTY_KEY, dtype=torch.long),
+            neg_ctx=torch.zeros(R, F, dtype=torch.long),
+            neg_len=torch.zeros(R, F, dtype=torch.long),
+        )
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, getattr(self, name)) for name in self.names()]
+
+
 class LayerState:
     """What collection keeps for one layer's `d_feat` features."""
 
@@ -67,44 +141,8 @@ class LayerState:
         n_groups = n_categories * N_ROLES  # (category, role) pairs, category-major
         self.d_feat, self.n_groups = F, n_groups
         self.salts = feature_salts(F, config.seed)
-        self.tensors: dict[str, torch.Tensor] = {
-            # token and turn counts per (category, role)
-            "group_tokens": torch.zeros(n_groups, dtype=torch.long),
-            "group_active": torch.zeros(n_groups, F, dtype=torch.long),
-            "group_sum": torch.zeros(n_groups, F, dtype=torch.float64),
-            "group_turns": torch.zeros(n_groups, dtype=torch.long),
-            "group_turns_active": torch.zeros(n_groups, F, dtype=torch.long),
-            "role_max": torch.zeros(N_ROLES, F),
-            # histograms: of every active token, and of each window's peak
-            "exponent": torch.full((F,), UNSET, dtype=torch.long),
-            "hist_tokens": torch.zeros(G, F, dtype=torch.long),
-            "hist_peaks": torch.zeros(G, F, dtype=torch.long),
-            # top-k contexts in unordered slots (top_order() ranks them)
-            "top_value": torch.full((K, F), float("-inf")),
-            "top_key": torch.full((K, F), EMPTY_KEY, dtype=torch.long),
-            "top_hash": torch.zeros(K, F, dtype=torch.long),  # of the context's tokens: shown contexts are distinct
-            "top_ctx": torch.zeros(K, F, dtype=torch.long),  # token key of the context's first token
-            "top_len": torch.zeros(K, F, dtype=torch.long),
-            "top_acts": torch.zeros(K, F, T, dtype=CONTEXT_DTYPE),
-            # reservoir per histogram bin of window peaks: the P smallest priorities
-            "res_prio": torch.full((G, P, F), EMPTY_KEY, dtype=torch.long),
-            "res_value": torch.zeros(G, P, F),
-            "res_key": torch.zeros(G, P, F, dtype=torch.long),
-            "res_ctx": torch.zeros(G, P, F, dtype=torch.long),
-            "res_len": torch.zeros(G, P, F, dtype=torch.long),
-            "res_acts": torch.zeros(G, P, F, T, dtype=CONTEXT_DTYPE),
-            # non-activating contexts: the smallest priorities among chunks where the feature is silent
-            "neg_prio": torch.full((config.random_examples, F), EMPTY_KEY, dtype=torch.long),
-            "neg_ctx": torch.zeros(config.random_examples, F, dtype=torch.long),
-            "neg_len": torch.zeros(config.random_examples, F, dtype=torch.long),
-        }
+        self.tensors = LayerTensors.empty(F, n_groups, G, K, P, T, config.random_examples)
         self._close_turns()
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        tensors = self.__dict__.get("tensors", {})
-        if name in tensors:
-            return tensors[name]
-        raise AttributeError(name)
 
     # -- one batch ------------------------------------------------------------
 
@@ -131,24 +169,24 @@ class LayerState:
     def _raise_ceilings(self, batch_max: torch.Tensor) -> None:
         fired = batch_max > 0
         needed = self.bins.exponent_of(batch_max.clamp_min(1e-30))
-        unset = fired & (self.exponent == UNSET)
-        self.exponent[unset] = needed[unset]
-        grow = fired & ~unset & (needed > self.exponent)
+        unset = fired & (self.tensors.exponent == UNSET)
+        self.tensors.exponent[unset] = needed[unset]
+        grow = fired & ~unset & (needed > self.tensors.exponent)
         if grow.any():
             cols = grow.nonzero().squeeze(1)
-            self._shift_bins(cols, self.bins.per_octave * (needed[cols] - self.exponent[cols]))
-            self.exponent[cols] = needed[cols]
+            self._shift_bins(cols, self.bins.per_octave * (needed[cols] - self.tensors.exponent[cols]))
+            self.tensors.exponent[cols] = needed[cols]
 
     def _shift_bins(self, cols: torch.Tensor, shift: torch.Tensor) -> None:
         """Move features `cols` down by `shift` bins; bins pushed below 0 merge into bin 0."""
         G, P = self.bins.n, self.config.per_bin
         dest = (torch.arange(G)[:, None] - shift[None, :]).clamp_min(0)  # [G, n]
         for name in ("hist_tokens", "hist_peaks"):
-            counts = self.tensors[name]
+            counts = getattr(self.tensors, name)
             counts[:, cols] = torch.zeros(G, len(cols), dtype=torch.long).scatter_add_(0, dest, counts[:, cols])
         # Reservoirs: bin 0 keeps the P smallest priorities of everything merging into it;
         # bin g >= 1 takes old bin g + shift whole. Index G * P is an empty slot.
-        prio = self.res_prio[:, :, cols]  # [G, P, n]
+        prio = self.tensors.res_prio[:, :, cols]  # [G, P, n]
         merging = torch.where((dest == 0)[:, None, :], prio, EMPTY_KEY).reshape(G * P, -1)
         smallest, bottom = merging.topk(P, dim=0, largest=False)  # [P, n]
         bottom = torch.where(smallest == EMPTY_KEY, G * P, bottom)  # fewer than P merged: empty slots
@@ -157,26 +195,27 @@ class LayerState:
         moved = torch.where(source_bin[:, None, :] < G, moved, G * P).reshape((G - 1) * P, -1)
         source = torch.cat([bottom, moved])  # [G * P, n]
         for name in ("res_prio", "res_value", "res_key", "res_ctx", "res_len", "res_acts"):
-            old = self.tensors[name][:, :, cols]  # [G, P, n, ...]
+            target = getattr(self.tensors, name)
+            old = target[:, :, cols]  # [G, P, n, ...]
             flat = old.reshape(G * P, *old.shape[2:])
             empty = torch.full_like(flat[:1], EMPTY_KEY if name == "res_prio" else 0)
             index = source.reshape(*source.shape, *([1] * (flat.dim() - 2))).expand(-1, -1, *flat.shape[2:])
-            self.tensors[name][:, :, cols] = torch.cat([flat, empty]).gather(0, index).reshape(old.shape)
+            target[:, :, cols] = torch.cat([flat, empty]).gather(0, index).reshape(old.shape)
 
     def _add_histogram(self, name: str, values: torch.Tensor) -> None:
         """values [n, F]; counts the positive ones in their feature's bins."""
         rows, features = (values > 0).nonzero(as_tuple=True)
-        bins = self.bins.bin_of(values[rows, features], self.exponent[features])
+        bins = self.bins.bin_of(values[rows, features], self.tensors.exponent[features])
         counts = torch.bincount(bins * self.d_feat + features, minlength=self.bins.n * self.d_feat)
-        self.tensors[name] += counts.view(self.bins.n, self.d_feat)
+        getattr(self.tensors, name).add_(counts.view(self.bins.n, self.d_feat))
 
     def _token_stats(self, tokens: torch.Tensor, active: torch.Tensor, roles: torch.Tensor,
                      groups: torch.Tensor) -> None:
         one_hot = torch.nn.functional.one_hot(groups, self.n_groups).float()  # [N, n_groups]
-        self.group_tokens.add_(one_hot.sum(0).long())
-        self.group_active.add_((one_hot.T @ active).long())  # exact: fewer than 2^24 tokens a batch
-        self.group_sum.add_((one_hot.T @ tokens).double())
-        self.role_max.scatter_reduce_(0, roles[:, None].expand_as(tokens), tokens, "amax")
+        self.tensors.group_tokens.add_(one_hot.sum(0).long())
+        self.tensors.group_active.add_((one_hot.T @ active).long())  # exact: fewer than 2^24 tokens a batch
+        self.tensors.group_sum.add_((one_hot.T @ tokens).double())
+        self.tensors.role_max.scatter_reduce_(0, roles[:, None].expand_as(tokens), tokens, "amax")
         self._add_histogram("hist_tokens", tokens)
 
     def _turn_stats(self, active: torch.Tensor, turn_keys: torch.Tensor, groups: torch.Tensor) -> None:
@@ -210,8 +249,8 @@ class LayerState:
         self.open_turn_active = torch.zeros(0, self.d_feat, dtype=torch.bool)
 
     def _count_turns(self, groups: torch.Tensor, seg_active: torch.Tensor) -> None:
-        self.group_turns.add_(torch.bincount(groups, minlength=self.n_groups))
-        self.group_turns_active.index_add_(0, groups, seg_active.long())
+        self.tensors.group_turns.add_(torch.bincount(groups, minlength=self.n_groups))
+        self.tensors.group_turns_active.index_add_(0, groups, seg_active.long())
 
     def _peaks(self, acts: torch.Tensor, batch: Batch) -> Peaks:
         """Each window's peak per feature, with the span of its context and a hash of what leads up to it."""
@@ -252,12 +291,12 @@ class LayerState:
         fired = peaks.value > 0
         candidate = torch.where(fired, peaks.value, float("-inf"))
         # Only features where some window reaches the current k-th entry can change.
-        cols = (fired & (candidate >= self.top_value.amin(0))).any(0).nonzero().squeeze(1)
+        cols = (fired & (candidate >= self.tensors.top_value.amin(0))).any(0).nonzero().squeeze(1)
         if len(cols) == 0:
             return
-        values = torch.cat([self.top_value[:, cols], candidate[:, cols]])  # [K + B, n]
-        keys = torch.cat([self.top_key[:, cols], torch.where(fired[:, cols], peaks.key[:, cols], EMPTY_KEY)])
-        hashes = torch.cat([self.top_hash[:, cols], peaks.hash[:, cols]])
+        values = torch.cat([self.tensors.top_value[:, cols], candidate[:, cols]])  # [K + B, n]
+        keys = torch.cat([self.tensors.top_key[:, cols], torch.where(fired[:, cols], peaks.key[:, cols], EMPTY_KEY)])
+        hashes = torch.cat([self.tensors.top_hash[:, cols], peaks.hash[:, cols]])
         # A context already ranked higher (same tokens, e.g. a repeated system prompt) is dropped.
         duplicate = repeated_hashes(value_key_order(values, keys), hashes)
         values = values.masked_fill(duplicate, float("-inf"))
@@ -272,17 +311,17 @@ class LayerState:
         window, col = admitted.nonzero(as_tuple=True)
         slot = free_slots[(admitted.long().cumsum(0) - 1)[window, col], col]
         feature = cols[col]
-        self.top_value[slot, feature] = values[K + window, col]
-        self.top_key[slot, feature] = keys[K + window, col]
-        self.top_hash[slot, feature] = hashes[K + window, col]
-        self.top_ctx[slot, feature] = peaks.ctx_key[window, feature]
-        self.top_len[slot, feature] = peaks.length[window, feature]
-        self.top_acts[slot, feature] = self._context_acts(acts, peaks, window, feature)
+        self.tensors.top_value[slot, feature] = values[K + window, col]
+        self.tensors.top_key[slot, feature] = keys[K + window, col]
+        self.tensors.top_hash[slot, feature] = hashes[K + window, col]
+        self.tensors.top_ctx[slot, feature] = peaks.ctx_key[window, feature]
+        self.tensors.top_len[slot, feature] = peaks.length[window, feature]
+        self.tensors.top_acts[slot, feature] = self._context_acts(acts, peaks, window, feature)
         # Old entries that were duplicates or fell out without a replacement become empty.
         emptied = freed & ~torch.zeros_like(freed).index_put_((slot, col), torch.ones_like(slot, dtype=torch.bool))
         empty_slot, empty_col = emptied.nonzero(as_tuple=True)
-        self.top_value[empty_slot, cols[empty_col]] = float("-inf")
-        self.top_key[empty_slot, cols[empty_col]] = EMPTY_KEY
+        self.tensors.top_value[empty_slot, cols[empty_col]] = float("-inf")
+        self.tensors.top_key[empty_slot, cols[empty_col]] = EMPTY_KEY
 
     # -- merging ----------------------------------------------------------------
 
@@ -295,65 +334,65 @@ class LayerState:
         silent contexts keep the smallest priorities. `other` is consumed.
         """
         for name in ("group_tokens", "group_active", "group_sum", "group_turns", "group_turns_active"):
-            self.tensors[name] += other.tensors[name]
-        torch.maximum(self.role_max, other.role_max, out=self.role_max)
-        ceiling = torch.maximum(self.exponent, other.exponent)
+            getattr(self.tensors, name).add_(getattr(other.tensors, name))
+        torch.maximum(self.tensors.role_max, other.tensors.role_max, out=self.tensors.role_max)
+        ceiling = torch.maximum(self.tensors.exponent, other.tensors.exponent)
         for state in (self, other):
-            cols = ((state.exponent != UNSET) & (ceiling > state.exponent)).nonzero().squeeze(1)
+            cols = ((state.tensors.exponent != UNSET) & (ceiling > state.tensors.exponent)).nonzero().squeeze(1)
             if len(cols):
-                state._shift_bins(cols, self.bins.per_octave * (ceiling[cols] - state.exponent[cols]))
-            state.exponent.copy_(ceiling)
-        self.hist_tokens.add_(other.hist_tokens)
-        self.hist_peaks.add_(other.hist_peaks)
+                state._shift_bins(cols, self.bins.per_octave * (ceiling[cols] - state.tensors.exponent[cols]))
+            state.tensors.exponent.copy_(ceiling)
+        self.tensors.hist_tokens.add_(other.tensors.hist_tokens)
+        self.tensors.hist_peaks.add_(other.tensors.hist_peaks)
 
         P = self.config.per_bin
-        _, keep = torch.cat([self.res_prio, other.res_prio], dim=1).topk(P, dim=1, largest=False)  # [G, P, F]
+        _, keep = torch.cat([self.tensors.res_prio, other.tensors.res_prio], dim=1).topk(P, dim=1, largest=False)  # [G, P, F]
         self._select(other, ("res_prio", "res_value", "res_key", "res_ctx", "res_len", "res_acts"), keep, dim=1)
 
-        values = torch.cat([self.top_value, other.top_value])  # [2K, F]
-        keys = torch.cat([self.top_key, other.top_key])
-        duplicate = repeated_hashes(value_key_order(values, keys), torch.cat([self.top_hash, other.top_hash]))
+        values = torch.cat([self.tensors.top_value, other.tensors.top_value])  # [2K, F]
+        keys = torch.cat([self.tensors.top_key, other.tensors.top_key])
+        duplicate = repeated_hashes(value_key_order(values, keys), torch.cat([self.tensors.top_hash, other.tensors.top_hash]))
         keep = value_key_order(values.masked_fill(duplicate, float("-inf")), keys.masked_fill(duplicate, EMPTY_KEY))
         keep = keep[: self.config.top_k]
         self._select(other, ("top_value", "top_key", "top_hash", "top_ctx", "top_len", "top_acts"), keep, dim=0)
         dropped = duplicate.gather(0, keep)  # fewer than k distinct contexts: the rest are empty slots
-        self.top_value.masked_fill_(dropped, float("-inf"))
-        self.top_key.masked_fill_(dropped, EMPTY_KEY)
+        self.tensors.top_value.masked_fill_(dropped, float("-inf"))
+        self.tensors.top_key.masked_fill_(dropped, EMPTY_KEY)
 
         if self.config.random_examples:
-            _, keep = torch.cat([self.neg_prio, other.neg_prio]).topk(self.config.random_examples, dim=0, largest=False)
+            _, keep = torch.cat([self.tensors.neg_prio, other.tensors.neg_prio]).topk(self.config.random_examples, dim=0, largest=False)
             self._select(other, ("neg_prio", "neg_ctx", "neg_len"), keep, dim=0)
 
     def _select(self, other: LayerState, names: tuple[str, ...], index: torch.Tensor, dim: int) -> None:
-        """tensors[name] = cat(self, other along dim) gathered at `index` (trailing dims follow along)."""
+        """Each named tensor becomes cat(self, other along dim) gathered at `index` (trailing dims follow along)."""
         for name in names:
-            both = torch.cat([self.tensors[name], other.tensors[name]], dim=dim)
+            both = torch.cat([getattr(self.tensors, name), getattr(other.tensors, name)], dim=dim)
             expanded = index.reshape(*index.shape, *([1] * (both.dim() - index.dim()))).expand(
                 *index.shape, *both.shape[index.dim():])
-            self.tensors[name] = both.gather(dim, expanded)
+            setattr(self.tensors, name, both.gather(dim, expanded))
 
     def top_order(self) -> torch.Tensor:
         """[K, F] slots by (value desc, key asc)."""
-        return value_key_order(self.top_value, self.top_key)
+        return value_key_order(self.tensors.top_value, self.tensors.top_key)
 
     def _reservoirs(self, acts: torch.Tensor, peaks: Peaks) -> None:
         """Offer each window's peak to the reservoir of its bin; it replaces the largest priority if smaller."""
         features = torch.arange(self.d_feat)
         fired = peaks.value > 0  # [B, F]
-        bins = self.bins.bin_of(peaks.value.clamp_min(1e-30), self.exponent)
+        bins = self.bins.bin_of(peaks.value.clamp_min(1e-30), self.tensors.exponent)
         prio = priorities(peaks.key, self.salts)
         taken = []  # (slot id, window) of every replacement, in order
         for window in range(len(fired)):
-            worst, slot = self.res_prio[bins[window], :, features].max(dim=1)  # [F]
+            worst, slot = self.tensors.res_prio[bins[window], :, features].max(dim=1)  # [F]
             take = (fired[window] & (prio[window] < worst)).nonzero().squeeze(1)
             if len(take) == 0:
                 continue
             g, s = bins[window, take], slot[take]
-            self.res_prio[g, s, take] = prio[window, take]
-            self.res_value[g, s, take] = peaks.value[window, take]
-            self.res_key[g, s, take] = peaks.key[window, take]
-            self.res_ctx[g, s, take] = peaks.ctx_key[window, take]
-            self.res_len[g, s, take] = peaks.length[window, take]
+            self.tensors.res_prio[g, s, take] = prio[window, take]
+            self.tensors.res_value[g, s, take] = peaks.value[window, take]
+            self.tensors.res_key[g, s, take] = peaks.key[window, take]
+            self.tensors.res_ctx[g, s, take] = peaks.ctx_key[window, take]
+            self.tensors.res_len[g, s, take] = peaks.length[window, take]
             taken.append(((g * self.config.per_bin + s) * self.d_feat + take, torch.full_like(take, window)))
         if not taken:
             return
@@ -363,7 +402,7 @@ class LayerState:
         last = torch.full_like(unique, -1).scatter_reduce(0, inverse, torch.arange(len(slot_ids)), "amax")
         slot_ids, windows = slot_ids[last], windows[last]
         feature = slot_ids % self.d_feat
-        flat = self.res_acts.view(-1, self.config.example_tokens)  # rows ordered (g, p, f)
+        flat = self.tensors.res_acts.view(-1, self.config.example_tokens)  # rows ordered (g, p, f)
         flat[slot_ids] = self._context_acts(acts, peaks, windows, feature)
 
     def _negatives(self, acts, batch: Batch) -> None:
@@ -379,8 +418,8 @@ class LayerState:
         lengths = torch.minimum(batch.lengths[:, None] - first[None, :], torch.tensor(T))
         silent = exists[..., None] & (chunk_max == 0)
         prio = torch.where(silent, priorities(keys[..., None], self.salts), EMPTY_KEY)
-        pool = torch.cat([self.neg_prio, prio.reshape(B * n_chunks, F)])
+        pool = torch.cat([self.tensors.neg_prio, prio.reshape(B * n_chunks, F)])
         best, index = pool.topk(R, dim=0, largest=False)
-        self.neg_ctx.copy_(torch.cat([self.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index))
-        self.neg_len.copy_(torch.cat([self.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index))
-        self.neg_prio.copy_(best)
+        self.tensors.neg_ctx.copy_(torch.cat([self.tensors.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index))
+        self.tensors.neg_len.copy_(torch.cat([self.tensors.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index))
+        self.tensors.neg_prio.copy_(best)

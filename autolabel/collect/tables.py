@@ -23,10 +23,10 @@ def quantile_samples(state: LayerState) -> tuple[torch.Tensor, ...]:
 
     Ranks count on across a feature's bins, so (feature, kind, rank) stays a key.
     """
-    G, P, F = state.res_prio.shape
-    qbin = quantile_bins(state.hist_peaks, state.config.quantile_bins)  # [G, F]
+    G, P, F = state.tensors.res_prio.shape
+    qbin = quantile_bins(state.tensors.hist_peaks, state.config.quantile_bins)  # [G, F]
     groups = qbin[:, None, :].expand(G, P, F).reshape(G * P, F)
-    prio = state.res_prio.reshape(G * P, F)
+    prio = state.tensors.res_prio.reshape(G * P, F)
     order = prio.argsort(dim=0, stable=True)
     order = order.gather(0, groups.gather(0, order).argsort(dim=0, stable=True))  # by (bin, priority)
     sorted_groups = groups.gather(0, order)
@@ -44,7 +44,7 @@ def quantile_samples(state: LayerState) -> tuple[torch.Tensor, ...]:
 def quantile_edges(state: LayerState, edges: torch.Tensor) -> torch.Tensor:
     """[Q + 1, F] activation edges of the quantile bins (equal edges mark an empty bin)."""
     Q = state.config.quantile_bins
-    qbin = quantile_bins(state.hist_peaks, Q)  # [G, F]
+    qbin = quantile_bins(state.tensors.hist_peaks, Q)  # [G, F]
     reached = qbin[None, :, :] >= torch.arange(Q + 1)[:, None, None]  # [Q + 1, G, F]
     first = torch.where(reached.any(1), reached.int().argmax(1), state.bins.n)  # [Q + 1, F]
     return edges.gather(0, first.clamp_max(state.bins.n))
@@ -56,10 +56,10 @@ def _list_column(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType) ->
 
 
 def feature_rows(run_id: str, layer: int, state: LayerState, n_layer_tokens: int) -> pa.Table:
-    n_active = state.group_active.sum(0)
-    sums = state.group_sum.sum(0)
-    fired = state.exponent != UNSET
-    edges = state.bins.edges(torch.where(fired, state.exponent, 0))  # [G + 1, F]
+    n_active = state.tensors.group_active.sum(0)
+    sums = state.tensors.group_sum.sum(0)
+    fired = state.tensors.exponent != UNSET
+    edges = state.bins.edges(torch.where(fired, state.tensors.exponent, 0))  # [G + 1, F]
     q_edges = quantile_edges(state, edges)
     density = n_active.double() / max(n_layer_tokens, 1)
     status = np.where(n_active.numpy() == 0, "dead",
@@ -69,10 +69,10 @@ def feature_rows(run_id: str, layer: int, state: LayerState, n_layer_tokens: int
         "run_id": pa.array([run_id] * F), "layer": pa.array(np.full(F, layer, dtype=np.int32)),
         "feature": pa.array(np.arange(F, dtype=np.int32)),
         "n_tokens": pa.array(np.full(F, n_layer_tokens, dtype=np.int64)), "n_active": n_active.numpy(),
-        "density": density.numpy(), "max_act": state.role_max.amax(0).double().numpy(),
+        "density": density.numpy(), "max_act": state.tensors.role_max.amax(0).double().numpy(),
         "mean_act": pa.array((sums / n_active.clamp_min(1)).numpy(), mask=~fired.numpy()),
         "quantile_edges": pa.array(list(q_edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
-        "histogram": _list_column(state.hist_tokens.T.reshape(-1).numpy(), np.full(F, G), pa.int64()),
+        "histogram": _list_column(state.tensors.hist_tokens.T.reshape(-1).numpy(), np.full(F, G), pa.int64()),
         "histogram_edges": pa.array(list(edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
         "status": pa.array(status),
     })
@@ -83,7 +83,8 @@ def role_rows(run_id: str, layer: int, state: LayerState, categories: list[str])
     C, F = len(categories), state.d_feat
 
     def by_group(name: str) -> torch.Tensor:
-        return state.tensors[name].reshape(C, N_ROLES, *state.tensors[name].shape[1:])
+        counts = getattr(state.tensors, name)  # [n_groups, ...], category-major
+        return counts.reshape(C, N_ROLES, *counts.shape[1:])
 
     per_role = {name: by_group(name).sum(0) for name in
                 ("group_tokens", "group_active", "group_sum", "group_turns", "group_turns_active")}
@@ -94,22 +95,22 @@ def role_rows(run_id: str, layer: int, state: LayerState, categories: list[str])
         "n_tokens": np.repeat(per_role["group_tokens"].numpy(), F),
         "n_active": per_role["group_active"].reshape(-1).numpy(),
         "sum_act": per_role["group_sum"].reshape(-1).numpy(),
-        "max_act": state.role_max.reshape(-1).double().numpy(),
+        "max_act": state.tensors.role_max.reshape(-1).double().numpy(),
         "n_turns": np.repeat(per_role["group_turns"].numpy(), F),
         "n_turns_active": per_role["group_turns_active"].reshape(-1).numpy(),
     })
-    present = (state.group_tokens > 0).nonzero().squeeze(1).numpy()  # groups with tokens
+    present = (state.tensors.group_tokens > 0).nonzero().squeeze(1).numpy()  # groups with tokens
     n = len(present) * F
     category_table = pa.table({
         "run_id": pa.array([run_id] * n), "layer": pa.array(np.full(n, layer, dtype=np.int32)),
         "feature": pa.array(np.tile(np.arange(F, dtype=np.int32), len(present))),
         "category": pa.array(np.repeat(np.array(categories, dtype=object)[present // N_ROLES], F)),
         "role": pa.array(np.repeat(np.array(ROLES)[present % N_ROLES], F)),
-        "n_tokens": np.repeat(state.group_tokens[present].numpy(), F),
-        "n_active": state.group_active[present].reshape(-1).numpy(),
-        "sum_act": state.group_sum[present].reshape(-1).numpy(),
-        "n_turns": np.repeat(state.group_turns[present].numpy(), F),
-        "n_turns_active": state.group_turns_active[present].reshape(-1).numpy(),
+        "n_tokens": np.repeat(state.tensors.group_tokens[present].numpy(), F),
+        "n_active": state.tensors.group_active[present].reshape(-1).numpy(),
+        "sum_act": state.tensors.group_sum[present].reshape(-1).numpy(),
+        "n_turns": np.repeat(state.tensors.group_turns[present].numpy(), F),
+        "n_turns_active": state.tensors.group_turns_active[present].reshape(-1).numpy(),
     })
     return role_table, category_table
 
@@ -119,18 +120,18 @@ def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, 
     """Top, quantile and random examples of every feature, with their tokens read back from the corpus."""
     T = state.config.example_tokens
     order = state.top_order()  # [K, F] slots best first
-    top_rank, top_feature = (state.top_value.gather(0, order) > float("-inf")).nonzero(as_tuple=True)
+    top_rank, top_feature = (state.tensors.top_value.gather(0, order) > float("-inf")).nonzero(as_tuple=True)
     top_slot = order[top_rank, top_feature]
     q_bin, q_rank, g, p, q_feature = quantile_samples(state)
-    neg_slot, neg_feature = (state.neg_prio != EMPTY_KEY).nonzero(as_tuple=True)
-    top_value, q_value = state.top_value[top_slot, top_feature], state.res_value[g, p, q_feature]
+    neg_slot, neg_feature = (state.tensors.neg_prio != EMPTY_KEY).nonzero(as_tuple=True)
+    top_value, q_value = state.tensors.top_value[top_slot, top_feature], state.tensors.res_value[g, p, q_feature]
     parts = [  # kind, rank, bin, feature, context key, context length, activations [n, T]
-        ("top", top_rank, None, top_feature, state.top_ctx[top_slot, top_feature],
-         state.top_len[top_slot, top_feature], state.top_acts[top_slot, top_feature]),
-        ("quantile", q_rank, q_bin, q_feature, state.res_ctx[g, p, q_feature], state.res_len[g, p, q_feature],
-         state.res_acts[g, p, q_feature]),
-        ("random", neg_slot, None, neg_feature, state.neg_ctx[neg_slot, neg_feature],
-         state.neg_len[neg_slot, neg_feature], torch.zeros(len(neg_slot), T)),
+        ("top", top_rank, None, top_feature, state.tensors.top_ctx[top_slot, top_feature],
+         state.tensors.top_len[top_slot, top_feature], state.tensors.top_acts[top_slot, top_feature]),
+        ("quantile", q_rank, q_bin, q_feature, state.tensors.res_ctx[g, p, q_feature], state.tensors.res_len[g, p, q_feature],
+         state.tensors.res_acts[g, p, q_feature]),
+        ("random", neg_slot, None, neg_feature, state.tensors.neg_ctx[neg_slot, neg_feature],
+         state.tensors.neg_len[neg_slot, neg_feature], torch.zeros(len(neg_slot), T)),
     ]
     kind = np.concatenate([np.full(len(part[1]), part[0]) for part in parts])
     rank = torch.cat([part[1] for part in parts]).numpy()
