@@ -238,6 +238,37 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
     print_cluster(cluster_run(run_config, run_id, show_progress=not quiet))
 
 
+@app.command()
+def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next token the graph explains.")] = None,
+          chat: Annotated[Path | None, typer.Option(help="A chat instead: JSON list of {role, content} messages, "
+                                                         "rendered with the model's chat template.")] = None,
+          run_id: Annotated[str | None, typer.Option("--run", help="A collected run: its model, transcoders and "
+                                                                   "labels (default: the config's, no labels).")] = None,
+          max_logits: Annotated[int | None, typer.Option(help="Target logits: at most this many next tokens.")] = None,
+          node_threshold: Annotated[float | None, typer.Option(help="Keep nodes holding this share of influence.")] = None,
+          edge_threshold: Annotated[float | None, typer.Option(help="Keep edges holding this share of influence.")] = None,
+          json_out: Annotated[Path | None, typer.Option("--json", help="Also write circuit-tracer's graph JSON here.")] = None,
+          config: ConfigOption = None, store: StoreOption = None) -> None:
+    """Attribution graph of a prompt over the transcoder features (frozen attention and norms, error nodes,
+    pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run."""
+    from autolabel.graph.command import graph_run, summary_rows, with_options
+
+    run_config = _config(config, store)
+    run_config.graph = with_options(run_config.graph, max_logits=max_logits, node_threshold=node_threshold,
+                                    edge_threshold=edge_threshold)
+    result = graph_run(run_config, prompt, chat, run_id, json_out)
+    summary = result.summary
+    targets = ", ".join(f"{t['token']!r} {t['probability']:.2f}" for t in result.targets)
+    console.print(f"targets: {escape(targets)}", soft_wrap=True)
+    print_table(f"top features of graph {summary.graph_id}", *summary_rows(result))
+    console.print(f"graph [bold]{summary.graph_id}[/] ({'stored earlier' if summary.reused else f'{summary.seconds:.1f} s'}): "
+                  f"{summary.n_tokens} tokens, {summary.kept_features} of {summary.n_features} feature nodes and "
+                  f"{summary.kept_edges} edges kept; error nodes hold {summary.error_share:.0%} of the influence"
+                  + ("" if result.run_id else "; pass --run to label the features"))
+    if result.exported:
+        console.print(f"circuit-tracer graph JSON: {escape(str(result.exported))}", soft_wrap=True)
+
+
 @corpus_app.command("build")
 def corpus_build(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
                  quiet: QuietOption = False) -> None:

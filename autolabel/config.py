@@ -283,6 +283,17 @@ class ClusterConfig(Strict):
     groups: str = str(DEFAULTS_DIR / "groups.yaml")  # audit group spec; "" for none
 
 
+class GraphConfig(Strict):
+    """How `autolabel graph` builds an attribution graph for a prompt (circuit-tracer's defaults)."""
+
+    max_logits: int = Field(default=10, ge=1)  # target logits: the most likely next tokens, at most this many ...
+    logit_mass: Fraction = 0.95  # ... and no more than it takes to reach this probability
+    node_threshold: Fraction = 0.8  # keep the nodes holding this share of the influence on the targets
+    edge_threshold: Fraction = 0.98  # keep the edges holding this share of the edge influence among kept nodes
+    max_feature_nodes: int = Field(default=4096, ge=1)  # feature nodes whose incoming edges are computed
+    batch_size: int = Field(default=32, ge=1)  # targets per backward pass
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
     # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
@@ -300,6 +311,7 @@ class RunConfig(Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
 
 
 def read_yaml_mapping(path: Path, what: str, if_missing: str, shape: str) -> dict:

@@ -150,6 +150,23 @@ SCHEMA: dict[str, str] = {
     "text_embeddings": """
         CREATE TABLE IF NOT EXISTS text_embeddings (
             model VARCHAR, text_hash VARCHAR, vector FLOAT[], PRIMARY KEY (model, text_hash))""",
+    # `autolabel graph`: attribution graphs (docs/graphs.md). A graph belongs to a run (whose labels name its
+    # features) or to none; nodes are every node whose incoming edges were computed, `kept` after pruning;
+    # edges are the kept ones between kept nodes. Node ids are circuit-tracer's (e.g. 6_123_4: layer 6,
+    # feature 123, position 4; 6_-1_4 an error node; E_<token>_<pos> an embedding; <n_layers + 1>_<token>_<pos>
+    # a target logit).
+    "graphs": """
+        CREATE TABLE IF NOT EXISTS graphs (
+            graph_id VARCHAR PRIMARY KEY, run_id VARCHAR, model_id VARCHAR, transcoder_id VARCHAR, prompt VARCHAR,
+            tokens INTEGER[], roles VARCHAR[], settings_json JSON, seconds DOUBLE, created_at TIMESTAMPTZ)""",
+    "graph_nodes": """
+        CREATE TABLE IF NOT EXISTS graph_nodes (
+            graph_id VARCHAR, node_id VARCHAR, kind VARCHAR, layer INTEGER, position INTEGER, feature INTEGER,
+            token_id INTEGER, activation DOUBLE, probability DOUBLE, influence DOUBLE, kept BOOLEAN,
+            PRIMARY KEY (graph_id, node_id))""",
+    "graph_edges": """
+        CREATE TABLE IF NOT EXISTS graph_edges (
+            graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, PRIMARY KEY (graph_id, source, target))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.

@@ -147,7 +147,7 @@ def test_sections_say_not_run_before_their_stages(reports):
     bare, _ = reports
     index = bare.index.read_text(encoding="utf-8")
     for section in ("audit (no audit_findings", "cluster (no feature_map", "group tagging", "audit diff",
-                    "label (no LLM calls)", "label scoring", "transcoder check"):
+                    "label (no LLM calls)", "label scoring", "transcoder check", "graph (none for this run"):
         assert f"not run: {section}" in index, section
     assert bare.pages == 16 and len(list((bare.index.parent / "features").glob("*.html"))) == 16
 
@@ -155,7 +155,7 @@ def test_sections_say_not_run_before_their_stages(reports):
 def test_pages_are_self_contained_escaped_and_secret_free(reports):
     _, full = reports
     folder = full.index.parent
-    assert {p.name for p in (folder / "static").iterdir()} == {"report.css", "report.js", "plotly.min.js"}
+    assert {p.name for p in (folder / "static").iterdir()} == {"report.css", "report.js", "graph.js", "plotly.min.js"}
     text = all_text(folder)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing from the network
     assert SECRET not in text and SECRET not in (folder / "static" / "report.js").read_text()

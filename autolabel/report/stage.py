@@ -24,6 +24,7 @@ from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel, load_subject_model
 from autolabel.progress import progress_bar
 from autolabel.report import features as page_data
+from autolabel.report import graphs as graph_pages
 from autolabel.report import render, summary
 from autolabel.store import Store
 from autolabel.transcoders.stage import open_transcoders
@@ -153,13 +154,14 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
         (folder / render.page_path(*key)).write_text(html, encoding="utf-8")
 
 
-def index_html(store: Store, run: RunData, env) -> str:
+def index_html(store: Store, run: RunData, env, graphs: list[dict]) -> str:
     run_id = run.info["run_id"]
     return env.get_template("index.html").render(
         root="", run=run.info, corpus=summary.corpus_tokens(store, run.info["corpus_id"]),
         ledger=summary.llm_ledger(store, run_id), status=summary.feature_status(store, run_id),
         scores=summary.score_distribution(run.labels), audits=summary.audits(store, run_id),
         diffs=summary.audit_diffs(store, run_id), clusters=run.clusters, groups=run.groups, labels=run.labels,
+        graphs=graphs,
         search=search_index(run.features, run.labels, run.groups_of, run.cluster_of),
         feature_map={"columns": ["layer", "feature", "x", "y", "cluster", "reliable"], "rows": run.mapped,
                      "clusters": {c["cluster_id"]: c["name"] for c in run.clusters}})
@@ -187,7 +189,9 @@ def report_stage(store: Store, run_id: str, out_dir: Path, settings: ReportConfi
             write_layer_pages(store, run, layer, rows, settings, env.get_template("feature.html"), folder, tokenizer,
                               pieces, subject, tset)
             bar.advance(task, len(rows))
-    (folder / "index.html").write_text(index_html(store, run, env), encoding="utf-8")
+    graphs = graph_pages.write_graph_pages(store, run_id, env.get_template("graph.html"), folder, tokenizer,
+                                           run.labels, run.cluster_of, run.groups_of)
+    (folder / "index.html").write_text(index_html(store, run, env, graphs), encoding="utf-8")
     final = publish(folder, out_dir / run_id)
     return ReportSummary(run_id, final / "index.html", len(run.features), time.perf_counter() - started)
 
