@@ -239,6 +239,45 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
 
 
 @app.command()
+def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
+              run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+              features: Annotated[str | None, typer.Option(help="LAYER:FEATURE pairs, e.g. 6:12,15:3.")] = None,
+              audit: Annotated[str | None, typer.Option(help="This audit's flagged features, best ranked first "
+                                                             "(default, with no --features: every audit's).")] = None,
+              multiples: Annotated[str | None, typer.Option(help="Steering strengths in units of the feature's max "
+                                                                 "activation, e.g. 2,4,8.")] = None,
+              prompts: Annotated[int | None, typer.Option(help="Prompts of each kind per feature: where it fires, "
+                                                               "and where it is silent.")] = None,
+              max_new_tokens: Annotated[int | None, typer.Option(help="Greedy continuation length.")] = None,
+              no_judge: Annotated[bool, typer.Option("--no-judge", help="No steering score (no LLM calls).")] = False,
+              base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for the judge (default: a local llama.cpp server).")] = None,
+              llm_model: Annotated[str | None, typer.Option(help="Judge model name sent to the endpoint.")] = None) -> None:
+    """Ablate and steer features on prompts where they fire and where they are silent: KL against the clean
+    run, the tokens that rise and fall, continuations with and without; score labels by steering."""
+    from autolabel.intervene.command import TABLE_TITLE, intervene_run, summary_rows, with_options
+    from autolabel.intervene.targets import parse_features, parse_multiples
+
+    if features and audit:
+        raise AutolabelError("pass --features or --audit, not both")
+    run_config = _config(config, store)
+    keys = parse_features(features) if features else None
+    run_config.intervene = with_options(
+        run_config.intervene, multiples=parse_multiples(multiples) if multiples is not None else None,
+        prompts=prompts, max_new_tokens=max_new_tokens, judge=False if no_judge else None)
+    run_config.llm.base_url = base_url or run_config.llm.base_url
+    run_config.llm.model = llm_model or run_config.llm.model
+    summary = intervene_run(run_config, run_id, keys, audit, show_progress=not quiet)
+    print_table(TABLE_TITLE, *summary_rows(summary, run_config.intervene.multiples))
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(f"run [bold]{summary.run_id}[/]: {summary.computed} features run now, {summary.reused} already "
+                  f"stored; {summary.judged} steering scores, {summary.calls} requests, ${summary.cost_usd:.4f}, "
+                  f"{summary.seconds:.0f} s; rows in interventions")
+    if summary.stopped:
+        console.print(f"[yellow]judging stopped early:[/] {escape(summary.stopped)}; the same command resumes")
+
+
+@app.command()
 def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next token the graph explains.")] = None,
           chat: Annotated[Path | None, typer.Option(help="A chat instead: JSON list of {role, content} messages, "
                                                          "rendered with the model's chat template.")] = None,

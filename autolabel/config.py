@@ -283,6 +283,36 @@ class ClusterConfig(Strict):
     groups: str = str(DEFAULTS_DIR / "groups.yaml")  # audit group spec; "" for none
 
 
+class InterveneConfig(Strict):
+    """What `autolabel intervene` does to a feature: ablate it (activation 0) and steer it (activation clamped
+    to multiples of its observed max_act at every position), on prompts where it fires and where it is silent."""
+
+    # Steering strengths, times the feature's max_act over the corpus. 1x only reproduces the peak the corpus
+    # already shows; doubling steps up to 8x go from a visible nudge to taking the output over.
+    multiples: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0])
+    prompts: int = Field(default=4, ge=1)  # of each kind: top examples cut at their peak token, and silent contexts
+    max_new_tokens: int = Field(default=16, ge=1)  # greedy continuation, clean and intervened
+    # Greedy decoding of a small model loops on one phrase without a mild penalty (as corpus.generation).
+    repetition_penalty: float = Field(default=1.15, ge=1.0, allow_inf_nan=False)
+    top_tokens: int = Field(default=5, ge=1)  # next tokens whose probability rises and falls most
+    batch_rows: int = Field(default=64, ge=1)  # (prompt, setting) rows per forward pass
+    group_features: int = Field(default=8, ge=1)  # features run together, their prompts batched by length
+    limit: int | None = Field(default=24, ge=1)  # with no features named: each audit's best-ranked flagged ones
+    judge: bool = True  # the `steering` score: an LLM picks which continuation shows the label
+    judge_multiple: float | None = None  # the steering strength judged; None: the strongest
+    judge_context_tokens: int = Field(default=24, ge=1)  # prompt tokens shown to the judge before both continuations
+    seed: Seed = 0  # the order in which the judge sees the steered and the clean continuation
+
+    @model_validator(mode="after")
+    def _finite_multiples(self) -> InterveneConfig:
+        bad = [m for m in self.multiples if not 0 < m < float("inf")]
+        if bad:
+            raise ValueError(f"multiples must be positive finite numbers (times max_act), not {bad}")
+        if self.judge_multiple is not None and self.judge_multiple not in self.multiples:
+            raise ValueError(f"judge_multiple {self.judge_multiple} is not one of multiples {self.multiples}")
+        return self
+
+
 class GraphConfig(Strict):
     """How `autolabel graph` builds an attribution graph for a prompt (circuit-tracer's defaults)."""
 
@@ -311,6 +341,7 @@ class RunConfig(Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    intervene: InterveneConfig = Field(default_factory=InterveneConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)
 
 

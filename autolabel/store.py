@@ -167,6 +167,17 @@ SCHEMA: dict[str, str] = {
     "graph_edges": """
         CREATE TABLE IF NOT EXISTS graph_edges (
             graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, PRIMARY KEY (graph_id, source, target))""",
+    # `autolabel intervene`: one row per (feature, prompt, setting). Ablation is multiple 0 (activation 0),
+    # steering clamps the activation to multiple * max_act; kl is KL(clean || intervened) of the next token
+    # at the last prompt token, kl_firing its mean over the prompt tokens where the feature fires (ablation).
+    "interventions": """
+        CREATE TABLE IF NOT EXISTS interventions (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, prompt_kind VARCHAR, prompt_index INTEGER,
+            setting VARCHAR, multiple DOUBLE, doc_id VARCHAR, role token_role, prompt_tokens INTEGER[],
+            prompt_text VARCHAR, act DOUBLE, new_act DOUBLE, kl DOUBLE, kl_firing DOUBLE, n_firing INTEGER,
+            top_up JSON, top_down JSON, clean_text VARCHAR, intervened_text VARCHAR, settings VARCHAR,
+            created_at TIMESTAMPTZ,
+            PRIMARY KEY (run_id, layer, feature, prompt_kind, prompt_index, setting, multiple))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.
