@@ -86,15 +86,19 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
         resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
         task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
     """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit, label the
-    flagged features, cluster, report."""
-    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "report", task_runner,
-                        dask_address, workers)
+    flagged features and ablate / steer them, cluster, report."""
+    from autolabel.intervene.command import TABLE_TITLE, summary_rows
+
+    run_config = _config(config, store, model)
+    summary = _run_flow(run_config, quiet, resume, run_id, fresh, "report", task_runner, dask_address, workers)
     print_corpus_summary(summary.corpus)
     print_quality(summary.quality)
     print_collect(summary)
     print_audit(summary.audit)
     for labels in summary.labels:
         print_labels(labels)
+    for interventions in summary.interventions:
+        print_table(TABLE_TITLE, *summary_rows(interventions, run_config.intervene.multiples))
     if summary.cluster:
         print_cluster(summary.cluster)
     console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "

@@ -302,6 +302,7 @@ class InterveneConfig(Strict):
     judge_multiple: float | None = None  # the steering strength judged; None: the strongest
     judge_context_tokens: int = Field(default=24, ge=1)  # prompt tokens shown to the judge before both continuations
     seed: Seed = 0  # the order in which the judge sees the steered and the clean continuation
+    in_run: bool = True  # `autolabel run` intervenes on the flagged features it labels (audit.label_flagged)
 
     @model_validator(mode="after")
     def _finite_multiples(self) -> InterveneConfig:
@@ -324,14 +325,14 @@ class GraphConfig(Strict):
     batch_size: int = Field(default=32, ge=1)  # targets per backward pass
 
 
+def default_cache_dir() -> str:
+    """Where converted models and other derived files go: AUTOLABEL_CACHE_DIR, else ~/.cache/autolabel."""
+    return os.environ.get("AUTOLABEL_CACHE_DIR", str(Path.home() / ".cache" / "autolabel"))
+
+
 class RunConfig(Strict):
     store: str = "autolabel.duckdb"
-    # Converted models and other derived files; AUTOLABEL_CACHE_DIR overrides.
-    cache_dir: str = Field(
-        default_factory=lambda: os.environ.get(
-            "AUTOLABEL_CACHE_DIR", str(Path.home() / ".cache" / "autolabel")
-        )
-    )
+    cache_dir: str = Field(default_factory=default_cache_dir)
     model: ModelConfig = Field(default_factory=ModelConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     transcoder: TranscoderConfig = Field(default_factory=TranscoderConfig)

@@ -69,10 +69,11 @@ def print_audit(summary) -> None:
     for result in summary.results:
         rows = [(f["rank"], f"{f['layer']}/{f['feature']}", interval(f["metrics"].get("assistant_turn_share")),
                  interval(f["metrics"].get("lift_vs_user"), True), interval(f["metrics"].get("lift_vs_text"), True),
-                 interval(f["metrics"].get("breadth")), f["group_name"], f["label"]) for f in result.flagged]
+                 interval(f["metrics"].get("breadth")), interval(f["metrics"].get("ablation_kl")), f["group_name"],
+                 f["label"]) for f in result.flagged]
         print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged (top 20)",
-                     ["rank", "layer/feature", "assistant turns", "lift vs user", "lift vs text", "breadth", "group",
-                      "label"], rows[:20])
+                     ["rank", "layer/feature", "assistant turns", "lift vs user", "lift vs text", "breadth",
+                      "ablation KL", "group", "label"], rows[:20])
         if result.template:
             rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
             print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)

@@ -40,6 +40,8 @@ from autolabel.collect.stage import (
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
+from autolabel.intervene.command import intervene_run
+from autolabel.intervene.stage import InterveneSummary
 from autolabel.models import SubjectModel
 from autolabel.label.stage import STAGE as LABEL_STAGE
 from autolabel.label.stage import (
@@ -93,6 +95,7 @@ class RunSummary:
     reused_from: str | None  # the earlier run whose identical collection was copied
     audit: AuditSummary | None  # None when the flow stopped after collection
     labels: list[LabelSummary]  # one per audit with flagged features
+    interventions: list[InterveneSummary]  # ablation and steering of the same features
     cluster: ClusterSummary | None
     report: str | None  # the report's index.html, when the flow went that far
 
@@ -164,10 +167,11 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
 
 
 def flagged_labeling(config: RunConfig, audit: str) -> RunConfig:
-    """The run's config, selecting the audit's best-ranked flagged features for labeling."""
+    """The run's config, selecting the audit's best-ranked flagged features for labeling (and intervening)."""
     settings = config.label.model_copy(update={"audit": audit, "limit": config.audit.label_flagged,
                                                "layers": None, "features": None})
-    return config.model_copy(update={"label": settings})
+    intervene = config.intervene.model_copy(update={"limit": config.audit.label_flagged})
+    return config.model_copy(update={"label": settings, "intervene": intervene})
 
 
 @task(name="label", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -209,6 +213,12 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
                 store.upsert("scores", tables["scores"])
                 stopped = budget
         return label_summary(store, run_id, config, calls, cost, time.perf_counter() - started, stopped)
+
+
+@task(name="intervene", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
+def intervene_task(config: RunConfig, run_id: str, show_progress: bool) -> InterveneSummary:
+    """Causal evidence for the features just labeled: ablated and steered (stored results are reused)."""
+    return intervene_run(config, run_id, audit=config.label.audit, show_progress=show_progress)
 
 
 @task(name="cluster", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -272,15 +282,18 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
                     if result.flagged and config.audit.label_flagged] if audit else []
         labels = [scatter_labels(settings, run_id) if n_slices else label_task(settings, run_id, show_progress)
                   for settings in labeling]
+        interventions = [intervene_task(settings, run_id, show_progress) for settings in labeling
+                         if config.intervene.in_run]
         cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
-        if labels or cluster:  # again, so the findings carry the new labels and groups (seconds: counts only)
+        if labels or cluster:  # again: the findings carry the new labels, groups and ablation effects
             audit = audit_task(config, run_id)
         record_end(config, run_id, "complete")  # before the report, which shows the run's final state
         report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
         record_end(config, run_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, cluster, report)
+    return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, interventions,
+                      cluster, report)
 
 
 def record_end(config: RunConfig, run_id: str, status: str, error: str | None = None) -> None:

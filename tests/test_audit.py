@@ -210,3 +210,26 @@ def test_bad_specs_name_the_field_and_exit_2(monkeypatch, capsys, corpus, runs, 
     assert code == 2 and str(path) in err and error in err
     with Store(corpus[0], read_only=True) as store:
         assert store.one("SELECT count(*) FROM audit_findings")[0] == count
+
+
+def test_findings_carry_the_ablation_effect_and_say_when_it_is_only_correlational():
+    import json
+
+    from autolabel.audit.stage import causal_rows
+    from autolabel.intervene.evidence import CAUSAL_KL, Effect, mean_interval
+
+    finding = {"run_id": "r", "audit": "a", "metric": "assistant_turn_share", "value": 0.9, "ci_low": 0.8,
+               "ci_high": 0.95, "flagged": True, "section": "pervasive", "rank": 1, "group_name": None, "label": "x",
+               "details_json": "{}"}
+    findings = [finding | {"layer": 1, "feature": f} for f in (1, 2, 3, 4)]
+    findings += [findings[0] | {"metric": "breadth"}]  # a second metric of feature 1: one ablation row still
+    effects = {(1, 1): mean_interval([0.5, 0.7, 0.6]),  # clearly above zero
+               (1, 2): mean_interval([0.0, 0.0, 0.0]),  # ablation changed nothing
+               (1, 3): Effect(0.4, None, None, 1)}  # one prompt: no interval, so not shown causal
+    rows = causal_rows(findings, effects)
+    by_feature = {row["feature"]: row for row in rows}
+    assert sorted(by_feature) == [1, 2, 3] and all(row["metric"] == "ablation_kl" for row in rows)
+    assert [json.loads(by_feature[f]["details_json"])["causal"] for f in (1, 2, 3)] == [True, False, False]
+    one = by_feature[1]
+    assert one["ci_low"] > CAUSAL_KL and one["ci_low"] <= one["value"] == 0.6 <= one["ci_high"]
+    assert (one["rank"], one["flagged"], one["label"]) == (1, True, "x")  # the finding's own ranking travels along

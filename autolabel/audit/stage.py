@@ -10,7 +10,8 @@ import torch
 from autolabel.audit.diff import diff_rows
 from autolabel.audit.measure import feature_notes, finding_rows, measure
 from autolabel.audit.spec import AuditSpec
-from autolabel.store import Store
+from autolabel.intervene.evidence import CAUSAL_KL, Effect, ablation_effects
+from autolabel.store import Store, to_json
 
 STAGE = "audit"
 
@@ -50,7 +51,8 @@ def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str 
     results = []
     for spec in specs:
         measured = measure(store, run_id, spec)
-        tables = {"audit_findings": finding_rows(measured, spec, run_id, notes)}
+        findings = finding_rows(measured, spec, run_id, notes)
+        tables = {"audit_findings": findings + causal_rows(findings, ablation_effects(store, run_id))}
         clear = {"audit_findings": {"run_id": run_id, "audit": spec.name}}
         changes: dict[str, int] = {}
         if against is not None:
@@ -68,6 +70,24 @@ def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str 
                                    [f for f in features if f["section"] == "pervasive" and f["flagged"]],
                                    [f for f in features if f["section"] == "template"][:10], measured.notes, changes))
     return AuditSummary(run_id, against, results)
+
+
+def causal_rows(findings: list[dict], effects: dict[tuple[int, int], Effect]) -> list[dict]:
+    """An `ablation_kl` row for each finding's feature that `autolabel intervene` ablated: the mean KL on
+    assistant prompts where it fires, with its 95% interval; details say whether that shows a causal
+    effect or the feature is (so far) only correlational."""
+    rows, seen = [], set()
+    for finding in findings:
+        key = (finding["layer"], finding["feature"])
+        if key in seen or key not in effects:
+            continue
+        seen.add(key)
+        effect = effects[key]
+        rows.append(finding | {"metric": "ablation_kl", "value": effect.mean, "ci_low": effect.low,
+                               "ci_high": effect.high,
+                               "details_json": to_json({"prompts": effect.n, "causal": effect.causal,
+                                                        "min_kl": CAUSAL_KL})})
+    return rows
 
 
 def _transcoder(store: Store, run_id: str) -> str | None:

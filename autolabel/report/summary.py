@@ -112,13 +112,15 @@ def audits(store: Store, run_id: str) -> list[dict]:
     """Per audit and section, one row per feature with its metrics pivoted, in the audit's rank order."""
     features: dict[tuple, dict] = {}
     for row in store.dicts("SELECT audit, section, layer, feature, metric, value, ci_low, ci_high, flagged, rank, "
-                           "group_name, label FROM audit_findings WHERE run_id = ? ORDER BY audit, section, rank, "
+                           "group_name, label, details_json->>'causal' AS causal FROM audit_findings WHERE run_id = ? "
+                           "ORDER BY audit, section, rank, "
                            "layer, feature", [run_id]):
         key = (row["audit"], row["section"] or "pervasive", row["layer"], row["feature"])
         entry = features.setdefault(key, {"layer": row["layer"], "feature": row["feature"], "rank": row["rank"],
                                           "group_name": row["group_name"], "label": row["label"], "flagged": False,
                                           "metrics": {}})
-        entry["metrics"][row["metric"]] = {"value": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"]}
+        entry["metrics"][row["metric"]] = {"value": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
+                                           "causal": row["causal"] == "true"}  # ablation_kl rows only
         entry["flagged"] |= bool(row["flagged"])
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for (audit, section, _, _), entry in features.items():
