@@ -152,7 +152,9 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
           audit: Annotated[str | None, typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")] = None,
           base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
           llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
-          labeler_gguf: Annotated[Path | None, typer.Option(help="GGUF for the local server (default: SmolLM2-135M-Instruct).")] = None,
+          labeler_gguf: Annotated[Path | None, typer.Option(
+              help="GGUF for the local server, or labeler:NAME (docs/labelers.md); default: SmolLM2-135M-Instruct."
+          )] = None,
           max_calls: Annotated[int | None, typer.Option(help="Stop cleanly after this many requests.")] = None,
           max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None,
           retry_invalid: Annotated[bool, typer.Option("--retry-invalid", help="Ask again for labels that never parsed, past the cache (failed ones always are).")] = False) -> None:

@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timezone
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import openai
@@ -243,11 +242,13 @@ def local_server(config: LLMConfig) -> Iterator[str]:
     """Serve the labeler GGUF with llama.cpp's own OpenAI-compatible server, in-process; yields its base_url."""
     import xllamacpp
 
+    from autolabel.label.labelers import labeler_gguf
     from autolabel.models import embedded_gguf
 
-    gguf = Path(config.gguf).expanduser() if config.gguf else embedded_gguf("smollm2")
+    gguf = labeler_gguf(config.gguf) if config.gguf else embedded_gguf("smollm2")
     if not gguf.is_file():
-        raise AutolabelError(f"labeler model {gguf} does not exist; pass an existing .gguf file with --labeler-gguf")
+        raise AutolabelError(f"labeler model {gguf} does not exist; pass an existing .gguf file or labeler:NAME "
+                             f"(docs/labelers.md) with --labeler-gguf")
     params = xllamacpp.CommonParams()
     params.model.path = str(gguf)
     params.hostnames = ["127.0.0.1"]

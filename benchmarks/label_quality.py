@@ -1,0 +1,397 @@
+"""Labels measured against known answers: features whose meaning is known by construction.
+
+    .venv/bin/python benchmarks/label_quality.py --store CORPUS.duckdb [--workdir DIR]
+        [--labeler smollm2] [--labeler labeler:qwen2.5-coder-1.5b] [--labeler MODEL.gguf]
+        [--base-url URL --labeler MODEL] [--flagged STORE [--flagged-run ID]]
+
+1. Concepts. The layer-15 MLP inputs of the default corpus's tokens (in --store; built
+   there first when it has none) are captured: every held-out window and every other
+   training window. Each concept below (word families, one token, punctuation, a turn's
+   role, a document category) gets a direction: a logistic regression on standardised
+   inputs of the training documents, its threshold the one with the best F1 there;
+   precision and recall are measured on the held-out documents (every 5th by a stable
+   hash of its id, as transcoder checks hold them out).
+2. A transcoder set that autolabel loads: one ReLU feature per concept at layer 15,
+   encoder = the direction with its bias shifted by the threshold (the feature fires
+   exactly where the direction's logit passes it), decoder = the unit direction; written
+   with save_circuit_tracer.
+3. The real path: `autolabel collect` on a copy of the store, then per labeler, in its
+   own process (its own peak RSS) on its own copy of the collected store (no shared
+   cache), the label stage labels and scores every concept feature.
+4. Recovery: a concept counts as recovered when its feature's label contains one of
+   the concept's keywords, or when the MiniLM cosine between label and the concept's
+   description is at least RECOVERED_COSINE (see `recovered`).
+Steps 1-3 are cached in --workdir; delete it to start over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autolabel.config import LabelConfig, LLMConfig, RunConfig, TranscoderConfig, config_yaml, load_config
+from autolabel.store import Store
+
+LAYER = 15
+HELDOUT_EVERY = 5
+AUTOLABEL = Path(sys.executable).parent / "autolabel"
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    kind: str
+    description: str  # what a right label says; MiniLM compares labels with it
+    keywords: tuple[str, ...]  # regexes matched as whole words, case-insensitive, in the label
+    words: tuple[str, ...] = ()  # the concept's tokens (stripped, lowercased) ...
+    pattern: str | None = None  # ... or a regex a stripped token matches in full ...
+    role: str | None = None  # ... or every token of this role ...
+    category: str | None = None  # ... (and) of this document category
+
+    def truth(self, pieces: np.ndarray, roles: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """[n] bool: which tokens are the concept, from their text, role and document category."""
+        mask = np.ones(len(pieces), dtype=bool) if (self.role or self.category) else np.zeros(len(pieces), bool)
+        if self.words:
+            mask |= np.isin(np.char.lower(np.char.strip(pieces)), self.words)
+        if self.pattern:
+            mask |= np.array([re.fullmatch(self.pattern, p.strip()) is not None for p in pieces])
+        if self.role:
+            mask &= roles == self.role
+        if self.category:
+            mask &= categories == self.category
+        return mask
+
+
+# "may" and "march" are left out (mostly the verbs), as is "us" from the countries (mostly the pronoun).
+MONTHS_AND_DAYS = ("january", "february", "april", "june", "july", "august", "september",
+                   "october", "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday",
+                   "saturday", "sunday")
+# The keyword lists and descriptions were fixed before any label was seen. A keyword is what a
+# reader would accept as naming the concept, not merely a word its examples contain.
+CONCEPTS = [
+    Concept("numbers", "word family", "numbers and digits",
+            (r"numbers?", r"numerals?", r"digits?", r"numeric(al)?", r"numbering"), pattern=r"\d+([.,]\d+)*"),
+    Concept("colours", "word family", "colour names",
+            (r"colou?rs?", r"hues?"),
+            words=("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown",
+                   "grey", "gray")),
+    Concept("days and months", "word family", "days of the week and months of the year",
+            (r"days?", r"weekdays?", r"months?", r"calendar", r"dates?"), words=MONTHS_AND_DAYS),
+    Concept("countries", "word family", "countries and nationalities",
+            (r"countr(y|ies)", r"nations?", r"nationalit(y|ies)", r"national"),
+            words=("uk", "usa", "britain", "england", "france", "germany", "china", "japan", "india", "russia",
+                   "italy", "spain", "ireland", "scotland", "wales", "australia", "america", "canada", "iraq", "iran",
+                   "british", "american", "french", "german", "chinese", "japanese", "indian", "russian", "italian",
+                   "spanish", "irish", "scottish", "welsh", "australian", "canadian", "european")),
+    Concept("family", "word family", "family members and relatives",
+            (r"famil(y|ies)", r"relatives?", r"parents?", r"siblings?", r"kinship", r"mothers?", r"fathers?"),
+            words=("mother", "father", "mom", "mum", "dad", "sister", "brother", "son", "daughter", "wife", "husband",
+                   "parent", "parents", "family", "grandmother", "grandfather", "aunt", "uncle", "cousin", "kids",
+                   "children", "child", "sisters", "brothers", "sons", "daughters")),
+    Concept("said", "one token", "the word said",
+            (r"said", r"says?", r"saying", r"speech", r"quotes?", r"quotations?"), words=("said",)),
+    Concept("question marks", "punctuation", "question marks",
+            (r"questions?", r"question marks?", r"interrogative", r"quer(y|ies)"), pattern=r".*\?.*"),
+    Concept("assistant turn", "role", "the assistant's reply in a chat",
+            (r"assistant'?s?", r"responses?", r"repl(y|ies)", r"answers?", r"chatbot", r"AI"), role="assistant"),
+    Concept("user turn", "role", "the user's message in a chat",
+            (r"users?'?s?", r"human", r"prompts?"), role="user"),
+    Concept("news", "document category", "news article text",
+            (r"news", r"articles?", r"journalism", r"reports?", r"reporting", r"press", r"headlines?", r"BBC"),
+            role="text", category="news"),
+    Concept("harmful requests", "document category", "harmful or dangerous requests",
+            (r"harm(ful)?", r"dangerous", r"illegal", r"unsafe", r"malicious", r"weapons?", r"violen(t|ce)",
+             r"crim(e|inal)", r"unethical"), role="user", category="harmful_request"),
+]
+RECOVERED_COSINE = 0.5  # fixed before any label was seen, like the keywords
+# A concept whose direction does not find it on held-out tokens has no known answer: it is fitted and
+# reported, but gets no feature. Fixed after seeing the directions' precision and recall, before any label.
+MIN_PRECISION, MIN_RECALL, MIN_HELDOUT_POSITIVES = 0.6, 0.5, 10
+
+
+def recovered(label: str, concept: Concept, cosine: float) -> bool:
+    keyword = any(re.search(rf"\b{k}\b", label, re.IGNORECASE) for k in concept.keywords)
+    return keyword or cosine >= RECOVERED_COSINE
+
+
+# -- 1. concept directions on the subject model's real activations ------------------------------
+
+
+def capture(corpus_store: Path, workdir: Path, base: RunConfig) -> dict[str, np.ndarray]:
+    """Layer-15 MLP inputs of the counted tokens (not a window's first) of every held-out window and every other
+    training window, with each token's text, role, category and split; cached in workdir/acts.npz."""
+    cached = workdir / "acts.npz"
+    if cached.is_file():
+        return dict(np.load(cached))
+    from autolabel.collect.stage import CorpusIndex, make_batch
+    from autolabel.config import ROLES
+    from autolabel.corpus import build_corpus
+    from autolabel.corpus.windows import iter_windows, split_heldout
+    from autolabel.models import load_subject_model
+    from autolabel.transcoders.activations import batch_windows
+
+    config = base
+    subject = load_subject_model(config.model.source, config.cache_dir, config.model.dtype)
+    vocab = np.array([subject.tokenizer.decode([i]) for i in range(len(subject.tokenizer))])
+    point = subject.hook_point("mlp_in", LAYER)
+    with Store(corpus_store) as store:
+        corpus_id = build_corpus(store, config.corpus, subject, show_progress=False).corpus_id
+        index = CorpusIndex.read(store, corpus_id)
+        train, held = split_heldout(list(iter_windows(store, corpus_id)), HELDOUT_EVERY)
+    train = train[::2]  # every other training window is plenty to fit on, and halves the forward passes
+    parts: dict[str, list] = {"x": [], "tokens": [], "roles": [], "categories": [], "heldout": []}
+    pad = subject.tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        for is_held, windows in ((False, train), (True, held)):
+            for group in batch_windows(windows, 16):
+                input_ids, mask, batch = make_batch(group, index, pad)
+                x = subject.capture(input_ids, mask, [point])[point]  # [B, S, d_model]
+                valid = batch.valid
+                parts["x"].append(x[valid].to(torch.float16).numpy())
+                parts["tokens"].append(batch.tokens[valid].numpy())
+                parts["roles"].append(np.array(list(ROLES))[batch.roles[valid].numpy()])
+                window_category = batch.categories[:, None].expand_as(valid)  # [B, S]
+                parts["categories"].append(np.array(index.categories)[window_category[valid].numpy()])
+                parts["heldout"].append(np.full(int(valid.sum()), is_held))
+    arrays = {key: np.concatenate(value) for key, value in parts.items()}
+    arrays["pieces"] = vocab[arrays.pop("tokens")]
+    np.savez(cached, **arrays)
+    return arrays
+
+
+def fit_direction(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
+    """(w [d], b): a logistic regression on standardised inputs, folded back so that logit = x @ w + b.
+    All positives (up to 40k) and 40k negatives: the threshold, chosen later on every token, sets the balance."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(y), np.flatnonzero(~y)
+    rows = np.concatenate([rng.permutation(positives)[:40_000], rng.permutation(negatives)[:40_000]])
+    sample = x[rows].astype(np.float64)
+    mean, scale = sample.mean(0), sample.std(0) + 1e-6
+    model = LogisticRegression(C=0.1, max_iter=1000).fit((sample - mean) / scale, y[rows])
+    w = model.coef_[0] / scale
+    return w, float(model.intercept_[0] - mean @ w)
+
+
+def logits(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    return np.concatenate([x[i:i + 65536].astype(np.float32) @ w.astype(np.float32) + b
+                           for i in range(0, len(x), 65536)])
+
+
+def best_threshold(scores: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(y, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return float(thresholds[np.argmax(f1[:-1])])
+
+
+def build_concept_set(acts: dict[str, np.ndarray], workdir: Path) -> None:
+    """Fit every concept; write the transcoder set to workdir/concepts and one row per feature to concepts.json."""
+    from autolabel.transcoders.formats import save_circuit_tracer
+    from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
+
+    x, held = acts["x"], acts["heldout"]
+    directions, biases, rows = [], [], []
+    for concept in CONCEPTS:
+        y = concept.truth(acts["pieces"], acts["roles"], acts["categories"])
+        w, b = fit_direction(x[~held], y[~held])
+        scores = logits(x, w, b)
+        threshold = best_threshold(scores[~held], y[~held])
+        fired, truth = scores[held] > threshold, y[held]
+        row = {**{k: v for k, v in asdict(concept).items() if k in ("name", "kind", "description")},
+               "positives_heldout": int(truth.sum()), "tokens_heldout": int(held.sum()),
+               "precision": float((fired & truth).sum() / max(fired.sum(), 1)),
+               "recall": float((fired & truth).sum() / max(truth.sum(), 1))}
+        kept = (row["precision"] >= MIN_PRECISION and row["recall"] >= MIN_RECALL
+                and row["positives_heldout"] >= MIN_HELDOUT_POSITIVES)
+        rows.append({**row, "feature": len(directions) if kept else None})
+        if kept:
+            directions.append(w)
+            biases.append(b - threshold)  # relu(x @ w + b - threshold) > 0 exactly where the logit passes it
+    W = torch.tensor(np.stack(directions), dtype=torch.float32)  # [n_concepts, d_model]
+    transcoder = Transcoder(LAYER, W.T.contiguous(), torch.tensor(biases, dtype=torch.float32),
+                            W / W.norm(dim=1, keepdim=True), torch.zeros(W.shape[1]), activation="relu")
+    tset = TranscoderSet({LAYER: transcoder}, metadata={"concepts": [r["name"] for r in rows if r["feature"] is not None]})
+    save_circuit_tracer(tset, workdir / "concepts", "SmolLM2-135M-Instruct")
+    (workdir / "concepts.json").write_text(json.dumps(rows, indent=1))
+
+
+# -- 2. collection and labeling through autolabel's own stages ---------------------------------
+
+
+def collect(corpus_store: Path, workdir: Path, base: RunConfig) -> tuple[Path, str]:
+    """`autolabel collect` of the concept set over the corpus, in a copy of the store: (store, run_id)."""
+    collected = workdir / "collected.duckdb"
+    if not collected.is_file():
+        shutil.copy(corpus_store, workdir / "collecting.duckdb")
+        config = base.model_copy(update={
+            "store": str(workdir / "collecting.duckdb"),
+            # a handful of concept features cannot reconstruct the MLP: the fit check is moot here
+            "transcoder": TranscoderConfig(source=str(workdir / "concepts"), max_fvu=1e9)})
+        (workdir / "collect.yaml").write_text(config_yaml(config))
+        # Prefect's temporary API server gets 20 s to start by default, too few on a loaded 2-core machine.
+        env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", **os.environ}
+        subprocess.run([str(AUTOLABEL), "collect", "-c", str(workdir / "collect.yaml"), "-q"], check=True, env=env)
+        (workdir / "collecting.duckdb").rename(collected)
+    with Store(collected, create=False) as store:
+        run_id = store.one("SELECT run_id FROM shards WHERE stage = 'collect' AND shard = 'final' "
+                           "ORDER BY committed_at DESC")[0]
+    return collected, run_id
+
+
+def llm_config(labeler: str, base_url: str | None) -> LLMConfig:
+    """`smollm2` (the default local labeler), `labeler:NAME`, a .gguf path, or with --base-url a model name."""
+    if base_url:
+        return LLMConfig(base_url=base_url, model=labeler)
+    if labeler == "smollm2":
+        return LLMConfig()
+    if labeler.startswith("labeler:"):
+        return LLMConfig(gguf=labeler, model=labeler.removeprefix("labeler:"))
+    return LLMConfig(gguf=labeler, model=Path(labeler).stem)
+
+
+def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None) -> dict:
+    """In its own process: label and score every concept feature; time, requests and peak RSS."""
+    from autolabel.pipeline import label_run
+
+    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER]), llm=llm_config(labeler, base_url))
+    started = time.perf_counter()
+    summary = label_run(config, run_id, show_progress=False)
+    return {"seconds": time.perf_counter() - started, "requests": summary.calls, "by_status": summary.by_status,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def slug(labeler: str) -> str:
+    """A labeler (a name, a path) as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", labeler)[-60:]
+
+
+def run_labeler(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path) -> dict:
+    store_path = workdir / f"label-{slug(labeler)}.duckdb"
+    shutil.copy(collected, store_path)  # a fresh copy: no cached answers, no other labeler's scores
+    command = [sys.executable, __file__, "--worker", str(store_path), "--run", run_id, "--labeler", labeler]
+    out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
+                         stdout=subprocess.PIPE, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with Store(store_path, create=False) as store:
+        result["labels"] = {f: (label, status) for f, label, status in store.con.execute(
+            "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER]).fetchall()}
+        result["scores"] = store.con.execute(
+            "SELECT feature, scorer, value FROM scores WHERE run_id = ? AND layer = ? AND status = 'ok'",
+            [run_id, LAYER]).fetchall()
+    return result
+
+
+# -- 3. report ---------------------------------------------------------------------------------
+
+
+def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
+    """Recovery per concept feature (`concepts`: the kept ones) and the labeler's means."""
+    n = len(concepts)
+    labels = [result["labels"].get(c["feature"], (None, "missing"))[0] or "" for c in concepts]
+    vectors = embedder.encode(labels + [c["description"] for c in concepts], normalize_embeddings=True)
+    cosines = (vectors[:n] * vectors[n:]).sum(1)
+    by_name = {concept.name: concept for concept in CONCEPTS}
+    hits = [bool(label) and recovered(label, by_name[c["name"]], float(cos))
+            for label, c, cos in zip(labels, concepts, cosines)]
+    means = {s: np.mean([v for _, scorer, v in result["scores"] if scorer == s] or [np.nan])
+             for s in ("detection", "fuzzing", "embedding")}
+    return {"labeler": name, "recovered": sum(hits), "n": n, **means,
+            "s_per_feature": result["seconds"] / n, "requests_per_feature": result["requests"] / n,
+            "peak_rss_mb": result["peak_rss_mb"], "seconds": result["seconds"],
+            "per_concept": [{"concept": c["name"], "label": label, "cosine": float(cos), "recovered": hit}
+                            for c, label, cos, hit in zip(concepts, labels, cosines, hits)]}
+
+
+def flagged_scores(store_path: str, run_id: str | None) -> None:
+    """Mean scores of the labels on a run's flagged features (the default run labels the best-ranked 24).
+    `scores` has no labeler column yet (issue 16, item 6): a run labeled twice shows the latest scores under both."""
+    with Store(store_path, create=False) as store:
+        run_id = run_id or store.one("SELECT run_id FROM runs WHERE run_id IN (SELECT run_id FROM audit_findings) "
+                                     "ORDER BY started_at DESC LIMIT 1")[0]
+        rows = store.con.execute(
+            "SELECT l.labeler, s.scorer, avg(s.value), count(*) FROM scores s JOIN labels l USING (run_id, layer, feature) "
+            "WHERE s.run_id = ? AND s.status = 'ok' AND (s.layer, s.feature) IN (SELECT (layer, feature) "
+            "FROM audit_findings WHERE run_id = ? AND flagged) GROUP BY ALL ORDER BY ALL", [run_id, run_id]).fetchall()
+    print(f"\nmean scores on the flagged features of run {run_id} ({store_path})")
+    for labeler, scorer, mean, n in rows:
+        print(f"  {labeler:<28}{scorer:<12}{mean:6.3f}  (n={n})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="/tmp/autolabel-label-quality/corpus.duckdb",
+                        help="a store with the default corpus (built there when missing)")
+    parser.add_argument("--workdir", default="/tmp/autolabel-label-quality/work")
+    parser.add_argument("--config", help="a run config whose model and corpus to use (default: the embedded run)")
+    parser.add_argument("--labeler", action="append", help="smollm2, labeler:NAME or a .gguf path (repeatable); "
+                        "with --base-url, the endpoint's model name")
+    parser.add_argument("--base-url", help="an OpenAI-compatible endpoint (its key in $OPENAI_API_KEY)")
+    parser.add_argument("--flagged", help="a store whose flagged features' mean scores to print")
+    parser.add_argument("--flagged-run", help="the run of --flagged (default: the latest audited)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(label_worker(args.worker, args.run, args.labeler[0], args.base_url)))
+        return
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store, base = Path(args.store), load_config(args.config)
+    if not store.is_file():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(AUTOLABEL), "corpus", "build", "--store", str(store), "-q"]
+                       + (["-c", args.config] if args.config else []), check=True)
+    started = time.perf_counter()
+    if not (workdir / "concepts.json").is_file():
+        build_concept_set(capture(store, workdir, base), workdir)
+    fitted = json.loads((workdir / "concepts.json").read_text())
+    concepts = [c for c in fitted if c["feature"] is not None]
+    print(f"concept directions at layer {LAYER} ({time.perf_counter() - started:.0f} s); held-out tokens "
+          f"(a feature needs precision >= {MIN_PRECISION}, recall >= {MIN_RECALL}, {MIN_HELDOUT_POSITIVES} positives):")
+    print(f"  {'feature':<8}{'concept':<18}{'kind':<20}{'positives':>10}{'precision':>10}{'recall':>8}")
+    for c in fitted:
+        print(f"  {'-' if c['feature'] is None else c['feature']:<8}{c['name']:<18}{c['kind']:<20}"
+              f"{c['positives_heldout']:>10}{c['precision']:>10.2f}{c['recall']:>8.2f}")
+    started = time.perf_counter()
+    collected, run_id = collect(store, workdir, base)
+    print(f"collected run {run_id} in {collected} ({time.perf_counter() - started:.0f} s)")
+
+    from autolabel.cluster.embed import load_embedder
+
+    embedder = load_embedder()
+    results = []
+    for labeler in args.labeler or ["smollm2"]:
+        summary = summarise(labeler, run_labeler(collected, run_id, labeler, args.base_url, workdir), concepts, embedder)
+        (workdir / f"result-{slug(labeler)}.json").write_text(json.dumps(summary, indent=1))
+        results.append(summary)
+        print(f"\n{labeler}: {summary['recovered']}/{summary['n']} concepts recovered")
+        for row in summary["per_concept"]:
+            print(f"  {'yes' if row['recovered'] else 'no ':<4}{row['concept']:<18}cos {row['cosine']:.2f}  "
+                  f"{row['label']!r}")
+    print(f"\n{'labeler':<34}{'recovered':>10}{'detect':>8}{'fuzz':>7}{'embed':>7}{'s/feat':>8}{'req/feat':>9}"
+          f"{'RSS MB':>8}")
+    for r in results:
+        print(f"{r['labeler'][-34:]:<34}{r['recovered']:>7}/{r['n']:<2}{r['detection']:>8.2f}{r['fuzzing']:>7.2f}"
+              f"{r['embedding']:>7.2f}{r['s_per_feature']:>8.1f}{r['requests_per_feature']:>9.1f}{r['peak_rss_mb']:>8.0f}")
+    if args.flagged:
+        flagged_scores(args.flagged, args.flagged_run)
+
+
+if __name__ == "__main__":
+    main()
