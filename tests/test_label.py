@@ -161,6 +161,11 @@ def test_labels_failed_in_an_outage_are_asked_again_and_then_never(corpus, tiny_
     assert again.calls == 0 and server.requests == requests and again.by_status == {"ok": 3}
 
 
+# The two scorers that ask the LLM (embedding needs none), by name: rows of other scorers must not decide.
+SCORES_OF_FEATURE_2 = ("SELECT list(status ORDER BY scorer) FROM scores WHERE run_id = ? AND feature = 2 "
+                       "AND scorer IN ('detection', 'fuzzing')")
+
+
 def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted, collected):
     store_path, _, _ = corpus
     run_id, _ = collected
@@ -170,14 +175,14 @@ def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted
         with Store(store_path) as store:
             first, labels = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
                                        features=[2], max_retries=0, concurrency=1)
-            score = store.one("SELECT status FROM scores WHERE run_id = ? AND feature = 2", [run_id])[0]
+            score = store.one(SCORES_OF_FEATURE_2, [run_id])[0]
             second, _ = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
                                    features=[2], max_retries=0, concurrency=1)
-            healed = store.one("SELECT status FROM scores WHERE run_id = ? AND feature = 2", [run_id])[0]
+            healed = store.one(SCORES_OF_FEATURE_2, [run_id])[0]
     finally:
         server.close()
-    assert labels == [(2, "ok", None)] and score == "error"
-    assert second.calls == 1 and healed == "ok"  # the label came from the cache, the score from the server
+    assert labels == [(2, "ok", None)] and sorted(score) == ["error", "ok"]  # the LLM scorer that got the 500
+    assert second.calls == 1 and healed == ["ok", "ok"]  # the label came from the cache, the score from the server
 
 
 def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(corpus, tiny_subject, planted, collected,
