@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from autolabel.config import RunConfig, config_yaml, load_config
+from autolabel.config import RunConfig, config_yaml, load_config, with_options
 from autolabel.errors import AutolabelError
 from autolabel.summaries import (
     console,
@@ -260,7 +260,7 @@ def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: Qui
               llm_model: Annotated[str | None, typer.Option(help="Judge model name sent to the endpoint.")] = None) -> None:
     """Ablate and steer features on prompts where they fire and where they are silent: KL against the clean
     run, the tokens that rise and fall, continuations with and without; score labels by steering."""
-    from autolabel.intervene.command import TABLE_TITLE, intervene_run, summary_rows, with_options
+    from autolabel.intervene.command import TABLE_TITLE, intervene_run, summary_rows
     from autolabel.intervene.targets import parse_features, parse_multiples
 
     if features and audit:
@@ -268,7 +268,7 @@ def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: Qui
     run_config = _config(config, store)
     keys = parse_features(features) if features else None
     run_config.intervene = with_options(
-        run_config.intervene, multiples=parse_multiples(multiples) if multiples is not None else None,
+        run_config.intervene, "intervene", multiples=parse_multiples(multiples) if multiples is not None else None,
         prompts=prompts, max_new_tokens=max_new_tokens, judge=False if no_judge else None)
     run_config.llm.base_url = base_url or run_config.llm.base_url
     run_config.llm.model = llm_model or run_config.llm.model
@@ -296,10 +296,10 @@ def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next
           config: ConfigOption = None, store: StoreOption = None) -> None:
     """Attribution graph of a prompt over the transcoder features (frozen attention and norms, error nodes,
     pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run."""
-    from autolabel.graph.command import graph_run, summary_rows, with_options
+    from autolabel.graph.command import graph_run, summary_rows
 
     run_config = _config(config, store)
-    run_config.graph = with_options(run_config.graph, max_logits=max_logits, node_threshold=node_threshold,
+    run_config.graph = with_options(run_config.graph, "graph", max_logits=max_logits, node_threshold=node_threshold,
                                     edge_threshold=edge_threshold)
     result = graph_run(run_config, prompt, chat, run_id, json_out)
     summary = result.summary

@@ -346,6 +346,18 @@ class RunConfig(Strict):
     graph: GraphConfig = Field(default_factory=GraphConfig)
 
 
+def with_options(settings: M, command: str, **options) -> M:
+    """A config section with a command's options laid over it (None: keep the config's value), validated as the
+    config is; a refused option is one error naming it as typed (--node-threshold)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    try:
+        return type(settings).model_validate(settings.model_dump() | given)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}"
+                             for e in err.errors())
+        raise AutolabelError(f"invalid {command} options: {problems}") from err
+
+
 def read_yaml_mapping(path: Path, what: str, if_missing: str, shape: str) -> dict:
     """The mapping a YAML file holds; a missing file, bad YAML or another shape is an error naming the file."""
     if not path.is_file():

@@ -14,12 +14,14 @@ import importlib.util
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from autolabel.errors import AutolabelError
 
@@ -192,6 +194,20 @@ class SubjectModel:
         norm = self.layers.get_submodule(point.module)
         return (1.0 + norm.weight) if self.family in GEMMA_LIKE else norm.weight
 
+    def watch(self, point: HookPoint, read: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call `read` with the tensor at `point` [batch, seq, d] on every forward pass (for a pregain point, the
+        norm's output divided by its gain); the one hook reader of capture, interventions and graphs."""
+        module = self.layers.get_submodule(point.module)
+
+        def seen(value) -> None:
+            tensor = value[0] if isinstance(value, tuple) else value
+            read(tensor / self._norm_gain(point) if point.pregain else tensor)
+
+        if point.io == "input":
+            return module.register_forward_pre_hook(
+                lambda _m, args, kwargs: seen(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        return module.register_forward_hook(lambda _m, _args, out: seen(out))
+
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 hooks: list[HookPoint]) -> dict[HookPoint, torch.Tensor]:
@@ -199,23 +215,12 @@ class SubjectModel:
         captured: dict[HookPoint, torch.Tensor] = {}
         wanted = set(hooks)
 
-        def keep(point: HookPoint, value) -> None:
-            tensor = value[0] if isinstance(value, tuple) else value
-            if point.pregain:
-                tensor = tensor / self._norm_gain(point)
+        def keep(point: HookPoint, tensor: torch.Tensor) -> None:
             captured[point] = tensor.detach()
             if len(captured) == len(wanted):
                 raise _StopForward
 
-        handles = []
-        for point in wanted:
-            module = self.layers.get_submodule(point.module)
-            if point.io == "input":
-                handles.append(module.register_forward_pre_hook(
-                    lambda _m, args, kwargs, p=point: keep(p, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(lambda _m, _a, out, p=point: keep(p, out)))
+        handles = [self.watch(point, lambda tensor, point=point: keep(point, tensor)) for point in wanted]
         try:
             self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:

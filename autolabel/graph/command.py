@@ -11,9 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
 
-from autolabel.config import GraphConfig, RunConfig
+from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.graph.export import circuit_tracer_graph, feature_labels, token_text
 from autolabel.graph.prompts import chat_prompt, check_length, read_chat, require_text, text_prompt
@@ -22,17 +21,6 @@ from autolabel.graph.stage import GraphSummary, graph_stage
 from autolabel.pipeline import collected_run, subject_model, transcoders
 from autolabel.store import Store
 from autolabel.transcoders.check import transcoder_id
-
-
-def with_options(settings: GraphConfig, **options) -> GraphConfig:
-    """`settings` with the command's options (None: keep the config's), validated as the config is."""
-    given = {name: value for name, value in options.items() if value is not None}
-    try:
-        return GraphConfig.model_validate(settings.model_dump() | given)
-    except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}"
-                             for e in err.errors())
-        raise AutolabelError(f"invalid graph options: {problems}") from err
 
 
 @dataclass

@@ -115,19 +115,6 @@ def _tensor(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
-def _read(subject: SubjectModel, point: HookPoint, keep) -> torch.utils.hooks.RemovableHandle:
-    """Call keep(tensor) with the tensor at `point` (a norm's output divided by its gain for pregain points)."""
-    module = subject.layers.get_submodule(point.module)
-
-    def seen(tensor: torch.Tensor) -> None:
-        keep(tensor / subject._norm_gain(point) if point.pregain else tensor)
-
-    if point.io == "input":
-        return module.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    return module.register_forward_hook(lambda _m, _args, out: seen(_tensor(out)))
-
-
 def _read_module(module: torch.nn.Module, keep) -> torch.utils.hooks.RemovableHandle:
     def hook(_module, _args, out) -> None:
         keep(_tensor(out))
@@ -168,9 +155,9 @@ def record(subject: SubjectModel, tset: TranscoderSet, where: Layout, token_ids:
         embedding = subject.model.get_input_embeddings()
         hooks.callback(_read_module(embedding, lambda e: embedded.setdefault(0, e[0])).remove)
         for layer, point in where.inputs.items():
-            hooks.callback(_read(subject, point, lambda x, layer=layer: inputs.setdefault(layer, x[0])).remove)
+            hooks.callback(subject.watch(point, lambda x, layer=layer: inputs.setdefault(layer, x[0])).remove)
         for layer, point in enumerate(where.outputs):
-            hooks.callback(_read(subject, point, lambda y, layer=layer: outputs.setdefault(layer, y[0])).remove)
+            hooks.callback(subject.watch(point, lambda y, layer=layer: outputs.setdefault(layer, y[0])).remove)
         final = _forward(subject, token_ids[None])[0]
     outputs = torch.stack([outputs[layer] for layer in range(subject.n_layers)])  # [n_layers, S, d]
     acts = {layer: tset[layer].encode(x) for layer, x in inputs.items()}  # [S, d_feat] each
@@ -217,7 +204,7 @@ def replay(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Pr
         embedded = embedded if writes is None else embedded + writes[0]
         hooks.callback(embedding.register_forward_hook(lambda _m, _a, _out: embedded).remove)
         for layer, point in where.inputs.items():
-            hooks.callback(_read(subject, point, lambda x, layer=layer: live.__setitem__(layer, x)).remove)
+            hooks.callback(subject.watch(point, lambda x, layer=layer: live.__setitem__(layer, x)).remove)
         for layer, point in enumerate(where.outputs):
             hooks.callback(_write(subject, point, lambda _old, layer=layer: layer_output(layer)).remove)
         final = _forward(subject, prompt.token_ids[None].expand(batch, -1))

@@ -6,25 +6,12 @@ feature against the run's transcoder and collected statistics.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 
-from autolabel.config import InterveneConfig, RunConfig
-from autolabel.errors import AutolabelError
+from autolabel.config import RunConfig
 from autolabel.intervene.stage import InterveneSummary, intervene_stage
 from autolabel.intervene.targets import Key, audit_features, check_features
 from autolabel.pipeline import collected_run, subject_model, transcoders
 from autolabel.store import Store
-
-
-def with_options(settings: InterveneConfig, **options) -> InterveneConfig:
-    """`settings` with the command's options (None: keep the config's), validated as the config is."""
-    given = {name: value for name, value in options.items() if value is not None}
-    try:
-        return InterveneConfig.model_validate(settings.model_dump() | given)
-    except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}"
-                             for e in err.errors())
-        raise AutolabelError(f"invalid intervene options: {problems}") from err
 
 
 def intervene_run(config: RunConfig, run_id: str | None = None, features: list[Key] | None = None,

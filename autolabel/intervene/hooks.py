@@ -13,13 +13,12 @@ clean activation even while its own edit changes later layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from autolabel.errors import AutolabelError
-from autolabel.models import HookPoint, SubjectModel
+from autolabel.models import SubjectModel
 from autolabel.transcoders.transcoder import TranscoderSet
 
 
@@ -34,19 +33,6 @@ class Edit:
 
 def _tensor_of(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
-
-
-def watch(subject: SubjectModel, point: HookPoint, read: Callable[[torch.Tensor], None]):
-    """Call `read` with the tensor at `point` on every forward pass (as SubjectModel.capture sees it); a handle."""
-    module = subject.layers.get_submodule(point.module)
-
-    def seen(tensor: torch.Tensor) -> None:
-        read(tensor / subject._norm_gain(point) if point.pregain else tensor)
-
-    if point.io == "input":
-        return module.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    return module.register_forward_hook(lambda _m, _args, out: seen(_tensor_of(out)))
 
 
 class FeatureEdits:
@@ -86,7 +72,7 @@ class FeatureEdits:
     def __enter__(self) -> FeatureEdits:
         for source in self.rows:
             point = self.subject.hook_point(self.tset.input_hook, source)
-            self.handles.append(watch(self.subject, point, lambda x, source=source: self._read(source, x)))
+            self.handles.append(self.subject.watch(point, lambda x, source=source: self._read(source, x)))
         for target, writers in self.targets().items():
             point = self.subject.hook_point(self.tset.output_hook, target)
             if point.io != "output" or point.pregain:
