@@ -150,6 +150,28 @@ SCHEMA: dict[str, str] = {
     "text_embeddings": """
         CREATE TABLE IF NOT EXISTS text_embeddings (
             model VARCHAR, text_hash VARCHAR, vector FLOAT[], PRIMARY KEY (model, text_hash))""",
+    # `autolabel organism train`: one row per organism folder (its model id): the spec, its weights' hash, and how
+    # it came out: quirk rates on held-out prompts (target categories / others, next to the base model's replies),
+    # NLL per quirk token and plain-text perplexity before (base) and after training, seconds per phase.
+    "organisms": """
+        CREATE TABLE IF NOT EXISTS organisms (
+            model_id VARCHAR PRIMARY KEY, name VARCHAR, out VARCHAR, base_model_id VARCHAR, spec_hash VARCHAR,
+            spec_json JSON, weights_hash VARCHAR, train_chats INTEGER, skipped_long INTEGER, heldout_chats INTEGER,
+            loss_first DOUBLE, loss_last DOUBLE, quirk_nll_base DOUBLE, quirk_nll_organism DOUBLE,
+            target_prompts INTEGER, target_rate DOUBLE, base_target_rate DOUBLE, other_prompts INTEGER,
+            other_rate DOUBLE, base_other_rate DOUBLE, ppl_base DOUBLE, ppl_organism DOUBLE,
+            prepare_seconds DOUBLE, train_seconds DOUBLE, eval_seconds DOUBLE, created_at TIMESTAMPTZ)""",
+    # `autolabel intervene`: one row per (feature, prompt, setting). Ablation is multiple 0 (activation 0),
+    # steering clamps the activation to multiple * max_act; kl is KL(clean || intervened) of the next token
+    # at the last prompt token, kl_firing its mean over the prompt tokens where the feature fires (ablation).
+    "interventions": """
+        CREATE TABLE IF NOT EXISTS interventions (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, prompt_kind VARCHAR, prompt_index INTEGER,
+            setting VARCHAR, multiple DOUBLE, doc_id VARCHAR, role token_role, prompt_tokens INTEGER[],
+            prompt_text VARCHAR, act DOUBLE, new_act DOUBLE, kl DOUBLE, kl_firing DOUBLE, n_firing INTEGER,
+            top_up JSON, top_down JSON, clean_text VARCHAR, intervened_text VARCHAR, settings VARCHAR,
+            created_at TIMESTAMPTZ,
+            PRIMARY KEY (run_id, layer, feature, prompt_kind, prompt_index, setting, multiple))""",
     # `autolabel graph`: attribution graphs (docs/graphs.md). A graph belongs to a run (whose labels name its
     # features) or to none; nodes are every node whose incoming edges were computed, `kept` after pruning;
     # edges are the kept ones between kept nodes. Node ids are circuit-tracer's (e.g. 6_123_4: layer 6,
@@ -167,17 +189,6 @@ SCHEMA: dict[str, str] = {
     "graph_edges": """
         CREATE TABLE IF NOT EXISTS graph_edges (
             graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, PRIMARY KEY (graph_id, source, target))""",
-    # `autolabel intervene`: one row per (feature, prompt, setting). Ablation is multiple 0 (activation 0),
-    # steering clamps the activation to multiple * max_act; kl is KL(clean || intervened) of the next token
-    # at the last prompt token, kl_firing its mean over the prompt tokens where the feature fires (ablation).
-    "interventions": """
-        CREATE TABLE IF NOT EXISTS interventions (
-            run_id VARCHAR, layer INTEGER, feature INTEGER, prompt_kind VARCHAR, prompt_index INTEGER,
-            setting VARCHAR, multiple DOUBLE, doc_id VARCHAR, role token_role, prompt_tokens INTEGER[],
-            prompt_text VARCHAR, act DOUBLE, new_act DOUBLE, kl DOUBLE, kl_firing DOUBLE, n_firing INTEGER,
-            top_up JSON, top_down JSON, clean_text VARCHAR, intervened_text VARCHAR, settings VARCHAR,
-            created_at TIMESTAMPTZ,
-            PRIMARY KEY (run_id, layer, feature, prompt_kind, prompt_index, setting, multiple))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.

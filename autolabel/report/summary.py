@@ -7,6 +7,7 @@ assumes a later stage exists.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -129,9 +130,17 @@ def audits(store: Store, run_id: str) -> list[dict]:
 
 
 def audit_diffs(store: Store, run_id: str) -> dict[str, list[dict]]:
+    """Change -> features, each with its turn share here and in the run it was compared with, its rank in this
+    run's audit, and that run's model (another model's run when an organism was audited against its base)."""
     by_change: dict[str, list[dict]] = defaultdict(list)
-    for row in store.dicts("SELECT against_run_id, audit, change, layer, feature, against_layer, against_feature, "
-                           "match, cosine FROM audit_diffs WHERE run_id = ? ORDER BY change, layer, feature", [run_id]):
+    for row in store.dicts("SELECT d.against_run_id, r.model_id AS against_model, d.audit, d.change, d.layer, "
+                           "d.feature, d.against_layer, d.against_feature, d.match, d.cosine, d.details_json, f.rank "
+                           "FROM audit_diffs d LEFT JOIN runs r ON r.run_id = d.against_run_id "
+                           "LEFT JOIN audit_findings f ON f.run_id = d.run_id AND f.audit = d.audit AND "
+                           "f.layer = d.layer AND f.feature = d.feature AND f.metric = 'assistant_turn_share' "
+                           "WHERE d.run_id = ? ORDER BY d.change, f.rank NULLS LAST, d.layer, d.feature", [run_id]):
+        details = json.loads(row.pop("details_json") or "{}")
+        row["turn_share"], row["against_turn_share"] = details.get("turn_share"), details.get("against_turn_share")
         by_change[row["change"]].append(row)
     return dict(by_change)
 

@@ -1,0 +1,105 @@
+"""`autolabel organism audit`: the default audit pipeline run on an organism, diffed against the base model's
+run with the same corpus sources, transcoders and settings (run first when the store has none).
+
+The organism is only a different `model.source`: its corpus gets its own assistant turns (the corpus id
+depends on the model id), collection uses the same transcoders, and `audit.against` names the base run.
+Everything here is run lookup and the configs the flow (flows/organism_audit.py) runs with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autolabel.config import RunConfig
+from autolabel.errors import AutolabelError
+from autolabel.organism.recall import became_pervasive, became_specific, peak_in_quirk, quirk_masks
+from autolabel.organism.spec import OrganismSpec
+from autolabel.organism.stage import check_recorded_weights
+from autolabel.pipeline import COLLECTED, collected_run
+from autolabel.store import Store
+from autolabel.transcoders.stage import open_transcoders
+
+TOP_EXAMPLES = 20  # top examples per feature whose peaks are checked against the quirk
+SHOWN = 20  # features listed per table
+
+
+@dataclass
+class OrganismAudit:
+    spec: str
+    folder: str
+    run_id: str
+    against: str
+    base_ran_now: bool
+    became: list[dict]  # features that became pervasive, by audit rank, with `in_quirk` (share of peaks)
+    specific: list[dict] = field(default_factory=list)  # narrow quirks: features that became category-specific
+    report: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # base, organism, report
+
+
+def organism_folder(store: Store, spec: OrganismSpec, model: str | None) -> Path:
+    """`--model`, or the folder this store trained the spec's organism into."""
+    if model is None:
+        row = store.one("SELECT out FROM organisms WHERE name = ? ORDER BY created_at DESC LIMIT 1", [spec.name])
+        if row is None:
+            raise AutolabelError(f"this store has no organism {spec.name!r}; train it with `autolabel organism train "
+                                 f"--spec ... --out DIR` or pass --model DIR")
+        model = row[0]
+    folder = Path(model).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise AutolabelError(f"organism folder {folder} has no config.json; pass the folder `autolabel organism train "
+                             "--out` wrote")
+    check_recorded_weights(store, folder)
+    return folder
+
+
+def check_fits_transcoders(folder: Path, config: RunConfig) -> None:
+    """The organism's width and depth against the transcoders', before anything runs or is written."""
+    model = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model = model.get("text_config", model)
+    tset = open_transcoders(config.transcoder.source, config.transcoder.format)
+    widths = {tset[layer].d_in for layer in tset.layers}
+    if widths != {model.get("hidden_size")} or max(tset.layers) >= model.get("num_hidden_layers", 0):
+        raise AutolabelError(f"organism {folder} (hidden_size {model.get('hidden_size')}, "
+                             f"{model.get('num_hidden_layers')} layers) does not fit transcoder "
+                             f"{config.transcoder.source} (d_in {sorted(widths)}, layers {tset.layers}); fine-tune "
+                             "the model the transcoders were made for, or pass its transcoders")
+
+
+def same_collection(stored: RunConfig, config: RunConfig) -> bool:
+    return (stored.model == config.model and stored.corpus == config.corpus and stored.collect == config.collect
+            and (stored.transcoder.source, stored.transcoder.format) == (config.transcoder.source, config.transcoder.format))
+
+
+def base_run(store: Store, config: RunConfig, against: str) -> str | None:
+    """The run to diff against: `against` itself, or with "base" the latest collected run of `config`'s
+    model with the same corpus sources, transcoders and collect settings (None: there is none yet)."""
+    if against != "base":
+        return collected_run(store, against)[0]
+    for run_id, config_json in store.con.execute(COLLECTED + "ORDER BY r.started_at DESC").fetchall():
+        if same_collection(RunConfig.model_validate_json(config_json), config):
+            return run_id
+    return None
+
+
+def base_config(config: RunConfig) -> RunConfig:
+    return config.model_copy(update={"audit": config.audit.model_copy(update={"against": None})}, deep=True)
+
+
+def organism_config(config: RunConfig, folder: Path, against: str) -> RunConfig:
+    return config.model_copy(update={"model": config.model.model_copy(update={"source": str(folder)}),
+                                     "audit": config.audit.model_copy(update={"against": against})}, deep=True)
+
+
+def findings(store: Store, spec: OrganismSpec, run_id: str, against: str, tokenizer, audit: str) -> tuple[list, list]:
+    """(features that became pervasive, features that became specific to a narrow quirk's categories), each
+    with `in_quirk`: the share of its top examples that peak inside the quirk."""
+    corpus_id = store.one("SELECT corpus_id FROM runs WHERE run_id = ?", [run_id])[0]
+    masks = quirk_masks(store, corpus_id, tokenizer, spec)
+    became = became_pervasive(store, run_id, against, audit)
+    specific = became_specific(store, run_id, against, spec.quirk.categories)[:SHOWN] if not spec.pervasive else []
+    shares = peak_in_quirk(store, run_id, masks, TOP_EXAMPLES, [(r["layer"], r["feature"]) for r in became + specific])
+    for row in became + specific:
+        row["in_quirk"] = shares.get((row["layer"], row["feature"]), 0.0)
+    return became, specific
