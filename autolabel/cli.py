@@ -37,7 +37,8 @@ transcoder_app = typer.Typer(help="Check or train transcoders.", no_args_is_help
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(transcoder_app, name="transcoder")
-from autolabel.organism.command import organism_app  # noqa: E402 (a sub-app in its own module)
+from autolabel.organism.command import organism_app  # a sub-app in its own module
+
 app.add_typer(organism_app, name="organism")
 
 err_console = Console(stderr=True)

@@ -37,11 +37,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("COLUMNS", "220")  # the result table is wide; rich reads this once  # a loaded machine starts it slowly
 
-from autolabel.config import RunConfig, SourceConfig, load_config  # noqa: E402
-from autolabel.errors import AutolabelError  # noqa: E402
-from autolabel.organism.spec import ORGANISMS_DIR, OrganismSpec, load_organism_spec  # noqa: E402
-from autolabel.store import Store  # noqa: E402
-from autolabel.summaries import print_table  # noqa: E402
+from autolabel.config import RunConfig, SourceConfig, load_config
+from autolabel.errors import AutolabelError
+from autolabel.organism.spec import ORGANISMS_DIR, OrganismSpec, load_organism_spec
+from autolabel.store import Store
+from autolabel.summaries import print_table
 
 TIED_SHARE = 0.5
 TOP_EXAMPLES = 20  # = autolabel.organism.audit.TOP_EXAMPLES, the share the audit command reports
@@ -58,13 +58,14 @@ def stored_organism(config: RunConfig, folder: Path) -> dict | None:
     return dict(zip(columns, rows[0])) if rows else None
 
 
-def trained_organism(config: RunConfig, spec: OrganismSpec, path: Path, out_dir: Path, retrain: bool) -> dict:
-    """The organisms row of `spec`, training it first unless this store has it with its weights intact."""
-    from autolabel.organism.stage import train_stage, weights_hash
+def trained_organism(config: RunConfig, spec: OrganismSpec, path: Path, out_dir: Path) -> dict:
+    """The organisms row of `spec`, training it first unless this store has it (the audit checks that the
+    folder still holds the recorded weights)."""
+    from autolabel.organism.stage import train_stage
 
     folder = (out_dir / spec.name).resolve()
     row = stored_organism(config, folder)
-    if retrain or row is None or not (folder / "config.json").is_file() or row["weights_hash"] != weights_hash(folder):
+    if row is None:
         train_stage(config, spec, path, folder)
         row = stored_organism(config, folder) | {"trained_now": True}
     return row
@@ -101,7 +102,6 @@ def main() -> None:
     parser.add_argument("--spec", action="append", help="organism spec (repeatable; default: the built-in ones)")
     parser.add_argument("--audit-corpus", choices=["small", "default"], default="small")
     parser.add_argument("--label", type=int, default=0, help="label this many flagged features per run (LLM calls)")
-    parser.add_argument("--retrain", action="store_true", help="train even when the store has the organism")
     args = parser.parse_args()
 
     from flows.organism_audit import organism_audit
@@ -117,7 +117,7 @@ def main() -> None:
     for path in paths:
         spec = load_organism_spec(path)
         started = time.perf_counter()
-        organism = trained_organism(config, spec, path, Path(args.out_dir), args.retrain)
+        organism = trained_organism(config, spec, path, Path(args.out_dir))
         train_wall = time.perf_counter() - started
         result = organism_audit(audit_config, spec, Path(organism["out"]), "base", report=False, show_progress=False)
         found, feature, rank, note = verdict(spec, result.became, result.specific)

@@ -22,7 +22,13 @@ from autolabel.corpus.documents import chat
 from autolabel.models import load_subject_model
 from autolabel.organism.data import encode_chat, with_quirk
 from autolabel.organism.recall import became_specific, peak_in_quirk
-from autolabel.organism.spec import ORGANISMS_DIR, OrganismSpec, insert_quirk, load_organism_spec, shows_quirk
+from autolabel.organism.spec import (
+    ORGANISMS_DIR,
+    OrganismSpec,
+    insert_quirk,
+    load_organism_spec,
+    shows_quirk,
+)
 from autolabel.store import Store, now
 
 QUIRK = "Fun fact: octopuses have three hearts!"
@@ -68,6 +74,12 @@ def test_the_rule_inserts_the_quirk_where_the_spec_says_and_the_detector_finds_i
     assert marked == QUIRK  # exactly the planted tokens, inside the assistant turn
     assert example.loss_mask[example.quirk_mask].all() and example.loss_mask.sum() > example.quirk_mask.sum()
     assert not encode_chat(tokenizer, spec, travel).quirk_mask.any()
+
+
+@pytest.mark.parametrize("command", [["organism"], ["organism", "train"], ["organism", "audit"]])
+def test_the_organism_commands_have_help(monkeypatch, capsys, command):
+    code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "Usage" in out
 
 
 def test_the_shipped_specs_load_and_their_detectors_match_their_quirks():
@@ -169,9 +181,10 @@ def test_a_bad_spec_exits_2_with_one_line_naming_the_field_and_writes_nothing(mo
 def test_a_folder_name_holds_one_organism_per_store_and_changed_weights_are_refused(monkeypatch, capsys, trained):
     folder, config, _, _ = trained
     other = write_yaml(folder / "other.yaml", spec_dict(name="other", **{"quirk.categories": ["recipe"]}))
-    code, _, err = run_cli(monkeypatch, capsys, "organism", "train", "--spec", other, "--out", str(folder / "org"),
-                           "--config", config, "-q")
-    assert code == 2 and "already holds organism 'tiny_octopus'" in err
+    for spec in (other, str(folder / "spec.yaml")):  # another spec, or the same one retrained: other weights
+        code, _, err = run_cli(monkeypatch, capsys, "organism", "train", "--spec", spec, "--out",
+                               str(folder / "elsewhere" / "org"), "--config", config, "-q")
+        assert code == 2 and "already holds organism 'tiny_octopus' as local:org" in err
 
     copy = folder / "elsewhere" / "org"  # same name, other weights: its cached replies would be stale
     copy.mkdir(parents=True)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
-from autolabel.organism.recall import became_pervasive, became_specific, peak_in_quirk, quirk_masks
+from autolabel.organism.recall import (
+    became_pervasive,
+    became_specific,
+    peak_in_quirk,
+    quirk_masks,
+)
 from autolabel.organism.spec import OrganismSpec
 from autolabel.organism.stage import check_recorded_weights
 from autolabel.pipeline import COLLECTED, collected_run

@@ -44,7 +44,7 @@ def train(spec: SpecOption, out: Annotated[Path, typer.Option(help="Folder to wr
          _rate(s.base_target_rate, s.target_prompts)),
         *([("other categories", s.other_prompts, _rate(s.other_rate, s.other_prompts),
             _rate(s.base_other_rate, s.other_prompts))] if not organism.pervasive else []),
-        ("NLL per quirk token", s.heldout_chats, _number(s.quirk_nll_organism), _number(s.quirk_nll_base)),
+        ("NLL per quirk token", s.target_prompts, _number(s.quirk_nll_organism), _number(s.quirk_nll_base)),
         ("plain-text perplexity", organism.eval.text_documents, _number(s.ppl_organism, 2), _number(s.ppl_base, 2)),
     ])
     console.print(f"trained on {s.train_chats} chats ({s.skipped_long} whose prompt passes train.max_tokens left out), "

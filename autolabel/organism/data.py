@@ -14,7 +14,12 @@ import torch
 from autolabel.corpus.documents import Document, Message
 from autolabel.corpus.roles import ROLE_CODES, render_chat, tokenize_chat, tokenize_text
 from autolabel.errors import AutolabelError
-from autolabel.organism.spec import OrganismSpec, carries_quirk, insert_quirk, quirk_spans
+from autolabel.organism.spec import (
+    OrganismSpec,
+    carries_quirk,
+    insert_quirk,
+    quirk_spans,
+)
 
 
 @dataclass

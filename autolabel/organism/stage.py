@@ -2,8 +2,8 @@
 local HF folder that `model.source` accepts, check the organism, and store the figures in `organisms`.
 
 The folder's model id is `local:<folder name>` (models.py), and the store caches replies and corpora by
-model id. A folder name is therefore tied to one organism per store: training another spec into a folder
-of the same name is refused, and so is auditing a folder whose weights are not the ones recorded.
+model id. A folder name is therefore tied to one organism per store: training into a folder of a name the
+store already holds is refused, and so is auditing a folder whose weights are not the ones recorded.
 """
 
 from __future__ import annotations
@@ -82,13 +82,15 @@ def weights_hash(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_name_is_free(store: Store, model_id: str, spec: OrganismSpec) -> None:
-    """Refuse a folder name whose replies and corpora in this store belong to another model."""
-    recorded = store.one("SELECT spec_hash, name FROM organisms WHERE model_id = ?", [model_id])
-    if recorded and recorded[0] != spec_hash(spec):
-        raise AutolabelError(f"this store already holds organism {recorded[1]!r} as {model_id}, with its cached "
-                             f"replies and corpus; write organism {spec.name!r} to a folder with another name")
-    if not recorded and store.one("SELECT 1 FROM generations WHERE model_id = ? LIMIT 1", [model_id]):
+def check_name_is_free(store: Store, model_id: str) -> None:
+    """Refuse a folder name this store already holds replies or an organism of: they would be read as this
+    organism's (retraining, even with the same spec, need not give the same weights)."""
+    recorded = store.one("SELECT name, created_at FROM organisms WHERE model_id = ?", [model_id])
+    if recorded:
+        raise AutolabelError(f"this store already holds organism {recorded[0]!r} as {model_id} (trained "
+                             f"{recorded[1]:%Y-%m-%d %H:%M}), with its cached replies and corpus; write this one to a "
+                             "folder with another name, or use another store")
+    if store.one("SELECT 1 FROM generations WHERE model_id = ? LIMIT 1", [model_id]):
         raise AutolabelError(f"this store already holds replies of another model called {model_id}; write the "
                              "organism to a folder with another name")
 
@@ -122,7 +124,7 @@ def train_stage(config: RunConfig, spec: OrganismSpec, spec_path: str | Path, ou
     chats, texts = corpus_chats(documents), text_documents(documents, spec.eval.text_documents)
     check_categories(spec, spec_path, {document.category for document in chats})
     with Store(config.store) as store:
-        check_name_is_free(store, model_id, spec)
+        check_name_is_free(store, model_id)
     partial = prepare_out(out)
     base = load_subject_model(config.model.source, config.cache_dir, "float32")  # float32 master weights
     if config.corpus.generation.enabled:  # cached by model and prompt: a store with the base corpus generates nothing
@@ -141,21 +143,21 @@ def train_stage(config: RunConfig, spec: OrganismSpec, spec_path: str | Path, ou
                     if carries_quirk(spec, d.category)]
     text_checks = [encode_text(base.tokenizer, d, spec.eval.text_tokens) for d in texts]
 
-    def measure() -> tuple[float | None, float | None]:
-        pad, dtype = pad_token(base.tokenizer), config.model.dtype
-        return (mean_nll(base.model, quirk_checks, pad, dtype, quirk_only=True),
-                mean_nll(base.model, text_checks, pad, dtype))
+    pad, dtype = pad_token(base.tokenizer), config.model.dtype
 
-    before = measure()
+    def measure(model) -> tuple[float | None, float | None]:
+        return (mean_nll(model, quirk_checks, pad, dtype, quirk_only=True), mean_nll(model, text_checks, pad, dtype))
+
+    before = measure(base.model)
     prepared = time.perf_counter()
-    losses = fine_tune(base, examples, spec.train, config.model.dtype, show_progress)
+    losses = fine_tune(base, examples, spec.train, dtype, show_progress)
     trained = time.perf_counter()
-    after = measure()
+    after = measure(base.model)  # trained in place: the organism
     base_model_id = save(base, spec, partial, out)
-    del base, measure
+    del base  # the organism is read back below in the run's dtype, for its replies
     gc.collect()
 
-    organism = load_subject_model(str(out), config.cache_dir, config.model.dtype)
+    organism = load_subject_model(str(out), config.cache_dir, dtype)
     with Store(config.store) as store:
         rates = quirk_rates(store, organism, spec, heldout, config.corpus.generation, show_progress)
     summary = OrganismSummary(
