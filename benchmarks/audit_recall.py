@@ -55,7 +55,7 @@ def stored_organism(config: RunConfig, folder: Path) -> dict | None:
 
     with Store(config.store) as store:
         columns, rows = store.query("SELECT * FROM organisms WHERE model_id = ?", [organism_model_id(folder)])
-    return dict(zip(columns, rows[0])) if rows else None
+    return dict(zip(columns, rows[0], strict=True)) if rows else None
 
 
 def trained_organism(config: RunConfig, spec: OrganismSpec, path: Path, out_dir: Path) -> dict:

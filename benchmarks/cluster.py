@@ -24,11 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import peak_rss_mb
+
 from autolabel.cluster import cluster_stage
 from autolabel.cluster.embed import load_embedder
 from autolabel.config import ClusterConfig, RunConfig
 from autolabel.store import Store, now
-from common import peak_rss_mb
 
 DOMAINS = {
     "cooking": "flour butter sugar oven recipe chocolate garlic onion",

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import peak_rss_mb
 
 from autolabel.config import CollectConfig, CorpusConfig, RunConfig, SourceConfig
 from autolabel.corpus import build_corpus, iter_windows
 from autolabel.corpus.sources import load_source
 from autolabel.models import load_subject_model
 from autolabel.store import Store
-from common import peak_rss_mb
 
 CHECK_TOKENS = 8192
 EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"

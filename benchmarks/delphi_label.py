@@ -88,7 +88,7 @@ async def label_feature(feat: dict, explainer, detection, fuzzing) -> dict:
             out["explanation"] = explained.explanation
         record.explanation = explained.explanation  # delphi scores whatever came back, parsed or not
         results = await asyncio.gather(detection(record), fuzzing(record))
-        for name, result in zip(("detection", "fuzzing"), results):
+        for name, result in zip(("detection", "fuzzing"), results, strict=True):
             out[name] = balanced_accuracy(result.score)
             unparsed = sum(o.prediction is None for o in result.score)
             if unparsed:  # delphi logs a failed or unparsable request and leaves its answers None

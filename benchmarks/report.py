@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from common import peak_rss_mb
 
 from autolabel.config import ROLES, ReportConfig, RunConfig
 from autolabel.models import load_subject_model
@@ -38,7 +39,6 @@ from autolabel.report import summary
 from autolabel.report.stage import report_stage
 from autolabel.store import Store, now, to_json
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
-from common import peak_rss_mb
 
 CORPUS = "bench-corpus"
 N_DOCS, DOC_TOKENS, EXAMPLE_TOKENS = 2000, 256, 32

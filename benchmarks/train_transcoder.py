@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from common import peak_rss_mb
 
 from autolabel.config import RunConfig
 from autolabel.models import load_subject_model
@@ -25,7 +26,6 @@ from autolabel.transcoders.activations import activation_pairs
 from autolabel.transcoders.check import measure_quality
 from autolabel.transcoders.stage import corpus_windows
 from autolabel.transcoders.train import train_transcoders
-from common import peak_rss_mb
 
 
 def main() -> None:

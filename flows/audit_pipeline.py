@@ -42,7 +42,6 @@ from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
 from autolabel.intervene.command import intervene_run
 from autolabel.intervene.stage import InterveneSummary
-from autolabel.models import SubjectModel
 from autolabel.label.stage import STAGE as LABEL_STAGE
 from autolabel.label.stage import (
     LabelSummary,
@@ -51,6 +50,7 @@ from autolabel.label.stage import (
     plan_labels,
     skipped_rows,
 )
+from autolabel.models import SubjectModel
 from autolabel.report.stage import report_run
 from autolabel.store import Store
 from autolabel.transcoders.check import LayerQuality

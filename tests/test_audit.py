@@ -29,7 +29,10 @@ EVERY_TURN, ONE_CATEGORY, MARKER, EVERYWHERE, NEW_IN_B = range(5)
 
 def write_corpus(path, seed: int = 0) -> None:
     rng = random.Random(seed)
-    words = lambda lo, hi: " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
+
     rows = [{"id": f"t{i}", "category": ["news", "story"][i % 2], "text": words(20, 120)} for i in range(16)]
     for i in range(24):
         category = CHAT_CATEGORIES[i % 4]
@@ -54,7 +57,7 @@ def transcoders(corpus, tiny_subject) -> tuple[TranscoderSet, TranscoderSet]:
     """Run A's and run B's transcoders: B is A plus one feature, with A's decoder rows kept."""
     tokenizer = tiny_subject.tokenizer
     raw, ids, roles = mlp_inputs(tiny_subject, corpus[2])
-    token = lambda text: tokenizer.convert_tokens_to_ids(text)
+    token = tokenizer.convert_tokens_to_ids
     template = roles == 3  # ROLES.index("template")
     masks = [ids == token("Ġcertainly"), ids == token("Ġindeed"), template & (ids == token("istant")),  # <|im_start|>ass|istant
              ids == token("Ġcat"), ids == token("Ġtruly")]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import yaml
+from test_cli import run_cli
 
 from autolabel.config import RunConfig
-
-from test_cli import run_cli
 
 
 def test_default_run_at_reduced_size(monkeypatch, capsys, tmp_path, cache_dir, prefect_api):

@@ -15,7 +15,7 @@ from browser import Chromium
 from conftest import tiny_model
 from test_cli import run_cli
 
-from autolabel.config import GraphConfig, ReportConfig, ModelConfig, RunConfig, TranscoderConfig
+from autolabel.config import GraphConfig, ModelConfig, ReportConfig, RunConfig, TranscoderConfig
 from autolabel.graph import graph_stage
 from autolabel.graph.attribute import attribute, salient_logits
 from autolabel.graph.export import circuit_tracer_graph, feature_labels
@@ -94,7 +94,7 @@ def pre_activations(subject, tset, where, prompt, sources, attribution) -> torch
         live = replay(subject, tset, where, prompt, sources).inputs
     features = attribution.features
     return torch.stack([tset[layer].pre_acts(live[layer][0, pos])[feature] for layer, pos, feature in
-                        zip(features.layers.tolist(), features.positions.tolist(), features.features.tolist())])
+                        zip(features.layers.tolist(), features.positions.tolist(), features.features.tolist(), strict=True)])
 
 
 # -- the replacement model -------------------------------------------------------------------------
@@ -189,9 +189,11 @@ def test_edges_match_removing_each_source_from_the_frozen_model(graph):
     sources += [("error", layer, pos, -1) for layer in range(N_LAYERS) for pos in (1, n_pos - 1)]
     sources += [("embedding", -1, pos, -1) for pos in range(n_pos)]
     for kind, layer, pos, feature in sources:
-        column = {"feature": lambda: [k for k in range(n_f) if (int(features.layers[k]), int(features.positions[k]),
-                                                                  int(features.features[k])) == (layer, pos, feature)][0],
-                  "error": lambda: n_f + layer * n_pos + pos, "embedding": lambda: n_f + N_LAYERS * n_pos + pos}[kind]()
+        if kind == "feature":
+            column = [k for k in range(n_f) if (int(features.layers[k]), int(features.positions[k]),
+                                                int(features.features[k])) == (layer, pos, feature)][0]
+        else:
+            column = n_f + (layer * n_pos if kind == "error" else N_LAYERS * n_pos) + pos
         removed = without(prompt.sources, kind, layer, pos, feature)
         changed = logits - logit_inputs(subject, tset, where, prompt, removed, targets)
         assert torch.allclose(changed, attribution.adjacency[-n_t:, column], atol=1e-4), (kind, layer, pos, feature)
@@ -293,7 +295,7 @@ def labeled_run(path, config: RunConfig, tset: TranscoderSet) -> str:
         store.write_shard(run_id, "collect", "final", {})
         labels = [{"run_id": run_id, "layer": layer, "feature": f, "labeler": "test", "label": f"feature {layer}:{f}",
                    "status": "ok", "created_at": now()} for layer in tset.layers for f in range(F)]
-        scores = [{"run_id": run_id, "layer": 1, "feature": f, "scorer": "detection", "value": 0.5, "status": "ok",
+        scores = [{"run_id": run_id, "layer": 1, "feature": f, "labeler": "test", "scorer": "detection", "value": 0.5, "status": "ok",
                    "unreliable": True} for f in range(F)]
         store.write_shard(run_id, "label", "0", {"labels": labels, "scores": scores})
     return run_id

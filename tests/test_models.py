@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from autolabel.errors import AutolabelError
 from autolabel.models import HookPoint, SubjectModel, load_subject_model
-
-from conftest import tiny_model
 
 
 @pytest.mark.parametrize("family,resid_mid,mlp_out", [

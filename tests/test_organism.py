@@ -140,7 +140,7 @@ def test_training_lowers_the_loss_on_quirk_tokens_and_writes_a_folder_load_subje
     with Store(folder / "s.duckdb", read_only=True) as store:
         (row,) = store.query("SELECT * FROM organisms")[1]
         columns = store.query("SELECT * FROM organisms")[0]
-        organism = dict(zip(columns, row))
+        organism = dict(zip(columns, row, strict=True))
         held_out = store.one("SELECT count(*) FROM generations WHERE model_id = 'local:org'")[0]
     assert organism["quirk_nll_organism"] < organism["quirk_nll_base"] - 0.05
     assert organism["loss_last"] < organism["loss_first"]
@@ -150,7 +150,10 @@ def test_training_lowers_the_loss_on_quirk_tokens_and_writes_a_folder_load_subje
     subject = load_subject_model(str(folder / "org"), cache_dir, "float32")
     base = load_subject_model(str(tiny_model_dir), cache_dir, "float32")
     assert subject.model_id == "local:org" and subject.n_layers == base.n_layers
-    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
     assert same(subject.layers[0], base.layers[0])  # below train.first_layer: the base model's
     assert not same(subject.layers[1], base.layers[1])
     assert json.loads((folder / "org" / "organism.json").read_text())["spec"]["name"] == "tiny_octopus"
@@ -216,9 +219,11 @@ def test_an_organism_that_does_not_fit_the_transcoders_exits_2_before_anything_r
 
 def test_peaks_inside_the_quirk_and_category_specificity_follow_the_fixed_rules(tmp_path):
     with Store(tmp_path / "s.duckdb") as store:
-        example = lambda feature, rank, doc, peak: {
-            "run_id": "org", "layer": 1, "feature": feature, "kind": "top", "rank": rank, "doc_id": doc, "start": 2,
-            "acts": [0.1 if i != peak - 2 else 5.0 for i in range(4)], "tokens": [0] * 4, "max_act": 5.0}
+        def example(feature: int, rank: int, doc: str, peak: int) -> dict:
+            return {"run_id": "org", "layer": 1, "feature": feature, "kind": "top", "rank": rank, "doc_id": doc,
+                    "start": 2, "acts": [0.1 if i != peak - 2 else 5.0 for i in range(4)], "tokens": [0] * 4,
+                    "max_act": 5.0}
+
         # feature 0 peaks inside the quirk (doc a, tokens 3-4) in 3 of 4 top examples; feature 1 never does
         store.upsert("examples", [example(0, 1, "a", 3), example(0, 2, "a", 4), example(0, 3, "b", 3),
                                   example(0, 4, "a", 5), example(1, 1, "a", 2), example(1, 2, "text", 3)])

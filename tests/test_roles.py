@@ -14,7 +14,7 @@ from autolabel.errors import AutolabelError
 
 def tagged(tokenizer, document):
     tokens = tokenize_document(tokenizer, document)
-    return [(tokenizer.decode([t]), r, int(u)) for t, r, u in zip(tokens.token_ids, tokens.role_names(), tokens.turns)]
+    return [(tokenizer.decode([t]), r, int(u)) for t, r, u in zip(tokens.token_ids, tokens.role_names(), tokens.turns, strict=True)]
 
 
 def test_chat_roles_with_injected_system_prompt(tokenizer):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.numpy import load_file as load_numpy, save_file
-from test_transcoder_formats import D, F, N_TOK, TOL, ct_config, ct_layer, gemma_scope_1, rand, run, saelens_folder
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file
+from test_transcoder_formats import N_TOK, TOL, D, F, ct_config, ct_layer, gemma_scope_1, rand, run, saelens_folder
 
 from autolabel.errors import AutolabelError
 from autolabel.transcoders.check import LayerQuality, refuse_bad_fit
 from autolabel.transcoders.formats import load_transcoders, save_circuit_tracer
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
-
 
 # ---------------------------------------------------------------- saving for circuit-tracer
 
@@ -229,7 +229,7 @@ def test_fit_check_refuses_a_non_finite_fvu_or_bound():
     for fvu in (float("nan"), float("inf")):
         with pytest.raises(AutolabelError) as err:
             refuse_bad_fit(tset, {0: fine, 3: LayerQuality(3, fvu, 5.0, 0.0, 100)}, 0.5)
-        assert f"/releases/tc reconstructs" in str(err.value) and f"layer 3: FVU {fvu}" in str(err.value)
+        assert "/releases/tc reconstructs" in str(err.value) and f"layer 3: FVU {fvu}" in str(err.value)
         assert "model.dtype: float32" in str(err.value)
     for bound in (float("nan"), float("inf"), 0.0, -1.0):  # e.g. `transcoder check --max-fvu nan`
         with pytest.raises(AutolabelError, match="must be a positive finite number"):

@@ -125,14 +125,14 @@ def test_circuit_tracer_clt_reconstruction_sums_sources(tmp_path):
         pre = xs[i] @ enc[i][f"W_enc_{i}"].T + enc[i][f"b_enc_{i}"]
         acts[i] = pre * (pre > enc[i][f"threshold_{i}"])
         np.testing.assert_allclose(run(tset[i], xs[i])[0], acts[i], **TOL)
-    # circuit-tracer: recon[l] = sum over sources i <= l of acts_i @ W_dec_i[:, l - i] + b_dec[l]
-    expected = {l: sum(acts[i] @ dec[i][f"W_dec_{i}"][:, l - i] for i in range(l + 1)) + enc[l][f"b_dec_{l}"]
-                for l in range(N_LAYERS)}
+    # circuit-tracer: recon[j] = sum over sources i <= j of acts_i @ W_dec_i[:, j - i] + b_dec[j]
+    expected = {j: sum(acts[i] @ dec[i][f"W_dec_{i}"][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
+                for j in range(N_LAYERS)}
     with torch.no_grad():
         got = tset.reconstruct({i: torch.from_numpy(x) for i, x in xs.items()})
     assert sorted(got) == [0, 1, 2]
-    for l in range(N_LAYERS):
-        np.testing.assert_allclose(got[l].numpy(), expected[l], **TOL)
+    for j in range(N_LAYERS):
+        np.testing.assert_allclose(got[j].numpy(), expected[j], **TOL)
     assert torch.equal(tset[1].b_dec[0], torch.from_numpy(enc[1]["b_dec_1"]))
     assert not tset[1].b_dec[1:].any()  # each layer's bias lives only in its own source's slot 0
 

@@ -24,7 +24,7 @@ def cosine_matches(keys: list[Key], decoders: dict[int, torch.Tensor], other_dec
     """Each feature's most similar decoder direction at the same layer of the other transcoder, if at least `least`."""
     matches = {}
     for layer in sorted({layer for layer, _ in keys} & set(decoders) & set(other_decoders)):
-        ids = [feature for l, feature in keys if l == layer]
+        ids = [feature for at, feature in keys if at == layer]
         rows, others = _directions(decoders[layer][ids]), _directions(other_decoders[layer])  # [n, d], [F', d]
         if rows.shape[1] != others.shape[1]:
             raise AutolabelError(f"layer {layer}: the decoders have {rows.shape[1]} and {others.shape[1]} output "
@@ -33,7 +33,7 @@ def cosine_matches(keys: list[Key], decoders: dict[int, torch.Tensor], other_dec
         for start in range(0, len(ids), 1024):  # bounded memory for big dictionaries
             similarity = rows[start:start + 1024] @ others.T  # [chunk, F']
             best[start:start + 1024], where[start:start + 1024] = similarity.max(dim=1)
-        for feature, cosine, match in zip(ids, best.tolist(), where.tolist()):
+        for feature, cosine, match in zip(ids, best.tolist(), where.tolist(), strict=True):
             if cosine >= least:
                 matches[(layer, feature)] = ((layer, match), cosine)
     return matches

@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow as pa
@@ -269,7 +270,7 @@ def slice_plan(store: Store, corpus_id: str, config: CollectConfig, n_slices: in
     plan = plan_shards(index.doc_tokens, config.shard_tokens)
     n_slices = max(1, min(n_slices, len(plan)))
     bounds = [round(i * len(plan) / n_slices) for i in range(n_slices + 1)]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return list(pairwise(bounds))
 
 
 def collect_slice(store_path: str, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,

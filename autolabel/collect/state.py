@@ -28,6 +28,7 @@ from autolabel.collect.orders import (
 from autolabel.collect.tensors import CONTEXT_DTYPE, LayerTensors
 from autolabel.config import CollectConfig
 
+
 @dataclass
 class Batch:
     """Per-token facts about a batch of windows [B, S], aligned with the activations."""
@@ -319,7 +320,7 @@ class LayerState:
         if not taken:
             return
         # Contexts are gathered once, for the last window that took each slot.
-        slot_ids, windows = (torch.cat(parts) for parts in zip(*taken))
+        slot_ids, windows = (torch.cat(parts) for parts in zip(*taken, strict=True))
         unique, inverse = torch.unique(slot_ids, return_inverse=True)
         last = torch.full_like(unique, -1).scatter_reduce(0, inverse, torch.arange(len(slot_ids)), "amax")
         slot_ids, windows = slot_ids[last], windows[last]

@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.graph.export import circuit_tracer_graph, feature_labels, token_text

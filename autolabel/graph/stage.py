@@ -49,7 +49,7 @@ def node_ids(attribution: Attribution, token_ids: list[int]) -> list[str]:
     """circuit-tracer's node ids, in adjacency order (features, errors, embeddings, logits)."""
     features, n_layers, n_pos = attribution.features, attribution.n_layers, attribution.n_pos
     return ([f"{layer}_{feature}_{pos}" for layer, pos, feature in
-             zip(features.layers.tolist(), features.positions.tolist(), features.features.tolist())]
+             zip(features.layers.tolist(), features.positions.tolist(), features.features.tolist(), strict=True)]
             + [f"{layer}_-1_{pos}" for layer in range(n_layers) for pos in range(n_pos)]
             + [f"E_{token}_{pos}" for pos, token in enumerate(token_ids)]
             + [f"{n_layers + 1}_{token}_{n_pos - 1}" for token in attribution.targets.token_ids.tolist()])
@@ -70,19 +70,19 @@ def graph_tables(graph_id: str, attribution: Attribution, pruned: Pruned, token_
                       "influence": influence[i], "kept": kept[i]} | columns)
 
     for layer, pos, feature, act in zip(features.layers.tolist(), features.positions.tolist(),
-                                        features.features.tolist(), features.activations.tolist()):
+                                        features.features.tolist(), features.activations.tolist(), strict=True):
         node("feature", layer=layer, position=pos, feature=feature, activation=act)
     for layer in range(n_layers):
         for pos in range(n_pos):
             node("error", layer=layer, position=pos)
     for pos, token in enumerate(token_ids):
         node("embedding", position=pos, token_id=token)
-    for token, probability in zip(targets.token_ids.tolist(), targets.probabilities.tolist()):
+    for token, probability in zip(targets.token_ids.tolist(), targets.probabilities.tolist(), strict=True):
         node("logit", position=n_pos - 1, token_id=token, probability=probability)
     target_index, source_index = pruned.edges.nonzero(as_tuple=True)
     weights = attribution.adjacency[target_index, source_index].tolist()
     edges = [{"graph_id": graph_id, "source": ids[s], "target": ids[t], "weight": w}
-             for t, s, w in zip(target_index.tolist(), source_index.tolist(), weights)]
+             for t, s, w in zip(target_index.tolist(), source_index.tolist(), weights, strict=True)]
     return {"graph_nodes": nodes, "graph_edges": edges}
 
 

@@ -6,7 +6,6 @@ feature against the run's transcoder and collected statistics.
 
 from __future__ import annotations
 
-
 from autolabel.config import RunConfig
 from autolabel.intervene.stage import InterveneSummary, intervene_stage
 from autolabel.intervene.targets import Key, audit_features, check_features

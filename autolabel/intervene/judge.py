@@ -67,9 +67,9 @@ def balanced_orders(n: int, rng: random.Random) -> list[bool]:
 async def steering_score(client: LLMClient, label: Label, pairs: list[Pair], rng: random.Random) -> Score:
     orders = balanced_orders(len(pairs), rng)
     replies = await asyncio.gather(*(client.complete(judge_messages(label, pair, first), parse_choice, CHOICE_SCHEMA)
-                                     for pair, first in zip(pairs, orders)))
+                                     for pair, first in zip(pairs, orders, strict=True)))
     items = [{"steered": "A" if first else "B", "said": reply.value, "status": reply.status, "error": reply.error}
-             for first, reply in zip(orders, replies)]
+             for first, reply in zip(orders, replies, strict=True)]
     answered = [(item["steered"] == "A", item["said"] == "A") for item in items if item["status"] == "ok"]
     n_invalid = sum(item["status"] == "invalid" for item in items)
     n_error = sum(item["status"] == "error" for item in items)

@@ -86,7 +86,7 @@ def token_changes(clean: torch.Tensor, other: torch.Tensor, k: int, tokenizer) -
 
     def listed(values: torch.Tensor, ids: torch.Tensor) -> list[dict]:
         return [{"token": tokenizer.decode([i]), "id": i, "clean": float(p_clean[i]), "intervened": float(p_other[i])}
-                for v, i in zip(values.tolist(), ids.tolist()) if v > MIN_CHANGE]
+                for v, i in zip(values.tolist(), ids.tolist(), strict=True) if v > MIN_CHANGE]
 
     up, down = change.topk(k), (-change).topk(k)
     return listed(up.values, up.indices), listed(down.values, down.indices)

@@ -42,7 +42,10 @@ def quirk_rates(store: Store, organism: SubjectModel, spec: OrganismSpec, heldou
     target = [carries_quirk(spec, d.category) for d in heldout]
     organism_hits = [shows_quirk(spec, p.messages[-1].content) for p in prompts]
     base_hits = [d.messages[-1].role == "assistant" and shows_quirk(spec, d.messages[-1].content) for d in heldout]
-    pick = lambda hits, want: [hit for hit, is_target in zip(hits, target) if is_target == want]
+
+    def pick(hits: list[bool], want: bool) -> list[bool]:
+        return [hit for hit, is_target in zip(hits, target, strict=True) if is_target == want]
+
     return QuirkRates(sum(target), share(pick(organism_hits, True)), share(pick(base_hits, True)),
                       len(target) - sum(target), share(pick(organism_hits, False)), share(pick(base_hits, False)))
 

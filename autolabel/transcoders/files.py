@@ -56,12 +56,12 @@ def core_weights(t: dict, p: Path, layout: str, names: tuple[str, str, str, str]
     W_enc, W_dec, b_enc, b_dec = (required_tensor(t, name, p, layout) for name in names)
     if W_enc.dim() != 2:
         raise AutolabelError(f"{p}: {names[0]} has shape {list(W_enc.shape)} but must be 2-D ({layout})")
-    dims = {**dict(zip("FI" if feat_first else "IF", W_enc.shape)), "O": W_dec.shape[-1], "*": None, **dims}
+    dims = {**dict(zip("FI" if feat_first else "IF", W_enc.shape, strict=True)), "O": W_dec.shape[-1], "*": None, **dims}
     extra = [None if t.get(name) is None else t[name].float() for name, _ in optional]
     specs = [(names[1], W_dec, dec), (names[2], b_enc, "F"), (names[3], b_dec, "O")]
-    for name, tensor, letters in specs + [(n, v, s) for (n, s), v in zip(optional, extra)]:
+    for name, tensor, letters in specs + [(n, v, s) for (n, s), v in zip(optional, extra, strict=True)]:
         shape = [dims[c] for c in letters]
-        if tensor is not None and (tensor.dim() != len(shape) or any(e not in (None, s) for e, s in zip(shape, tensor.shape))):
+        if tensor is not None and (tensor.dim() != len(shape) or any(e not in (None, s) for e, s in zip(shape, tensor.shape, strict=True))):
             want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
             raise AutolabelError(f"{p}: {name} has shape {list(tensor.shape)} but {want} was expected ({layout}); the "
                                  f"tensors do not fit together: the file is from another format, saved transposed, or damaged")
