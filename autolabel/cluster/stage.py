@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autolabel.cluster.embed import (
+    FeatureTexts,
     combine,
     decoder_directions,
     embed_texts,
@@ -28,12 +29,14 @@ from autolabel.cluster.embed import (
     load_embedder,
 )
 from autolabel.cluster.groups import (
+    GroupsSpec,
+    Member,
     group_members,
     load_groups,
     missing_categories,
     probe_lift,
 )
-from autolabel.cluster.layout import lay_out
+from autolabel.cluster.layout import Layout, lay_out
 from autolabel.cluster.naming import ClusterName, name_clusters
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
@@ -74,7 +77,7 @@ def stability(previous: dict[tuple[int, int], int], keys: list[tuple[int, int]],
     and on those both put in a cluster."""
     from sklearn.metrics import adjusted_rand_score
 
-    common = np.array([(previous[key], c) for key, c in zip(keys, cluster_ids.tolist()) if key in previous])
+    common = np.array([(previous[key], c) for key, c in zip(keys, cluster_ids.tolist(), strict=True) if key in previous])
     if len(common) < 2:
         return None, None
     clustered = common[(common >= 0).all(1)]
@@ -111,52 +114,75 @@ def cluster_stage(store: Store, tokenizer, tset, run_id: str, config: RunConfig,
     decoder = decoder_directions(tset, texts.keys) if settings.embedding == "label+decoder" else None  # [n, d_model]
     layout = lay_out(combine(text_vectors, decoder, settings.decoder_weight), settings)
     seconds.update(layout.seconds)
-
     with _timed(seconds, "name"):
-        naming = settings.name_clusters and bool((layout.cluster_ids >= 0).any())
-        with open_client(store, config.llm, run_id, STAGE) if naming else nullcontext() as client:
-            names = asyncio.run(name_clusters(client, layout.cluster_space, layout.cluster_ids, texts.labels,
-                                              texts.reliable, settings.name_labels))
+        names, calls = _names(store, config, run_id, texts, layout)
     with _timed(seconds, "groups"):
-        members, missing = [], {}
-        if spec is not None:
-            missing = missing_categories(store, run_id, spec)
-            seeds = {name: embed_texts(store, embedder, group.seeds, settings.batch_size)
-                     for name, group in spec.groups.items()}
-            lifts = {name: probe_lift(store, run_id, group) for name, group in spec.groups.items()}
-            members = group_members(spec, seeds, texts.keys, text_vectors, texts.reliable, lifts)
+        members, missing = _groups(store, run_id, spec, embedder, texts, text_vectors, settings.batch_size)
 
     previous_seed, previous = previous_clustering(store, run_id)
     ari, ari_clustered = stability(previous, texts.keys, layout.cluster_ids)
-    ari_vs_seed = previous_seed if ari is not None else None
-    n_clusters = len(set(layout.cluster_ids.tolist()) - {-1})
-    noise_fraction = float((layout.cluster_ids == -1).mean())
     seconds["total"] = time.perf_counter() - started
-    tables = {
-        "feature_map": [{"run_id": run_id, "layer": layer, "feature": feature, "umap_x": float(x), "umap_y": float(y),
-                         "cluster_id": int(c), "reliable": bool(r)}
-                        for (layer, feature), (x, y), c, r in zip(texts.keys, layout.map_xy, layout.cluster_ids,
-                                                                  texts.reliable)],
-        "clusters": [_cluster_row(run_id, name, layout.cluster_ids) for name in names],
-        "groups": [{"run_id": run_id, "group_name": m.group_name, "layer": m.key[0], "feature": m.key[1],
-                    "similarity": m.similarity, "lift": m.lift, "via": m.via, "nearest_seed": m.nearest_seed,
-                    "n_active": m.n_active} for m in members],
-        "cluster_runs": [{"run_id": run_id, "seed": settings.seed, "embedding": settings.embedding,
-                          "n_features": len(texts.keys), "n_reliable": int(texts.reliable.sum()),
-                          "n_clusters": n_clusters, "noise_fraction": noise_fraction, "ari_vs_seed": ari_vs_seed,
-                          "ari": ari, "ari_clustered": ari_clustered, "seconds": seconds["total"],
-                          "created_at": now()}],
-    }
-    store.write_shard(run_id, STAGE, f"seed-{settings.seed}", tables, replace=True,
+    summary = ClusterSummary(
+        run_id, settings.seed, len(texts.keys), int(texts.reliable.sum()), len(set(layout.cluster_ids.tolist()) - {-1}),
+        float((layout.cluster_ids == -1).mean()), _by_status(names),
+        {name: sum(m.group_name == name for m in members) for name in (spec.groups if spec else {})}, missing,
+        previous_seed if ari is not None else None, ari, ari_clustered, calls, seconds)
+    store.write_shard(run_id, STAGE, f"seed-{settings.seed}", _tables(summary, settings.embedding, texts, layout,
+                                                                      names, members), replace=True,
                       clear={table: {"run_id": run_id} for table in ("feature_map", "clusters", "groups")})
+    return summary
+
+
+def _names(store: Store, config: RunConfig, run_id: str, texts: FeatureTexts,
+           layout: Layout) -> tuple[list[ClusterName], int]:
+    """Every cluster's name (one LLM call each, unless cluster.name_clusters is off) and the calls made."""
+    settings = config.cluster
+    naming = settings.name_clusters and bool((layout.cluster_ids >= 0).any())
+    with open_client(store, config.llm, run_id, STAGE) if naming else nullcontext() as client:
+        names = asyncio.run(name_clusters(client, layout.cluster_space, layout.cluster_ids, texts.labels,
+                                          texts.reliable, settings.name_labels))
+    return names, client.calls if naming else 0
+
+
+def _groups(store: Store, run_id: str, spec: GroupsSpec | None, embedder, texts: FeatureTexts,
+            text_vectors: np.ndarray, batch_size: int) -> tuple[list[Member], dict[str, list[str]]]:
+    """(audit group memberships, group -> probe categories the run's corpus lacks); none without a spec."""
+    if spec is None:
+        return [], {}
+    missing = missing_categories(store, run_id, spec)
+    seeds = {name: embed_texts(store, embedder, group.seeds, batch_size) for name, group in spec.groups.items()}
+    lifts = {name: probe_lift(store, run_id, group) for name, group in spec.groups.items()}
+    return group_members(spec, seeds, texts.keys, text_vectors, texts.reliable, lifts), missing
+
+
+def _by_status(names: list[ClusterName]) -> dict[str, int]:
     by_status: dict[str, int] = {}
     for name in names:
         if name.status != "noise":
             by_status[name.status] = by_status.get(name.status, 0) + 1
-    group_sizes = {name: sum(m.group_name == name for m in members) for name in (spec.groups if spec else {})}
-    return ClusterSummary(run_id, settings.seed, len(texts.keys), int(texts.reliable.sum()), n_clusters,
-                          noise_fraction, by_status, group_sizes, missing, ari_vs_seed, ari,
-                          ari_clustered, client.calls if naming else 0, seconds)
+    return by_status
+
+
+def _tables(summary: ClusterSummary, embedding: str, texts: FeatureTexts, layout: Layout, names: list[ClusterName],
+            members: list[Member]) -> dict[str, list[dict]]:
+    """The rows of one clustering: the map, the clusters, the group memberships and the cluster_runs record."""
+    run_id = summary.run_id
+    return {
+        "feature_map": [{"run_id": run_id, "layer": layer, "feature": feature, "umap_x": float(x), "umap_y": float(y),
+                         "cluster_id": int(c), "reliable": bool(r)}
+                        for (layer, feature), (x, y), c, r in zip(texts.keys, layout.map_xy, layout.cluster_ids,
+                                                                  texts.reliable, strict=True)],
+        "clusters": [_cluster_row(run_id, name, layout.cluster_ids) for name in names],
+        "groups": [{"run_id": run_id, "group_name": m.group_name, "layer": m.key[0], "feature": m.key[1],
+                    "similarity": m.similarity, "lift": m.lift, "via": m.via, "nearest_seed": m.nearest_seed,
+                    "n_active": m.n_active} for m in members],
+        "cluster_runs": [{"run_id": run_id, "seed": summary.seed, "embedding": embedding,
+                          "n_features": summary.n_features, "n_reliable": summary.n_reliable,
+                          "n_clusters": summary.n_clusters, "noise_fraction": summary.noise_fraction,
+                          "ari_vs_seed": summary.ari_vs_seed, "ari": summary.ari,
+                          "ari_clustered": summary.ari_clustered, "seconds": summary.seconds["total"],
+                          "created_at": now()}],
+    }
 
 
 def _cluster_row(run_id: str, name: ClusterName, cluster_ids: np.ndarray) -> dict:

@@ -67,7 +67,7 @@ def active_features(prompt: Prompt) -> Features:
         acts = prompt.sources.acts[layer]  # [S, d_feat]
         positions, features = acts.nonzero(as_tuple=True)
         parts.append((torch.full_like(positions, layer), positions, features, acts[positions, features]))
-    return Features(*(torch.cat(column) for column in zip(*parts))) if parts else Features(
+    return Features(*(torch.cat(column) for column in zip(*parts, strict=True))) if parts else Features(
         *(torch.zeros(0, dtype=torch.long),) * 3, torch.zeros(0))
 
 
@@ -121,6 +121,30 @@ def attribute(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt:
     features = active_features(prompt)
     n_f, n_t, n_pos, n_layers = len(features), len(targets.token_ids), len(prompt.token_ids), subject.n_layers
     n_sources = n_f + n_layers * n_pos + n_pos
+    logit_rows, feature_rows, visited = _target_rows(subject, tset, where, prompt, targets, features,
+                                                     max_feature_nodes, batch)
+
+    keep = torch.tensor(sorted(visited), dtype=torch.long)
+    rank = {feature: i for i, feature in enumerate(visited)}
+    target_rows = torch.cat([torch.cat(feature_rows)[[rank[f] for f in keep.tolist()]] if visited
+                             else torch.zeros(0, n_sources), logit_rows])  # [n_kept + n_t, n_sources]
+    columns = torch.cat([keep, torch.arange(n_f, n_sources)])
+    n_kept = len(keep)
+    size = n_kept + n_layers * n_pos + n_pos + n_t
+    adjacency = torch.zeros(size, size)
+    adjacency[:n_kept, : size - n_t] = target_rows[:n_kept][:, columns]
+    adjacency[size - n_t:, : size - n_t] = target_rows[n_kept:][:, columns]
+    return Attribution(features.subset(keep), targets, adjacency, n_layers, n_pos)
+
+
+def _target_rows(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Prompt, targets: Targets,
+                 features: Features, max_feature_nodes: int, batch: int
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """(logit rows [n_t, n_sources], feature row batches, visited features in the order their rows were made).
+
+    Its own function so that the replay and its autograd graph are freed when it returns.
+    """
+    n_f, n_t, n_pos, n_layers = len(features), len(targets.token_ids), len(prompt.token_ids), subject.n_layers
     edges = _Edges(subject, tset, prompt, features)
     W_enc = {layer: tset[layer].W_enc.detach() for layer in tset.layers}  # [d_in, d_feat]
 
@@ -153,19 +177,7 @@ def attribute(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt:
                      else _next_features(logit_rows, feature_rows, visited, targets.probabilities, n_f, todo))
             feature_rows.append(rows_of([], order))
             visited.extend(order)
-        del replayed, writes
-
-    keep = torch.tensor(sorted(visited), dtype=torch.long)
-    rank = {feature: i for i, feature in enumerate(visited)}
-    target_rows = torch.cat([torch.cat(feature_rows)[[rank[f] for f in keep.tolist()]] if visited
-                             else torch.zeros(0, n_sources), logit_rows])  # [n_kept + n_t, n_sources]
-    columns = torch.cat([keep, torch.arange(n_f, n_sources)])
-    n_kept = len(keep)
-    size = n_kept + n_layers * n_pos + n_pos + n_t
-    adjacency = torch.zeros(size, size)
-    adjacency[:n_kept, : size - n_t] = target_rows[:n_kept][:, columns]
-    adjacency[size - n_t:, : size - n_t] = target_rows[n_kept:][:, columns]
-    return Attribution(features.subset(keep), targets, adjacency, n_layers, n_pos)
+    return logit_rows, feature_rows, visited
 
 
 def _next_features(logit_rows: torch.Tensor, feature_rows: list[torch.Tensor], visited: list[int],

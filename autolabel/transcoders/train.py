@@ -235,56 +235,23 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
     generator = torch.Generator().manual_seed(config.seed)
     trainees = {layer: _Trainee(layer, subject.d_model, config, generator) for layer in config.layers}
     optimizers = {layer: torch.optim.Adam(t.parameters(), lr=config.lr, betas=(0.9, 0.999)) for layer, t in trainees.items()}
-
-    def window_stream() -> Iterator[Window]:
-        rng = random.Random(config.seed)
-        while True:  # epochs, each in a new order
-            order = windows[:]
-            rng.shuffle(order)
-            yield from order
-
-    pairs = activation_pairs(subject, window_stream(), config.layers, config.input_hook, config.output_hook,
-                             config.batch_windows)
+    pairs = activation_pairs(subject, _window_stream(windows, config.seed), config.layers, config.input_hook,
+                             config.output_hook, config.batch_windows)
     started, seen, step, history = time.perf_counter(), 0, 0, []
     resampled: dict[int, int] = {}
-
-    def resample_now(step: int, seen: int) -> bool:
-        # Only early on: late resets would leave features no time to learn, and the LR decay no time to settle.
-        every = config.resample_every_steps
-        return bool(every) and step % every == 0 and seen <= config.resample_until * config.n_tokens
-
-    calibrated = False
-    for buffer in _buffers(pairs, config.layers, config.buffer_tokens):
-        if not calibrated:
+    for index, buffer in enumerate(_buffers(pairs, config.layers, config.buffer_tokens)):
+        if index == 0:
             for layer, (x, y) in buffer.items():
                 trainees[layer].calibrate(x, y)
-            calibrated = True
-        n = next(iter(buffer.values()))[0].shape[0]
-        # A buffer is reused for several passes, each in a new order: the forward pass
-        # that filled it costs far more than a training step.
-        batches = [(epoch, begin) for epoch in range(config.passes_per_buffer)
-                   for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens)]
-        orders = {layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)]
-                  for layer in buffer}
-        for epoch, begin in batches:
-            metrics = {}
+        for rows in _buffer_batches(buffer, config, generator):
             # Linear decay over the last fifth of training settles the weights.
             lr = config.lr * min(1.0, (config.n_tokens - seen) / (0.2 * config.n_tokens))
+            metrics = {}
             for layer, (x, y) in buffer.items():
-                for group in optimizers[layer].param_groups:
-                    group["lr"] = lr
-                trainee = trainees[layer]
-                rows = orders[layer][epoch][begin:begin + config.batch_tokens]
-                xb = x[rows].float() / trainee.x_scale
-                yb = y[rows].float() / trainee.y_scale
-                loss, metrics[layer] = trainee.loss(xb, yb)
-                optimizers[layer].zero_grad(set_to_none=True)
-                loss.backward()
-                trainee.constrain_decoder()
-                optimizers[layer].step()
-                trainee.constrain_decoder()
-                if resample_now(step + 1, seen + config.batch_tokens):
-                    resampled[layer] = resampled.get(layer, 0) + trainee.resample_dead(xb, yb, optimizers[layer], generator)
+                xb, yb, metrics[layer] = _step(trainees[layer], optimizers[layer], x[rows[layer]], y[rows[layer]], lr)
+                if _resample_now(config, step + 1, seen + config.batch_tokens):
+                    resampled[layer] = resampled.get(layer, 0) + trainees[layer].resample_dead(
+                        xb, yb, optimizers[layer], generator)
             seen += config.batch_tokens
             step += 1
             if on_step:
@@ -299,6 +266,52 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
             break
     return TrainResult(_export(trainees, config, subject.model_id, seen, step), seen,
                        time.perf_counter() - started, history, resampled)
+
+
+def _window_stream(windows: list[Window], seed: int) -> Iterator[Window]:
+    """The windows over and over, each epoch in a new order."""
+    rng = random.Random(seed)
+    while True:
+        order = windows[:]
+        rng.shuffle(order)
+        yield from order
+
+
+def _buffer_batches(buffer: dict[int, tuple[torch.Tensor, torch.Tensor]], config: TranscoderTrainConfig,
+                    generator: torch.Generator) -> Iterator[dict[int, torch.Tensor]]:
+    """Each training batch of a buffer as the rows [batch_tokens] it takes per layer.
+
+    A buffer is reused for several passes, each in a new order: the forward pass that filled it costs far more
+    than a training step. Every pass's order is drawn before the first batch.
+    """
+    n = next(iter(buffer.values()))[0].shape[0]
+    orders = {layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)]
+              for layer in buffer}
+    for epoch in range(config.passes_per_buffer):
+        for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens):
+            yield {layer: orders[layer][epoch][begin:begin + config.batch_tokens] for layer in buffer}
+
+
+def _step(trainee: _Trainee, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          lr: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimizer step on a batch of raw pairs [batch, d] (fp16): (normalised x, normalised y, metrics)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    xb = x.float() / trainee.x_scale
+    yb = y.float() / trainee.y_scale
+    loss, metrics = trainee.loss(xb, yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainee.constrain_decoder()
+    optimizer.step()
+    trainee.constrain_decoder()
+    return xb, yb, metrics
+
+
+def _resample_now(config: TranscoderTrainConfig, step: int, seen: int) -> bool:
+    # Only early on: late resets would leave features no time to learn, and the LR decay no time to settle.
+    every = config.resample_every_steps
+    return bool(every) and step % every == 0 and seen <= config.resample_until * config.n_tokens
 
 
 def _export(trainees: dict[int, _Trainee], config: TranscoderTrainConfig, model_id: str, tokens: int,
