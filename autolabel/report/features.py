@@ -8,6 +8,7 @@ whole layer of them into markup at once); token ids are decoded once per distinc
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import numpy as np
@@ -15,12 +16,14 @@ import pyarrow as pa
 import torch
 
 from autolabel.config import ReportConfig
+from autolabel.intervene.evidence import ablation_effects
 from autolabel.models import SubjectModel
 from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
 
 OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a time
 CANDIDATES = 4  # bfloat16 candidates per output token shown, re-ranked in float32
+SHOWN_PROMPTS = 4  # intervened prompts per kind on a page (intervene.prompts' default: all of a default run's)
 
 
 def feature_rows(store: Store, run_id: str) -> list[dict]:
@@ -39,6 +42,34 @@ def role_density(store: Store, run_id: str) -> dict[tuple[int, int], list[dict]]
             "density": n_active / n_tokens if n_tokens else None,
             "turn_share": n_turns_active / n_turns if n_turns else None})
     return result
+
+
+def interventions(store: Store, run_id: str, per_kind: int = SHOWN_PROMPTS) -> dict[tuple[int, int], dict]:
+    """Feature -> what `autolabel intervene` stored for it: the ablation effect where it fires (over all its
+    prompts, and over those peaking in assistant turns, the audit's measure) and its first prompts of each kind
+    (active first), each with the clean continuation and one entry per setting (ablation, then steering by
+    multiple). Only intervened features have an entry; the rows of the whole run are one query."""
+    pages: dict[tuple[int, int], dict] = {}
+    for row in store.dicts(
+            "SELECT layer, feature, prompt_kind, prompt_index, doc_id, role::VARCHAR AS role, prompt_text, act, "
+            "clean_text, setting, multiple, new_act, kl, kl_firing, n_firing, top_up, top_down, intervened_text "
+            "FROM interventions WHERE run_id = ? AND prompt_index < ? "
+            "ORDER BY layer, feature, prompt_kind, prompt_index, setting, multiple", [run_id, per_kind]):
+        page = pages.setdefault((row["layer"], row["feature"]), {"prompts": []})
+        prompts = page["prompts"]
+        if not prompts or (prompts[-1]["kind"], prompts[-1]["index"]) != (row["prompt_kind"], row["prompt_index"]):
+            prompts.append({"kind": row["prompt_kind"], "index": row["prompt_index"], "doc_id": row["doc_id"],
+                            "role": row["role"], "text": row["prompt_text"], "act": row["act"],
+                            "clean": row["clean_text"], "settings": []})
+        prompts[-1]["settings"].append({
+            "setting": row["setting"], "multiple": row["multiple"], "new_act": row["new_act"], "kl": row["kl"],
+            "kl_firing": row["kl_firing"], "n_firing": row["n_firing"], "text": row["intervened_text"],
+            "up": json.loads(row["top_up"] or "[]"), "down": json.loads(row["top_down"] or "[]")})
+    for role, name in ((None, "effect"), ("assistant", "assistant_effect")):
+        for key, effect in ablation_effects(store, run_id, role).items():
+            if key in pages:
+                pages[key][name] = effect
+    return pages
 
 
 def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int, settings: ReportConfig) -> pa.Table:

@@ -18,6 +18,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 
 from autolabel.config import ROLES
+from autolabel.intervene.evidence import CAUSAL_KL
 
 HEAT_LEVELS = 10  # token colours: activation / the feature's max, in ten steps
 
@@ -51,7 +52,7 @@ def environment() -> Environment:
                       autoescape=select_autoescape(default=True, default_for_string=True),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(number=number, percent=percent, script_json=script_json)
-    env.globals.update(page_path=page_path, heat_legend=heat_legend())
+    env.globals.update(page_path=page_path, heat_legend=heat_legend(), causal_kl=CAUSAL_KL)
     return env
 
 

@@ -115,6 +115,7 @@ class RunData:
     mapped: list[tuple]
     groups_of: dict[tuple[int, int], list[dict]]
     cluster_of: dict[tuple[int, int], dict]
+    interventions: dict[tuple[int, int], dict]  # intervened features only (page_data.interventions)
 
 
 def read_run(store: Store, run_id: str) -> RunData:
@@ -122,7 +123,7 @@ def read_run(store: Store, run_id: str) -> RunData:
                                 summary.feature_map(store, run_id))
     return RunData(summary.run_info(store, run_id), summary.feature_labels(store, run_id),
                    page_data.feature_rows(store, run_id), page_data.role_density(store, run_id), groups, clusters,
-                   mapped, *memberships(groups, clusters, mapped))
+                   mapped, *memberships(groups, clusters, mapped), page_data.interventions(store, run_id))
 
 
 def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], settings: ReportConfig, template,
@@ -150,7 +151,8 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
                                                   for ids in outputs.get(feature, ([], []))],
             nearest=None if nearest is None else [(layer, other, cosine, run.labels.get((layer, other)))
                                                   for other, cosine in nearest.get(feature, [])],
-            groups=run.groups_of.get(key, []), cluster=run.cluster_of.get(key))
+            groups=run.groups_of.get(key, []), cluster=run.cluster_of.get(key),
+            interventions=run.interventions.get(key))
         (folder / render.page_path(*key)).write_text(html, encoding="utf-8")
 
 
