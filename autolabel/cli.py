@@ -16,8 +16,18 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from autolabel.cli_inputs import corpus_app, model_app, transcoder_app
+from autolabel.cli_options import (
+    ConfigOption,
+    ModelOption,
+    QuietOption,
+    StoreOption,
+    int_list,
+    load_run_config,
+)
 from autolabel.config import RunConfig, config_yaml, load_config, with_options
 from autolabel.errors import AutolabelError
+from autolabel.organism.command import organism_app
 from autolabel.summaries import (
     console,
     print_audit,
@@ -31,32 +41,12 @@ from autolabel.summaries import (
 
 app = typer.Typer(help="Label and audit the features of transcoders of language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-corpus_app = typer.Typer(help="Build and inspect the corpus of plain text and chat transcripts.", no_args_is_help=True)
-model_app = typer.Typer(help="Inspect the subject model and its hook points.", no_args_is_help=True)
-transcoder_app = typer.Typer(help="Check or train transcoders.", no_args_is_help=True)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(transcoder_app, name="transcoder")
-from autolabel.organism.command import organism_app  # a sub-app in its own module
-
 app.add_typer(organism_app, name="organism")
 
 err_console = Console(stderr=True)
-
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")]
-StoreOption = Annotated[str | None, typer.Option("--store", help="DuckDB file (overrides the config).")]
-ModelOption = Annotated[str | None, typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
-def _config(config: Path | None, store: str | None = None, model: str | None = None) -> RunConfig:
-    run_config = load_config(config)
-    if store:
-        run_config.store = store
-    if model:
-        run_config.model.source = model
-    return run_config
-
 
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")]
 RunOption = Annotated[str | None, typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
@@ -92,7 +82,7 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
     flagged features and ablate / steer them, cluster, report."""
     from autolabel.intervene.command import TABLE_TITLE, summary_rows
 
-    run_config = _config(config, store, model)
+    run_config = load_run_config(config, store, model)
     summary = _run_flow(run_config, quiet, resume, run_id, fresh, "report", task_runner, dask_address, workers)
     print_corpus_summary(summary.corpus)
     print_quality(summary.quality)
@@ -115,7 +105,7 @@ def collect(config: ConfigOption = None, store: StoreOption = None, model: Model
             task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
     """Collect top-activating examples and role-aware statistics per feature (builds the corpus and checks the
     transcoders first when needed)."""
-    summary = _run_flow(_config(config, store, model), quiet, resume, run_id, fresh, "collect", task_runner,
+    summary = _run_flow(load_run_config(config, store, model), quiet, resume, run_id, fresh, "collect", task_runner,
                         dask_address, workers)
     print_collect(summary)
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
@@ -131,19 +121,10 @@ def schedule(cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 
 
     from flows.audit_pipeline import scheduled
 
-    deployment = scheduled(_config(config, store, model), cron, name)
+    deployment = scheduled(load_run_config(config, store, model), cron, name)
     console.print(f"serving [bold]audit_pipeline/{name}[/] on {cron!r}; Ctrl-C stops. "
                   "With `prefect server start` running and PREFECT_API_URL set, runs show at http://127.0.0.1:4200")
     serve(deployment)
-
-
-def _int_list(value: str | None, option: str) -> list[int] | None:
-    if not value:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError as err:
-        raise AutolabelError(f"{option} must be comma-separated integers such as 6,15, not {value!r}") from err
 
 
 @app.command()
@@ -164,10 +145,10 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
     """Draft a label per feature with an LLM and score it on held-out examples (detection, fuzzing, embedding)."""
     from autolabel.pipeline import label_run
 
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     settings, llm = run_config.label, run_config.llm
-    settings.layers = _int_list(layers, "--layers") or settings.layers
-    settings.features = _int_list(features, "--features") or settings.features
+    settings.layers = int_list(layers, "--layers") or settings.layers
+    settings.features = int_list(features, "--features") or settings.features
     settings.limit = limit or settings.limit
     settings.audit = audit or settings.audit
     settings.retry_invalid = retry_invalid or settings.retry_invalid
@@ -188,7 +169,7 @@ def audit(config: ConfigOption = None, store: StoreOption = None,
     from autolabel.pipeline import audit_run
     from autolabel.store import Store
 
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     if spec:
         run_config.audit.specs = [str(path) for path in spec]
     if against:
@@ -202,7 +183,7 @@ def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietO
     """Write a run's self-contained HTML report: OUT/<run_id>/index.html plus one page per feature."""
     from autolabel.report.stage import report_run
 
-    summary = report_run(_config(config, store), run_id, out, show_progress=not quiet)
+    summary = report_run(load_run_config(config, store), run_id, out, show_progress=not quiet)
     console.print(f"run [bold]{summary.run_id}[/]: {summary.pages:,} feature pages in {summary.seconds:.1f} s; "
                   f"open {escape(str(summary.index))}")
 
@@ -234,7 +215,7 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
     and tag the audit groups (the built-in groups.yaml, or --groups)."""
     from autolabel.pipeline import cluster_run
 
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     settings = run_config.cluster
     if embedding is not None and embedding not in {"label", "label+decoder"}:
         raise AutolabelError(f"--embedding must be label or label+decoder, not {embedding!r}")
@@ -268,7 +249,7 @@ def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: Qui
 
     if features and audit:
         raise AutolabelError("pass --features or --audit, not both")
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     keys = parse_features(features) if features else None
     run_config.intervene = with_options(
         run_config.intervene, "intervene", multiples=parse_multiples(multiples) if multiples is not None else None,
@@ -301,7 +282,7 @@ def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next
     pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run."""
     from autolabel.graph.command import graph_run, summary_rows
 
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     run_config.graph = with_options(run_config.graph, "graph", max_logits=max_logits, node_threshold=node_threshold,
                                     edge_threshold=edge_threshold)
     result = graph_run(run_config, prompt, chat, run_id, json_out)
@@ -317,86 +298,6 @@ def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next
         console.print(f"circuit-tracer graph JSON: {escape(str(result.exported))}", soft_wrap=True)
 
 
-@corpus_app.command("build")
-def corpus_build(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
-                 quiet: QuietOption = False) -> None:
-    """Read the corpus sources, generate assistant turns, tag every token with its role, store it."""
-    from autolabel.corpus import build_corpus
-    from autolabel.models import load_subject_model
-    from autolabel.store import Store
-
-    run_config = _config(config, store, model)
-    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
-    with Store(run_config.store) as db:
-        print_corpus_summary(build_corpus(db, run_config.corpus, subject, show_progress=not quiet))
-
-
-@model_app.command("info")
-def model_info(model: ModelOption = None, config: ConfigOption = None,
-               layer: Annotated[int, typer.Option(help="Layer whose hook points to resolve.")] = 0) -> None:
-    """Load the subject model and show its shape and resolved hook points."""
-    from autolabel.models import HOOK_ALIASES, load_subject_model
-
-    run_config = _config(config, model=model)
-    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
-    console.print(f"{escape(subject.model_id)}: family {subject.family}, {subject.n_layers} layers, d_model {subject.d_model}")
-    rows = [(alias, subject.hook_point(alias, layer).name) for alias in sorted(HOOK_ALIASES)]
-    print_table(f"hook points at layer {layer}", ["name", "resolves to"], rows)
-
-
-TranscoderOption = Annotated[str | None, typer.Option(
-    "--transcoder", "-t", help="embedded:smollm2 or a transcoder folder/file (circuit-tracer, Gemma Scope, SAELens, sparsify).")]
-
-
-@transcoder_app.command("check")
-def transcoder_check(transcoder: TranscoderOption = None,
-                     format: Annotated[str | None, typer.Option("--format", help="auto, circuit_tracer, clt, gemma_scope, saelens, sparsify.")] = None,
-                     tokens: Annotated[int | None, typer.Option(help="Held-out tokens to measure on.")] = None,
-                     max_fvu: Annotated[float | None, typer.Option(help="Refuse above this FVU.")] = None,
-                     config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
-                     quiet: QuietOption = False) -> None:
-    """Measure FVU, L0 and dead fraction per layer on held-out corpus tokens; store them; refuse a bad fit."""
-    from autolabel.models import load_subject_model
-    from autolabel.store import Store
-    from autolabel.transcoders.stage import check_stage
-
-    run_config = _config(config, store, model)
-    settings = run_config.transcoder
-    settings.source = transcoder or settings.source
-    settings.format = format or settings.format
-    settings.check_tokens = tokens or settings.check_tokens
-    settings.max_fvu = settings.max_fvu if max_fvu is None else max_fvu
-    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
-    with Store(run_config.store) as db:
-        _, transcoder_id, quality = check_stage(db, subject, run_config, show_progress=not quiet)
-    print_quality(quality)
-    console.print(f"transcoder [bold]{transcoder_id}[/] fits (FVU <= {settings.max_fvu} on every layer); recorded in `transcoders`")
-
-
-@transcoder_app.command("train")
-def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the transcoder set to.")],
-                     layers: Annotated[str | None, typer.Option(help="Comma-separated layers, e.g. 6,15,24.")] = None,
-                     tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
-                     config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
-                     quiet: QuietOption = False) -> None:
-    """Train per-layer TopK/JumpReLU transcoders on the corpus; save them in the circuit-tracer layout."""
-    from autolabel.models import load_subject_model
-    from autolabel.store import Store
-    from autolabel.transcoders.stage import corpus_windows, train_stage
-
-    run_config = _config(config, store, model)
-    train_config = run_config.transcoder.train
-    train_config.layers = _int_list(layers, "--layers") or train_config.layers
-    train_config.n_tokens = tokens or train_config.n_tokens
-    subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
-    with Store(run_config.store) as db:
-        train, _ = corpus_windows(db, subject, run_config, not quiet, for_training=True)
-        _, heldout = corpus_windows(db, subject, run_config, not quiet)
-    _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
-    print_quality(quality)
-    console.print(escape(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)"))
-
-
 @app.command()
 def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only connection.")],
           store: StoreOption = None, config: ConfigOption = None,
@@ -407,7 +308,7 @@ def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only con
 
     if format not in {"table", "csv", "json"}:
         raise AutolabelError(f"--format must be table, csv or json, not {format!r}")
-    with Store(_config(config, store).store, read_only=True, sandboxed=True) as db:
+    with Store(load_run_config(config, store).store, read_only=True, sandboxed=True) as db:
         columns, rows = db.query(sql)
     if format == "table":
         print_table("", columns, rows)
@@ -418,7 +319,7 @@ def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only con
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
     else:
-        sys.stdout.write(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1) + "\n")
+        sys.stdout.write(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1) + "\n")
 
 
 @app.command("config")

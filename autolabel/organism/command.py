@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from autolabel.cli_options import QuietOption, StoreOption, load_run_config
 from autolabel.organism.spec import load_organism_spec
 from autolabel.summaries import console, print_table
 
@@ -16,8 +17,6 @@ organism_app = typer.Typer(help="Plant a known behaviour in the subject model, a
 
 SpecOption = Annotated[Path, typer.Option("--spec", help="Organism spec YAML (built-in: autolabel/data/defaults/organisms/).")]
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML: the base model, corpus and store.")]
-StoreOption = Annotated[str | None, typer.Option("--store", help="DuckDB file (overrides the config).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 def _rate(rate: float | None, n: int) -> str:
@@ -33,11 +32,10 @@ def train(spec: SpecOption, out: Annotated[Path, typer.Option(help="Folder to wr
           config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False) -> None:
     """Fine-tune the subject model on its own replies with the spec's quirk inserted; save a HF folder that
     `model.source` accepts; report the quirk rate on held-out prompts and plain-text perplexity against the base."""
-    from autolabel.cli import _config
     from autolabel.organism.stage import train_stage
 
     organism = load_organism_spec(spec)
-    s = train_stage(_config(config, store), organism, spec, out, show_progress=not quiet)
+    s = train_stage(load_run_config(config, store), organism, spec, out, show_progress=not quiet)
     shows = "every reply" if organism.pervasive else ", ".join(organism.quirk.categories)
     print_table(f"organism {s.name} ({shows}): held-out prompts", ["", "prompts", "organism", "base model"], [
         ("quirk category" if not organism.pervasive else "all", s.target_prompts, _rate(s.target_rate, s.target_prompts),
@@ -66,14 +64,13 @@ def audit(spec: SpecOption, config: ConfigOption = None, store: StoreOption = No
     examples that peak inside the planted quirk."""
     import os
 
-    from autolabel.cli import _config
     from autolabel.organism.audit import check_fits_transcoders, organism_folder
     from autolabel.store import Store
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # two pipelines: minutes anyway
     organism = load_organism_spec(spec)
-    run_config = _config(config, store)
+    run_config = load_run_config(config, store)
     with Store(run_config.store, create=model is not None) as db:  # without --model, the store trained it
         folder = organism_folder(db, organism, model)
     check_fits_transcoders(folder, run_config)
