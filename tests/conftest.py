@@ -1,10 +1,12 @@
 """Shared fixtures: the real SmolLM2 tokenizer (from the embedded GGUF, converted
-once per session) and tiny random models built from transformers configs, so no
-test downloads anything."""
+once per session), tiny random models built from transformers configs, so no
+test downloads anything, and the fixtures more than one test module uses. Their
+helpers stay with the tests they belong to (test_collect, test_store)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,10 @@ def prefect_api() -> str:
     The flow module is imported here, before any test's capsys: Prefect's console log handler keeps
     the stderr it first sees, which must outlive a single test.
     """
-    import flows.audit_pipeline  # noqa: F401
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
+
+    import flows.audit_pipeline  # noqa: F401
 
     with prefect_test_harness():
         yield PREFECT_API_URL.value()
@@ -81,3 +84,69 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     strict.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def filled_store(tmp_path) -> Path:
+    """A store holding a two-document corpus `c1`."""
+    from test_store import doc_rows
+
+    from autolabel.store import Store
+
+    path = tmp_path / "s.duckdb"
+    with Store(path) as store:
+        store.write_shard("c1", "corpus", "docs-0", doc_rows("c1", ["a", "b"]))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model_dir, cache_dir):
+    """A whole run's RunConfig on the tiny model (test_collect.tiny_run_config)."""
+    from test_collect import tiny_run_config
+
+    from autolabel.config import RunConfig
+
+    return RunConfig.model_validate(tiny_run_config(tmp_path, tiny_model_dir, cache_dir))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, tiny_subject) -> tuple:
+    """The collection tests' corpus: (store path, corpus_id, windows). A module may bring its own."""
+    from test_collect import file_corpus, write_corpus
+
+    folder = tmp_path_factory.mktemp("collect")
+    write_corpus(folder / "docs.jsonl")
+    return file_corpus(folder, tiny_subject, ctx_len=48)
+
+
+@pytest.fixture(scope="session")
+def built_once() -> Callable:
+    """`built_once(name, corpus, build)`: what `build()` returned the first time this session asked for `name`
+    on this corpus, so modules sharing a corpus share its transcoder and collection, and a module with its
+    own `corpus` (test_report) gets its own."""
+    built: dict[tuple[str, str], object] = {}
+
+    def once(name: str, corpus: tuple, build: Callable[[], object]):
+        key = (name, str(corpus[0]))
+        if key not in built:
+            built[key] = build()
+        return built[key]
+
+    return once
+
+
+@pytest.fixture(scope="module")
+def planted(corpus, tiny_subject, built_once):
+    """(transcoder set, target token ids): test_collect.plant on this module's corpus."""
+    from test_collect import plant
+
+    return built_once("planted", corpus, lambda: plant(corpus, tiny_subject))
+
+
+@pytest.fixture(scope="module")
+def collected(corpus, tiny_subject, planted, built_once):
+    """(run_id, summary) of collecting this module's corpus with the planted transcoder."""
+    from test_collect import collect
+
+    store_path, corpus_id, _ = corpus
+    return built_once("collected", corpus, lambda: collect(store_path, corpus_id, tiny_subject, planted[0]))

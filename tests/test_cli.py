@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-from test_store import doc_rows
 
 from autolabel import cli
 from autolabel.config import RunConfig, load_config
@@ -32,14 +31,6 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 def test_every_command_has_help(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Usage" in out
-
-
-@pytest.fixture
-def filled_store(tmp_path):
-    path = tmp_path / "s.duckdb"
-    with Store(path) as store:
-        store.write_shard("c1", "corpus", "docs-0", doc_rows("c1", ["a", "b"]))
-    return path
 
 
 def test_query_formats(monkeypatch, capsys, filled_store):

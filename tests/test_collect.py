@@ -57,13 +57,6 @@ def file_corpus(folder, subject, ctx_len: int) -> tuple:
     return folder / "s.duckdb", corpus_id, windows
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tiny_subject):
-    folder = tmp_path_factory.mktemp("collect")
-    write_corpus(folder / "docs.jsonl")
-    return file_corpus(folder, tiny_subject, ctx_len=48)
-
-
 def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: CollectConfig):
     """(window, [len, d_feat] activations) for every window, through the same batches collection runs."""
     with Store(store_path) as store:
@@ -96,9 +89,9 @@ def detector(raw: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, float]:
     return direction, -float((outside @ direction).max())
 
 
-@pytest.fixture(scope="module")
-def planted(corpus, tiny_subject):
-    """A ReLU transcoder whose features are built from the model's own activations to fire on known things."""
+def plant(corpus: tuple, tiny_subject) -> tuple[TranscoderSet, list[int]]:
+    """A ReLU transcoder whose features are built from the model's own activations to fire on known things
+    (the `planted` fixture): (transcoder set, target token ids)."""
     _, _, windows = corpus
     tokenizer = tiny_subject.tokenizer
     raw, ids, _ = mlp_inputs(tiny_subject, windows)  # [N, 32], [N]
@@ -129,13 +122,6 @@ def collect(store_path, corpus_id, subject, tset, config=CONFIG, **kwargs) -> tu
                                      **kwargs)
 
 
-@pytest.fixture(scope="module")
-def collected(corpus, tiny_subject, planted):
-    store_path, corpus_id, _ = corpus
-    run_id, summary = collect(store_path, corpus_id, tiny_subject, planted[0])
-    return run_id, summary
-
-
 def reference(pairs, config: CollectConfig):
     """Everything collection keeps, from all activations held at once and sorted outright."""
     bins, T = LogBins(config.bins_per_octave, config.octaves), config.example_tokens
@@ -145,7 +131,7 @@ def reference(pairs, config: CollectConfig):
     F = per_window[0].shape[1]
     tokens = torch.cat([a[1:] for a in per_window])  # [N, F], every window's first token left out
     roles = np.concatenate([w.roles[1:] for w in windows])
-    turn_of = [(w.doc_id, int(t), int(r)) for w in windows for t, r in zip(w.turns[1:], w.roles[1:])]
+    turn_of = [(w.doc_id, int(t), int(r)) for w in windows for t, r in zip(w.turns[1:], w.roles[1:], strict=True)]
     category = [w.category for w in windows for _ in range(len(w.token_ids) - 1)]
     exponent = bins.exponent_of(tokens.amax(0).clamp_min(1e-30))
 
@@ -154,8 +140,8 @@ def reference(pairs, config: CollectConfig):
     for r, name in enumerate(ROLES):
         mask = torch.from_numpy(roles == r)
         by_role[name] = (int(mask.sum()), (tokens[mask] > 0).sum(0), tokens[mask].double().sum(0))
-    for key in set(zip(category, roles.tolist())):
-        mask = torch.tensor([c == key[0] and r == key[1] for c, r in zip(category, roles.tolist())])
+    for key in set(zip(category, roles.tolist(), strict=True)):
+        mask = torch.tensor([c == key[0] and r == key[1] for c, r in zip(category, roles.tolist(), strict=True)])
         by_group[key] = (int(mask.sum()), (tokens[mask] > 0).sum(0))
     for i, key in enumerate(turn_of):
         turns[(category[i], key)] |= tokens[i] > 0
@@ -259,7 +245,7 @@ def test_collection_equals_brute_force_reference(corpus, tiny_subject, planted, 
         expected = [(None, rank, c[3].doc_id, c[3].start + c[4], c[3].token_ids[c[4]:c[4] + c[5]].tolist(), c[7].tolist(), c[1])
                     for rank, c in enumerate(ref["top"][f])]
         assert [e[:5] for e in got[(f, "top")]] == [e[:5] for e in expected], f"top examples of feature {f}"
-        for row, e in zip(got[(f, "top")], expected):
+        for row, e in zip(got[(f, "top")], expected, strict=True):
             # Context activations are kept in bfloat16 (3 significant digits); the peak in float32.
             assert row[5] == pytest.approx(e[5], rel=1e-2, abs=1e-6) and row[6] == pytest.approx(e[6])
         expected_q = [(q, rank, c[3].doc_id, c[3].start + c[4]) for q, rank, c in ref["quantile"][f]]

@@ -6,15 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_collect import TABLES, table, tiny_run_config
+from test_collect import TABLES, table
 
 from autolabel.config import RunConfig
 from autolabel.store import Store
-
-
-@pytest.fixture
-def config(tmp_path, tiny_model_dir, cache_dir) -> RunConfig:
-    return RunConfig.model_validate(tiny_run_config(tmp_path, tiny_model_dir, cache_dir))
 
 
 def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(config, prefect_api):
@@ -186,14 +181,14 @@ def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefe
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from flows.audit_pipeline import audit_pipeline, scatter_labels
     from autolabel.config import LabelConfig, LLMConfig
     from autolabel.pipeline import label_run
+    from flows.audit_pipeline import audit_pipeline, scatter_labels
 
     run_id = audit_pipeline(config, until="collect", show_progress=False).run_id
     settings = config.model_copy(update={
         "label": LabelConfig(layers=[1], features=list(range(6)), min_examples=2, explain_top=3, explain_quantile=1,
-                             score_examples=4, output_tokens=3, features_per_shard=2, scorers=["detection"]),
+                             score_examples=6, output_tokens=3, features_per_shard=2, scorers=["detection"]),
         "llm": LLMConfig(max_tokens=160, concurrency=1)})
 
     @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True}))

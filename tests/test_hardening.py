@@ -13,8 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from test_cli import filled_store, run_cli  # noqa: F401 (fixture)
-from test_flows import config  # noqa: F401 (fixture)
+from test_cli import run_cli
 
 from autolabel.progress import LogProgress, progress_bar
 from autolabel.store import Store
@@ -129,7 +128,7 @@ def test_an_open_waits_for_another_process_lock_then_gives_a_clear_error(filled_
         Store(filled_store)
 
 
-def test_run_waits_for_a_query_and_ends_complete_with_a_report_that_says_so(config, prefect_api):  # noqa: F811
+def test_run_waits_for_a_query_and_ends_complete_with_a_report_that_says_so(config, prefect_api):
     from flows.audit_pipeline import audit_pipeline
 
     audit_pipeline(config, until="collect", show_progress=False)  # the store exists, the corpus is built
@@ -146,10 +145,11 @@ def test_run_waits_for_a_query_and_ends_complete_with_a_report_that_says_so(conf
     assert "<dt>status</dt><dd>complete" in index and "running" not in index
 
 
-def test_a_killed_fresh_collection_resumes_by_collecting_not_from_the_cache(config, prefect_api, monkeypatch):  # noqa: F811
+def test_a_killed_fresh_collection_resumes_by_collecting_not_from_the_cache(config, prefect_api, monkeypatch):
+    from test_collect import TABLES, table
+
     from autolabel.collect import stage as collect_stage
     from flows.audit_pipeline import audit_pipeline
-    from test_collect import TABLES, table
 
     cached = audit_pipeline(config, until="collect", show_progress=False)
     real_run_shard, calls = collect_stage.run_shard, []
@@ -182,9 +182,10 @@ def test_a_killed_fresh_collection_resumes_by_collecting_not_from_the_cache(conf
 
 
 def test_the_corpus_id_depends_on_file_contents_not_where_they_lie(tmp_path):
+    from test_collect import write_corpus
+
     from autolabel.config import CorpusConfig
     from autolabel.corpus.build import corpus_id_for
-    from test_collect import write_corpus
 
     here, there = tmp_path / "a", tmp_path / "elsewhere" / "b"
     here.mkdir()
