@@ -119,34 +119,61 @@ def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, 
                  state: LayerState, docs_per_read: int = 256) -> pa.Table:
     """Top, quantile and random examples of every feature, with their tokens read back from the corpus."""
     T = state.config.example_tokens
-    order = state.top_order()  # [K, F] slots best first
-    top_rank, top_feature = (state.tensors.top_value.gather(0, order) > float("-inf")).nonzero(as_tuple=True)
-    top_slot = order[top_rank, top_feature]
-    q_bin, q_rank, g, p, q_feature = quantile_samples(state)
-    neg_slot, neg_feature = (state.tensors.neg_prio != EMPTY_KEY).nonzero(as_tuple=True)
-    top_value, q_value = state.tensors.top_value[top_slot, top_feature], state.tensors.res_value[g, p, q_feature]
-    parts = [  # kind, rank, bin, feature, context key, context length, activations [n, T]
-        ("top", top_rank, None, top_feature, state.tensors.top_ctx[top_slot, top_feature],
-         state.tensors.top_len[top_slot, top_feature], state.tensors.top_acts[top_slot, top_feature]),
-        ("quantile", q_rank, q_bin, q_feature, state.tensors.res_ctx[g, p, q_feature], state.tensors.res_len[g, p, q_feature],
-         state.tensors.res_acts[g, p, q_feature]),
-        ("random", neg_slot, None, neg_feature, state.tensors.neg_ctx[neg_slot, neg_feature],
-         state.tensors.neg_len[neg_slot, neg_feature], torch.zeros(len(neg_slot), T)),
-    ]
-    kind = np.concatenate([np.full(len(part[1]), part[0]) for part in parts])
-    rank = torch.cat([part[1] for part in parts]).numpy()
-    bins = np.concatenate([part[2].numpy() if part[2] is not None else np.full(len(part[1]), -1) for part in parts])
-    feature = torch.cat([part[3] for part in parts]).numpy()
-    ctx = torch.cat([part[4] for part in parts]).numpy()
-    length = torch.cat([part[5] for part in parts]).numpy()
-    acts = torch.cat([part[6].float() for part in parts]).numpy()  # [n, T]
+    kind, rank, bins, feature, ctx, length, acts, max_act = _kept_examples(state)
     ordinal, start = ctx >> POS_BITS, ctx & ((1 << POS_BITS) - 1)
     peak = np.where(kind == "random", 0, acts.argmax(1))
+    tokens, role, turn = _read_contexts(store, corpus_id, doc_ids, ordinal, start, peak, T, docs_per_read)
+    inside = np.arange(T)[None, :] < length[:, None]
+    n = len(ctx)
+    return pa.table({
+        "run_id": pa.array([run_id] * n), "layer": pa.array(np.full(n, layer, dtype=np.int32)),
+        "feature": pa.array(feature.astype(np.int32)), "kind": pa.array(kind), "rank": pa.array(rank.astype(np.int32)),
+        "bin": pa.array(bins.astype(np.int32), mask=bins < 0),
+        "doc_id": pa.array([doc_ids[i] for i in ordinal], type=pa.string()),
+        "turn": pa.array(turn.astype(np.int32)), "role": pa.array(np.array(ROLES)[role]),
+        "start": pa.array(start.astype(np.int32)),
+        "tokens": _list_column(tokens[inside], length, pa.int32()),
+        "acts": _list_column(acts[inside].astype(np.float32), length, pa.float32()),
+        "max_act": max_act,
+    })
 
-    # Tokens, and the role and turn at the peak, from the corpus, a few documents at a time.
-    tokens = np.zeros((len(ctx), T), dtype=np.int32)
-    role = np.zeros(len(ctx), dtype=np.int64)
-    turn = np.zeros(len(ctx), dtype=np.int64)
+
+def _kept_examples(state: LayerState) -> tuple[np.ndarray, ...]:
+    """Every kept example of the layer, top then quantile then random, as parallel arrays [n]: kind, rank, bin
+    (-1: none), feature, context key, context length, activations [n, T], peak activation."""
+    T = state.config.example_tokens
+    tensors = state.tensors
+    order = state.top_order()  # [K, F] slots best first
+    top_rank, top_feature = (tensors.top_value.gather(0, order) > float("-inf")).nonzero(as_tuple=True)
+    top_slot = order[top_rank, top_feature]
+    q_bin, q_rank, g, p, q_feature = quantile_samples(state)
+    neg_slot, neg_feature = (tensors.neg_prio != EMPTY_KEY).nonzero(as_tuple=True)
+    top_value, q_value = tensors.top_value[top_slot, top_feature], tensors.res_value[g, p, q_feature]
+    parts = [  # kind, rank, bin, feature, context key, context length, activations [n, T]
+        ("top", top_rank, None, top_feature, tensors.top_ctx[top_slot, top_feature],
+         tensors.top_len[top_slot, top_feature], tensors.top_acts[top_slot, top_feature]),
+        ("quantile", q_rank, q_bin, q_feature, tensors.res_ctx[g, p, q_feature], tensors.res_len[g, p, q_feature],
+         tensors.res_acts[g, p, q_feature]),
+        ("random", neg_slot, None, neg_feature, tensors.neg_ctx[neg_slot, neg_feature],
+         tensors.neg_len[neg_slot, neg_feature], torch.zeros(len(neg_slot), T)),
+    ]
+    return (np.concatenate([np.full(len(part[1]), part[0]) for part in parts]),
+            torch.cat([part[1] for part in parts]).numpy(),
+            np.concatenate([part[2].numpy() if part[2] is not None else np.full(len(part[1]), -1) for part in parts]),
+            torch.cat([part[3] for part in parts]).numpy(),
+            torch.cat([part[4] for part in parts]).numpy(),
+            torch.cat([part[5] for part in parts]).numpy(),
+            torch.cat([part[6].float() for part in parts]).numpy(),  # [n, T]
+            torch.cat([top_value, q_value, torch.zeros(len(neg_slot))]).double().numpy())
+
+
+def _read_contexts(store: Store, corpus_id: str, doc_ids: list[str], ordinal: np.ndarray, start: np.ndarray,
+                   peak: np.ndarray, T: int, docs_per_read: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [n, T], role code at the peak [n], turn at the peak [n]) of each example, read from the corpus a
+    few documents at a time (positions past a document's end repeat its last token)."""
+    tokens = np.zeros((len(ordinal), T), dtype=np.int32)
+    role = np.zeros(len(ordinal), dtype=np.int64)
+    turn = np.zeros(len(ordinal), dtype=np.int64)
     order = np.argsort(ordinal, kind="stable")
     sorted_ordinals = ordinal[order]
     wanted = np.unique(ordinal)
@@ -162,17 +189,4 @@ def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, 
             positions = np.minimum(start[here, None] + np.arange(T)[None, :], len(ids) - 1)
             tokens[here] = ids[positions]
             role[here], turn[here] = codes[start[here] + peak[here]], turns[start[here] + peak[here]]
-
-    inside = np.arange(T)[None, :] < length[:, None]
-    n = len(ctx)
-    return pa.table({
-        "run_id": pa.array([run_id] * n), "layer": pa.array(np.full(n, layer, dtype=np.int32)),
-        "feature": pa.array(feature.astype(np.int32)), "kind": pa.array(kind), "rank": pa.array(rank.astype(np.int32)),
-        "bin": pa.array(bins.astype(np.int32), mask=bins < 0),
-        "doc_id": pa.array([doc_ids[i] for i in ordinal], type=pa.string()),
-        "turn": pa.array(turn.astype(np.int32)), "role": pa.array(np.array(ROLES)[role]),
-        "start": pa.array(start.astype(np.int32)),
-        "tokens": _list_column(tokens[inside], length, pa.int32()),
-        "acts": _list_column(acts[inside].astype(np.float32), length, pa.float32()),
-        "max_act": torch.cat([top_value, q_value, torch.zeros(len(neg_slot))]).double().numpy(),
-    })
+    return tokens, role, turn
