@@ -142,7 +142,8 @@ def main() -> None:
               f"{fmt(r['prompt_tokens'], '.0f'):>11}{fmt(r['detection'], '.2f'):>8}{fmt(r['fuzzing'], '.2f'):>7}")
     if len(rows) == 2:
         ours, theirs = rows.values()
-        print(f"\nautolabel takes {ours['seconds_per_feature'] / theirs['seconds_per_feature']:.2f}x delphi's seconds per feature")
+        ratio = ours["seconds_per_feature"] / theirs["seconds_per_feature"]
+        print(f"\nautolabel takes {ratio:.2f}x delphi's seconds per feature")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,8 @@ def main() -> None:
         return
     started = time.perf_counter()
     run_id = build(args.workdir, args.layers, args.features)
-    print(f"synthetic run {run_id}: {args.layers} x {args.features} features, built in {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    print(f"synthetic run {run_id}: {args.layers} x {args.features} features, built in {seconds:.0f} s")
     results = {}
     for kind in ("query", "tokenizer", "full"):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--workdir", str(args.workdir), "--run", run_id],

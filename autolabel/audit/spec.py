@@ -1,4 +1,5 @@
-"""Audit specs: YAML files (the built-in one in autolabel/data/defaults/, yours anywhere) that name an audit, its metrics and its flag thresholds."""
+"""Audit specs: YAML files (the built-in one in autolabel/data/defaults/, yours anywhere) that name an audit, its
+metrics and its flag thresholds."""
 
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def hook_of(name: str, path: Path, field: str) -> tuple[str, int | None]:
 
 def select_layers(found: dict[int, object], layers: list[int] | None, where: Path, pattern: str,
             expected: list[int] | None = None) -> dict[int, object]:
-    """The requested layers; with none requested, every layer in `expected` must be present (a gap is a failed download)."""
+    """The requested layers; with none requested, every layer in `expected` must be present (a gap is a failed
+    download)."""
     if not found:
         raise AutolabelError(f"{where} holds no transcoder files ({pattern.format(i='<L>')}); expected one of: {EXPECTED_FILES}")
     if layers is None:
