@@ -117,10 +117,11 @@ def _hub_offline() -> bool:
 class SubjectModel:
     """A causal LM with its tokenizer, its decoder layers, and hook-point resolution."""
 
-    def __init__(self, model: nn.Module, tokenizer, model_id: str):
+    def __init__(self, model: nn.Module, tokenizer, model_id: str, gguf: Path | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.gguf = gguf  # the GGUF file the weights came from, which llama.cpp can serve; None for a HF folder
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # "float32" or "bfloat16"
         self.family = model.config.model_type
         self.n_layers = model.config.num_hidden_layers
@@ -243,8 +244,10 @@ def load_subject_model(source: str, cache_dir: str | Path, dtype: str = "float32
 
     cache_dir = Path(cache_dir)
     torch_dtype = getattr(torch, dtype)
+    gguf = None
     if source.startswith("embedded:"):
-        folder, model_id = convert_gguf(embedded_gguf(source.split(":", 1)[1]), cache_dir), source
+        gguf = embedded_gguf(source.split(":", 1)[1])
+        folder, model_id = convert_gguf(gguf, cache_dir), source
     elif source.endswith(".gguf"):
         gguf = Path(source).expanduser()
         if not gguf.is_file():
@@ -273,4 +276,4 @@ def load_subject_model(source: str, cache_dir: str | Path, dtype: str = "float32
             f"(offline or unknown id: {err.__class__.__name__}). Pass a local HF folder or .gguf "
             f"file with --model PATH, or use embedded:smollm2"
         ) from err
-    return SubjectModel(model, tokenizer, model_id)
+    return SubjectModel(model, tokenizer, model_id, gguf)

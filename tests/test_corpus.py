@@ -9,8 +9,10 @@ import pytest
 from autolabel.config import CorpusConfig, GenerationConfig, SourceConfig
 from autolabel.corpus import ROLE_NAMES, build_corpus, iter_windows
 from autolabel.corpus.documents import load_file_documents
+from autolabel.corpus.generate import gguf_digest
 from autolabel.corpus.sources import BUILTIN_SOURCES, load_source
 from autolabel.errors import AutolabelError
+from autolabel.models import load_subject_model
 from autolabel.store import SCHEMA, Store
 
 
@@ -150,3 +152,42 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_subject):
             build_corpus(store, CorpusConfig(sources=[SourceConfig(name="prompts", path=str(prompts))]),
                          tiny_subject, show_progress=False)
         assert store.one("SELECT count(*) FROM documents")[0] == 0
+
+
+def generation_rows(store) -> list[tuple[str, str]]:
+    return [(json.loads(params).get("backend", "transformers"), response) for params, response in store.rows(
+        "SELECT params_json, response FROM generations ORDER BY params_json")]
+
+
+def test_llama_cpp_writes_replies_of_a_gguf_model_and_the_corpus_id_names_it(tmp_path, smollm2):
+    """SmolLM2 came from its GGUF, so llama.cpp serves that file and writes the reply; transformers' reply
+    (on request) is another corpus and another cache row, and neither build is redone."""
+    with Store(tmp_path / "s.duckdb") as store:
+        by_llama = build_corpus(store, small_config(tmp_path), smollm2, show_progress=False)
+        assert by_llama.generated == 1
+        ((backend, reply),) = generation_rows(store)
+        assert backend == "llama.cpp" and reply
+        params = json.loads(store.one("SELECT params_json FROM generations")[0])
+        assert params["gguf"] == gguf_digest(smollm2.gguf)
+        messages = json.loads(store.one("SELECT messages_json FROM documents WHERE doc_id = 'chats:c1'")[0])
+        assert messages[-1] == {"role": "assistant", "content": reply}
+        assert build_corpus(store, small_config(tmp_path), smollm2, show_progress=False).reused
+
+        by_hf = small_config(tmp_path)
+        by_hf.generation.backend = "transformers"
+        summary = build_corpus(store, by_hf, smollm2, show_progress=False)
+        assert summary.corpus_id != by_llama.corpus_id and summary.generated == 1
+        assert [b for b, _ in generation_rows(store)] == ["llama.cpp", "transformers"]
+        assert build_corpus(store, by_hf, smollm2, show_progress=False).reused
+
+
+def test_a_model_from_a_hf_folder_gets_transformers_replies(tmp_path, tiny_model_dir, cache_dir):
+    subject = load_subject_model(str(tiny_model_dir), cache_dir)
+    assert subject.gguf is None
+    with Store(tmp_path / "s.duckdb") as store:
+        assert build_corpus(store, small_config(tmp_path), subject, show_progress=False).generated == 1
+        assert [b for b, _ in generation_rows(store)] == ["transformers"]
+        forced = small_config(tmp_path)
+        forced.generation.backend = "llama.cpp"
+        with pytest.raises(AutolabelError, match="corpus.generation.backend is llama.cpp.*not loaded from a GGUF"):
+            build_corpus(store, forced, subject, show_progress=False)

@@ -3,8 +3,9 @@ tokens with roles -> the store, in resumable shards.
 
 The corpus is identified by a hash of everything that shapes it (sources and
 their file fingerprints or package versions, context length, generation
-parameters, model), so a second build of the same corpus does no work and a
-changed input makes a new corpus instead of silently mixing two.
+parameters and the backend and GGUF that write replies, model), so a second
+build of the same corpus does no work and a changed input makes a new corpus
+instead of silently mixing two.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from autolabel.config import CorpusConfig, SourceConfig
 from autolabel.corpus.documents import Document
-from autolabel.corpus.generate import add_assistant_replies
+from autolabel.corpus.generate import add_assistant_replies, reply_params
 from autolabel.corpus.roles import ROLE_NAMES, render_chat, tokenize_document
 from autolabel.corpus.sources import load_source, prompt_folder
 from autolabel.errors import AutolabelError
@@ -54,11 +55,14 @@ def _fingerprint(source: SourceConfig) -> str:
     return hash_path(Path(source.path)) if source.path and Path(source.path).exists() else ""
 
 
-def corpus_id_for(config: CorpusConfig, model_id: str) -> str:
+def corpus_id_for(config: CorpusConfig, model_id: str, replies: dict | None = None) -> str:
     """Paths are left out (their files' contents are in `inputs`): the same corpus read from another
-    checkout, a CI clone or a scheduled run's folder is the same corpus, with the same id."""
+    checkout, a CI clone or a scheduled run's folder is the same corpus, with the same id. `replies`: what
+    wrote the assistant turns (generate.reply_params: backend and GGUF), when the model writes any."""
     settings = config.model_dump(mode="json", exclude={"sources": {"__all__": {"path"}}})
     spec = {"config": settings, "model": model_id, "inputs": [_fingerprint(s) for s in config.sources]}
+    if replies is not None:
+        spec["replies"] = replies
     return "corpus-" + hashlib.sha256(to_json(spec).encode()).hexdigest()[:12]
 
 
@@ -83,7 +87,8 @@ def summarize(store: Store, corpus_id: str, generated: int = 0, reused: bool = F
 
 
 def build_corpus(store: Store, config: CorpusConfig, subject: SubjectModel, show_progress: bool = True) -> CorpusSummary:
-    corpus_id = corpus_id_for(config, subject.model_id)
+    replies = reply_params(subject, config.generation) if config.generation.enabled else None
+    corpus_id = corpus_id_for(config, subject.model_id, replies)
     status = store.one("SELECT status FROM corpora WHERE corpus_id = ?", [corpus_id])
     if status and status[0] == "complete":
         return summarize(store, corpus_id, reused=True)

@@ -9,8 +9,9 @@ transcoder and near or above 1 for a mismatched one.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -20,7 +21,7 @@ from autolabel.corpus.windows import Window
 from autolabel.errors import AutolabelError
 from autolabel.hashing import hash_path
 from autolabel.models import SubjectModel
-from autolabel.store import Store, now
+from autolabel.store import Store, now, to_json
 from autolabel.transcoders.activations import activation_pairs
 from autolabel.transcoders.transcoder import TranscoderSet
 
@@ -94,8 +95,7 @@ def transcoder_id(tset: TranscoderSet) -> str:
     return f"tc-{hash_path(Path(tset.path), tset.source_format)[:12]}"
 
 
-def record_quality(store: Store, tset: TranscoderSet, model_id: str, quality: dict[int, LayerQuality]) -> str:
-    tid = transcoder_id(tset)
+def record_quality(store: Store, tset: TranscoderSet, tid: str, model_id: str, quality: dict[int, LayerQuality]) -> None:
     layers = sorted(quality)
     store.record_transcoder({
         "transcoder_id": tid, "source_format": tset.source_format, "path": str(tset.path), "model_id": model_id,
@@ -103,7 +103,6 @@ def record_quality(store: Store, tset: TranscoderSet, model_id: str, quality: di
         "input_hook": tset.input_hook, "output_hook": tset.output_hook, "checked_at": now(),
         "fvu_by_layer": {k: quality[k].fvu for k in layers}, "l0_by_layer": {k: quality[k].l0 for k in layers},
         "dead_by_layer": {k: quality[k].dead_fraction for k in layers}})
-    return tid
 
 
 def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fvu: float) -> None:
@@ -131,9 +130,29 @@ def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fv
 
 
 def check_transcoders(store: Store, subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window],
-                      n_tokens: int, max_fvu: float) -> tuple[str, dict[int, LayerQuality]]:
-    """Measure, record in `transcoders`, then refuse a transcoder that does not fit."""
-    quality = measure_quality(subject, tset, windows, n_tokens)
-    tid = record_quality(store, tset, subject.model_id, quality)
+                      n_tokens: int, max_fvu: float, corpus_id: str | None = None,
+                      settings: dict | None = None) -> tuple[str, dict[int, LayerQuality]]:
+    """Measure, record in `transcoders`, then refuse a transcoder that does not fit.
+
+    With a corpus_id, the figures are kept in `transcoder_checks` by (transcoder, model, corpus, dtype,
+    n_tokens and `settings`: what chose the windows), and a later check of the same reads them instead of
+    measuring again (15-20 s of forward passes on a CPU); `windows` is then never read, so it may be lazy.
+    """
+    tid = transcoder_id(tset)
+    key = {"transcoder_id": tid, "model_id": subject.model_id, "corpus_id": corpus_id, "dtype": subject.dtype,
+           "settings_json": to_json({"n_tokens": n_tokens, **(settings or {})})}
+    quality = _stored_quality(store, key) if corpus_id is not None else None
+    if quality is None:
+        quality = measure_quality(subject, tset, windows, n_tokens)
+        if corpus_id is not None:
+            store.upsert("transcoder_checks", [{**key, "checked_at": now(),
+                                                "quality_json": to_json([asdict(q) for q in quality.values()])}])
+    record_quality(store, tset, tid, subject.model_id, quality)
     refuse_bad_fit(tset, quality, max_fvu)
     return tid, quality
+
+
+def _stored_quality(store: Store, key: dict) -> dict[int, LayerQuality] | None:
+    row = store.one("SELECT quality_json FROM transcoder_checks WHERE "
+                    + " AND ".join(f"{column} = ?" for column in key), list(key.values()))
+    return {q["layer"]: LayerQuality(**q) for q in json.loads(row[0])} if row else None

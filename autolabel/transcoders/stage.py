@@ -8,6 +8,7 @@ tokens the trainer never saw.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -51,12 +52,19 @@ def check_stage(store: Store, subject: SubjectModel, config: RunConfig,
                 show_progress: bool = True) -> tuple[TranscoderSet, str, dict[int, LayerQuality]]:
     """Open the configured transcoders and refuse them unless they reconstruct this model: (set, id, quality)."""
     tset = open_transcoders(config.transcoder.source, config.transcoder.format)
-    train, heldout = corpus_windows(store, subject, config, show_progress)
-    # A corpus too small to hold out a document is still a fair test of a transcoder trained elsewhere.
-    windows = heldout or train
-    tid, quality = check_transcoders(store, subject, tset, windows, config.transcoder.check_tokens,
-                                     config.transcoder.max_fvu)
+    corpus_id = build_corpus(store, config.corpus, subject, show_progress).corpus_id
+    every = config.transcoder.train.heldout_every
+    tid, quality = check_transcoders(store, subject, tset, _check_windows(store, corpus_id, every),
+                                     config.transcoder.check_tokens, config.transcoder.max_fvu, corpus_id,
+                                     {"heldout_every": every})
     return tset, tid, quality
+
+
+def _check_windows(store: Store, corpus_id: str, heldout_every: int) -> Iterator[Window]:
+    """The held-out windows, read only if the check measures (a stored check needs none). A corpus too small
+    to hold out a document is still a fair test of a transcoder trained elsewhere: then all of them."""
+    train, heldout = split_heldout(list(iter_windows(store, corpus_id)), heldout_every)
+    yield from heldout or train
 
 
 def train_stage(train: list[Window], heldout: list[Window], subject: SubjectModel, config: RunConfig,
