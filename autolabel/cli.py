@@ -277,14 +277,31 @@ def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next
           node_threshold: Annotated[float | None, typer.Option(help="Keep nodes holding this share of influence.")] = None,
           edge_threshold: Annotated[float | None, typer.Option(help="Keep edges holding this share of influence.")] = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="Also write circuit-tracer's graph JSON here.")] = None,
+          feature: Annotated[str | None, typer.Option(help="Instead of a prompt: LAYER:FEATURE pairs (e.g. 6:12,15:3), "
+                                                          "each traced on the prompts where it fires most.")] = None,
+          audit: Annotated[str | None, typer.Option(help="Instead of a prompt: this audit's flagged features.")] = None,
+          prompts: Annotated[int, typer.Option(min=1, help="With --feature / --audit: top examples per feature.")] = 4,
+          limit: Annotated[int, typer.Option(min=1, help="With --audit: its best-ranked flagged features.")] = 8,
           config: ConfigOption = None, store: StoreOption = None) -> None:
     """Attribution graph of a prompt over the transcoder features (frozen attention and norms, error nodes,
-    pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run."""
-    from autolabel.graph.command import graph_run, summary_rows
+    pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run.
+    With --feature or --audit: each feature's influence share on the graphs of its top examples."""
+    from autolabel.graph.command import feature_rows, feature_run, graph_run, summary_rows
+    from autolabel.intervene.targets import parse_features
 
     run_config = load_run_config(config, store)
     run_config.graph = with_options(run_config.graph, "graph", max_logits=max_logits, node_threshold=node_threshold,
                                     edge_threshold=edge_threshold)
+    if feature is not None or audit is not None:
+        if prompt is not None or chat is not None or json_out is not None or (feature and audit):
+            raise AutolabelError("--feature or --audit (one of them) traces each feature on its own top examples: "
+                                 "pass no PROMPT, --chat or --json with it")
+        traced = feature_run(run_config, run_id, parse_features(feature) if feature else None, audit, prompts, limit)
+        print_table("influence share on the next token where the feature fires most (on path: kept by pruning)",
+                    *feature_rows(traced))
+        console.print(f"run [bold]{traced.run_id}[/]: {len(traced.rows)} graphs; rows in feature_graphs (with their "
+                      f"graph_id), an influence_share finding beside each audit finding of these features")
+        return
     result = graph_run(run_config, prompt, chat, run_id, json_out)
     summary = result.summary
     targets = ", ".join(f"{t['token']!r} {t['probability']:.2f}" for t in result.targets)

@@ -18,7 +18,9 @@ from test_cli import run_cli
 from autolabel.config import GraphConfig, ModelConfig, ReportConfig, RunConfig, TranscoderConfig
 from autolabel.graph import graph_stage
 from autolabel.graph.attribute import attribute, salient_logits
+from autolabel.graph.evidence import influence_rows, influence_shares
 from autolabel.graph.export import circuit_tracer_graph, feature_labels
+from autolabel.graph.feature import check_prompts, feature_graph_stage
 from autolabel.graph.prompts import chat_prompt, read_chat, text_prompt
 from autolabel.graph.prune import influence, prune
 from autolabel.graph.replacement import layout, record, replay, unembed, without
@@ -402,6 +404,136 @@ def test_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, cli_setup, tm
     code, _, err = run_cli(monkeypatch, capsys, "graph", *args, "--store", str(store))
     assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
     assert not store.exists()
+
+
+# -- audit hooks: a feature's influence share where it fires most -----------------------------------
+
+PLANTED, DEAD, TARGET = (2, 5), (1, 7), 1234
+
+
+@pytest.fixture(scope="module")
+def planted(tokenizer) -> tuple[SubjectModel, TranscoderSet]:
+    """A tiny Llama whose layer-2 MLP is one ReLU unit pushing hard toward token TARGET, and per_layer_set with
+    that unit as its feature 2:5 (so the feature is the model's own mechanism, not cancelled by an error node)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=D, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         hidden_act="relu", mlp_bias=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    unembedding = model.get_output_embeddings().weight.detach()
+    push = unembedding[TARGET] - unembedding.mean(0)
+    push = 20 * push / push.norm()
+    w = torch.randn(D, generator=torch.Generator().manual_seed(2)) / D**0.5
+    tset = per_layer_set()
+    mlp, transcoder = model.model.layers[2].mlp, tset[2]
+    with torch.no_grad():
+        for parameter in mlp.parameters():
+            parameter.zero_()
+        mlp.gate_proj.weight[0], mlp.gate_proj.bias[0], mlp.up_proj.bias[0], mlp.down_proj.weight[:, 0] = w, 4.0, 1.0, push
+        transcoder.W_enc[:, 5], transcoder.W_dec[5] = w, push
+        transcoder.b_enc[5] = 4.0 + transcoder.b_in @ w  # the transcoder subtracts b_in from its input first
+    return SubjectModel(model, tokenizer, "tiny-planted"), tset
+
+
+def feature_store(path, config: RunConfig, tset: TranscoderSet, ids: list[int]) -> str:
+    """A labeled run: 2:5 has two top examples (peaks at position 5 and at the end) and the `assistant` audit
+    flagged it; 1:7 is dead; every other feature is active without examples."""
+    run_id = labeled_run(path, config, tset)
+    peaks = [5, len(ids) - 1]
+    with Store(path) as store:
+        store.upsert("features", [{"run_id": run_id, "layer": layer, "feature": f, "n_tokens": 100,
+                                   "n_active": 0 if (layer, f) == DEAD else 10, "max_act": 0.0 if (layer, f) == DEAD else 5.0,
+                                   "status": "dead" if (layer, f) == DEAD else "active"}
+                                  for layer in tset.layers for f in range(F)])
+        store.upsert("examples", [{"run_id": run_id, "layer": 2, "feature": 5, "kind": "top", "rank": rank,
+                                   "doc_id": f"doc-{rank}", "role": "text", "start": 0, "tokens": ids,
+                                   "acts": [5.0 if i == peak else 1.0 for i in range(len(ids))], "max_act": 5.0}
+                                  for rank, peak in enumerate(peaks)])
+        store.upsert("audit_findings", [{"run_id": run_id, "audit": "assistant", "layer": 2, "feature": 5,
+                                         "metric": "breadth", "value": 0.5, "flagged": True, "section": "pervasive",
+                                         "rank": 1}])
+    return run_id
+
+
+def test_a_feature_planted_to_drive_the_output_has_a_high_influence_share(planted, tmp_path):
+    subject, planted_tset = planted
+    ids = subject.tokenizer(TEXT)["input_ids"]
+    path = tmp_path / "s.duckdb"
+    run_id = feature_store(path, RunConfig(), planted_tset, ids)
+    settings = GraphConfig(batch_size=64)
+    with Store(path) as store:
+        prompts = check_prompts(store, run_id, [PLANTED], 2, flagged={PLANTED})
+        plain = feature_graph_stage(store, subject, per_layer_set(), "tc-plain", run_id, prompts, settings)
+        planted = feature_graph_stage(store, subject, planted_tset, "tc-planted", run_id, prompts, settings)
+        stored = store.dicts("SELECT f.*, g.tokens FROM feature_graphs f JOIN graphs g USING (graph_id) "
+                             "ORDER BY prompt_index")
+        top = store.rows("SELECT DISTINCT arg_max(token_id, probability) FROM graph_nodes WHERE kind = 'logit' AND "
+                         "list_contains(?, graph_id) GROUP BY graph_id", [[row["graph_id"] for row in planted]])
+        findings = store.dicts("SELECT * FROM audit_findings ORDER BY metric")
+        again = influence_rows(findings[:1], influence_shares(store, run_id))
+    # The prompts are the top examples cut after their peak, so each graph explains the token after the peak.
+    assert [len(p.token_ids) for p in prompts[PLANTED]] == [6, len(ids)]
+    assert [row["tokens"] for row in stored] == [ids[:6], ids]
+    assert top == [(TARGET,)]
+    for row in planted:  # the planted feature carries most of the influence on the output, and pruning keeps it
+        assert row["share"] > 0.5 and row["rank"] == 1 and row["kept"] and row["activation"] > 3
+    assert all(row["share"] < 0.1 for row in plain)  # another transcoder's feature 2:5 is no driver
+    assert [row["share"] for row in stored] == [row["share"] for row in planted]  # the later rows replace the first
+    # Beside the audit's finding, an influence_share finding: the mean share over the prompts, flagged as it is;
+    # an audit run later computes the same row from feature_graphs.
+    breadth, share = findings
+    mean = sum(row["share"] for row in planted) / 2
+    assert share["metric"] == "influence_share" and share["audit"] == "assistant" and share["flagged"]
+    assert share["value"] == pytest.approx(mean) and json.loads(share["details_json"]) == {"prompts": 2, "kept": 2}
+    assert share["ci_low"] <= mean <= share["ci_high"] <= 1
+    assert breadth["metric"] == "breadth" and len(again) == 1 and again[0]["value"] == pytest.approx(mean)
+
+
+@pytest.fixture
+def feature_cli(tmp_path, tiny_model_dir, cache_dir, tokenizer):
+    folder = tmp_path / "transcoders"
+    save_circuit_tracer(per_layer_set(), folder, "tiny")
+    config = RunConfig(cache_dir=str(cache_dir), model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
+                       transcoder=TranscoderConfig(source=str(folder)))
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    store = tmp_path / "s.duckdb"
+    run_id = feature_store(store, config, per_layer_set(), tokenizer(TEXT)["input_ids"])
+    return ["--config", str(config_path), "--store", str(store), "--run", run_id], store
+
+
+def test_cli_traces_an_audits_flagged_features_on_their_top_examples(monkeypatch, capsys, feature_cli):
+    args, store = feature_cli
+    code, out, err = run_cli(monkeypatch, capsys, "graph", "--audit", "assistant", "--prompts", "1", *args)
+    assert code == 0, err
+    text = " ".join(out.split())
+    with Store(store) as db:
+        (share, kept, graph_id, n_tokens), = db.rows("SELECT share, kept, graph_id, len(tokens) FROM feature_graphs "
+                                                     "JOIN graphs USING (graph_id) WHERE (layer, feature) = (2, 5)")
+        findings = db.rows("SELECT audit, value FROM audit_findings WHERE metric = 'influence_share'")
+    assert "L2:5" in text and "' mat'" in text and f" {share:.3f} " in text  # the peak token, the share
+    assert n_tokens == 6 and graph_id.startswith("g-")
+    assert findings == [("assistant", pytest.approx(share))]
+
+
+@pytest.mark.parametrize("feature,message", [
+    ("1:7", "never fired in run"),
+    ("3:1", "the run's transcoder has no layer 3 (it has 1, 2)"),
+    ("2:99", "feature 2:99 does not exist in run"),
+    ("2:6", "feature 2:6 has no top examples in run"),
+    ("2-5", "--features must be comma-separated LAYER:FEATURE pairs"),
+])
+def test_graph_feature_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, feature_cli, feature, message):
+    args, store = feature_cli
+    counts = "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM graphs), (SELECT count(*) FROM audit_findings)"
+    with Store(store) as db:
+        before = db.rows(counts)
+    code, _, err = run_cli(monkeypatch, capsys, "graph", "--feature", feature, *args)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    with Store(store) as db:
+        assert db.rows(counts) == before and db.rows("SELECT count(*) FROM feature_graphs") == [(0,)]
 
 
 # -- the report's graph page ---------------------------------------------------------------------

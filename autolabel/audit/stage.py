@@ -10,6 +10,7 @@ import torch
 from autolabel.audit.diff import diff_rows
 from autolabel.audit.measure import feature_notes, finding_rows, measure
 from autolabel.audit.spec import AuditSpec
+from autolabel.graph.evidence import influence_rows, influence_shares
 from autolabel.intervene.evidence import CAUSAL_KL, Effect, ablation_effects
 from autolabel.store import Store, to_json
 
@@ -52,7 +53,8 @@ def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str 
     for spec in specs:
         measured = measure(store, run_id, spec)
         findings = finding_rows(measured, spec, run_id, notes)
-        tables = {"audit_findings": findings + causal_rows(findings, ablation_effects(store, run_id))}
+        tables = {"audit_findings": findings + causal_rows(findings, ablation_effects(store, run_id))
+                  + influence_rows(findings, influence_shares(store, run_id))}
         clear = {"audit_findings": {"run_id": run_id, "audit": spec.name}}
         changes: dict[str, int] = {}
         if against is not None:

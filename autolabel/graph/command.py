@@ -14,9 +14,11 @@ from pathlib import Path
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.graph.export import circuit_tracer_graph, feature_labels, token_text
+from autolabel.graph.feature import Key, check_prompts, feature_graph_stage
 from autolabel.graph.prompts import chat_prompt, check_length, read_chat, require_text, text_prompt
 from autolabel.graph.replacement import layout
 from autolabel.graph.stage import GraphSummary, graph_stage
+from autolabel.intervene.targets import audit_features, check_features, flagged_features
 from autolabel.pipeline import collected_run, subject_model, transcoders
 from autolabel.store import Store
 from autolabel.transcoders.check import transcoder_id
@@ -78,4 +80,45 @@ def summary_rows(result: GraphResult) -> tuple[list[str], list[tuple]]:
         score = "-" if node.get("score") is None else f"{node['score']:.2f}" + (" unreliable" if node.get("unreliable") else "")
         rows.append((f"L{node['layer']}:{node['feature']}", f"{node['position']} {node['token']!r}",
                      f"{node['activation']:.2f}", f"{node['influence']:.4f}", node.get("label") or "-", score))
+    return columns, rows
+
+
+@dataclass
+class FeatureResult:
+    run_id: str
+    rows: list[dict]  # feature_graphs rows, feature by feature, with the label, the peak token and the top target
+
+
+def feature_run(config: RunConfig, run_id: str | None, features: list[Key] | None, audit: str | None,
+                prompts: int, limit: int) -> FeatureResult:
+    """Trace `features`, or the best-ranked `limit` flagged features of `audit`, on their top `prompts` examples
+    each. Features, layers and examples are checked before anything is written."""
+    with Store(config.store, create=False) as store:
+        run_id, stored = collected_run(store, run_id)
+        tset = transcoders(stored.transcoder.source, stored.transcoder.format)
+        keys = features or audit_features(store, run_id, audit, limit)
+        check_features(store, run_id, tset, keys)
+        flagged = {key for keys in flagged_features(store, run_id).values() for key in keys}
+        peaks = check_prompts(store, run_id, keys, prompts, flagged)
+        subject = subject_model(stored.model.source, config.cache_dir, "float32")
+        layout(subject, tset)
+        rows = feature_graph_stage(store, subject, tset, transcoder_id(tset), run_id, peaks, config.graph)
+        labels = feature_labels(store, run_id)
+        targets = dict(store.rows("SELECT graph_id, arg_max(token_id, probability) FROM graph_nodes WHERE kind = "
+                                  "'logit' AND list_contains(?, graph_id) GROUP BY ALL", [[r["graph_id"] for r in rows]]))
+    peak_of = {(key, peak.index): peak for key, traced in peaks.items() for peak in traced}
+    for row in rows:
+        key = (row["layer"], row["feature"])
+        row["label"] = labels.get(key, {}).get("label")
+        row["peak"] = token_text(subject.tokenizer, peak_of[key, row["prompt_index"]].token_ids[-1])
+        row["target"] = token_text(subject.tokenizer, targets[row["graph_id"]])
+    return FeatureResult(run_id, rows)
+
+
+def feature_rows(result: FeatureResult) -> tuple[list[str], list[tuple]]:
+    """The command's table: one row per (feature, prompt)."""
+    columns = ["feature", "prompt", "peak token", "top target", "share", "rank", "on path", "label"]
+    rows = [(f"L{row['layer']}:{row['feature']}", row["prompt_index"], repr(row["peak"]), repr(row["target"]),
+             f"{row['share']:.3f}", row["rank"] or "-", "yes" if row["kept"] else "no", row["label"] or "-")
+            for row in result.rows]
     return columns, rows
