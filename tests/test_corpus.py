@@ -9,7 +9,7 @@ import pytest
 from autolabel.config import CorpusConfig, GenerationConfig, SourceConfig
 from autolabel.corpus import ROLE_NAMES, build_corpus, iter_windows
 from autolabel.corpus.documents import load_file_documents
-from autolabel.corpus.generate import gguf_digest
+from autolabel.corpus.generate import gguf_digest, transformers_replies
 from autolabel.corpus.sources import BUILTIN_SOURCES, load_source
 from autolabel.errors import AutolabelError
 from autolabel.models import load_subject_model
@@ -160,10 +160,12 @@ def generation_rows(store) -> list[tuple[str, str]]:
 
 
 def test_llama_cpp_writes_replies_of_a_gguf_model_and_the_corpus_id_names_it(tmp_path, smollm2):
-    """SmolLM2 came from its GGUF, so llama.cpp serves that file and writes the reply; transformers' reply
-    (on request) is another corpus and another cache row, and neither build is redone."""
+    """SmolLM2 came from its GGUF, so with backend auto llama.cpp serves that file and writes the reply;
+    transformers' reply is another corpus and another cache row, and neither build is redone."""
+    by_auto = small_config(tmp_path)
+    by_auto.generation.backend = "auto"
     with Store(tmp_path / "s.duckdb") as store:
-        by_llama = build_corpus(store, small_config(tmp_path), smollm2, show_progress=False)
+        by_llama = build_corpus(store, by_auto, smollm2, show_progress=False)
         assert by_llama.generated == 1
         ((backend, reply),) = generation_rows(store)
         assert backend == "llama.cpp" and reply
@@ -171,23 +173,35 @@ def test_llama_cpp_writes_replies_of_a_gguf_model_and_the_corpus_id_names_it(tmp
         assert params["gguf"] == gguf_digest(smollm2.gguf)
         messages = json.loads(store.one("SELECT messages_json FROM documents WHERE doc_id = 'chats:c1'")[0])
         assert messages[-1] == {"role": "assistant", "content": reply}
-        assert build_corpus(store, small_config(tmp_path), smollm2, show_progress=False).reused
+        assert build_corpus(store, by_auto, smollm2, show_progress=False).reused
 
-        by_hf = small_config(tmp_path)
-        by_hf.generation.backend = "transformers"
+        by_hf = small_config(tmp_path)  # the default backend
         summary = build_corpus(store, by_hf, smollm2, show_progress=False)
         assert summary.corpus_id != by_llama.corpus_id and summary.generated == 1
         assert [b for b, _ in generation_rows(store)] == ["llama.cpp", "transformers"]
         assert build_corpus(store, by_hf, smollm2, show_progress=False).reused
 
 
-def test_a_model_from_a_hf_folder_gets_transformers_replies(tmp_path, tiny_model_dir, cache_dir):
+def test_a_model_from_a_hf_folder_gets_transformers_replies_under_auto(tmp_path, tiny_model_dir, cache_dir):
     subject = load_subject_model(str(tiny_model_dir), cache_dir)
     assert subject.gguf is None
+    auto = small_config(tmp_path)
+    auto.generation.backend = "auto"
     with Store(tmp_path / "s.duckdb") as store:
-        assert build_corpus(store, small_config(tmp_path), subject, show_progress=False).generated == 1
+        assert build_corpus(store, auto, subject, show_progress=False).generated == 1
         assert [b for b, _ in generation_rows(store)] == ["transformers"]
         forced = small_config(tmp_path)
         forced.generation.backend = "llama.cpp"
         with pytest.raises(AutolabelError, match="corpus.generation.backend is llama.cpp.*not loaded from a GGUF"):
             build_corpus(store, forced, subject, show_progress=False)
+
+
+def test_a_long_prompt_does_not_pad_a_whole_transformers_batch(tiny_subject):
+    prompts = ["short one"] * 3 + ["a much longer prompt " * 30] + ["mid size prompt " * 3] * 2
+    batches: list[list[int]] = []
+    config = GenerationConfig(max_new_tokens=2, batch_size=4)
+    transformers_replies(tiny_subject, prompts, config, lambda indices, replies: batches.append(indices),
+                         padded_tokens=4 * 16)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))  # each prompt once
+    assert batches[-1] == [3]  # the long one alone, not padding three others to its length
+    assert len(batches[0]) == 4  # short ones fill a batch up to batch_size

@@ -2,10 +2,10 @@
 statistics describe the model's own speech.
 
 Greedy decoding with a bounded length and a mild repetition penalty over prompt
-and reply. Two backends write them: llama.cpp serving the model's own GGUF with
-parallel slots (the default where the model came from a GGUF: several times
-faster on a CPU, docs/corpus.md), or transformers `generate` in left-padded
-batches (any model). llama.cpp multiplies 8-bit-rounded activations by the
+and reply. Two backends write them: transformers `generate` in left-padded
+batches (any model; the default), or llama.cpp serving the model's own GGUF with
+parallel slots (as fast on this project's CPU, in a third of the memory;
+docs/corpus.md). llama.cpp multiplies 8-bit-rounded activations by the
 quantised weights where transformers uses their float32 dequantisation, so a
 reply can part ways after a few dozen tokens; each reply is therefore cached in
 the store by (model, prompt, parameters) where the parameters name the backend
