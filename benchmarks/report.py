@@ -113,7 +113,7 @@ def synthetic_layer(store: Store, run_id: str, layer: int, n_features: int, corp
     values = rng.uniform(0.3, 1.0, 3 * m)
     tables["scores"] = pa.table({
         "run_id": [run_id] * 3 * m, "layer": np.full(3 * m, layer, dtype=np.int32), "feature": np.repeat(labeled, 3),
-        "scorer": ["detection", "fuzzing", "embedding"] * m, "value": values, "n": np.full(3 * m, 20, dtype=np.int32),
+        "labeler": ["bench"] * 3 * m, "scorer": ["detection", "fuzzing", "embedding"] * m, "value": values, "n": np.full(3 * m, 20, dtype=np.int32),
         "status": ["ok"] * 3 * m, "unreliable": values < 0.6, "details_json": ["{}"] * 3 * m})
     tables["feature_map"] = pa.table({
         **base, "umap_x": rng.normal(size=n_features), "umap_y": rng.normal(size=n_features),

@@ -145,7 +145,8 @@ def test_intervals_equal_textbook_values():
 
 def test_diff_across_transcoders_finds_the_feature_planted_only_in_the_later_run(corpus, runs, transcoders):
     run_a, run_b = runs
-    decoders = {run_a: {LAYER: transcoders[0][LAYER].W_dec}, run_b: {LAYER: transcoders[1][LAYER].W_dec}}
+    decoders = {run_a: {LAYER: transcoders[0][LAYER].decoder_rows()},
+                run_b: {LAYER: transcoders[1][LAYER].decoder_rows()}}
     with Store(corpus[0]) as store:
         summary = audit_stage(store, run_b, [SPEC], against=run_a, decoders=decoders.__getitem__)
         changes = store.con.execute("SELECT change, layer, feature, against_feature, match, cosine FROM audit_diffs "

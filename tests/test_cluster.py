@@ -75,8 +75,8 @@ def store_path(tmp_path, tokenizer):
         for f, category, n, active in [(RECIPE_FEATURE, "recipe", 200, 40), (RECIPE_FEATURE, "travel", 5000, 2),
                                        (RECIPE_FEATURE, "news", 5000, 2000), (100, "recipe", 200, 1),
                                        (100, "travel", 5000, 25)]]
-    rows["scores"] = [{"run_id": RUN, "layer": 0, "feature": 39, "scorer": "detection", "value": 0.4, "n": 10,
-                       "status": "ok", "unreliable": True}]  # a flagged label: placed, not trusted
+    rows["scores"] = [{"run_id": RUN, "layer": 0, "feature": 39, "labeler": "test", "scorer": "detection",
+                       "value": 0.4, "n": 10, "status": "ok", "unreliable": True}]  # a flagged label: placed, not trusted
     path = tmp_path / "s.duckdb"
     with Store(path) as store:
         store.write_shard(RUN, "test", "rows", rows)
@@ -165,11 +165,11 @@ def test_garbage_names_are_recorded_as_failures_not_invented(store_path, tokeniz
 def test_another_seed_replaces_the_clustering_and_records_the_ari(store_path, tokenizer, embedder):
     with Store(store_path) as store:
         cluster_stage(store, tokenizer, None, RUN, config(name_clusters=False), embedder, show_progress=False)
-        before = {(l, f): c for l, f, c in store.query("SELECT layer, feature, cluster_id FROM feature_map")[1]}
+        before = {(layer, f): c for layer, f, c in store.query("SELECT layer, feature, cluster_id FROM feature_map")[1]}
         cached_before = store.one("SELECT count(*) FROM text_embeddings")[0]
         second = cluster_stage(store, tokenizer, None, RUN, config(name_clusters=False, seed=1), embedder,
                                show_progress=False)
-        after = {(l, f): c for l, f, c in store.query("SELECT layer, feature, cluster_id FROM feature_map")[1]}
+        after = {(layer, f): c for layer, f, c in store.query("SELECT layer, feature, cluster_id FROM feature_map")[1]}
         runs = store.query("SELECT seed, ari_vs_seed, ari, n_features, ari_clustered FROM cluster_runs "
                            "ORDER BY created_at")[1]
         cached = store.one("SELECT count(*) FROM text_embeddings")[0]

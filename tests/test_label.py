@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 
@@ -13,16 +14,21 @@ from autolabel.errors import AutolabelError
 from autolabel.label.stage import label_stage, select_features
 from autolabel.store import Store
 
-from test_collect import collected, corpus, planted  # noqa: F401 (fixtures)
 from test_llm import NOT_A_COMPLETION, FaultServer
 
 FEATURES = [2, 5, 7]  # a token detector, the assistant-word detector, a dense random feature
-ANSWER = json.dumps({"label": "cats", "explanation": "Fires on cat.", "fires": [1, 2], "correct": [1]})
+ANSWER = json.dumps({"label": "cats", "explanation": "Fires on cat."})
+SCORE_TEXTS = 6  # per scorer: a request each
+
+
+def judge(prompt: str) -> float:
+    """The fault server's P(yes): fixed per text and different between texts, so no score is degenerate."""
+    return (zlib.crc32(prompt.encode()) % 97 + 1) / 99
 
 
 def config(**llm) -> RunConfig:
     return RunConfig(label=LabelConfig(layers=[1], features=FEATURES + [0], min_examples=2, explain_top=3,
-                                       explain_quantile=1, score_examples=4, output_tokens=3,
+                                       explain_quantile=1, score_examples=SCORE_TEXTS, output_tokens=3,
                                        features_per_shard=2),  # two shards
                      llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}))  # room for the bounded schema
 
@@ -35,22 +41,32 @@ def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_
         summary = label_stage(store, tiny_subject, tset, run_id, config(), show_progress=False)
         labels = store.query("SELECT feature, status, label, error FROM labels WHERE run_id = ? ORDER BY feature",
                              [run_id])[1]
-        scores = store.query("SELECT feature, scorer, status, value, n, unreliable FROM scores WHERE run_id = ? "
-                             "ORDER BY feature, scorer", [run_id])[1]
+        scores = store.query("SELECT feature, scorer, status, value, n, unreliable, ci_low, ci_high, "
+                             "details_json->>'graded_by' FROM scores WHERE run_id = ? ORDER BY feature, scorer",
+                             [run_id])[1]
         calls = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
+        asked = [json.loads(request)["messages"][-1]["content"] for request, in store.rows(
+            "SELECT request_json FROM llm_cache WHERE model LIKE 'smollm2-135m@%'")]
         again = label_stage(store, tiny_subject, tset, run_id, config(), show_progress=False)
         calls_after = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
     # Feature 0 never fired: it is not labeled (dead features are skipped by selection, never faked).
     assert [f for f, *_ in labels] == FEATURES
     assert all(status == "ok" and label for _, status, label, _ in labels), labels  # the grammar forces the schema
     assert {(f, s) for f, s, *_ in scores} == {(f, s) for f in FEATURES for s in ("detection", "embedding", "fuzzing")}
-    for _, scorer, status, value, n, unreliable in scores:
+    for _, scorer, status, value, n, unreliable, low, high, graded_by in scores:
         if status == "ok":
-            assert 0 <= value <= 1 and n > 0 and unreliable == (value < 0.6)
+            assert 0 <= low <= value <= high <= 1 and n >= SCORE_TEXTS and unreliable == (value < 0.6)
+            assert graded_by == ("logprobs" if scorer != "embedding" else None)  # llama.cpp returns them
         else:
-            assert value is None
+            assert value is None and status in ("degenerate", "failed") and not unreliable
+    assert sum(status == "ok" for _, _, status, *_ in scores) >= 6
     assert summary.by_status == {"ok": 3} and summary.calls == calls > 0
     assert again.calls == 0 and calls_after == calls  # every answer came from the cache
+    # Role-aware evidence: each example says whose text it is, and the prompt where the feature fires by role
+    # (feature 5 fires on the word that opens every assistant turn).
+    label_prompts = [prompt for prompt in asked if prompt.startswith("Examples:")]
+    assert len(label_prompts) == len(FEATURES) and all("\nWhere it fires: " in p for p in label_prompts)
+    assert any("[assistant turn" in p and "of assistant turns" in p for p in label_prompts)
 
 
 def test_output_that_never_parses_is_recorded_as_a_failure_not_a_label(corpus, tiny_subject, planted, collected):
@@ -75,8 +91,7 @@ def test_budget_stops_cleanly_and_a_resume_finishes(corpus, tiny_subject, plante
     store_path, _, _ = corpus
     tset, _ = planted
     run_id, _ = collected
-    server = FaultServer([], answer=json.dumps({"label": "cats", "explanation": "Fires on cat.", "fires": [1, 2],
-                                                "correct": [1]}))
+    server = FaultServer([], answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
             settings = config(base_url=server.base_url, model="budget-labeler", max_calls=2)
@@ -126,26 +141,29 @@ def test_replies_that_are_not_completions_are_counted_failures_and_the_run_compl
     store_path, _, _ = corpus
     run_id, _ = collected
     faults = NOT_A_COMPLETION + ["429:soon", "429:Wed, 21 Oct 2015 07:28:00 -0000"]
-    server = FaultServer(faults, answer=ANSWER)
+    server = FaultServer(faults, answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
             summary, labels = label_with(store, tiny_subject, planted[0], run_id, server, "garbage-labeler",
                                          max_retries=len(faults))
             ledger = dict(store.query("SELECT status, count(*) FROM llm_calls WHERE run_id = ? "
                                       "AND model = 'garbage-labeler' GROUP BY 1", [run_id])[1])
+            scored = store.one("SELECT count(*) FROM scores WHERE run_id = ? AND labeler = 'garbage-labeler' "
+                               "AND status = 'ok'", [run_id])[0]
     finally:
         server.close()
     assert labels == [(f, "ok", None) for f in FEATURES] and summary.by_status == {"ok": 3}
-    assert ledger.pop("ok") == server.requests - len(faults)  # two per feature: the label, its detection score
+    assert ledger.pop("ok") == server.requests - len(faults)  # per feature: the label, a judgement per text
     assert ledger == {"bad_response": 5, "connection_error": 1, "rate_limited": 2}
-    assert summary.calls == server.requests == 6 + len(faults)
+    # Feature 7 fires almost everywhere: too few silent contexts to score it, so it asks nothing.
+    assert scored == 2 and summary.calls == server.requests == len(FEATURES) + scored * SCORE_TEXTS + len(faults)
 
 
 def test_labels_failed_in_an_outage_are_asked_again_and_then_never(corpus, tiny_subject, planted, collected):
     store_path, _, _ = corpus
     run_id, _ = collected
     tset = planted[0]
-    server = FaultServer(["500"] * 1000, answer=ANSWER)
+    server = FaultServer(["500"] * 1000, answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
             outage, failed = label_with(store, tiny_subject, tset, run_id, server, "outage-labeler", max_retries=1)
@@ -163,14 +181,14 @@ def test_labels_failed_in_an_outage_are_asked_again_and_then_never(corpus, tiny_
 
 # The two scorers that ask the LLM (embedding needs none), by name: rows of other scorers must not decide.
 SCORES_OF_FEATURE_2 = ("SELECT list(status ORDER BY scorer) FROM scores WHERE run_id = ? AND feature = 2 "
-                       "AND scorer IN ('detection', 'fuzzing')")
+                       "AND scorer IN ('detection', 'fuzzing') AND labeler = 'score-outage-labeler'")
 
 
 def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted, collected):
     store_path, _, _ = corpus
     run_id, _ = collected
     tset = planted[0]
-    server = FaultServer(["ok", "500"], answer=ANSWER)  # one request at a time: the label, then its score
+    server = FaultServer(["ok", "500"], answer=ANSWER, judge=judge)  # one request at a time: the label, then its score
     try:
         with Store(store_path) as store:
             first, labels = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
@@ -181,8 +199,8 @@ def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted
             healed = store.one(SCORES_OF_FEATURE_2, [run_id])[0]
     finally:
         server.close()
-    assert labels == [(2, "ok", None)] and sorted(score) == ["error", "ok"]  # the LLM scorer that got the 500
-    assert second.calls == 1 and healed == ["ok", "ok"]  # the label came from the cache, the score from the server
+    assert labels == [(2, "ok", None)] and score == ["error"]  # one of its texts got the 500
+    assert second.calls == 1 and healed == ["ok"]  # the label and five texts from the cache, one from the server
 
 
 def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(corpus, tiny_subject, planted, collected,
@@ -198,7 +216,7 @@ def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(corpus, tiny_
             raise RuntimeError("the scorer fell over")
         return result
 
-    server = FaultServer([], answer=ANSWER)
+    server = FaultServer([], answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
             monkeypatch.setattr(label_package.stage, "label_feature", fails_after_its_requests)
@@ -216,7 +234,7 @@ def test_invalid_labels_are_asked_again_only_when_asked(corpus, tiny_subject, pl
     store_path, _, _ = corpus
     run_id, _ = collected
     tset = planted[0]
-    server = FaultServer(["wrong_schema"] * 2, answer=ANSWER)
+    server = FaultServer(["wrong_schema"] * 2, answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
             _, invalid = label_with(store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2],
@@ -232,7 +250,7 @@ def test_invalid_labels_are_asked_again_only_when_asked(corpus, tiny_subject, pl
     finally:
         server.close()
     assert [status for _, status, _ in invalid] == ["invalid"] and still == invalid and kept.calls == 0
-    assert retried.calls == 2 and status == "ok"  # past the two cached invalid answers: a label, its score
+    assert retried.calls == 1 + SCORE_TEXTS and status == "ok"  # past the two cached invalid answers
 
 
 @pytest.mark.parametrize("selection,message", [
@@ -246,3 +264,41 @@ def test_a_selection_the_run_does_not_have_is_an_error(corpus, collected, select
     run_id, _ = collected
     with Store(store_path) as store, pytest.raises(AutolabelError, match=message):
         select_features(store, run_id, RunConfig(label=LabelConfig(**selection)))
+
+
+def test_a_judge_that_says_yes_to_every_text_is_degenerate_not_chance(corpus, tiny_subject, planted, collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    server = FaultServer([], answer=ANSWER, judge=lambda prompt: 0.9)
+    try:
+        with Store(store_path) as store:
+            summary, labels = label_with(store, tiny_subject, planted[0], run_id, server, "yes-labeler", features=[2])
+            row = store.one("SELECT status, value, unreliable, details_json->>'reason' FROM scores "
+                            "WHERE run_id = ? AND labeler = 'yes-labeler'", [run_id])
+    finally:
+        server.close()
+    assert labels == [(2, "ok", None)] and summary.unreliable == 0
+    status, value, unreliable, reason = row
+    assert (status, value, unreliable) == ("degenerate", None, False) and "did not tell them apart" in reason
+
+
+def test_two_labelers_keep_their_own_labels_scores_and_cached_answers(corpus, tiny_subject, planted, collected):
+    store_path, _, _ = corpus
+    run_id, _ = collected
+    server = FaultServer([], answer=ANSWER, judge=judge)
+    try:
+        with Store(store_path) as store:
+            first, _ = label_with(store, tiny_subject, planted[0], run_id, server, "labeler-a", features=[2])
+            second, _ = label_with(store, tiny_subject, planted[0], run_id, server, "labeler-b", features=[2])
+            labels = store.query("SELECT labeler, status FROM labels WHERE run_id = ? AND feature = 2 "
+                                 "AND labeler LIKE 'labeler-_' ORDER BY 1", [run_id])[1]
+            scores = store.query("SELECT labeler, scorer, status FROM scores WHERE run_id = ? AND feature = 2 "
+                                 "AND labeler LIKE 'labeler-_' ORDER BY 1", [run_id])[1]
+            cached = store.query("SELECT model, count(*) FROM llm_cache WHERE model LIKE 'labeler-_' GROUP BY 1 "
+                                 "ORDER BY 1", [])[1]
+    finally:
+        server.close()
+    assert first.calls == second.calls == 1 + SCORE_TEXTS  # b asked for itself: nothing of a's was reused
+    assert labels == [("labeler-a", "ok"), ("labeler-b", "ok")]
+    assert scores == [("labeler-a", "detection", "ok"), ("labeler-b", "detection", "ok")]
+    assert cached == [("labeler-a", 1 + SCORE_TEXTS), ("labeler-b", 1 + SCORE_TEXTS)]

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from autolabel.config import LLMConfig, Price
-from autolabel.llm import BudgetExhausted, InvalidOutput, LLMClient, local_server
+from autolabel.llm import BudgetExhausted, InvalidOutput, LLMClient, labeler_id, local_server
 from autolabel.store import Store
 
 MESSAGES = [{"role": "user", "content": "name this feature in json"}]
@@ -34,8 +36,10 @@ class FaultServer:
         "no_choices": ("application/json", b'{"object": "error", "message": "model is loading"}'),
     }
 
-    def __init__(self, script: list[str], answer: str = '{"label": "cats"}'):
-        self.script, self.answer = list(script), answer
+    def __init__(self, script: list[str], answer: str = '{"label": "cats"}',
+                 judge: Callable[[str], float] | None = None):
+        """`judge(prompt) -> P(yes)` answers the scorers' yes/no questions, with log-probabilities where asked."""
+        self.script, self.answer, self.judge = list(script), answer, judge
         self.requests, self.tokens_in, self.tokens_out, self.auth = 0, 0, 0, []
         server = self
 
@@ -58,14 +62,19 @@ class FaultServer:
                 if step in server.NOT_COMPLETIONS:
                     content_type, payload = server.NOT_COMPLETIONS[step]
                     return self._send(200, payload, {"Content-Type": content_type})
-                content = {"ok": server.answer, "wrong_schema": '{"name": 3}', "truncated": server.answer,
-                           "cut": server.answer, "null_content": None}[step]
+                prompt = body["messages"][-1]["content"]
+                p_yes = server.judge(prompt) if server.judge and prompt.endswith("Answer yes or no.") else None
+                answer = server.answer if p_yes is None else "yes" if p_yes >= 0.5 else "no"
+                content = {"ok": answer, "wrong_schema": '{"name": 3}', "truncated": answer,
+                           "cut": answer, "null_content": None}[step]
                 tokens_in = sum(len(m["content"].split()) for m in body["messages"])
                 tokens_out = len((content or "").split())
                 reply = json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
+                                 "message": {"role": "assistant", "content": content},
+                                 **({"logprobs": graded(content, p_yes)} if body.get("logprobs") and p_yes is not None
+                                    else {})}],
                     "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
                               "total_tokens": tokens_in + tokens_out}}).encode()
                 if step == "truncated":
@@ -93,6 +102,12 @@ class FaultServer:
 
     def close(self) -> None:
         self.http.shutdown()
+
+
+def graded(content: str, p_yes: float) -> dict:
+    """The `logprobs` of a one-token yes/no answer, as OpenAI and llama.cpp send it."""
+    top = [{"token": "yes", "logprob": math.log(p_yes)}, {"token": "no", "logprob": math.log(1 - p_yes)}]
+    return {"content": [{"token": content, "logprob": max(t["logprob"] for t in top), "top_logprobs": top}]}
 
 
 def parse_label(text: str) -> str:
@@ -277,3 +292,39 @@ def test_a_failure_nothing_foresaw_is_recorded_with_its_type_and_not_retried(sto
     server.close()
     assert (reply.status, reply.error) == ("error", "KeyError: 'choices'")
     assert ledger(store) == [("error", False, 0, 0)] and server.requests == client.calls == 1
+
+
+def test_top_logprobs_of_the_first_token_come_back_and_are_cached_with_the_answer(store):
+    """The local llama.cpp server returns the answer token's alternatives; a re-ask is served from the cache,
+    alternatives included, and the ledger names the labeler by its GGUF's content."""
+    config = LLMConfig(concurrency=1)
+    messages = [{"role": "user", "content": "Is a cat an animal? Answer yes or no."}]
+    with local_server(config) as base_url:
+
+        async def go():
+            client = LLMClient(store, config, base_url, "run-1", "label")
+            return [await client.complete(messages, str, max_tokens=1, top_logprobs=5) for _ in range(2)]
+
+        fresh, cached = asyncio.run(go())
+    assert fresh.status == "ok" and not fresh.cached and cached.cached
+    assert 2 <= len(fresh.top_logprobs) <= 5 and all(v <= 0 for v in fresh.top_logprobs.values())
+    assert cached.top_logprobs == fresh.top_logprobs and cached.text == fresh.text
+    models = {row[0] for row in store.query("SELECT DISTINCT model FROM llm_calls")[1]}
+    assert models == {labeler_id(config)} and labeler_id(config).startswith("smollm2-135m@")
+
+
+def test_the_labeler_is_named_by_what_answers(tmp_path):
+    """An endpoint by its model; a local GGUF by its content, so a copy under another name is the same
+    labeler and a changed file is another."""
+    from autolabel.label.labelers import resolve_gguf
+
+    gguf = resolve_gguf(None)
+    copy = tmp_path / "renamed.gguf"
+    copy.write_bytes(gguf.read_bytes())
+    assert labeler_id(LLMConfig(base_url="http://127.0.0.1:1/v1", model="gpt-x")) == "gpt-x"
+    assert labeler_id(LLMConfig(gguf=str(copy))) == labeler_id(LLMConfig())
+    with copy.open("r+b") as handle:
+        handle.seek(-1, 2)
+        handle.write(b"\x00" if gguf.read_bytes()[-1:] != b"\x00" else b"\x01")
+    changed = labeler_id(LLMConfig(gguf=str(copy)))
+    assert changed.startswith("renamed@") and changed != labeler_id(LLMConfig())

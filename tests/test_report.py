@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 import pytest
 from browser import Chromium
 from test_cli import run_cli
-from test_collect import collected, file_corpus, planted, write_corpus  # noqa: F401 (fixtures)
+from test_collect import file_corpus, write_corpus
 
 from autolabel.config import ReportConfig
 from autolabel.report.serve import make_server
@@ -61,10 +61,13 @@ def plant_later_stages(store: Store, run_id: str, corpus_id: str, tokenizer) -> 
     store.upsert("labels", [{"run_id": run_id, "layer": LAYER, "feature": f, "labeler": "test", "label": text,
                              "explanation": f"explains {PAYLOADS[2]}", "status": "ok", "created_at": stamp}
                             for f, text in labels.items()])
-    store.upsert("scores", [{"run_id": run_id, "layer": LAYER, "feature": f, "scorer": scorer, "value": value, "n": 10,
-                             "status": "ok", "unreliable": value < 0.6, "details_json": "{}"}
+    store.upsert("scores", [{"run_id": run_id, "layer": LAYER, "feature": f, "labeler": "test", "scorer": scorer,
+                             "value": value, "n": 30, "status": "ok", "unreliable": value < 0.6, "details_json": "{}",
+                             "ci_low": value - 0.12, "ci_high": min(value + 0.07, 1.0), "accuracy": value - 0.05}
                             for f in labels for scorer, value in (("detection", 0.9 if f == 2 else 0.5),
                                                                   ("embedding", 0.8))])
+    store.upsert("scores", [{"run_id": run_id, "layer": LAYER, "feature": 2, "labeler": "another", "scorer": "detection",
+                             "value": 0.1, "n": 30, "status": "ok", "unreliable": True}])  # another labeler's label
     store.upsert("llm_calls", [{"call_id": f"c{i}", "run_id": run_id, "stage": "label", "model": "test",
                                 "tokens_in": 100, "tokens_out": 20, "cost_usd": 0.001, "status": "ok",
                                 "cached": False, "created_at": stamp} for i in range(3)])
@@ -88,11 +91,41 @@ def plant_later_stages(store: Store, run_id: str, corpus_id: str, tokenizer) -> 
     store.upsert("audit_diffs", [{"run_id": run_id, "against_run_id": "earlier", "audit": "assistant_pervasiveness",
                                   "change": "became_pervasive", "layer": LAYER, "feature": 5, "against_layer": LAYER,
                                   "against_feature": 5, "match": "identity", "cosine": 1.0, "details_json": "{}"}])
+    store.upsert("interventions", intervention_rows(run_id))
+    store.upsert("scores", [{"run_id": run_id, "layer": LAYER, "feature": 5, "labeler": "test", "scorer": "steering",
+                             "value": 0.75, "n": 4, "status": "ok", "unreliable": False, "details_json": "{}"}])
     # One top example made of a payload, so escaping is checked on highlighted tokens whatever the transcoder found.
     ids = tokenizer(PAYLOADS[0] + PAYLOADS[1], add_special_tokens=False)["input_ids"]
     store.upsert("examples", [{"run_id": run_id, "layer": LAYER, "feature": 7, "kind": "top", "rank": 0,
                                "doc_id": "planted", "turn": 1, "role": "assistant", "start": 0, "tokens": ids,
                                "acts": [float(i % 5) for i in range(len(ids))], "max_act": 4.0}])
+
+
+# Ablation KL of feature 5 at its three active prompts (the first two peak in assistant turns): over all three
+# the 95% interval clears CAUSAL_KL, over the assistant two it reaches 0.
+ACTIVE_KL = (0.0512, 0.0614, 0.0716)
+
+
+def intervention_rows(run_id: str) -> list[dict]:
+    """What `autolabel intervene` stores for feature 5: three active prompts and a silent one, each ablated and
+    steered at 2x and 8x, with payloads in the prompts, continuations and token lists."""
+    rows = []
+    for kind, index, role in (("active", 0, "assistant"), ("active", 1, "assistant"), ("active", 2, "user"),
+                              ("neutral", 0, "text")):
+        for setting, multiple in (("ablate", 0.0), ("steer", 2.0), ("steer", 8.0)):
+            kl = ACTIVE_KL[index] if (kind, setting) == ("active", "ablate") else 0.25 * multiple + index / 100
+            rows.append({"run_id": run_id, "layer": LAYER, "feature": 5, "prompt_kind": kind, "prompt_index": index,
+                         "setting": setting, "multiple": multiple, "doc_id": f"d{index}{PAYLOADS[2]}", "role": role,
+                         "prompt_tokens": [1, 2, 3], "prompt_text": f"{kind} prompt {index} {PAYLOADS[0]}",
+                         "act": 2.5, "new_act": 3.0 * multiple, "kl": kl,
+                         "kl_firing": kl / 2 if setting == "ablate" else None, "n_firing": 3 if setting == "ablate" else None,
+                         "top_up": json.dumps([{"token": f" up{multiple:g}{PAYLOADS[1]}", "id": 9, "clean": 0.01,
+                                                "intervened": 0.2}]),
+                         "top_down": json.dumps([{"token": f" down{multiple:g}", "id": 8, "clean": 0.3,
+                                                  "intervened": 0.1}]),
+                         "clean_text": f" clean {kind} {index} {PAYLOADS[1]}",
+                         "intervened_text": f" {setting} {multiple:g}x {kind} {index}", "settings": "test"})
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +212,46 @@ def test_feature_page_shows_highlights_scores_outputs_and_neighbours(reports):
     marks = re.findall(r'<mark class="h\d" title="[^"]+">([^<]*)</mark>', page)
     assert marks and set(marks) == {" cat"}  # the planted detector lights up on " cat" and nothing else
     assert 'data-role="text"' in page and 'data-role="assistant"' in page
-    assert "the word cat" in page and "detection" in page and "0.9" in page
+    assert "the word cat" in page and "detection" in page and "labeled by test" in page
+    # AUROC with its interval and the held-out accuracy; the score of another labeler's label is not shown
+    assert re.search(r"<td>detection</td><td class=\"num\">0\.9</td>\s*<td class=\"num\">0\.78–0\.97</td>\s*"
+                     r"<td class=\"num\">0\.85</td><td class=\"num\">30</td>", page)
+    assert page.count("<td>detection</td>") == 1
     assert page.count('class="tok up"') == 10 and page.count('class="tok down"') == 10
     assert len(re.findall(r'<td><a href="../features/1-\d+.html">', page)) == 5  # nearest by decoder cosine
     assert 'href="1-1.html" rel="prev"' in page and 'href="1-3.html" rel="next"' in page
     unreliable = (full.index.parent / "features" / f"{LAYER}-5.html").read_text(encoding="utf-8")
     assert "⚠ unreliable" in unreliable and "sycophancy" in unreliable
+
+
+def test_an_intervened_features_page_shows_its_continuations_kl_and_token_changes(reports):
+    bare, full = reports
+    for page in (bare.index.parent / "features").glob("*.html"):  # no interventions stored yet: no section
+        assert "interventions" not in page.read_text(encoding="utf-8"), page
+    assert "interventions" not in (full.index.parent / "features" / f"{LAYER}-2.html").read_text(encoding="utf-8")
+    page = (full.index.parent / "features" / f"{LAYER}-5.html").read_text(encoding="utf-8")
+    (section,) = re.findall(r'<section class="interventions" id="interventions">(.*?)</section>', page, re.DOTALL)
+    # The summary, read through intervene.evidence: causal over all three active prompts (mean 0.0614), only
+    # correlational over the two in assistant turns; then the judge's steering score.
+    assert re.search(r"ablation KL where it fires: <strong class=\"num\">0.0614</strong>.*?over 3 prompts.*?"
+                     r'<span class="causal">causal</span>', section, re.DOTALL)
+    assert re.search(r"in assistant turns \(as the audit measures it\): <strong class=\"num\">0.0563</strong>.*?"
+                     r"over 2 prompts.*?correlational", section, re.DOTALL)
+    assert re.search(r'steering score .*?<strong class="num">0.75</strong>', section, re.DOTALL)
+    # Per prompt, active first: the escaped prompt, the clean continuation, then ablated and each steered one.
+    prompts = re.findall(r'<div class="ex prompt">(.*?)</div>', section)
+    assert prompts == [f"{kind} prompt {i} &lt;script&gt;window.__xss = &#34;script&#34;; document.title = "
+                       f"&#34;pwned&#34;&lt;/script&gt;" for kind, i in (("active", 0), ("active", 1), ("active", 2),
+                                                                           ("neutral", 0))]
+    rows = re.findall(r'<tr class="(\w+)"><td>(.*?)</td>\s*<td class="ex">(.*?)</td>', section, re.DOTALL)
+    assert [(kind, text) for kind, _, text in rows[:4]] == [
+        ("clean", " clean active 0 &lt;img src=x onerror=&#34;window.__xss = &#39;img&#39;&#34;&gt;"),
+        ("ablate", " ablate 0x active 0"), ("steer", " steer 2x active 0"), ("steer", " steer 8x active 0")]
+    assert [setting.split(" <")[0] for _, setting, _ in rows[:4]] == ["clean", "ablated", "steered 2×", "steered 8×"]
+    assert len(rows) == 16
+    assert "0.0512" in section and "0.0256" in section and "(3 tokens)" in section  # KL, and where it fires
+    assert re.search(r'<code class="tok up" title="0.01 → 0.2"> up8&lt;img src=x', section)
+    assert '<code class="tok down" title="0.3 → 0.1"> down0</code>' in section
 
 
 def test_index_in_chromium_audit_map_search_and_click_through(reports, browser, tmp_path):
@@ -249,6 +316,12 @@ def test_no_planted_script_runs_in_chromium(reports, browser):
     assert browser.evaluate("window.__xss === undefined")
     browser.open((folder / "features" / f"{LAYER}-5.html").as_uri())
     assert browser.evaluate("document.getElementById('label').textContent.trim()") == PAYLOADS[1]
+    # The interventions section draws each payload as text: the prompts, and the continuations beside each other.
+    assert browser.evaluate("[...document.querySelectorAll('#interventions .prompt')].map(p => p.textContent)")[0] == \
+        f"active prompt 0 {PAYLOADS[0]}"
+    assert browser.evaluate("document.querySelectorAll('#interventions table.continuations tbody tr').length") == 16
+    assert browser.evaluate("document.querySelector('#interventions tr.clean td.ex').textContent") == \
+        f" clean active 0 {PAYLOADS[1]}"
 
 
 def test_serve_binds_to_loopback_only(reports):

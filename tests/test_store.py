@@ -88,3 +88,31 @@ def test_read_only_store_refuses_writes(tmp_path):
     with Store(path, read_only=True) as store:
         with pytest.raises(AutolabelError, match="query failed"):
             store.query("DELETE FROM runs")
+
+
+def test_a_version_3_store_gets_scores_keyed_by_the_labeler_of_the_label_they_scored(tmp_path):
+    """Schema 3 keyed scores by (run, layer, feature, scorer), so a second labeler's scores overwrote the
+    first's. Opening such a store rekeys them; each old score goes to the feature's newest valid label."""
+    path = tmp_path / "old.duckdb"
+    with Store(path) as store:  # today's tables, then scores as version 3 had them
+        store.con.execute("DROP TABLE scores")
+        store.con.execute("CREATE TABLE scores (run_id VARCHAR, layer INTEGER, feature INTEGER, scorer VARCHAR, "
+                          "value DOUBLE, n INTEGER, status VARCHAR, unreliable BOOLEAN, details_json JSON, "
+                          "PRIMARY KEY (run_id, layer, feature, scorer))")
+        store.con.execute("DELETE FROM schema_version")
+        store.con.execute("INSERT INTO schema_version VALUES (3, now())")
+        store.con.execute("INSERT INTO labels (run_id, layer, feature, labeler, label, status, created_at) VALUES "
+                          "('r', 0, 1, 'old', 'cats', 'ok', now() - INTERVAL 1 DAY), "
+                          "('r', 0, 1, 'new', 'dogs', 'ok', now()), ('r', 0, 1, 'newest', NULL, 'invalid', now())")
+        store.con.execute("INSERT INTO scores VALUES ('r', 0, 1, 'detection', 0.8, 30, 'ok', false, '{}'), "
+                          "('r', 0, 2, 'embedding', 0.4, 30, 'ok', true, '{}')")
+    with Store(path) as store:
+        rows = store.query("SELECT feature, labeler, scorer, value FROM scores ORDER BY feature")[1]
+        current = store.query("SELECT feature, labeler, scorer FROM current_scores")[1]
+        store.upsert("scores", [{"run_id": "r", "layer": 0, "feature": 1, "labeler": "old", "scorer": "detection",
+                                 "value": 0.5, "n": 30, "status": "ok", "unreliable": True}])
+        both = store.query("SELECT labeler, value FROM scores WHERE feature = 1 ORDER BY 1")[1]
+        version = store.one("SELECT max(version) FROM schema_version")[0]
+    assert rows == [(1, "new", "detection", 0.8), (2, "unknown", "embedding", 0.4)]
+    assert current == [(1, "new", "detection")] and version == SCHEMA_VERSION
+    assert both == [("new", 0.8), ("old", 0.5)]  # another labeler's score sits beside it

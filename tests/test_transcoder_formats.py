@@ -317,3 +317,15 @@ def test_sparsify_hookpoint_folders(tmp_path, transcode):
         got_acts, got_out = run(tset[i], x)
         np.testing.assert_allclose(got_acts, acts, **TOL)
         np.testing.assert_allclose(got_out, out, **TOL)
+
+
+def test_a_features_direction_is_its_decoder_row_and_a_cross_layer_decoders_slices_summed():
+    """The one convention that labels, reports, clusters and audit diffs read a feature's direction by."""
+    generator = torch.Generator().manual_seed(0)
+    per_layer = torch.randn(5, 4, generator=generator)
+    cross = torch.randn(5, 3, 4, generator=generator)  # [d_feat, n_out_layers, d_out]
+    plain = Transcoder(0, torch.zeros(4, 5), torch.zeros(5), per_layer, torch.zeros(4))
+    clt = Transcoder(0, torch.zeros(4, 5), torch.zeros(5), cross, torch.zeros(3, 4))
+    assert torch.equal(plain.decoder_rows(), per_layer) and torch.equal(plain.decoder_rows([3, 1]), per_layer[[3, 1]])
+    assert torch.allclose(clt.decoder_rows(), cross.sum(1)) and clt.decoder_rows([2]).shape == (1, 4)
+    assert not clt.decoder_rows().requires_grad

@@ -39,10 +39,9 @@ def cosine_matches(keys: list[Key], decoders: dict[int, torch.Tensor], other_dec
     return matches
 
 
-def _directions(W_dec: torch.Tensor) -> torch.Tensor:
-    """Unit decoder directions [n, d] (a cross-layer decoder's slices [n, L, d] are concatenated)."""
-    flat = W_dec.float().reshape(W_dec.shape[0], -1)
-    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _directions(rows: torch.Tensor) -> torch.Tensor:
+    """Unit decoder directions [n, d] of decoder rows (Transcoder.decoder_rows)."""
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def diff_rows(now: Measured, earlier: Measured, spec: AuditSpec, run_id: str, against: str,

@@ -162,7 +162,7 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
         else:
             order = np.argsort(-counts["template_active"][members], kind="stable")
         rank[members[order]] = np.arange(1, len(members) + 1)
-    keys = list(zip(columns["layer"].tolist(), columns["feature"].tolist()))
+    keys = list(zip(columns["layer"].tolist(), columns["feature"].tolist(), strict=True))
     covered = [list(c) for c in columns["covered"]]
     return Measured(keys, counts | {"template_share": template_share}, covered, metrics, section, flagged, rank, notes)
 
@@ -174,10 +174,9 @@ def feature_notes(store: Store, run_id: str) -> dict[tuple[int, int], dict]:
     """The latest good label, its scores and the groups of each feature that has any (empty before those stages)."""
     notes: dict[tuple[int, int], dict] = {}
     queries = {
-        "label": "SELECT layer, feature, arg_max(label, created_at) FROM labels WHERE run_id = ? AND status = 'ok' "
-                 "GROUP BY ALL",
-        "score": "SELECT layer, feature, avg(value) FROM scores WHERE run_id = ? AND status = 'ok' GROUP BY ALL",
-        "unreliable": "SELECT layer, feature, bool_or(unreliable) FROM scores WHERE run_id = ? GROUP BY ALL",
+        "label": "SELECT layer, feature, label FROM current_labels WHERE run_id = ?",
+        "score": "SELECT layer, feature, avg(value) FROM current_scores WHERE run_id = ? AND status = 'ok' GROUP BY ALL",
+        "unreliable": "SELECT layer, feature, bool_or(unreliable) FROM current_scores WHERE run_id = ? GROUP BY ALL",
         "group": "SELECT layer, feature, string_agg(group_name, ', ' ORDER BY group_name) FROM groups "
                  "WHERE run_id = ? GROUP BY ALL",
     }

@@ -40,15 +40,17 @@ def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -
     if config.layers is not None:
         where.append("f.layer IN (SELECT unnest(?))")
         params.append(config.layers)
-    labeler = "AND l.labeler = ?" if config.labeler else ""
+    labeler = "AND labeler = ?" if config.labeler else ""
     rows = store.rows(
         f"""WITH latest AS (
-                SELECT l.layer, l.feature, arg_max(l.label, l.created_at) AS label,
-                       arg_max(l.explanation, l.created_at) AS explanation
-                FROM labels l WHERE l.run_id = ? AND l.status = 'ok' {labeler} GROUP BY ALL),
-            flagged AS (SELECT DISTINCT layer, feature FROM scores WHERE run_id = ? AND unreliable)
+                SELECT layer, feature, labeler, label, explanation FROM labels
+                WHERE run_id = ? AND status = 'ok' {labeler}
+                QUALIFY row_number() OVER (PARTITION BY layer, feature ORDER BY created_at DESC, labeler) = 1),
+            flagged AS (SELECT DISTINCT layer, feature, labeler FROM scores WHERE run_id = ? AND unreliable)
             SELECT f.layer, f.feature, latest.label, latest.explanation, flagged.layer IS NOT NULL
-            FROM features f LEFT JOIN latest USING (layer, feature) LEFT JOIN flagged USING (layer, feature)
+            FROM features f LEFT JOIN latest USING (layer, feature)
+            LEFT JOIN flagged ON flagged.layer = f.layer AND flagged.feature = f.feature
+                              AND flagged.labeler = latest.labeler
             WHERE {' AND '.join(where)} ORDER BY 1, 2""",
         [run_id, *([config.labeler] if config.labeler else []), run_id, *params])
     unlabeled = [(layer, feature) for layer, feature, label, *_ in rows if label is None]
@@ -96,8 +98,8 @@ def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     cached = store.arrow("SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) WHERE model = ?",
                          [model], _hashes=pa.table({"text_hash": sorted(set(hashes))}))
-    found = dict(zip(cached["text_hash"].to_pylist(), _as_matrix(cached["vector"])))
-    missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
+    found = dict(zip(cached["text_hash"].to_pylist(), _as_matrix(cached["vector"]), strict=True))
+    missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in found}.items())
     if missing:
         vectors = embedder.encode([t for _, t in missing], batch_size=batch_size, convert_to_tensor=True,
                                   show_progress_bar=show_progress).float().numpy()  # [n_missing, 384]
@@ -106,7 +108,7 @@ def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_
             "model": [model] * len(missing), "text_hash": [h for h, _ in missing],
             "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]).cast(
                 pa.list_(pa.float32()))}))
-        found.update(zip((h for h, _ in missing), vectors))
+        found.update(zip((h for h, _ in missing), vectors, strict=True))
     return np.stack([found[h] for h in hashes]) if hashes else np.zeros((0, 384), np.float32)
 
 
@@ -127,9 +129,7 @@ def decoder_directions(tset, keys: list[tuple[int, int]]) -> np.ndarray:
     matrix = None
     for layer in np.unique(layers):
         at = np.flatnonzero(layers == layer)
-        with torch.no_grad():
-            rows = tset[int(layer)].W_dec[torch.from_numpy(features[at])].float()
-        rows = (rows.sum(1) if rows.dim() == 3 else rows).numpy()  # [n_at, d_model]
+        rows = tset[int(layer)].decoder_rows(torch.from_numpy(features[at])).numpy()  # [n_at, d_model]
         if matrix is None:
             matrix = np.zeros((len(keys), rows.shape[1]), np.float32)
         matrix[at] = rows

@@ -29,10 +29,10 @@ def feature_labels(store: Store, run_id: str | None) -> dict[tuple[int, int], di
     if run_id is None:
         return {}
     rows = store.rows(
-        "WITH label AS (SELECT layer, feature, arg_max(label, created_at) AS label FROM labels "
-        "               WHERE run_id = $run AND status = 'ok' GROUP BY ALL), "
+        "WITH label AS (SELECT layer, feature, label FROM current_labels WHERE run_id = $run), "
         "     score AS (SELECT layer, feature, avg(value) FILTER (status = 'ok') AS score, "
-        "               bool_or(coalesce(unreliable, false)) AS unreliable FROM scores WHERE run_id = $run GROUP BY ALL) "
+        "               bool_or(coalesce(unreliable, false)) AS unreliable FROM current_scores WHERE run_id = $run "
+        "               GROUP BY ALL) "
         "SELECT layer, feature, label, score, coalesce(unreliable, false) FROM label LEFT JOIN score USING (layer, feature)",
         {"run": run_id})
     return {(layer, feature): {"label": label, "score": score, "unreliable": unreliable}

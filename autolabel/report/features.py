@@ -1,4 +1,4 @@
-"""The feature pages' data: statistics, examples with per-token roles, output tokens, nearest features.
+"""The feature pages' data: statistics, examples with per-token roles, nearest features, interventions.
 
 Everything is read in bulk, one layer at a time (a few queries per layer, not
 per feature), because a report has one page per feature and a run has tens of
@@ -17,12 +17,9 @@ import torch
 
 from autolabel.config import ReportConfig
 from autolabel.intervene.evidence import ablation_effects
-from autolabel.models import SubjectModel
 from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
 
-OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a time
-CANDIDATES = 4  # bfloat16 candidates per output token shown, re-ranked in float32
 SHOWN_PROMPTS = 4  # intervened prompts per kind on a page (intervene.prompts' default: all of a default run's)
 
 
@@ -90,16 +87,10 @@ def distinct_tokens(table: pa.Table) -> set[int]:
     return set(np.unique(table.column("tokens").combine_chunks().values.to_numpy()).tolist())
 
 
-def decoder_rows(tset: TranscoderSet, layer: int) -> torch.Tensor:
-    """[d_feat, d_out] decoder directions (a cross-layer decoder's slices summed)."""
-    rows = tset[layer].W_dec.detach().float()
-    return rows.sum(1) if rows.dim() == 3 else rows
-
-
 @torch.inference_mode()
 def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096) -> dict[int, list[tuple[int, float]]]:
     """Feature -> the k other features of its layer whose decoder directions are closest (cosine)."""
-    directions = torch.nn.functional.normalize(decoder_rows(tset, layer), dim=1)
+    directions = torch.nn.functional.normalize(tset[layer].decoder_rows(), dim=1)
     n = directions.shape[0]
     k = min(k, n - 1)
     result = {}
@@ -112,32 +103,3 @@ def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096)
     return result
 
 
-@torch.inference_mode()
-def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int],
-                     n: int) -> dict[int, tuple[list[int], list[int]]]:
-    """Feature -> ids of the n tokens its decoder row promotes and suppresses most: its direct effect on the
-    logits through the final norm's gain and the unembedding, as the labeler is shown it
-    (autolabel.label.stage.output_tokens). Ids, not text, so each distinct token is decoded once.
-
-    The product with the whole vocabulary is the report's largest cost, so it runs in bfloat16 (about 3x
-    faster on CPU) to pick CANDIDATES x n candidates per end, whose logits are then recomputed in float32
-    and ranked exactly. A chunk of features at a time bounds the [chunk, vocab] logits."""
-    if not features:
-        return {}
-    unembed = subject.model.get_output_embeddings().weight.float()  # [vocab, d_model]
-    unembed_fast = unembed.bfloat16()
-    directions = decoder_rows(tset, layer) * subject.final_norm_gain()
-    k = min(CANDIDATES * n, unembed.shape[0])
-    result = {}
-    for start in range(0, len(features), OUTPUT_CHUNK):
-        chunk = features[start:start + OUTPUT_CHUNK]
-        rows = directions[chunk]
-        rough = rows.bfloat16() @ unembed_fast.T
-        ends = []
-        for largest in (True, False):
-            candidates = rough.topk(k, dim=1, largest=largest).indices  # [chunk, k]
-            exact = torch.einsum("cd,ckd->ck", rows, unembed[candidates])
-            order = exact.topk(n, dim=1, largest=largest).indices
-            ends.append(candidates.gather(1, order).tolist())
-        result.update({feature: (ends[0][i], ends[1][i]) for i, feature in enumerate(chunk)})
-    return result

@@ -27,6 +27,7 @@ from autolabel.report import features as page_data
 from autolabel.report import graphs as graph_pages
 from autolabel.report import render, summary
 from autolabel.store import Store
+from autolabel.transcoders.outputs import output_token_ids
 from autolabel.transcoders.stage import open_transcoders
 from autolabel.transcoders.transcoder import TranscoderSet
 
@@ -133,7 +134,7 @@ def write_layer_pages(store: Store, run: RunData, layer: int, rows: list[dict], 
     table = page_data.examples_table(store, run.info["run_id"], run.info["corpus_id"], layer, settings)
     alive = [r["feature"] for r in rows if r["status"] != "dead"]
     has_decoder = tset is not None and layer in tset.layers  # else those parts of the pages say "not available"
-    outputs = (page_data.output_token_ids(subject, tset, layer, alive, settings.output_tokens)
+    outputs = (output_token_ids(subject, tset, layer, alive, settings.output_tokens)
                if subject is not None and has_decoder and settings.output_tokens else None)
     output_ids = {t for pair in (outputs or {}).values() for ids in pair for t in ids}
     render.decode_pieces(tokenizer, page_data.distinct_tokens(table) | output_ids, pieces)

@@ -85,11 +85,14 @@ def feature_labels(store: Store, run_id: str) -> dict[tuple[int, int], FeatureLa
             "QUALIFY row_number() OVER (PARTITION BY layer, feature ORDER BY status = 'ok' DESC, created_at DESC) = 1",
             [run_id]):
         labels[(layer, feature)] = FeatureLabel(label, explanation, labeler, status)
-    for layer, feature, scorer, value, n, status, unreliable in store.rows(
-            "SELECT layer, feature, scorer, value, n, status, unreliable FROM scores WHERE run_id = ?",
-            [run_id]):
-        entry = labels.setdefault((layer, feature), FeatureLabel())
-        entry.scores[scorer] = {"value": value, "n": n, "status": status, "unreliable": bool(unreliable)}
+    for layer, feature, labeler, scorer, value, n, status, unreliable, ci_low, ci_high, accuracy in store.rows(
+            "SELECT layer, feature, labeler, scorer, value, n, status, unreliable, ci_low, ci_high, accuracy "
+            "FROM scores WHERE run_id = ?", [run_id]):
+        entry = labels.get((layer, feature))
+        if entry is None or entry.labeler != labeler:
+            continue  # the score of another labeler's label
+        entry.scores[scorer] = {"value": value, "n": n, "status": status, "unreliable": bool(unreliable),
+                                "ci_low": ci_low, "ci_high": ci_high, "accuracy": accuracy}
     return labels
 
 

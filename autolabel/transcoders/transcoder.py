@@ -68,6 +68,14 @@ class Transcoder(nn.Module):
     def cross_layer(self) -> bool:
         return self.W_dec.dim() == 3
 
+    def decoder_rows(self, features: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """[n, d_out] float32: each feature's decoder direction (every feature, or `features`). A cross-layer
+        decoder's slices are summed: the feature's total write into the residual stream over the layers it
+        writes. The one convention for "a feature's direction" (labels, reports, clusters, audit diffs)."""
+        rows = self.W_dec.detach()
+        rows = (rows if features is None else rows[features]).float()
+        return rows.sum(1) if self.cross_layer else rows
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_feat], before the nonlinearity."""
         if self.b_in is not None:
