@@ -90,12 +90,21 @@ COLLECTED = ("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_
 
 
 def collected_run(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
-    """The given run, or the latest one, with finished collection: (run_id, the config it ran with)."""
+    """The given run, or the latest one, with finished collection: (run_id, the config it ran with).
+    Every command that works on a collected run (label, cluster, audit, report, graph, intervene) finds it here."""
+    if run_id and store.one("SELECT count(*) FROM runs WHERE run_id = ?", [run_id])[0] == 0:
+        raise AutolabelError(f"no run {run_id!r} in {store.path}; list runs with: autolabel query \"select * from runs\"")
     row = store.one(COLLECTED + "WHERE ? IS NULL OR r.run_id = ? ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
     if row is None:
-        raise AutolabelError(f"no collected run {run_id or ''} in {store.path}; run `autolabel collect` first "
-                             "(list runs with: autolabel query \"select * from runs\")")
+        raise AutolabelError(f"no collected run {run_id or ''} in {store.path} (no collected features); run "
+                             "`autolabel collect` first (list runs with: autolabel query \"select * from runs\")")
     return row[0], RunConfig.model_validate_json(row[1])
+
+
+def collected_runs(store: Store) -> list[tuple[str, RunConfig]]:
+    """Every run with finished collection, the latest first, with the config it ran with."""
+    return [(run_id, RunConfig.model_validate_json(config_json))
+            for run_id, config_json in store.rows(COLLECTED + "ORDER BY r.started_at DESC")]
 
 
 def previous_run(store: Store, run_id: str) -> str | None:

@@ -22,7 +22,7 @@ from autolabel.organism.recall import (
 )
 from autolabel.organism.spec import OrganismSpec
 from autolabel.organism.stage import check_recorded_weights
-from autolabel.pipeline import COLLECTED, collected_run
+from autolabel.pipeline import collected_run, collected_runs
 from autolabel.store import Store
 from autolabel.transcoders.stage import open_transcoders
 
@@ -82,10 +82,7 @@ def base_run(store: Store, config: RunConfig, against: str) -> str | None:
     model with the same corpus sources, transcoders and collect settings (None: there is none yet)."""
     if against != "base":
         return collected_run(store, against)[0]
-    for run_id, config_json in store.con.execute(COLLECTED + "ORDER BY r.started_at DESC").fetchall():
-        if same_collection(RunConfig.model_validate_json(config_json), config):
-            return run_id
-    return None
+    return next((run_id for run_id, stored in collected_runs(store) if same_collection(stored, config)), None)
 
 
 def base_config(config: RunConfig) -> RunConfig:

@@ -22,6 +22,7 @@ from markupsafe import Markup
 from autolabel.config import ReportConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel, load_subject_model
+from autolabel.pipeline import collected_run
 from autolabel.progress import progress_bar
 from autolabel.report import features as page_data
 from autolabel.report import graphs as graph_pages
@@ -38,19 +39,6 @@ class ReportSummary:
     index: Path
     pages: int
     seconds: float
-
-
-def resolve_run(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
-    """The given run, or the latest one with collected features, and the config it ran with."""
-    if run_id and store.one("SELECT count(*) FROM runs WHERE run_id = ?", [run_id])[0] == 0:
-        raise AutolabelError(f"no run {run_id!r} in {store.path}; list runs with: autolabel query \"select * from runs\"")
-    row = store.one("SELECT run_id, config_json FROM runs r WHERE (?::VARCHAR IS NULL OR run_id = ?) "
-                    "AND EXISTS (SELECT 1 FROM features f WHERE f.run_id = r.run_id) ORDER BY started_at DESC LIMIT 1",
-                    [run_id, run_id])
-    if row is None:
-        raise AutolabelError(f"{'run ' + run_id if run_id else store.path} has no collected features to report; "
-                             "run `autolabel collect` first")
-    return row[0], RunConfig.model_validate_json(row[1] or "{}")
 
 
 def copy_assets(folder: Path) -> None:
@@ -204,7 +192,7 @@ def report_run(config: RunConfig, run_id: str | None = None, out_dir: Path | Non
     """Report a run (the latest collected one by default) with the run's own model and transcoders."""
     settings = config.report
     with Store(config.store, read_only=True) as store:
-        run_id, stored = resolve_run(store, run_id)
+        run_id, stored = collected_run(store, run_id)
         subject = load_subject_model(stored.model.source, config.cache_dir, stored.model.dtype)
         needs_transcoder = settings.output_tokens > 0 or settings.nearest > 0
         tset = open_transcoders(stored.transcoder.source, stored.transcoder.format) if needs_transcoder else None
