@@ -2,20 +2,19 @@
 
 Only reliable labels are shown (the members nearest the cluster's centre first),
 so a cluster of unlabeled or badly labeled features is left unnamed rather than
-named from noise. The answer is asked for as JSON with a schema, parsed with the
-label parser's fallback (the first {...} in prose, or a `name:` line); an answer
+named from noise. The answer is asked for as JSON with a schema, parsed as every answer is
+(autolabel.answers: the first {...} in prose, or a `name:` line); an answer
 that never parses is recorded as `invalid` with the error, never invented.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from autolabel.label.prompts import json_objects
+from autolabel.answers import answer_fields, json_schema
 from autolabel.llm import BudgetExhausted, InvalidOutput, LLMClient
 
 MAX_NAME_WORDS = 6
@@ -26,13 +25,8 @@ INSTRUCTION = (
     '{"name": "<at most 6 words>", "description": "<one sentence: what the features have in common>"}.'
 )
 
-NAME_SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {"name": "cluster_name", "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": ["name", "description"],
-        "properties": {"name": {"type": "string", "maxLength": 60},
-                       "description": {"type": "string", "maxLength": 200}}}},
-}
+NAME_SCHEMA = json_schema("cluster_name", {"name": {"type": "string", "maxLength": 60},
+                                          "description": {"type": "string", "maxLength": 200}})
 
 
 @dataclass
@@ -52,14 +46,10 @@ def naming_messages(labels: list[str]) -> list[dict[str, str]]:
 
 def parse_name(text: str) -> tuple[str, str]:
     """(name, description) from the JSON answer, a {...} in prose, or `name:` / `description:` lines."""
-    for data in json_objects(text):
-        if isinstance(data.get("name"), str):
-            return _checked(data["name"], data.get("description"))
-    name = re.search(r"(?im)^[\s*#>-]*name[\s*]*:\s*(.+)$", text)
-    if name:
-        description = re.search(r"(?im)^[\s*#>-]*description[\s*]*:\s*(.+)$", text)
-        return _checked(name.group(1), description.group(1) if description else "")
-    raise InvalidOutput("no JSON object with a string 'name' and no 'name:' line")
+    found = answer_fields(text, "name", "description")
+    if found is None:
+        raise InvalidOutput("no JSON object with a string 'name' and no 'name:' line")
+    return _checked(*found)
 
 
 def _checked(name: str, description: object) -> tuple[str, str]:

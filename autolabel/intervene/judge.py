@@ -14,15 +14,14 @@ import asyncio
 import random
 from dataclasses import dataclass
 
-from autolabel.label.prompts import Label, json_objects
+from autolabel.answers import json_objects, json_schema
+from autolabel.label.prompts import Label
 from autolabel.label.scorers import Score, balanced_accuracy
 from autolabel.llm import InvalidOutput, LLMClient
 
 SCORER = "steering"
 
-CHOICE_SCHEMA = {"type": "json_schema", "json_schema": {"name": "steering_choice", "strict": True, "schema": {
-    "type": "object", "additionalProperties": False, "required": ["shows"],
-    "properties": {"shows": {"type": "string", "enum": ["A", "B"]}}}}}
+CHOICE_SCHEMA = json_schema("steering_choice", {"shows": {"type": "string", "enum": ["A", "B"]}})
 
 
 @dataclass

@@ -13,11 +13,9 @@ promotes and suppresses through the unembedding.
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+from autolabel.answers import answer_fields, json_schema
 from autolabel.llm import InvalidOutput
 
 MAX_LABEL_WORDS = 8
@@ -64,13 +62,8 @@ WORKED_EXAMPLES = [
      '{"label": "courts and trials", "explanation": "Fires on words for courts, juries and legal proceedings."}'),
 ]
 
-LABEL_SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {"name": "feature_label", "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": ["label", "explanation"],
-        "properties": {"label": {"type": "string", "maxLength": 160},  # room to end a word; cut below
-                       "explanation": {"type": "string", "maxLength": 200}}}},
-}
+LABEL_SCHEMA = json_schema("feature_label", {"label": {"type": "string", "maxLength": 160},  # room to end a word
+                                             "explanation": {"type": "string", "maxLength": 200}})
 
 
 @dataclass
@@ -145,27 +138,12 @@ def explain_messages(examples: list[str], evidence: Evidence) -> list[dict[str, 
     return [{"role": "system", "content": INSTRUCTION}, *worked, {"role": "user", "content": body}]
 
 
-def json_objects(text: str) -> Iterator[dict]:
-    """The answer as a JSON object, then each flat {...} found in prose around it."""
-    for candidate in [text.strip(), *re.findall(r"\{[^{}]*\}", text)]:
-        try:
-            data = json.loads(candidate)
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: thousands of nested brackets
-            continue
-        if isinstance(data, dict):
-            yield data
-
-
 def parse_label(text: str) -> Label:
     """The JSON answer, or failing that the first {...} in the text, or `label:` / `explanation:` lines."""
-    for data in json_objects(text):
-        if isinstance(data.get("label"), str):
-            return _checked(data["label"], data.get("explanation"))
-    label = re.search(r"(?im)^[\s*#>-]*label[\s*]*:\s*(.+)$", text)
-    if label:
-        explanation = re.search(r"(?im)^[\s*#>-]*explanation[\s*]*:\s*(.+)$", text)
-        return _checked(label.group(1), explanation.group(1) if explanation else "")
-    raise InvalidOutput("no JSON object with a string 'label' and no 'label:' line")
+    found = answer_fields(text, "label", "explanation")
+    if found is None:
+        raise InvalidOutput("no JSON object with a string 'label' and no 'label:' line")
+    return _checked(*found)
 
 
 def _checked(label: str, explanation: object) -> Label:
