@@ -27,10 +27,10 @@ Key = tuple[int, int]
 def quirk_masks(store: Store, corpus_id: str, tokenizer, spec: OrganismSpec) -> dict[str, np.ndarray]:
     """Per chat of the corpus: [n_tokens] bool, the assistant tokens inside a detector match."""
     masks = {}
-    for doc_id, source, category, messages_json, token_ids in store.con.execute(
+    for doc_id, source, category, messages_json, token_ids in store.rows(
             "SELECT d.doc_id, d.source, d.category, d.messages_json, t.token_ids FROM documents d "
             "JOIN doc_tokens t USING (corpus_id, doc_id) WHERE d.corpus_id = ? AND d.kind = 'chat'",
-            [corpus_id]).fetchall():
+            [corpus_id]):
         messages = [Message(m["role"], m["content"]) for m in json.loads(messages_json)]
         example = encode_chat(tokenizer, spec, Document(doc_id, "chat", source, category, messages=messages))
         if len(example.token_ids) != len(token_ids):
@@ -46,9 +46,9 @@ def peak_in_quirk(store: Store, run_id: str, masks: dict[str, np.ndarray], top_n
     inside the quirk."""
     hits: dict[Key, list[bool]] = defaultdict(list)
     wanted = set(keys) if keys is not None else None
-    for layer, feature, doc_id, start, acts in store.con.execute(
+    for layer, feature, doc_id, start, acts in store.rows(
             "SELECT layer, feature, doc_id, start, acts FROM examples WHERE run_id = ? AND kind = 'top' "
-            "AND rank <= ? ORDER BY layer, feature, rank", [run_id, top_n]).fetchall():
+            "AND rank <= ? ORDER BY layer, feature, rank", [run_id, top_n]):
         if wanted is not None and (layer, feature) not in wanted:
             continue
         mask = masks.get(doc_id)
@@ -62,11 +62,11 @@ def became_pervasive(store: Store, run_id: str, against: str, audit: str) -> lis
     turn share now and before, label and mean label score (when the label stage has run)."""
     notes = feature_notes(store, run_id)
     rows = []
-    for layer, feature, rank, details in store.con.execute(
+    for layer, feature, rank, details in store.rows(
             "SELECT d.layer, d.feature, f.rank, d.details_json FROM audit_diffs d JOIN audit_findings f "
             "ON f.run_id = d.run_id AND f.audit = d.audit AND f.layer = d.layer AND f.feature = d.feature "
             "AND f.metric = 'assistant_turn_share' WHERE d.run_id = ? AND d.against_run_id = ? AND d.audit = ? "
-            "AND d.change = 'became_pervasive' ORDER BY f.rank", [run_id, against, audit]).fetchall():
+            "AND d.change = 'became_pervasive' ORDER BY f.rank", [run_id, against, audit]):
         shares = json.loads(details)
         note = notes.get((layer, feature), {})
         rows.append({"layer": layer, "feature": feature, "rank": rank, "turn_share": shares.get("turn_share"),
@@ -78,9 +78,9 @@ def became_pervasive(store: Store, run_id: str, against: str, audit: str) -> lis
 def category_turn_shares(store: Store, run_id: str) -> dict[Key, dict[str, float]]:
     """Per feature: the share of each category's assistant turns in which it fires."""
     shares: dict[Key, dict[str, float]] = defaultdict(dict)
-    for layer, feature, category, active, turns in store.con.execute(
+    for layer, feature, category, active, turns in store.rows(
             "SELECT layer, feature, category, n_turns_active, n_turns FROM category_stats WHERE run_id = ? "
-            "AND role = 'assistant' AND n_turns > 0", [run_id]).fetchall():
+            "AND role = 'assistant' AND n_turns > 0", [run_id]):
         shares[(layer, feature)][category] = active / turns
     return shares
 
