@@ -13,7 +13,6 @@ collection benchmark runs delphi. Both tools get, each in a fresh process (its p
   needs a transcoder at every layer, so the other layers get one that never fires (its whole MLP output is an
   error node, as autolabel treats a layer without a transcoder); its loader knows ReLU and JumpReLU only, so
   the driver sets its own `TopK(k)` module, followed by a ReLU as autolabel's TopK, on the three real layers;
-  the config names the hooks as circuit-tracer does (save_circuit_tracer writes autolabel's names);
 - the model folder as transformers 4.57 reads it (see transformers4_folder);
 - the same token ids: circuit-tracer's BOS (<|im_start|>) first, whose features neither tool makes nodes;
 - the same settings: targets the most likely tokens up to 0.95 probability (at most 10), every active
@@ -41,7 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from common import peak_rss_mb
 
 EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"
@@ -50,7 +48,6 @@ TOP_EDGES = 50
 PROMPTS = ["The capital of France is",
            "In the morning the baker opens her shop, and the first customer always asks for a loaf of fresh"]
 WARM_UP = "Hello there"
-CT_HOOKS = {"mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out"}  # autolabel's hook names -> circuit-tracer's
 
 DRIVER = '''
 import json, resource, sys, time
@@ -157,11 +154,6 @@ def export_set(cache: Path, n_layers: int) -> tuple[list[int], int]:
               for layer in range(n_layers) if layer not in tset.transcoders}
     every = TranscoderSet({**tset.transcoders, **silent}, tset.input_hook, tset.output_hook)
     save_circuit_tracer(every, cache / SET_NAME, "SmolLM2-135M-Instruct", dtype=torch.float16)
-    # save_circuit_tracer keeps autolabel's hook names; circuit-tracer's nnsight mapping knows only its own.
-    config = yaml.safe_load((cache / SET_NAME / "config.yaml").read_text())
-    config |= {"feature_input_hook": CT_HOOKS[config["feature_input_hook"]],
-               "feature_output_hook": CT_HOOKS[config["feature_output_hook"]]}
-    (cache / SET_NAME / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return tset.layers, k
 
 

@@ -329,3 +329,17 @@ def test_a_features_direction_is_its_decoder_row_and_a_cross_layer_decoders_slic
     assert torch.equal(plain.decoder_rows(), per_layer) and torch.equal(plain.decoder_rows([3, 1]), per_layer[[3, 1]])
     assert torch.allclose(clt.decoder_rows(), cross.sum(1)) and clt.decoder_rows([2]).shape == (1, 4)
     assert not clt.decoder_rows().requires_grad
+
+
+def test_a_saved_circuit_tracer_set_names_its_hooks_as_circuit_tracer_does_and_loads_back(tmp_path):
+    """circuit-tracer resolves only its own hook names; autolabel reads them back as the same hooks."""
+    from autolabel.transcoders.formats import save_circuit_tracer
+    from autolabel.transcoders.transcoder import TranscoderSet
+
+    layers = {layer: Transcoder(layer, torch.randn(4, 6), torch.zeros(6), torch.randn(6, 4), torch.zeros(4))
+              for layer in (0, 1)}
+    save_circuit_tracer(TranscoderSet(layers, "mlp_in", "mlp_out"), tmp_path, "tiny")
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "hook_mlp_out")
+    loaded = load_transcoders(tmp_path)
+    assert torch.allclose(loaded[1].W_dec, layers[1].W_dec) and loaded.layers == [0, 1]

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import save_file
 
 from autolabel.errors import AutolabelError
+from autolabel.models import HOOK_ALIASES
 from autolabel.transcoders.files import (
     EXPECTED_FILES,
     coder_folders,
@@ -325,6 +326,11 @@ def load_transcoders(path: str | Path, fmt: str = "auto", layers: list[int] | No
     return LOADERS[fmt](folder, layers)
 
 
+# autolabel's hook -> the name circuit-tracer's model bridge knows it by (it reads nothing else).
+CIRCUIT_TRACER_HOOKS = {"mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out", "resid_mid": "hook_resid_mid",
+                        "ln2_normalized": "ln2.hook_normalized"}
+
+
 def save_circuit_tracer(tset: TranscoderSet, folder: Path, model_name: str, dtype: torch.dtype = torch.float32) -> None:
     """Write a per-layer set in circuit-tracer's transcoder-set layout (config.yaml + layer_<i>.safetensors).
 
@@ -344,8 +350,10 @@ def save_circuit_tracer(tset: TranscoderSet, folder: Path, model_name: str, dtyp
                    "W_skip": None if tc.W_skip is None else tc.W_skip.T}
         save_file({key: value.detach().to(dtype).cpu().contiguous() for key, value in tensors.items() if value is not None},
                   str(folder / f"layer_{layer}.safetensors"))
-    config = {"model_name": model_name, "model_kind": "transcoder_set", "feature_input_hook": tset.input_hook,
-              "feature_output_hook": tset.output_hook, "activation": tset.activation, "layers": tset.layers}
+    config = {"model_name": model_name, "model_kind": "transcoder_set",
+              "feature_input_hook": CIRCUIT_TRACER_HOOKS[HOOK_ALIASES[tset.input_hook]],
+              "feature_output_hook": CIRCUIT_TRACER_HOOKS[HOOK_ALIASES[tset.output_hook]],
+              "activation": tset.activation, "layers": tset.layers}
     if tset.activation == "topk":
         config["k"] = int(next(iter(tset.transcoders.values())).k)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
