@@ -42,14 +42,7 @@ from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
 from autolabel.intervene.command import intervene_run
 from autolabel.intervene.stage import InterveneSummary
-from autolabel.label.stage import STAGE as LABEL_STAGE
-from autolabel.label.stage import (
-    LabelSummary,
-    label_batch,
-    label_summary,
-    plan_labels,
-    skipped_rows,
-)
+from autolabel.label.stage import LabelSummary, commit_shard, label_batch, label_summary, open_plan
 from autolabel.models import SubjectModel
 from autolabel.report.stage import report_run
 from autolabel.store import Store
@@ -193,8 +186,7 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
     LLM cache and ledger) are written here once every worker has finished, shard by shard."""
     started = time.perf_counter()
     with Store(config.store) as store:
-        plan, skipped = plan_labels(store, run_id, config)  # only what is still to label
-        store.upsert("labels", skipped_rows(run_id, config, skipped))
+        plan = open_plan(store, run_id, config)  # only what is still to label
     futures = {name: label_shard_task.submit(config, run_id, shard) for name, shard in plan}
     results = {name: future.result() for name, future in futures.items()}  # readers finish before the writer opens
     calls, cost, stopped = 0, 0.0, None
@@ -203,14 +195,8 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
             ledger = rows.get("llm_calls", [])
             calls += sum(not row["cached"] for row in ledger)
             cost += sum(row["cost_usd"] for row in ledger)
-            store.upsert("llm_cache", rows.get("llm_cache", []))
-            store.upsert("llm_calls", ledger)
-            tables = {"labels": rows["labels"], "scores": rows["scores"]}
-            if budget is None:
-                store.write_shard(run_id, LABEL_STAGE, name, tables, replace=True)
-            else:  # what finished is kept; the shard stays open for a resume
-                store.upsert("labels", tables["labels"])
-                store.upsert("scores", tables["scores"])
+            commit_shard(store, run_id, name, rows, budget is not None)
+            if budget is not None:  # what finished is kept; the shard stays open for a resume
                 stopped = budget
         return label_summary(store, run_id, config, calls, cost, time.perf_counter() - started, stopped)
 

@@ -256,11 +256,31 @@ async def label_shard(client: LLMClient, embedder, store: Store, tokenizer, outp
     return tables, next((r for r in results if isinstance(r, BudgetExhausted)), None)
 
 
+def open_plan(store: Store, run_id: str, config: RunConfig) -> list[tuple[str, list[Key]]]:
+    """The shards still to label (plan_labels), once the features with too few examples are recorded as skipped."""
+    plan, skipped = plan_labels(store, run_id, config)
+    store.upsert("labels", skipped_rows(run_id, config, skipped))
+    return plan
+
+
+def commit_shard(store: Store, run_id: str, name: str, rows: dict[str, list[dict]], stopped: bool) -> None:
+    """Write one labeled shard: the LLM cache and ledger rows a worker buffered (none in one process, where the
+    client writes them as it goes), then its labels and scores, recorded as a committed shard unless the budget
+    stopped it: that shard stays open, and a resume plans its missing features again."""
+    for table in ("llm_cache", "llm_calls"):
+        store.upsert(table, rows.get(table, []))
+    tables = {"labels": rows["labels"], "scores": rows["scores"]}
+    if not stopped:
+        store.write_shard(run_id, STAGE, name, tables, replace=True)
+        return
+    for table, table_rows in tables.items():
+        store.upsert(table, table_rows)
+
+
 def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
                 show_progress: bool = True) -> LabelSummary:
     started = time.perf_counter()
-    plan, skipped = plan_labels(store, run_id, config)
-    store.upsert("labels", skipped_rows(run_id, config, skipped))
+    plan = open_plan(store, run_id, config)
     todo = [key for _, shard in plan for key in shard]
     outputs = output_tokens(subject, tset, todo, config.label.output_tokens)
     embedder = load_embedder() if "embedding" in config.label.scorers else None
@@ -270,7 +290,7 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
         for name, shard in plan:
             tables, budget = await label_shard(client, embedder, store, subject.tokenizer, outputs, shard,
                                                config, run_id)
-            store.write_shard(run_id, STAGE, name, tables, replace=True)
+            commit_shard(store, run_id, name, tables, budget is not None)
             if budget is not None:  # what finished is kept; a resume plans the rest
                 return str(budget)
             advance(len(shard))
