@@ -63,15 +63,15 @@ def open_run(store: Store, config: RunConfig, resume: bool, run_id: str | None,
     return run_id, config
 
 
-def collect_afresh(store: Store, run_id: str, fresh: bool) -> bool:
-    """Whether the run must collect by itself instead of copying an identical earlier collection.
+def record_inputs(store: Store, run_id: str, corpus_id: str, transcoder_id: str, fresh: bool) -> bool:
+    """Tie the run to its corpus and transcoders, and say whether it must collect by itself instead of
+    copying an identical earlier collection.
 
     `--fresh` is kept with the run (runs.fresh), so resuming a killed `--fresh` collection still
     collects; and a run with committed collect shards continues its own checkpoint rather than
     copy another run's tables and leave that checkpoint behind.
     """
-    if fresh:
-        store.update_run(run_id, fresh=True)
+    store.update_run(run_id, corpus_id=corpus_id, transcoder_id=transcoder_id, **({"fresh": True} if fresh else {}))
     asked = store.one("SELECT coalesce(fresh, false) FROM runs WHERE run_id = ?", [run_id])[0]
     shards = store.committed_shards(run_id, COLLECT_STAGE)
     return bool(asked) or bool(shards and "final" not in shards)

@@ -108,9 +108,13 @@ def check_task(config: RunConfig, show_progress: bool) -> tuple[str, dict[int, L
     return transcoder_id, quality
 
 
+def collection_key(store: str, content_key: str) -> str:
+    """Collection's cache key: its content in this store (another store's cached run is not here to copy)."""
+    return f"collect-{content_key}-{hashlib.sha256(str(store).encode()).hexdigest()[:8]}"
+
+
 def collect_key(context, parameters: dict) -> str:
-    store = hashlib.sha256(str(parameters["config"].store).encode()).hexdigest()[:8]
-    return f"collect-{parameters['content_key']}-{store}"
+    return collection_key(parameters["config"].store, parameters["content_key"])
 
 
 @task(name="collect", cache_key_fn=collect_key, persist_result=True, result_serializer="json",
@@ -224,7 +228,7 @@ def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: st
     content_key = fingerprint(config.collect, corpus_id, transcoder_id, model.model_id, model.dtype)
     arguments = (config, run_id, corpus_id, transcoder_id, content_key, show_progress)
     slices, started = None, time.perf_counter()
-    cached = get_result_store().exists(collect_key(None, {"config": config, "content_key": content_key}))
+    cached = get_result_store().exists(collection_key(config.store, content_key))
     if n_slices and (fresh or not cached):
         slices = scatter_collection(config, run_id, corpus_id, transcoder_id, n_slices)
     collected = collect_task.with_options(refresh_cache=fresh)(*arguments, slices, time.perf_counter() - started)
@@ -259,8 +263,7 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         transcoder_id, quality = check_task(config, show_progress)
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
         with Store(config.store) as store:
-            store.update_run(run_id, corpus_id=corpus.corpus_id, transcoder_id=transcoder_id)
-            fresh = pipeline.collect_afresh(store, run_id, fresh)
+            fresh = pipeline.record_inputs(store, run_id, corpus.corpus_id, transcoder_id, fresh)
         collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model, fresh,
                                           n_slices, show_progress)
         audit = audit_task(config, run_id) if until != "collect" else None
