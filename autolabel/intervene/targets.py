@@ -62,7 +62,7 @@ def check_features(store: Store, run_id: str, tset: TranscoderSet, keys: list[Ke
         status, max_act = row
         if status == "dead" or not max_act:
             raise AutolabelError(f"feature {layer}:{feature} never fired in run {run_id} (dead), so there is nothing "
-                                 f"to ablate or steer; pick a live one: autolabel query \"select layer, feature, "
+                                 f"to trace or change; pick a live one: autolabel query \"select layer, feature, "
                                  f"density from features where run_id = '{run_id}' and status = 'active'\"")
         max_acts[(layer, feature)] = float(max_act)
     return max_acts

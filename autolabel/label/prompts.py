@@ -30,7 +30,9 @@ INSTRUCTION = (
     "You see examples with the firing tokens marked <<like this>>, each tagged with whose text it is "
     "(plain text, system prompt, user turn, assistant turn, chat template) and its document category; "
     "where the feature fires by role; and the output tokens it makes more and less likely. "
-    "Name what the examples share: a word, a topic, a kind of text or turn. Answer with JSON only: "
+    "Name what the MARKED tokens share: the same word, word family or symbol, named as such. Only when whole "
+    "stretches of a text are marked, name the kind of text or turn, from the tags and where it fires. The "
+    "topic of the unmarked text around them is not the label. Answer with JSON only: "
     '{"label": "<at most 8 words>", "explanation": "<one sentence: when the feature fires>"}.'
 )
 
