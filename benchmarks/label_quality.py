@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/label_quality.py --store CORPUS.duckdb [--workdir DIR]
         [--labeler smollm2] [--labeler labeler:qwen2.5-coder-1.5b] [--labeler MODEL.gguf]
-        [--base-url URL --labeler MODEL] [--flagged STORE [--flagged-run ID]]
+        [--base-url URL --labeler MODEL] [--flagged STORE [--flagged-run ID]] [--known] [--no-role-evidence]
 
 1. Concepts. The layer-15 MLP inputs of the default corpus's tokens (in --store; built
    there first when it has none) are captured: every held-out window and every other
@@ -21,6 +21,9 @@
 4. Recovery: a concept counts as recovered when its feature's label contains one of
    the concept's keywords, or when the MiniLM cosine between label and the concept's
    description is at least RECOVERED_COSINE (see `recovered`).
+5. With --known, each concept feature is also scored with a label known to be right (its concept's
+   description) and one known to be wrong (the next concept's) on the same held-out texts: a scorer
+   worth the name ranks the right one above the wrong one for nearly every feature.
 Steps 1-3 are cached in --workdir; delete it to start over.
 """
 
