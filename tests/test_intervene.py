@@ -344,7 +344,7 @@ def test_steering_score_is_the_balanced_accuracy_of_the_judges_picks_and_is_cach
     assert requests == 6 and summary.judged == 1 and summary.unlabeled == 1 and summary.calls == 6
     answered = [(right == "A", said == "A") for right, said in server.log if said is not None]
     assert status == "ok" and n == len(answered) == 5 and json.loads(details)["invalid"] == 1
-    assert value == pytest.approx(balanced_accuracy(*zip(*answered))) and 0 < value < 1
+    assert value == pytest.approx(balanced_accuracy(*zip(*answered, strict=False))) and 0 < value < 1
     assert again.calls == 0 and again.judged == 0 and replayed.calls == 0 and replayed.judged == 1
     assert server.requests == requests == uncached and value_again == value
 

@@ -7,14 +7,13 @@ import json
 import zlib
 
 import pytest
+from test_llm import NOT_A_COMPLETION, FaultServer
 
 from autolabel import label as label_package
 from autolabel.config import LabelConfig, LLMConfig, RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.label.stage import label_stage, select_features
 from autolabel.store import Store
-
-from test_llm import NOT_A_COMPLETION, FaultServer
 
 FEATURES = [2, 5, 7]  # a token detector, the assistant-word detector, a dense random feature
 ANSWER = json.dumps({"label": "cats", "explanation": "Fires on cat."})

@@ -185,8 +185,8 @@ def add_assistant_replies(store: Store, subject: SubjectModel, documents: list[D
             store.upsert("generations", [
                 {"model_id": subject.model_id, "prompt_hash": hashes[d.doc_id], "params_json": to_json(params),
                  "prompt_json": to_json([[m.role, m.content] for m in d.messages]), "response": reply,
-                 "created_at": now()} for d, reply in zip(batch, replies)])
-            cached.update({hashes[d.doc_id]: reply for d, reply in zip(batch, replies)})
+                 "created_at": now()} for d, reply in zip(batch, replies, strict=False)])
+            cached.update({hashes[d.doc_id]: reply for d, reply in zip(batch, replies, strict=False)})
             bar.advance(task, len(batch))
 
         if missing:

@@ -64,7 +64,7 @@ def _content_spans(tokenizer, rendered: str, document: Document) -> list[tuple[i
     for templates that trim).
     """
     placeholders = [f"\ue000{i}\ue001" for i in range(len(document.messages))]
-    skeleton = render_chat(tokenizer, [Message(m.role, p) for m, p in zip(document.messages, placeholders)],
+    skeleton = render_chat(tokenizer, [Message(m.role, p) for m, p in zip(document.messages, placeholders, strict=False)],
                            document.doc_id)
     pieces, rest = [], skeleton
     for placeholder in placeholders:
@@ -75,9 +75,9 @@ def _content_spans(tokenizer, rendered: str, document: Document) -> list[tuple[i
     else:
         for clean in (lambda c: c, str.strip):
             contents = [clean(m.content) for m in document.messages]
-            if "".join(p + c for p, c in zip(pieces, contents)) + rest == rendered:
+            if "".join(p + c for p, c in zip(pieces, contents, strict=False)) + rest == rendered:
                 spans, cursor = [], 0
-                for piece, content in zip(pieces, contents):
+                for piece, content in zip(pieces, contents, strict=False):
                     cursor += len(piece)
                     spans.append((cursor, cursor + len(content)))
                     cursor += len(content)

@@ -98,8 +98,8 @@ def nearest_features(tset: TranscoderSet, layer: int, k: int, chunk: int = 4096)
         sims = directions[start:start + chunk] @ directions.T
         sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -2.0  # not itself
         values, indices = sims.topk(k, dim=1)
-        for row, (vals, ids) in enumerate(zip(values.tolist(), indices.tolist())):
-            result[start + row] = list(zip(ids, vals))
+        for row, (vals, ids) in enumerate(zip(values.tolist(), indices.tolist(), strict=False)):
+            result[start + row] = list(zip(ids, vals, strict=False))
     return result
 
 

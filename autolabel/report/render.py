@@ -98,7 +98,7 @@ def example_lists(table: pa.Table, pieces: dict[int, str],
     firing = acts > 0
     levels = np.minimum(HEAT_LEVELS - 1, (acts[firing] * scale[firing]).astype(np.int64))
     text[firing] = [f'<mark class="h{level}" title="{act:.3g}">{piece}</mark>'
-                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist())]
+                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist(), strict=False)]
 
     opens = np.ones(len(token_ids), dtype=bool)
     opens[1:] = role_codes[1:] != role_codes[:-1]
@@ -113,7 +113,7 @@ def example_lists(table: pa.Table, pieces: dict[int, str],
     kinds, bins = table.column("kind").to_pylist(), table.column("bin").to_pylist()
     heads = [f'<li><span class="ex-meta">{"" if bin_ is None else f"bin {bin_} · "}{peak:.3g} · {escape(doc_id)}'
              f'</span><div class="ex">' for bin_, peak, doc_id in
-             zip(bins, table.column("max_act").to_pylist(), table.column("doc_id").to_pylist())]
+             zip(bins, table.column("max_act").to_pylist(), table.column("doc_id").to_pylist(), strict=False)]
     shown = lengths > 0
     firsts, lasts = offsets[:-1][shown], offsets[1:][shown] - 1
     text[firsts] = np.array(heads, dtype=object)[shown] + text[firsts]
@@ -137,7 +137,7 @@ def histogram_svg(histogram: list[int] | None, edges: list[float] | None) -> Mar
     heights = 58 * np.log1p(counts) / np.log1p(counts.max())
     bars = "".join(f'<rect x="{10 * i + 1}" y="{60 - h:.2f}" width="8" height="{h:.2f}"><title>'
                    f'({number(edges[i])}, {number(edges[i + 1])}]: {int(c):,} tokens</title></rect>'
-                   for i, (c, h) in enumerate(zip(counts.tolist(), heights.tolist())))
+                   for i, (c, h) in enumerate(zip(counts.tolist(), heights.tolist(), strict=False)))
     return Markup(f'<svg class="histogram" viewBox="0 0 {10 * len(counts)} 60" preserveAspectRatio="none" role="img" '
                   f'aria-label="activation histogram">{bars}</svg><div class="spark-axis"><span>{number(edges[0])}'
                   f'</span><span>log-spaced bins, log counts</span><span>{number(edges[-1])}</span></div>')
