@@ -492,14 +492,9 @@ def test_a_feature_planted_to_drive_the_output_has_a_high_influence_share(plante
 
 
 @pytest.fixture
-def feature_cli(tmp_path, tiny_model_dir, cache_dir, tokenizer):
-    folder = tmp_path / "transcoders"
-    save_circuit_tracer(per_layer_set(), folder, "tiny")
-    config = RunConfig(cache_dir=str(cache_dir), model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
-                       transcoder=TranscoderConfig(source=str(folder)))
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    store = tmp_path / "s.duckdb"
+def feature_cli(cli_setup, tokenizer):
+    """cli_setup's config and store, with a run whose features have top examples."""
+    config, config_path, store = cli_setup
     run_id = feature_store(store, config, per_layer_set(), tokenizer(TEXT)["input_ids"])
     return ["--config", str(config_path), "--store", str(store), "--run", run_id], store
 
