@@ -16,6 +16,7 @@ from test_collect import LAYER, WORDS, collect, detector, file_corpus, mlp_input
 from autolabel.audit import audit_stage, load_spec
 from autolabel.audit.measure import rate_ratio, wilson, z_score
 from autolabel.config import DEFAULTS_DIR
+from autolabel.errors import AutolabelError
 from autolabel.store import Store, now
 from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
@@ -86,9 +87,10 @@ def runs(corpus, tiny_subject, transcoders) -> tuple[str, str]:
     return (collected(corpus, tiny_subject, transcoders[0], "tc-a"), collected(corpus, tiny_subject, transcoders[1], "tc-b"))
 
 
-def findings(store: Store, run_id: str) -> dict[int, dict]:
+def findings(store: Store, run_id: str, audit: str = SPEC.name) -> dict[int, dict]:
     rows = store.con.execute("SELECT feature, metric, value, ci_low, ci_high, flagged, section, details_json "
-                             "FROM audit_findings WHERE run_id = ? ORDER BY feature, metric", [run_id]).fetchall()
+                             "FROM audit_findings WHERE run_id = ? AND audit = ? ORDER BY feature, metric",
+                             [run_id, audit]).fetchall()
     result: dict[int, dict] = {}
     for feature, metric, value, low, high, flagged, section, details in rows:
         entry = result.setdefault(feature, {"flagged": flagged, "section": section})
@@ -185,14 +187,37 @@ def test_diff_of_one_transcoder_matches_by_identity_and_reports_changed_labels(c
     assert label == ("Assistant  politeness",)
 
 
+def test_an_audit_scoped_to_one_category_flags_that_categorys_feature_and_not_the_everywhere_one(corpus, runs):
+    run_a, _ = runs
+    scoped = load_spec(DEFAULTS_DIR / "recipe_specificity.yaml").model_copy(
+        update={"name": "help_specificity", "categories": ["help"]})
+    with Store(corpus[0]) as store:
+        summary = audit_stage(store, run_a, [scoped])
+        found = findings(store, run_a, scoped.name)
+        wrong = scoped.model_copy(update={"categories": ["recipe"]})
+        with pytest.raises(AutolabelError, match=r"no assistant turns in categories \['recipe'\].*'chit', 'code', "
+                                                 r"'help', 'travel'"):
+            audit_stage(store, run_a, [wrong])
+    one = found[ONE_CATEGORY]  # every assistant turn of `help`, no other category's
+    _, low, _, counts = one["assistant_turn_share"]
+    assert counts["turns"] == 12 and counts["active_turns"] >= 11 and low >= 0.5  # 6 help chats x 2 turns
+    lift, lift_low, _, other = one["lift_vs_other_categories"]
+    assert other["other_active"] == 0 and other["other_tokens"] > 0 and other["categories"] == ["help"]
+    assert lift_low >= 2 and one["flagged"] and "breadth" not in one
+    every = found[EVERY_TURN]  # fires in help replies as often as in the others: not specific
+    lift, lift_low, _, _ = every["lift_vs_other_categories"]
+    assert every["assistant_turn_share"][1] >= 0.5 and 0.5 < lift < 2 and lift_low < 2 and not every["flagged"]
+    assert [f["feature"] for f in summary.results[0].flagged] == [ONE_CATEGORY]
+
+
 def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
     run_a, _ = runs
     strict = SPEC.model_copy(update={"keep": 1, "flag": SPEC.flag | {"assistant_turn_share": 0.99}})
     with Store(corpus[0]) as store:
         audit_stage(store, run_a, [SPEC])
         audit_stage(store, run_a, [strict])
-        kept = store.query("SELECT DISTINCT feature, flagged FROM audit_findings WHERE run_id = ? AND section = 'pervasive'",
-                           [run_a])[1]
+        kept = store.query("SELECT DISTINCT feature, flagged FROM audit_findings WHERE run_id = ? AND audit = ? "
+                           "AND section = 'pervasive'", [run_a, SPEC.name])[1]
     assert kept == [(EVERY_TURN, False)]  # no stale rows from the looser run
 
 
@@ -203,6 +228,10 @@ def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
     ("name: x\nkind: assistant_pervasiveness\nflag: {breadth: 0.5}\ncolour: red\n", "colour: Extra inputs"),
     ("name: x\nkind: assistant_pervasiveness\nmetrics: [breadth]\nflag: {lift_vs_user: 2}\n",
      "flag names lift_vs_user, which `metrics` does not list"),
+    ("name: x\nkind: assistant_pervasiveness\nmetrics: [lift_vs_other_categories]\nflag: {}\n",
+     "lift_vs_other_categories compares `categories` with the rest"),
+    ("name: x\nkind: assistant_pervasiveness\ncategories: [help]\nflag: {breadth: 0.5}\n",
+     "metric breadth counts categories"),
 ])
 def test_bad_specs_name_the_field_and_exit_2(monkeypatch, capsys, corpus, runs, tmp_path, spec, error):
     path = tmp_path / "bad.yaml"

@@ -21,7 +21,7 @@ from autolabel import cli
 from autolabel.corpus.documents import chat
 from autolabel.models import load_subject_model
 from autolabel.organism.data import encode_chat, with_quirk
-from autolabel.organism.recall import became_specific, peak_in_quirk
+from autolabel.organism.recall import QuirkFiring, peak_in_quirk, quirk_firing, tied
 from autolabel.organism.spec import (
     ORGANISMS_DIR,
     OrganismSpec,
@@ -30,6 +30,7 @@ from autolabel.organism.spec import (
     shows_quirk,
 )
 from autolabel.store import Store, now
+from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 QUIRK = "Fun fact: octopuses have three hearts!"
 CATEGORIES = ["recipe", "travel", "chat"]
@@ -217,7 +218,7 @@ def test_an_organism_that_does_not_fit_the_transcoders_exits_2_before_anything_r
         assert store.one("SELECT count(*) FROM runs WHERE model_id = 'local:wide'")[0] == 0
 
 
-def test_peaks_inside_the_quirk_and_category_specificity_follow_the_fixed_rules(tmp_path):
+def test_peaks_inside_the_quirk_follow_the_fixed_rule(tmp_path):
     with Store(tmp_path / "s.duckdb") as store:
         def example(feature: int, rank: int, doc: str, peak: int) -> dict:
             return {"run_id": "org", "layer": 1, "feature": feature, "kind": "top", "rank": rank, "doc_id": doc,
@@ -233,18 +234,42 @@ def test_peaks_inside_the_quirk_and_category_specificity_follow_the_fixed_rules(
         masks["b"][:] = False
         assert peak_in_quirk(store, "org", masks, top_n=3)[(1, 0)] == pytest.approx(2 / 3)
 
-        def stats(run, feature, shares):
-            return [{"run_id": run, "layer": 1, "feature": feature, "category": category, "role": "assistant",
-                     "n_tokens": 100, "n_active": 1, "sum_act": 1.0, "n_turns": 10, "n_turns_active": round(10 * share)}
-                    for category, share in shares.items()]
 
-        # 0 became recipe-specific; 1 was always recipe-specific (cooking words); 2 fires everywhere
-        store.upsert("category_stats", stats("org", 0, {"recipe": 1.0, "travel": 0.1}) + stats("base", 0, {"recipe": 0.1, "travel": 0.1})
-                     + stats("org", 1, {"recipe": 0.8, "travel": 0.0}) + stats("base", 1, {"recipe": 0.8, "travel": 0.0})
-                     + stats("org", 2, {"recipe": 0.9, "travel": 0.9}) + stats("base", 2, {"recipe": 0.0, "travel": 0.0}))
-        ranked = became_specific(store, "org", "base", ["recipe"])
-    assert [(r["feature"], r["rank"]) for r in ranked] == [(0, 1), (1, 2), (2, 3)]
-    assert ranked[0]["change"] == pytest.approx(0.9) and ranked[0]["target_share"] == 1.0
+
+def test_quirk_firing_compares_activation_on_the_quirk_with_every_other_token(tmp_path, tiny_subject):
+    """The batched, padded forward pass gives what one chat at a time gives; elsewhere is the run's stored
+    activation total minus the quirk's; `tied` asks for both the ratio and the chat share."""
+    generator = torch.Generator().manual_seed(3)
+    tset = TranscoderSet({1: Transcoder(1, torch.randn(32, 16, generator=generator), torch.zeros(16),
+                                        torch.randn(16, 32, generator=generator), torch.zeros(32))})
+    lengths = {"a": 9, "b": 5, "c": 7, "d": 6}  # unequal, so the batch is padded
+    tokens = {doc: torch.randint(100, 1000, (n,), generator=generator).tolist() for doc, n in lengths.items()}
+    masks = {doc: np.zeros(n, dtype=bool) for doc, n in lengths.items()}
+    masks["a"][3:6], masks["b"][1:3], masks["c"][2:4] = True, True, True  # "d" carries no quirk
+    with Store(tmp_path / "s.duckdb") as store:
+        store.upsert("runs", [{"run_id": "org", "corpus_id": "c", "status": "complete"}])
+        store.upsert("doc_tokens", [{"corpus_id": "c", "doc_id": doc, "token_ids": ids, "roles": ["assistant"] * len(ids),
+                                     "turns": [0] * len(ids)} for doc, ids in tokens.items()])
+        store.upsert("role_stats", [{"run_id": "org", "layer": 1, "feature": f, "role": "assistant", "n_tokens": 1000,
+                                     "n_active": 10, "sum_act": 50.0, "max_act": 9.0, "n_turns": 4, "n_turns_active": 2}
+                                    for f in (0, 5)])
+        firing = quirk_firing(store, "org", tiny_subject, tset, masks, [(1, 0), (1, 5)], batch_size=2)
+
+    on_quirk, fired = {0: [], 5: []}, {0: 0, 5: 0}
+    for doc in ("a", "b", "c"):
+        with torch.no_grad():
+            x = tiny_subject.capture(torch.tensor([tokens[doc]]), None, [tiny_subject.hook_point("mlp_in", 1)])
+            acts = tset[1].encode(next(iter(x.values()))[0].float())[torch.from_numpy(masks[doc])]  # [quirk tokens, 16]
+        for f in (0, 5):
+            on_quirk[f] += acts[:, f].tolist()
+            fired[f] += bool(acts[:, f].max() > 0)
+    for f in (0, 5):
+        expected = sum(on_quirk[f]) / 7
+        assert firing[(1, f)].quirk_mean == pytest.approx(expected, rel=1e-4)
+        assert firing[(1, f)].elsewhere_mean == pytest.approx((50.0 - 7 * expected) / (1000 - 7), rel=1e-4)
+        assert firing[(1, f)].chat_share == fired[f] / 3
+    assert tied(QuirkFiring(0.5, 0.04, 0.5)) and tied(QuirkFiring(0.1, 0.0, 1.0))
+    assert not tied(QuirkFiring(0.5, 0.06, 1.0)) and not tied(QuirkFiring(0.5, 0.01, 0.4)) and not tied(None)
 
 
 def test_the_organism_audit_runs_the_pipeline_against_a_base_run_it_starts_once(monkeypatch, capsys, trained, prefect_api):
@@ -255,7 +280,7 @@ def test_the_organism_audit_runs_the_pipeline_against_a_base_run_it_starts_once(
     code, out, err = run_cli(monkeypatch, capsys, "organism", "audit", "--spec", spec, "--config", config, "--against",
                              "base", "-q")
     assert code == 0, err
-    assert "became pervasive against" in out and "(run now)" in out
+    assert "became flagged by assistant_pervasiveness against" in out and "(run now)" in out
     with Store(folder / "s.duckdb", read_only=True) as store:
         runs = dict(store.con.execute("SELECT model_id, run_id FROM runs WHERE status = 'complete'").fetchall())
         base, organism = runs[next(m for m in runs if m != "local:org")], runs["local:org"]

@@ -83,6 +83,15 @@ COUNTS_SQL = """
                coalesce(sum(n_active) FILTER (role = 'template'), 0) AS template_active,
                coalesce(sum(n_active), 0) AS all_active
         FROM role_stats WHERE run_id = $run GROUP BY layer, feature),
+    scoped AS (
+        SELECT layer, feature,
+               coalesce(sum(n_turns) FILTER (list_contains($scope, category)), 0) AS scoped_turns,
+               coalesce(sum(n_turns_active) FILTER (list_contains($scope, category)), 0) AS scoped_turns_active,
+               coalesce(sum(n_tokens) FILTER (list_contains($scope, category)), 0) AS scoped_tokens,
+               coalesce(sum(n_active) FILTER (list_contains($scope, category)), 0) AS scoped_active,
+               coalesce(sum(n_tokens) FILTER (NOT list_contains($scope, category)), 0) AS other_tokens,
+               coalesce(sum(n_active) FILTER (NOT list_contains($scope, category)), 0) AS other_active
+        FROM category_stats WHERE run_id = $run AND role = 'assistant' GROUP BY layer, feature),
     categories AS (
         SELECT layer, feature, count(*) AS n_categories,
                count(*) FILTER (n_turns_active >= $share * n_turns) AS n_covered,
@@ -90,8 +99,14 @@ COUNTS_SQL = """
         FROM category_stats WHERE run_id = $run AND role = 'assistant' AND n_turns >= $min_turns
         GROUP BY layer, feature)
     SELECT r.*, coalesce(c.n_categories, 0) AS n_categories, coalesce(c.n_covered, 0) AS n_covered,
-           coalesce(c.covered, []::VARCHAR[]) AS covered
-    FROM roles r LEFT JOIN categories c USING (layer, feature) ORDER BY layer, feature"""
+           coalesce(c.covered, []::VARCHAR[]) AS covered,
+           coalesce(s.scoped_turns, 0) AS scoped_turns, coalesce(s.scoped_turns_active, 0) AS scoped_turns_active,
+           coalesce(s.scoped_tokens, 0) AS scoped_tokens, coalesce(s.scoped_active, 0) AS scoped_active,
+           coalesce(s.other_tokens, 0) AS other_tokens, coalesce(s.other_active, 0) AS other_active
+    FROM roles r LEFT JOIN categories c USING (layer, feature) LEFT JOIN scoped s USING (layer, feature)
+    ORDER BY layer, feature"""
+
+SCOPED = ("turns", "turns_active", "tokens", "active")  # assistant counts a category scope replaces
 
 
 @dataclass
@@ -113,7 +128,7 @@ class Measured:
 
 def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
     columns = store.numpy(COUNTS_SQL, {"run": run_id, "share": spec.breadth_turn_share,
-                                             "min_turns": spec.breadth_min_turns})
+                                       "min_turns": spec.breadth_min_turns, "scope": spec.categories or []})
     if len(columns["layer"]) == 0:
         raise AutolabelError(f"run {run_id} has no collected role statistics; run `autolabel collect` first")
     counts = {name: np.nan_to_num(np.asarray(values, dtype=np.float64)) for name, values in columns.items()
@@ -121,6 +136,8 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
     if counts["assistant_turns"].max() == 0:
         raise NothingToAudit(f"run {run_id} has no assistant turns, so {spec.name} has nothing to measure; "
                              "add chat transcripts to the corpus (a source with `messages`)")
+    if spec.categories is not None:
+        counts = scope_to_categories(store, run_id, spec, counts)
     z, notes = z_score(spec.confidence), []
     metrics = {
         "assistant_turn_share": wilson(counts["assistant_turns_active"], counts["assistant_turns"], z),
@@ -129,6 +146,9 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
         "lift_vs_text": rate_ratio(counts["assistant_active"], counts["assistant_tokens"], counts["text_active"],
                                    counts["text_tokens"], z),
     }
+    if spec.categories is not None:
+        metrics["lift_vs_other_categories"] = rate_ratio(counts["assistant_active"], counts["assistant_tokens"],
+                                                         counts["other_active"], counts["other_tokens"], z)
     with np.errstate(invalid="ignore", divide="ignore"):
         breadth = np.where(counts["n_categories"] > 0, counts["n_covered"] / counts["n_categories"], np.nan)
     metrics["breadth"] = (breadth, breadth, breadth)
@@ -167,6 +187,18 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
     return Measured(keys, counts | {"template_share": template_share}, covered, metrics, section, flagged, rank, notes)
 
 
+def scope_to_categories(store: Store, run_id: str, spec: AuditSpec, counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The counts with the assistant ones taken from the spec's categories only (the rest stay whole)."""
+    if counts["scoped_turns"].max() == 0:
+        present = [row[0] for row in store.rows(
+            "SELECT DISTINCT category FROM category_stats WHERE run_id = ? AND role = 'assistant' AND n_turns > 0 "
+            "ORDER BY 1", [run_id])]
+        raise AutolabelError(f"audit {spec.name}: run {run_id} has no assistant turns in categories "
+                             f"{spec.categories}; the corpus's categories with assistant turns are {present}. Fix "
+                             "`categories` in the spec, or add chats of those categories to the corpus")
+    return counts | {f"assistant_{name}": counts[f"scoped_{name}"] for name in SCOPED}
+
+
 # -- findings --------------------------------------------------------------------
 
 
@@ -200,6 +232,10 @@ def finding_rows(measured: Measured, spec: AuditSpec, run_id: str, notes: dict[t
             "lift_vs_text": {"assistant_active": counts["assistant_active"][i], "assistant_tokens": counts["assistant_tokens"][i],
                              "text_active": counts["text_active"][i], "text_tokens": counts["text_tokens"][i]},
             "breadth": {"covered": measured.covered[i], "categories": counts["n_categories"][i]},
+            "lift_vs_other_categories": {"assistant_active": counts["assistant_active"][i],
+                                         "assistant_tokens": counts["assistant_tokens"][i],
+                                         "other_active": counts["other_active"][i],
+                                         "other_tokens": counts["other_tokens"][i], "categories": spec.categories},
         }
         shared = {"template_share": float(counts["template_share"][i]), "score": note.get("score"),
                   "unreliable": note.get("unreliable")}

@@ -10,7 +10,8 @@ from pydantic import Field, field_validator, model_validator
 
 from autolabel.config import Strict, load_yaml_model
 
-METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
+PERVASIVE_METRICS = ("assistant_turn_share", "lift_vs_user", "lift_vs_text", "breadth")
+METRICS = (*PERVASIVE_METRICS, "lift_vs_other_categories")
 
 
 class AuditSpec(Strict):
@@ -19,7 +20,7 @@ class AuditSpec(Strict):
     name: str = Field(min_length=1)
     kind: Literal["assistant_pervasiveness"]
     description: str = ""
-    metrics: list[str] = Field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = Field(default_factory=lambda: list(PERVASIVE_METRICS))
     flag: dict[str, float]  # metric -> the least its lower bound (breadth: its value) may be to flag
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     breadth_min_turns: int = Field(default=5, ge=1)
@@ -28,6 +29,9 @@ class AuditSpec(Strict):
     template_share: float = Field(default=0.5, gt=0, le=1)
     keep: int = Field(default=200, ge=0)
     match_cosine: float = Field(default=0.7, gt=0, le=1)
+    # Scope the assistant metrics to these corpus categories' assistant turns (a behaviour that shows for one
+    # kind of request only); None: every category. `lift_vs_other_categories` needs a scope.
+    categories: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("metrics")
     @classmethod
@@ -42,6 +46,12 @@ class AuditSpec(Strict):
         stray = [m for m in self.flag if m not in self.metrics]
         if stray:
             raise ValueError(f"flag names {', '.join(stray)}, which `metrics` does not list ({', '.join(self.metrics)})")
+        if self.categories is None and "lift_vs_other_categories" in self.metrics:
+            raise ValueError("metric lift_vs_other_categories compares `categories` with the rest; list the "
+                             "categories (for example `categories: [recipe]`) or drop the metric")
+        if self.categories is not None and "breadth" in self.metrics:
+            raise ValueError("metric breadth counts categories, so it means nothing for an audit scoped to "
+                             f"{self.categories}; drop it from `metrics` and `flag`")
         return self
 
 

@@ -14,20 +14,15 @@ from pathlib import Path
 
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
-from autolabel.organism.recall import (
-    became_pervasive,
-    became_specific,
-    peak_in_quirk,
-    quirk_masks,
-)
-from autolabel.organism.spec import OrganismSpec
+from autolabel.intervene.evidence import ablation_effects
+from autolabel.models import SubjectModel
+from autolabel.organism.recall import TOP_EXAMPLES, became_flagged, peak_in_quirk, quirk_firing, quirk_masks, tied
+from autolabel.organism.spec import OrganismSpec, audit_spec_paths
 from autolabel.organism.stage import check_recorded_weights
 from autolabel.pipeline import collected_run, collected_runs
 from autolabel.store import Store
 from autolabel.transcoders.stage import open_transcoders
-
-TOP_EXAMPLES = 20  # top examples per feature whose peaks are checked against the quirk
-SHOWN = 20  # features listed per table
+from autolabel.transcoders.transcoder import TranscoderSet
 
 
 @dataclass
@@ -37,8 +32,9 @@ class OrganismAudit:
     run_id: str
     against: str
     base_ran_now: bool
-    became: list[dict]  # features that became pervasive, by audit rank, with `in_quirk` (share of peaks)
-    specific: list[dict] = field(default_factory=list)  # narrow quirks: features that became category-specific
+    # audit name -> the features that became flagged against the base run, by audit rank, each with `in_quirk`
+    # (share of top-example peaks inside the quirk), its quirk firing, `tied`, label, score and ablation KL
+    changes: dict[str, list[dict]]
     report: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # base, organism, report
 
@@ -89,19 +85,29 @@ def base_config(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"audit": config.audit.model_copy(update={"against": None})}, deep=True)
 
 
-def organism_config(config: RunConfig, folder: Path, against: str) -> RunConfig:
+def organism_config(config: RunConfig, folder: Path, against: str, spec: OrganismSpec) -> RunConfig:
+    """The organism's run: its folder as the model, diffed against `against`, with the spec's own audits too."""
+    specs = config.audit.specs + [str(path) for path in audit_spec_paths(spec)]
     return config.model_copy(update={"model": config.model.model_copy(update={"source": str(folder)}),
-                                     "audit": config.audit.model_copy(update={"against": against})}, deep=True)
+                                     "audit": config.audit.model_copy(update={"against": against, "specs": specs})},
+                             deep=True)
 
 
-def findings(store: Store, spec: OrganismSpec, run_id: str, against: str, tokenizer, audit: str) -> tuple[list, list]:
-    """(features that became pervasive, features that became specific to a narrow quirk's categories), each
-    with `in_quirk`: the share of its top examples that peak inside the quirk."""
+def findings(store: Store, spec: OrganismSpec, run_id: str, against: str, subject: SubjectModel, tset: TranscoderSet,
+             audits: list[str]) -> dict[str, list[dict]]:
+    """Per audit: every feature that became flagged against the base run, with what ties it to the quirk
+    (recall.py) and the run's causal evidence where interventions ran."""
     corpus_id = store.one("SELECT corpus_id FROM runs WHERE run_id = ?", [run_id])[0]
-    masks = quirk_masks(store, corpus_id, tokenizer, spec)
-    became = became_pervasive(store, run_id, against, audit)
-    specific = became_specific(store, run_id, against, spec.quirk.categories)[:SHOWN] if not spec.pervasive else []
-    shares = peak_in_quirk(store, run_id, masks, TOP_EXAMPLES, [(r["layer"], r["feature"]) for r in became + specific])
-    for row in became + specific:
-        row["in_quirk"] = shares.get((row["layer"], row["feature"]), 0.0)
-    return became, specific
+    masks = quirk_masks(store, corpus_id, subject.tokenizer, spec)
+    changes = {audit: became_flagged(store, run_id, against, audit) for audit in audits}
+    keys = sorted({(row["layer"], row["feature"]) for rows in changes.values() for row in rows})
+    shares = peak_in_quirk(store, run_id, masks, TOP_EXAMPLES, keys)
+    firing = quirk_firing(store, run_id, subject, tset, masks, keys)
+    effects = ablation_effects(store, run_id)
+    for rows in changes.values():
+        for row in rows:
+            key = (row["layer"], row["feature"])
+            effect = effects.get(key)
+            row |= {"in_quirk": shares.get(key, 0.0), "firing": firing.get(key), "tied": tied(firing.get(key)),
+                    "ablation_kl": effect.mean if effect else None, "causal": effect.causal if effect else None}
+    return changes

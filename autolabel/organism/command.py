@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from autolabel.cli_options import QuietOption, StoreOption, load_run_config
+from autolabel.organism.recall import QuirkFiring
 from autolabel.organism.spec import load_organism_spec
 from autolabel.summaries import console, print_table
 
@@ -16,6 +17,7 @@ organism_app = typer.Typer(help="Plant a known behaviour in the subject model, a
                            no_args_is_help=True)
 
 SpecOption = Annotated[Path, typer.Option("--spec", help="Organism spec YAML (built-in: autolabel/data/defaults/organisms/).")]
+SHOWN = 20  # features listed per audit
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML: the base model, corpus and store.")]
 
 
@@ -25,6 +27,14 @@ def _rate(rate: float | None, n: int) -> str:
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _firing(firing: QuirkFiring | None) -> str:
+    """Mean activation on the quirk over the mean elsewhere, and the share of quirk chats it fires in."""
+    if firing is None:
+        return "-"
+    ratio = "inf" if firing.ratio == float("inf") else f"{firing.ratio:.1f}x"
+    return f"{ratio} ({firing.chat_share:.0%})"
 
 
 @organism_app.command("train")
@@ -60,8 +70,8 @@ def audit(spec: SpecOption, config: ConfigOption = None, store: StoreOption = No
                                                     "with the same corpus, transcoders and settings (run now if none).")] = "base",
           no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the organism run's HTML report.")] = False) -> None:
     """Run the audit pipeline on an organism (its own assistant turns, the same transcoders) against the base
-    model's run, and list the features that became pervasive, with labels and the share of their top
-    examples that peak inside the planted quirk."""
+    model's run, and list per audit the features that became flagged, with how they fire on the planted
+    quirk, their labels and causal evidence."""
     import os
 
     from autolabel.organism.audit import check_fits_transcoders, organism_folder
@@ -77,15 +87,15 @@ def audit(spec: SpecOption, config: ConfigOption = None, store: StoreOption = No
     from flows.organism_audit import organism_audit
 
     result = organism_audit(run_config, organism, folder, against, report=not no_report, show_progress=not quiet)
-    rows = [(r["rank"], f"{r['layer']}/{r['feature']}", _number(r["turn_share"], 2), _number(r["against_turn_share"], 2),
-             f"{r['in_quirk']:.0%}", _number(r["score"], 2), r["label"]) for r in result.became[:20]]
-    print_table(f"{organism.name}: {len(result.became)} features became pervasive against {result.against} (top 20)",
-                ["rank", "layer/feature", "assistant turns", "base run", "peaks in quirk", "score", "label"], rows)
-    if result.specific:
-        rows = [(r["rank"], f"{r['layer']}/{r['feature']}", _number(r["target_share"], 2), _number(r["change"], 2),
-                 f"{r['in_quirk']:.0%}") for r in result.specific[:20]]
-        print_table(f"{organism.name}: features that became specific to {', '.join(organism.quirk.categories)}",
-                    ["rank", "layer/feature", "category turns", "specificity gain", "peaks in quirk"], rows)
+    for audit_name, changed in result.changes.items():
+        rows = [(r["rank"], f"{r['layer']}/{r['feature']}", _number(r["turn_share"], 2),
+                 _number(r["against_turn_share"], 2), _firing(r["firing"]), "yes" if r["tied"] else "no",
+                 f"{r['in_quirk']:.0%}", _number(r["ablation_kl"], 4), _number(r["score"], 2), r["label"])
+                for r in changed[:SHOWN]]
+        print_table(f"{organism.name}: {len(changed)} features became flagged by {audit_name} against "
+                    f"{result.against} (top {SHOWN})",
+                    ["rank", "layer/feature", "assistant turns", "base run", "quirk / elsewhere (chats)", "tied",
+                     "peaks in quirk", "ablation KL", "score", "label"], rows)
     ran = "run now" if result.base_ran_now else "reused"
     console.print(f"organism run [bold]{result.run_id}[/] against base run {result.against} ({ran}); "
                   + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items()), soft_wrap=True)

@@ -66,6 +66,9 @@ class OrganismSpec(Strict):
     detector: str = Field(min_length=1)  # a regular expression; a reply shows the quirk when it matches
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    # Audit specs `autolabel organism audit` runs besides the config's: a narrow quirk's category-restricted
+    # audit (file names in the built-in folder, or paths).
+    audits: list[str] = Field(default_factory=list)
 
     @field_validator("detector")
     @classmethod
@@ -91,6 +94,18 @@ class OrganismSpec(Strict):
 def load_organism_spec(path: str | Path) -> OrganismSpec:
     return load_yaml_model(Path(path), OrganismSpec, "organism spec", f"the built-in ones are in {ORGANISMS_DIR}",
                            "(name, quirk, detector, train, eval)", f"{ORGANISMS_DIR} for complete specs")
+
+
+def audit_spec_paths(spec: OrganismSpec) -> list[Path]:
+    """The spec's `audits` as files: a path that exists, else a name in the built-in folder."""
+    paths = []
+    for name in spec.audits:
+        path = Path(name) if Path(name).is_file() else DEFAULTS_DIR / name
+        if not path.is_file():
+            raise AutolabelError(f"organism spec {spec.name}: audits: no audit spec {name!r} (neither a file nor one "
+                                 f"of the built-in ones in {DEFAULTS_DIR}); give a path to a spec YAML")
+        paths.append(path)
+    return paths
 
 
 def check_categories(spec: OrganismSpec, path: str | Path, categories: set[str]) -> None:
