@@ -29,7 +29,8 @@ def prefect_api() -> str:
 
     import flows.audit_pipeline  # noqa: F401
 
-    with prefect_test_harness():
+    # A loaded machine (CI beside other jobs) can take minutes to start it; Prefect's 30 s default fails there.
+    with prefect_test_harness(server_startup_timeout=300):
         yield PREFECT_API_URL.value()
 
 
