@@ -87,10 +87,24 @@ def plant_later_stages(store: Store, run_id: str, corpus_id: str, tokenizer) -> 
                              "metric": metric, "value": value, "ci_low": low, "ci_high": high, "flagged": f == 5,
                              "details_json": "{}", "section": section, "rank": rank + 1,
                              "group_name": "sycophancy" if f != 9 else PAYLOADS[1], "label": labels[f]})
+    evidence = {"run_id": run_id, "audit": "assistant_pervasiveness", "layer": LAYER, "feature": 5, "flagged": True,
+                "section": "pervasive", "rank": 1}
+    findings += [evidence | {"metric": "ablation_kl", "value": 0.0614, "ci_low": 0.0487, "ci_high": 0.0741,
+                             "details_json": json.dumps({"causal": True})},
+                 evidence | {"metric": "influence_share", "value": 0.125, "ci_low": 0.05, "ci_high": 0.2,
+                             "details_json": "{}"}]
+    # A category-restricted audit: its own lift column, no breadth.
+    for metric, value in (("assistant_turn_share", 0.9), ("lift_vs_other_categories", 7.5), ("lift_vs_user", 3.0)):
+        findings.append({"run_id": run_id, "audit": "recipe_specificity", "layer": LAYER, "feature": 7, "metric": metric,
+                         "value": value, "ci_low": value / 2, "ci_high": value, "flagged": True, "details_json": "{}",
+                         "section": "pervasive", "rank": 1, "label": labels[7]})
     store.upsert("audit_findings", findings)
-    store.upsert("audit_diffs", [{"run_id": run_id, "against_run_id": "earlier", "audit": "assistant_pervasiveness",
-                                  "change": "became_pervasive", "layer": LAYER, "feature": 5, "against_layer": LAYER,
-                                  "against_feature": 5, "match": "identity", "cosine": 1.0, "details_json": "{}"}])
+    diff = {"run_id": run_id, "against_run_id": "earlier", "change": "became_pervasive", "against_layer": LAYER,
+            "match": "identity", "cosine": 1.0, "details_json": "{}"}
+    store.upsert("audit_diffs", [diff | {"audit": "assistant_pervasiveness", "layer": LAYER, "feature": 5,
+                                         "against_feature": 5},
+                                 diff | {"audit": "recipe_specificity", "layer": LAYER, "feature": 7,
+                                         "against_feature": 7}])
     store.upsert("interventions", intervention_rows(run_id))
     store.upsert("scores", [{"run_id": run_id, "layer": LAYER, "feature": 5, "labeler": "test", "scorer": "steering",
                              "value": 0.75, "n": 4, "status": "ok", "unreliable": False, "details_json": "{}"}])
@@ -254,13 +268,35 @@ def test_an_intervened_features_page_shows_its_continuations_kl_and_token_change
     assert '<code class="tok down" title="0.3 → 0.1"> down0</code>' in section
 
 
+def test_audit_and_diff_tables_show_each_audits_metrics_and_the_causal_and_influence_evidence(reports):
+    _, full = reports
+    html = full.index.read_text(encoding="utf-8")
+
+    def table(selector: str) -> str:
+        start = html.index(selector)
+        return html[start:html.index("</table>", start)]
+
+    pervasive = table('data-audit="assistant_pervasiveness" data-section="pervasive"')
+    scoped = table('data-audit="recipe_specificity" data-section="pervasive"')
+    assert "lift vs text" in pervasive and "breadth" in pervasive and "lift vs other categories" not in pervasive
+    assert "lift vs other categories" in scoped and "breadth" not in scoped and "7.5 <span" in scoped
+    assert '0.0614 <span class="muted">[0.0487, 0.0741]</span>' in pervasive  # feature 5's ablation
+    assert "12.5%" in pervasive and "correlational" not in pervasive  # its interval clears CAUSAL_KL
+    changes = table('data-audit="assistant_pervasiveness" data-change="became_pervasive"')
+    assert "L1/5" in changes and "0.0614" in changes and "12.5%" in changes
+    scoped_changes = table('data-audit="recipe_specificity" data-change="became_pervasive"')
+    assert "L1/7" in scoped_changes and "L1/5" not in scoped_changes
+    assert "assistant_pervasiveness: became pervasive" in html and "recipe_specificity: became pervasive" in html
+
+
 def test_index_in_chromium_audit_map_search_and_click_through(reports, browser, tmp_path):
     _, full = reports
     index_url = full.index.as_uri()
     browser.open(index_url)
     browser.wait_until("document.querySelector('#feature-map .main-svg') !== null")
-    assert browser.evaluate("document.querySelectorAll('table.audit[data-section=pervasive] tbody tr').length") == 2
-    assert browser.evaluate("document.querySelectorAll('table.audit[data-section=template] tbody tr').length") == 1
+    pervasive = "table.audit[data-audit=assistant_pervasiveness]"
+    assert browser.evaluate(f"document.querySelectorAll('{pervasive}[data-section=pervasive] tbody tr').length") == 2
+    assert browser.evaluate(f"document.querySelectorAll('{pervasive}[data-section=template] tbody tr').length") == 1
     # 6,016 points: above 5k the map is WebGL, whose shader code Plotly generates at run time; the page's
     # Content-Security-Policy must allow that (without 'unsafe-eval' it said "WebGL is not supported").
     assert browser.evaluate("document.querySelectorAll('#feature-map canvas').length") > 0

@@ -112,9 +112,14 @@ def score_distribution(labels: dict[tuple[int, int], FeatureLabel]) -> list[dict
     return [by_scorer[s] for s in sorted(by_scorer)]
 
 
+EVIDENCE = ("ablation_kl", "influence_share")  # findings beside the audit's metrics, shown in their own columns
+
+
 def audits(store: Store, run_id: str) -> list[dict]:
-    """Per audit and section, one row per feature with its metrics pivoted, in the audit's rank order."""
+    """Per audit and section, one row per feature with its metrics pivoted, in the audit's rank order; `columns`
+    are the audit's lift and breadth metrics (a category-restricted audit has its own)."""
     features: dict[tuple, dict] = {}
+    columns: dict[str, list[str]] = defaultdict(list)
     for row in store.dicts("SELECT audit, section, layer, feature, metric, value, ci_low, ci_high, flagged, rank, "
                            "group_name, label, details_json->>'causal' AS causal FROM audit_findings WHERE run_id = ? "
                            "ORDER BY audit, section, rank, "
@@ -126,26 +131,43 @@ def audits(store: Store, run_id: str) -> list[dict]:
         entry["metrics"][row["metric"]] = {"value": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
                                            "causal": row["causal"] == "true"}  # ablation_kl rows only
         entry["flagged"] |= bool(row["flagged"])
+        if row["metric"] not in (*EVIDENCE, "assistant_turn_share") and row["metric"] not in columns[row["audit"]]:
+            columns[row["audit"]].append(row["metric"])
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for (audit, section, _, _), entry in features.items():
         grouped[audit][section].append(entry)
-    return [{"audit": audit, "sections": dict(sections)} for audit, sections in grouped.items()]
+    return [{"audit": audit, "sections": dict(sections), "columns": sorted(columns[audit], key=_column_order)}
+            for audit, sections in grouped.items()]
 
 
-def audit_diffs(store: Store, run_id: str) -> dict[str, list[dict]]:
-    """Change -> features, each with its turn share here and in the run it was compared with, its rank in this
-    run's audit, and that run's model (another model's run when an organism was audited against its base)."""
-    by_change: dict[str, list[dict]] = defaultdict(list)
-    for row in store.dicts("SELECT d.against_run_id, r.model_id AS against_model, d.audit, d.change, d.layer, "
-                           "d.feature, d.against_layer, d.against_feature, d.match, d.cosine, d.details_json, f.rank "
-                           "FROM audit_diffs d LEFT JOIN runs r ON r.run_id = d.against_run_id "
-                           "LEFT JOIN audit_findings f ON f.run_id = d.run_id AND f.audit = d.audit AND "
-                           "f.layer = d.layer AND f.feature = d.feature AND f.metric = 'assistant_turn_share' "
-                           "WHERE d.run_id = ? ORDER BY d.change, f.rank NULLS LAST, d.layer, d.feature", [run_id]):
+def _column_order(metric: str) -> tuple[bool, str]:
+    return metric == "breadth", metric  # lifts first, breadth last
+
+
+def audit_diffs(store: Store, run_id: str) -> list[dict]:
+    """Per audit and change, the features, each with its turn share here and in the run it was compared with,
+    its rank in this run's audit, its ablation and influence evidence where those ran, and that run's model
+    (another model's run when an organism was audited against its base)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in store.dicts(
+            "SELECT d.against_run_id, r.model_id AS against_model, d.audit, d.change, d.layer, d.feature, "
+            "d.against_layer, d.against_feature, d.match, d.cosine, d.details_json, f.rank, "
+            "k.value AS kl, k.ci_low AS kl_low, k.ci_high AS kl_high, k.details_json->>'causal' AS causal, "
+            "i.value AS influence FROM audit_diffs d LEFT JOIN runs r ON r.run_id = d.against_run_id "
+            "LEFT JOIN audit_findings f ON f.run_id = d.run_id AND f.audit = d.audit AND f.layer = d.layer AND "
+            "f.feature = d.feature AND f.metric = 'assistant_turn_share' "
+            "LEFT JOIN audit_findings k ON k.run_id = d.run_id AND k.audit = d.audit AND k.layer = d.layer AND "
+            "k.feature = d.feature AND k.metric = 'ablation_kl' "
+            "LEFT JOIN audit_findings i ON i.run_id = d.run_id AND i.audit = d.audit AND i.layer = d.layer AND "
+            "i.feature = d.feature AND i.metric = 'influence_share' "
+            "WHERE d.run_id = ? ORDER BY d.audit, d.change, f.rank NULLS LAST, d.layer, d.feature", [run_id]):
         details = json.loads(row.pop("details_json") or "{}")
         row["turn_share"], row["against_turn_share"] = details.get("turn_share"), details.get("against_turn_share")
-        by_change[row["change"]].append(row)
-    return dict(by_change)
+        kl = {"value": row.pop("kl"), "ci_low": row.pop("kl_low"), "ci_high": row.pop("kl_high"),
+              "causal": row.pop("causal") == "true"}
+        row["ablation"] = kl if kl["value"] is not None else None
+        groups[(row["audit"], row["change"])].append(row)
+    return [{"audit": audit, "change": change, "rows": rows} for (audit, change), rows in groups.items()]
 
 
 def clusters(store: Store, run_id: str) -> list[dict]:
