@@ -75,56 +75,87 @@ def example_lists(table: pa.Table, pieces: dict[int, str],
     bounds get tags. Rows arrive ordered by feature and kind, so each list is one contiguous join.
     """
     tokens_column = table.column("tokens").combine_chunks()
-    offsets, token_ids = tokens_column.offsets.to_numpy(), tokens_column.values.to_numpy()
-    acts = table.column("acts").combine_chunks().values.to_numpy(zero_copy_only=False)
-    lengths = np.diff(offsets)
+    offsets, token_ids = tokens_column.offsets.to_numpy(), tokens_column.values.to_numpy()  # [rows + 1], [tokens]
+    lengths = np.diff(offsets)  # [rows]
+    text = _token_texts(token_ids, pieces)  # [tokens] of str, the pieces this function wraps in tags
+    features = table.column("feature").to_pylist()
+    _mark_firing(text, table, np.repeat(_heat_scales(features, peak_of_feature), lengths))
+    _wrap_role_runs(text, _token_roles(table, lengths), offsets, lengths)
+    _wrap_examples(text, table, offsets, lengths)
+    return _joined_lists(text.tolist(), offsets.tolist(), features, table.column("kind").to_pylist())
+
+
+def _token_texts(token_ids: np.ndarray, pieces: dict[int, str]) -> np.ndarray:
+    """Each token's escaped text, looked up by id: [tokens] of str."""
     lookup = np.empty(int(token_ids.max(initial=0)) + 1, dtype=object)
     for token_id, text in pieces.items():
         if token_id < len(lookup):
             lookup[token_id] = text
-    text = lookup[token_ids]
+    return lookup[token_ids]
 
-    # Roles per token: from the corpus, or the role at the peak when the document is not in the store.
-    role_codes = np.repeat(np.array([ROLES.index(r) for r in table.column("role").to_pylist()], dtype=np.int64), lengths)
+
+def _token_roles(table: pa.Table, lengths: np.ndarray) -> np.ndarray:
+    """Each token's role code (index in ROLES): from the corpus, or the role at the peak when the example's
+    document is not in the store: [tokens] int64."""
+    peak_roles = np.array([ROLES.index(r) for r in table.column("role").to_pylist()], dtype=np.int64)  # [rows]
+    role_codes = np.repeat(peak_roles, lengths)
     codes_column = table.column("codes").combine_chunks()
     has_roles = np.repeat(codes_column.is_valid().to_numpy(zero_copy_only=False), lengths)
     corpus_codes = codes_column.values.to_numpy(zero_copy_only=False)
     if len(corpus_codes) == has_roles.sum():
         role_codes[has_roles] = corpus_codes
+    return role_codes
 
-    features = table.column("feature").to_pylist()
+
+def _heat_scales(features: list[int], peak_of_feature: dict[int, float]) -> np.ndarray:
+    """Per row, the factor that turns an activation into a heat level (0 for a feature that never fired): [rows]."""
     peaks = np.array([peak_of_feature.get(f) or 0.0 for f in features])
-    scale = np.repeat(np.divide(HEAT_LEVELS, peaks, out=np.zeros_like(peaks), where=peaks > 0), lengths)
+    return np.divide(HEAT_LEVELS, peaks, out=np.zeros_like(peaks), where=peaks > 0)
+
+
+def _mark_firing(text: np.ndarray, table: pa.Table, scale: np.ndarray) -> None:
+    """Wrap each firing token in a <mark> shaded by its heat level, its activation as the tooltip."""
+    acts = table.column("acts").combine_chunks().values.to_numpy(zero_copy_only=False)  # [tokens]
     firing = acts > 0
     levels = np.minimum(HEAT_LEVELS - 1, (acts[firing] * scale[firing]).astype(np.int64))
     text[firing] = [f'<mark class="h{level}" title="{act:.3g}">{piece}</mark>'
-                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist(), strict=False)]
+                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist(),
+                                                 strict=True)]
 
-    opens = np.ones(len(token_ids), dtype=bool)
+
+def _wrap_role_runs(text: np.ndarray, role_codes: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    """Put each run of one role inside an example in a span naming the role."""
+    opens = np.ones(len(text), dtype=bool)
     opens[1:] = role_codes[1:] != role_codes[:-1]
     opens[offsets[:-1][lengths > 0]] = True
-    closes = np.zeros(len(token_ids), dtype=bool)
+    closes = np.zeros(len(text), dtype=bool)
     closes[:-1] = opens[1:]
     closes[offsets[1:][lengths > 0] - 1] = True
     open_tags = np.array([f'<span class="seg r-{role}" data-role="{role}">' for role in ROLES], dtype=object)
     text[opens] = open_tags[role_codes[opens]] + text[opens]
     text[closes] = text[closes] + "</span>"
 
-    kinds, bins = table.column("kind").to_pylist(), table.column("bin").to_pylist()
+
+def _wrap_examples(text: np.ndarray, table: pa.Table, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    """Open each non-empty example with its <li> and a line of bin, peak and document; close it after its last token."""
     heads = [f'<li><span class="ex-meta">{"" if bin_ is None else f"bin {bin_} · "}{peak:.3g} · {escape(doc_id)}'
              f'</span><div class="ex">' for bin_, peak, doc_id in
-             zip(bins, table.column("max_act").to_pylist(), table.column("doc_id").to_pylist(), strict=False)]
+             zip(table.column("bin").to_pylist(), table.column("max_act").to_pylist(),
+                 table.column("doc_id").to_pylist(), strict=True)]
     shown = lengths > 0
     firsts, lasts = offsets[:-1][shown], offsets[1:][shown] - 1
     text[firsts] = np.array(heads, dtype=object)[shown] + text[firsts]
     text[lasts] = text[lasts] + "</div></li>\n"
 
-    pieces_list, bounds = text.tolist(), offsets.tolist()
+
+def _joined_lists(pieces: list[str], bounds: list[int], features: list[int],
+                  kinds: list[str]) -> dict[tuple[int, str], Markup]:
+    """One Markup per (feature, kind): the pieces of its contiguous rows joined."""
     lists: dict[tuple[int, str], Markup] = {}
     start = 0
     for row in range(1, len(features) + 1):
         if row == len(features) or (features[row], kinds[row]) != (features[start], kinds[start]):
-            lists[(features[start], kinds[start])] = Markup("".join(pieces_list[bounds[start]:bounds[row]]))
+            lists[(features[start], kinds[start])] = Markup("".join(pieces[bounds[start]:bounds[row]]))
             start = row
     return lists
 
