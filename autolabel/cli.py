@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from autolabel.cli_flows import prefect_flows
 from autolabel.cli_inputs import corpus_app, model_app, transcoder_app
 from autolabel.cli_options import (
     ConfigOption,
@@ -62,14 +62,12 @@ def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, 
               task_runner: str, dask_address: str | None, workers: int):
     """The audit_pipeline Prefect flow, from this process (Prefect starts a temporary local API unless
     PREFECT_API_URL names a server)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.audit_pipeline import audit_pipeline, on_dask
-
     if task_runner not in {"local", "dask"}:
         raise AutolabelError(f"--task-runner must be local or dask, not {task_runner!r}")
     if workers < 1:
         raise AutolabelError(f"--workers must be at least 1, not {workers}")
-    pipeline_flow = on_dask(dask_address, workers) if task_runner == "dask" else audit_pipeline
+    flows = prefect_flows()
+    pipeline_flow = flows.on_dask(dask_address, workers) if task_runner == "dask" else flows.audit_pipeline
     return pipeline_flow(config, resume=resume or bool(run_id), run_id=run_id, until=until, fresh=fresh,
                          n_slices=workers if task_runner == "dask" else 0, show_progress=not quiet)
 
@@ -116,12 +114,10 @@ def schedule(cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 
              name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-audit",
              config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None) -> None:
     """Serve the audit_pipeline deployment on a schedule until stopped (runs show in the Prefect UI)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    flows = prefect_flows()
     from prefect import serve
 
-    from flows.audit_pipeline import scheduled
-
-    deployment = scheduled(load_run_config(config, store, model), cron, name)
+    deployment = flows.scheduled(load_run_config(config, store, model), cron, name)
     console.print(f"serving [bold]audit_pipeline/{name}[/] on {cron!r}; Ctrl-C stops. "
                   "With `prefect server start` running and PREFECT_API_URL set, runs show at http://127.0.0.1:4200")
     serve(deployment)

@@ -1,5 +1,7 @@
 """The steps of a run that the Prefect flow (`flows/audit_pipeline.py`) orders, and the run lookups the
 commands share: open or resume a run, reuse an identical earlier collection, label and audit a run.
+The flow's steps take the run's config and open the store for as long as they need it, so the flow
+itself never holds the store (another process may query it between stages).
 
 A run is one row in `runs`. One that was killed or failed resumes with its own stored config:
 finished corpus and collect shards are kept.
@@ -11,10 +13,12 @@ from functools import lru_cache
 
 from autolabel.audit import AuditSummary, audit_stage, load_spec
 from autolabel.cluster import ClusterSummary, cluster_stage
+from autolabel.collect import CollectSummary
 from autolabel.collect.stage import STAGE as COLLECT_STAGE
+from autolabel.collect.stage import collect_summary
 from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
-from autolabel.label.stage import LabelSummary, label_stage
+from autolabel.label.stage import LabelSummary, commit_shard, label_stage, label_summary, open_plan
 from autolabel.models import SubjectModel, load_subject_model
 from autolabel.store import Store, to_json
 from autolabel.transcoders.stage import open_transcoders
@@ -50,20 +54,20 @@ def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
     return row[0], RunConfig.model_validate_json(row[2])
 
 
-def open_run(store: Store, config: RunConfig, resume: bool, run_id: str | None,
-             flow_run_id: str | None) -> tuple[str, RunConfig]:
+def open_run(config: RunConfig, resume: bool, run_id: str | None, flow_run_id: str | None) -> tuple[str, RunConfig]:
     """Start a run, or with `resume` take up `run_id` (or the latest unfinished one) with its stored config."""
-    if resume:
-        run_id, stored = find_resumable(store, run_id)
-        config = stored.model_copy(update={"store": config.store})
-    model = subject_model(config.model.source, config.cache_dir, config.model.dtype)
-    if not resume:
-        run_id = store.start_run(to_json(config.model_dump(mode="json")), model.model_id)
-    store.update_run(run_id, status="running", finished_at=None, error=None, flow_run_id=flow_run_id)
+    with Store(config.store) as store:
+        if resume:
+            run_id, stored = find_resumable(store, run_id)
+            config = stored.model_copy(update={"store": config.store})
+        model = subject_model(config.model.source, config.cache_dir, config.model.dtype)
+        if not resume:
+            run_id = store.start_run(to_json(config.model_dump(mode="json")), model.model_id)
+        store.update_run(run_id, status="running", finished_at=None, error=None, flow_run_id=flow_run_id)
     return run_id, config
 
 
-def record_inputs(store: Store, run_id: str, corpus_id: str, transcoder_id: str, fresh: bool) -> bool:
+def record_inputs(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, fresh: bool) -> bool:
     """Tie the run to its corpus and transcoders, and say whether it must collect by itself instead of
     copying an identical earlier collection.
 
@@ -71,18 +75,75 @@ def record_inputs(store: Store, run_id: str, corpus_id: str, transcoder_id: str,
     collects; and a run with committed collect shards continues its own checkpoint rather than
     copy another run's tables and leave that checkpoint behind.
     """
-    store.update_run(run_id, corpus_id=corpus_id, transcoder_id=transcoder_id, **({"fresh": True} if fresh else {}))
-    asked = store.one("SELECT coalesce(fresh, false) FROM runs WHERE run_id = ?", [run_id])[0]
-    shards = store.committed_shards(run_id, COLLECT_STAGE)
+    with Store(config.store) as store:
+        store.update_run(run_id, corpus_id=corpus_id, transcoder_id=transcoder_id,
+                         **({"fresh": True} if fresh else {}))
+        asked = store.one("SELECT coalesce(fresh, false) FROM runs WHERE run_id = ?", [run_id])[0]
+        shards = store.committed_shards(run_id, COLLECT_STAGE)
     return bool(asked) or bool(shards and "final" not in shards)
 
 
-def reuse_collection(store: Store, source_run: str, run_id: str) -> bool:
+def reuse_collection(config: RunConfig, source_run: str, run_id: str) -> bool:
     """Copy an identical earlier collection's tables into `run_id` (False if that run is gone from the store)."""
-    if "final" not in store.committed_shards(source_run, COLLECT_STAGE):
-        return False
-    store.copy_collection(source_run, run_id, COLLECT_TABLES, COLLECT_STAGE)
+    with Store(config.store) as store:
+        if "final" not in store.committed_shards(source_run, COLLECT_STAGE):
+            return False
+        store.copy_collection(source_run, run_id, COLLECT_TABLES, COLLECT_STAGE)
     return True
+
+
+def collection_summary(config: RunConfig, run_id: str, collected: dict) -> tuple[CollectSummary, str | None]:
+    """What the run's collection holds, from the collect task's answer ({run_id, seconds, resumed_shards}, cached
+    by content): (summary, the earlier run whose tables were copied, or None when this run collected)."""
+    copied_from = collected["run_id"] if collected["run_id"] != run_id else None
+    with Store(config.store) as store:
+        if copied_from:
+            return collect_summary(store, run_id, 0.0, 0), copied_from
+        return collect_summary(store, run_id, collected["seconds"], collected["resumed_shards"]), None
+
+
+def finish_run(config: RunConfig, run_id: str, status: str, error: str | None = None) -> None:
+    """Mark the run finished. Opening the store waits out another process's lock (see Store), so a query
+    beside the run delays this line instead of leaving the run `running` with no error recorded."""
+    with Store(config.store) as store:
+        store.finish_run(run_id, status, error=error)
+
+
+def flagged_labeling(config: RunConfig, audit: AuditSummary | None) -> list[RunConfig]:
+    """Per audit that flagged features, the run's config selecting its best-ranked flagged features for
+    labeling and intervening (`audit.label_flagged` of them; none when that is 0)."""
+    if audit is None or not config.audit.label_flagged:
+        return []
+    settings = []
+    for result in audit.results:
+        if result.flagged:
+            label = config.label.model_copy(update={"audit": result.audit, "limit": config.audit.label_flagged,
+                                                    "layers": None, "features": None})
+            intervene = config.intervene.model_copy(update={"limit": config.audit.label_flagged})
+            settings.append(config.model_copy(update={"label": label, "intervene": intervene}))
+    return settings
+
+
+def label_plan(config: RunConfig, run_id: str) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The label shards still open, for workers to label (features with too few examples recorded as skipped)."""
+    with Store(config.store) as store:
+        return open_plan(store, run_id, config)
+
+
+def commit_labels(config: RunConfig, run_id: str, shards: dict[str, tuple[dict, str | None]],
+                  seconds: float) -> LabelSummary:
+    """Write what workers labeled, shard by shard ({name: (rows, why it stopped early)}): their LLM cache and
+    ledger rows, labels and scores. A shard the budget stopped keeps what finished and stays open for a resume."""
+    calls, cost, stopped = 0, 0.0, None
+    with Store(config.store) as store:
+        for name, (rows, budget) in shards.items():
+            ledger = rows.get("llm_calls", [])
+            calls += sum(not row["cached"] for row in ledger)
+            cost += sum(row["cost_usd"] for row in ledger)
+            commit_shard(store, run_id, name, rows, budget is not None)
+            if budget is not None:
+                stopped = budget
+        return label_summary(store, run_id, config, calls, cost, seconds, stopped)
 
 
 COLLECTED = ("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "

@@ -13,7 +13,6 @@ committed shard.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,19 +29,13 @@ from autolabel import pipeline
 from autolabel.audit import AuditSummary, NothingToAudit
 from autolabel.cluster import ClusterSummary
 from autolabel.collect import CollectSummary, collect_stage
-from autolabel.collect.stage import (
-    collect_slice,
-    collect_summary,
-    fingerprint,
-    merge_slices,
-    slice_plan,
-)
+from autolabel.collect.stage import collect_slice, fingerprint, merge_slices, slice_plan
 from autolabel.config import RunConfig
 from autolabel.corpus import CorpusSummary, build_corpus
 from autolabel.errors import AutolabelError
 from autolabel.intervene.command import intervene_run
 from autolabel.intervene.stage import InterveneSummary
-from autolabel.label.stage import LabelSummary, commit_shard, label_batch, label_summary, open_plan
+from autolabel.label.stage import LabelSummary, label_batch
 from autolabel.models import SubjectModel
 from autolabel.report.stage import report_run
 from autolabel.store import Store
@@ -51,20 +44,6 @@ from autolabel.transcoders.stage import check_stage
 
 TRANSIENT = (TimeoutError, ConnectionError, duckdb.IOException)
 RETRY = {"retries": 2, "retry_delay_seconds": [5, 30]}
-
-
-class ExpectedErrors(logging.Filter):
-    """Bad input (an AutolabelError) carries a message that names the fix; Prefect's traceback of it is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], AutolabelError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-for _name in (None, "prefect.flow_runs", "prefect.task_runs"):
-    for _handler in logging.getLogger(_name).handlers:
-        _handler.addFilter(ExpectedErrors())
 
 
 def transient(task, task_run, state) -> bool:
@@ -163,14 +142,6 @@ def audit_task(config: RunConfig, run_id: str) -> AuditSummary:
             return AuditSummary(run_id, None, [], skipped=str(skipped))
 
 
-def flagged_labeling(config: RunConfig, audit: str) -> RunConfig:
-    """The run's config, selecting the audit's best-ranked flagged features for labeling (and intervening)."""
-    settings = config.label.model_copy(update={"audit": audit, "limit": config.audit.label_flagged,
-                                               "layers": None, "features": None})
-    intervene = config.intervene.model_copy(update={"limit": config.audit.label_flagged})
-    return config.model_copy(update={"label": settings, "intervene": intervene})
-
-
 @task(name="label", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
 def label_task(config: RunConfig, run_id: str, show_progress: bool) -> LabelSummary:
     """Answers come from the LLM cache when nothing changed."""
@@ -189,20 +160,10 @@ def scatter_labels(config: RunConfig, run_id: str) -> LabelSummary:
     """Label shards on the task runner's workers, which only read the store; their rows (labels, scores,
     LLM cache and ledger) are written here once every worker has finished, shard by shard."""
     started = time.perf_counter()
-    with Store(config.store) as store:
-        plan = open_plan(store, run_id, config)  # only what is still to label
+    plan = pipeline.label_plan(config, run_id)  # only what is still to label
     futures = {name: label_shard_task.submit(config, run_id, shard) for name, shard in plan}
-    results = {name: future.result() for name, future in futures.items()}  # readers finish before the writer opens
-    calls, cost, stopped = 0, 0.0, None
-    with Store(config.store) as store:
-        for name, (rows, budget) in results.items():
-            ledger = rows.get("llm_calls", [])
-            calls += sum(not row["cached"] for row in ledger)
-            cost += sum(row["cost_usd"] for row in ledger)
-            commit_shard(store, run_id, name, rows, budget is not None)
-            if budget is not None:  # what finished is kept; the shard stays open for a resume
-                stopped = budget
-        return label_summary(store, run_id, config, calls, cost, time.perf_counter() - started, stopped)
+    shards = {name: future.result() for name, future in futures.items()}  # readers finish before the writer opens
+    return pipeline.commit_labels(config, run_id, shards, time.perf_counter() - started)
 
 
 @task(name="intervene", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
@@ -228,20 +189,13 @@ def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: st
     content_key = fingerprint(config.collect, corpus_id, transcoder_id, model.model_id, model.dtype)
     arguments = (config, run_id, corpus_id, transcoder_id, content_key, show_progress)
     slices, started = None, time.perf_counter()
-    cached = get_result_store().exists(collection_key(config.store, content_key))
-    if n_slices and (fresh or not cached):
+    will_collect = fresh or not get_result_store().exists(collection_key(config.store, content_key))
+    if n_slices and will_collect:  # scatter only what the collect task will not answer from its cache
         slices = scatter_collection(config, run_id, corpus_id, transcoder_id, n_slices)
     collected = collect_task.with_options(refresh_cache=fresh)(*arguments, slices, time.perf_counter() - started)
-    if collected["run_id"] != run_id:
-        with Store(config.store) as store:
-            reused = pipeline.reuse_collection(store, collected["run_id"], run_id)
-        if not reused:  # the cached run is gone from this store: collect after all
-            collected = collect_task.with_options(refresh_cache=True)(*arguments)
-    holder = collected["run_id"]
-    with Store(config.store) as store:
-        if holder != run_id:
-            return collect_summary(store, run_id, 0.0, 0), holder
-        return collect_summary(store, run_id, collected["seconds"], collected["resumed_shards"]), None
+    if collected["run_id"] != run_id and not pipeline.reuse_collection(config, collected["run_id"], run_id):
+        collected = collect_task.with_options(refresh_cache=True)(*arguments)  # the cached run left this store
+    return pipeline.collection_summary(config, run_id, collected)
 
 
 @flow(name="audit_pipeline", log_prints=True)
@@ -256,19 +210,16 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
     many slices run as tasks on the flow's task runner (see `on_dask`) and merged here, and labeling
     runs a task per shard of features there too.
     """
-    with Store(config.store) as store:
-        run_id, config = pipeline.open_run(store, config, resume, run_id, str(flow_run.id) if flow_run.id else None)
+    run_id, config = pipeline.open_run(config, resume, run_id, str(flow_run.id) if flow_run.id else None)
     try:
         corpus = corpus_task(config, show_progress)
         transcoder_id, quality = check_task(config, show_progress)
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
-        with Store(config.store) as store:
-            fresh = pipeline.record_inputs(store, run_id, corpus.corpus_id, transcoder_id, fresh)
+        fresh = pipeline.record_inputs(config, run_id, corpus.corpus_id, transcoder_id, fresh)
         collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model, fresh,
                                           n_slices, show_progress)
         audit = audit_task(config, run_id) if until != "collect" else None
-        labeling = [flagged_labeling(config, result.audit) for result in audit.results
-                    if result.flagged and config.audit.label_flagged] if audit else []
+        labeling = pipeline.flagged_labeling(config, audit)
         labels = [scatter_labels(settings, run_id) if n_slices else label_task(settings, run_id, show_progress)
                   for settings in labeling]
         interventions = [intervene_task(settings, run_id, show_progress) for settings in labeling
@@ -276,20 +227,13 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
         if labels or cluster:  # again: the findings carry the new labels, groups and ablation effects
             audit = audit_task(config, run_id)
-        record_end(config, run_id, "complete")  # before the report, which shows the run's final state
+        pipeline.finish_run(config, run_id, "complete")  # before the report, which shows the run's final state
         report = report_task(config, run_id, show_progress) if until == "report" else None
     except BaseException as err:
-        record_end(config, run_id, "failed", f"{type(err).__name__}: {err}")
+        pipeline.finish_run(config, run_id, "failed", f"{type(err).__name__}: {err}")
         raise
     return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, interventions,
                       cluster, report)
-
-
-def record_end(config: RunConfig, run_id: str, status: str, error: str | None = None) -> None:
-    """Mark the run finished. Opening the store waits out another process's lock (see Store), so a query
-    beside the run delays this line instead of leaving the run `running` with no error recorded."""
-    with Store(config.store) as store:
-        store.finish_run(run_id, status, error=error)
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):

@@ -12,6 +12,7 @@ import yaml
 
 from autolabel import cli
 from autolabel.config import RunConfig, load_config
+from autolabel.errors import AutolabelError
 from autolabel.store import Store
 
 
@@ -124,6 +125,31 @@ def test_bad_input_exit_code_message_and_unchanged_store(monkeypatch, capsys, tm
     assert after == {k: v for k, v in before.items() if k != "runs"}
     # The attempt is recorded as a failed run (or not at all when the model never loaded).
     assert all(status == "failed" and message.split()[0] in error for status, error in runs)
+
+
+def test_flows_reached_through_the_cli_log_bad_input_without_its_traceback(prefect_api):
+    """The CLI's door into flows/ quiets Prefect's handlers about bad input only: a bug keeps its traceback."""
+    import logging
+
+    from autolabel.cli_flows import ExpectedErrors, prefect_flows
+
+    assert prefect_flows().audit_pipeline.name == "audit_pipeline"
+    prefect_flows()  # opening the door again adds no second filter
+    handlers = [h for name in (None, "prefect.flow_runs", "prefect.task_runs") for h in logging.getLogger(name).handlers]
+    filters = [[f for f in h.filters if isinstance(f, ExpectedErrors)] for h in handlers]
+    assert handlers and all(len(found) == 1 for found in filters)
+
+    def logged(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:
+            record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+        for (expected,) in filters:
+            assert expected.filter(record)  # the record is kept, only its traceback may go
+        return record
+
+    assert logged(AutolabelError("store x does not exist")).exc_info is None
+    assert logged(ValueError("a bug")).exc_info[0] is ValueError
 
 
 def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir):
