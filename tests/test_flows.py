@@ -35,14 +35,19 @@ def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(
         top = store.one("SELECT max(rank) FROM examples WHERE run_id = ? AND kind = 'top'", [third.run_id])[0]
         audited = store.query("SELECT run_id, count(*) FROM audit_findings GROUP BY 1 ORDER BY 1")[1]
         diffs = store.query("SELECT run_id, against_run_id FROM audit_diffs")[1]
+        diffed = store.rows("SELECT run_id, shard FROM shards WHERE stage = 'audit' AND shard LIKE '%:%'")
     assert [(r, s, p) for r, s, p, _ in runs] == [(first.run_id, "complete", None),
                                                   (second.run_id, "complete", first.run_id),
                                                   (third.run_id, "complete", None)]
     assert top == 2  # ranks from 0: the changed setting really collected again
     assert [r for r, n in audited if n > 0] == sorted([first.run_id, second.run_id, third.run_id])
-    # Each run after the first diffed against the run before it (rows only where something changed).
+    # Each run after the first diffed against the run before it: the diff's shard is committed, and its rows
+    # (only where something changed) are none for the identical second run.
     assert (first.audit.against, second.audit.against, third.audit.against) == (None, first.run_id, second.run_id)
-    assert {(r, a) for r, a in diffs} <= {(second.run_id, first.run_id), (third.run_id, second.run_id)}
+    audits = [result.audit for result in first.audit.results]
+    assert audits and sorted(diffed) == sorted([(second.run_id, f"{name}:{first.run_id}") for name in audits]
+                                               + [(third.run_id, f"{name}:{second.run_id}") for name in audits])
+    assert {(r, a) for r, a in diffs} <= {(third.run_id, second.run_id)}
 
     # Every run names its flow run, and that flow run is in Prefect's API, completed.
     async def flow_states():
@@ -159,20 +164,25 @@ def test_bad_scale_out_options_exit_2(monkeypatch, capsys, tmp_path, args, messa
     assert code == 2 and message in err and not (tmp_path / "s.duckdb").exists()
 
 
-def test_one_flow_per_stage_on_the_latest_collected_run(config, prefect_api):
-    from flows.stages import audit_flow, cluster_flow, collect_flow, corpus_flow, report_flow
+def test_the_deployed_stage_flows_work_on_the_latest_collected_run(config, prefect_api):
+    """prefect.yaml's relabel and rereport deployments: label_flow and report_flow without a run id."""
+    from autolabel.config import LabelConfig, LLMConfig
+    from flows.audit_pipeline import audit_pipeline
+    from flows.stages import label_flow, report_flow
 
-    assert corpus_flow(config, show_progress=False).n_docs == 90
-    collected = collect_flow(config, show_progress=False)
-    audit = audit_flow(config)
-    cluster = cluster_flow(config, show_progress=False)
+    older = audit_pipeline(config, until="collect", show_progress=False)
+    collected = audit_pipeline(config, until="collect", show_progress=False)  # the same tables, copied
+    settings = config.model_copy(update={
+        "label": LabelConfig(layers=[1], features=[0, 1], min_examples=2, explain_top=3, explain_quantile=1,
+                             score_examples=6, output_tokens=3, scorers=["detection"]),
+        "llm": LLMConfig(max_tokens=160, concurrency=1)})
+    labels = label_flow(settings, show_progress=False)
     report = report_flow(config, show_progress=False)
-    assert audit.run_id == cluster.run_id == collected.run_id and cluster.n_features > 0
+    assert older.run_id != collected.run_id == labels.run_id
     assert report == os.path.join(config.report.out_dir, collected.run_id, "index.html") and os.path.isfile(report)
     with Store(config.store) as store:
-        mapped = store.one("SELECT count(*) FROM feature_map WHERE run_id = ?", [collected.run_id])[0]
-        findings = store.one("SELECT count(*) FROM audit_findings WHERE run_id = ?", [collected.run_id])[0]
-    assert mapped == cluster.n_features and findings > 0
+        labeled = store.rows("SELECT run_id, layer, feature FROM labels ORDER BY ALL")
+    assert labeled == [(collected.run_id, 1, 0), (collected.run_id, 1, 1)] and sum(labels.by_status.values()) == 2
 
 
 def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefect_api):
