@@ -71,6 +71,9 @@ def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.Duck
             raise AutolabelError(f"cannot open store {path}: {err}") from err
 
 
+_MIGRATED: dict[Path, str] = {}  # store file -> its Store._signature right after this process migrated it
+
+
 class Store:
     """A DuckDB file holding every table of every run.
 
@@ -85,8 +88,9 @@ class Store:
         if (read_only or not create) and not self.path.is_file():
             raise AutolabelError(f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store")
         self.con = _connect(self.path, read_only, {"enable_external_access": False} if sandboxed else {})
-        if not read_only:
+        if not read_only and (self._signature() or "new") != _MIGRATED.get(self.path.resolve()):
             self._migrate()
+            _MIGRATED[self.path.resolve()] = self._signature()
         self._check_version()
 
     def close(self) -> None:
@@ -114,6 +118,17 @@ class Store:
                 "INSERT INTO schema_version VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [SCHEMA_VERSION, now()],
             )
+
+    def _signature(self) -> str | None:
+        """Every column of every table and view with its type, and the schema version, as one hash. A run opens
+        the store at each step; when the file still looks as it did after this process migrated it, the
+        migration (some 60 statements) is skipped. Any change, or another file at the path, migrates again."""
+        try:
+            return self.one("SELECT md5(string_agg(table_name || '.' || column_name || ' ' || data_type, ',' "
+                            "ORDER BY table_name, column_index)) || (SELECT max(version) FROM schema_version) "
+                            "FROM duckdb_columns() WHERE database_name = current_database() AND NOT internal")[0]
+        except duckdb.CatalogException:  # no schema_version table yet
+            return None
 
     def _check_version(self) -> None:
         try:

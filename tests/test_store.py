@@ -4,6 +4,7 @@ import duckdb
 import pytest
 
 from autolabel.errors import AutolabelError
+from autolabel.schema import ADDED_COLUMNS
 from autolabel.store import SCHEMA, SCHEMA_VERSION, Store
 
 
@@ -29,6 +30,28 @@ def test_schema_is_created_once_and_versioned(tmp_path):
         assert store.query("SELECT version FROM schema_version")[1] == [(SCHEMA_VERSION,)]
         tables = {r[0] for r in store.query("SELECT table_name FROM information_schema.tables")[1]}
     assert set(SCHEMA) <= tables and "tokens" in tables
+
+
+def test_the_schema_is_migrated_once_per_process_unless_the_file_changed(tmp_path, monkeypatch):
+    """A run opens the store at every step: the migration runs on the first open only, and again when the file
+    lost part of the schema or another file took its path."""
+    migrations = []
+    migrate = Store._migrate
+    monkeypatch.setattr(Store, "_migrate", lambda store: migrations.append(store.path) or migrate(store))
+    path = tmp_path / "s.duckdb"
+    for _ in range(3):
+        Store(path).close()
+    assert len(migrations) == 1
+    table, column, _ = ADDED_COLUMNS[-1]
+    with duckdb.connect(str(path)) as con:  # an older autolabel's store: a column added since is missing
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    with Store(path) as store:
+        assert column in {r[0] for r in store.rows(f"DESCRIBE {table}")}
+    path.unlink()
+    with Store(path) as store:  # a new file at the same path gets every table
+        assert set(SCHEMA) <= {r[0] for r in store.rows("SELECT table_name FROM information_schema.tables")}
+    Store(path, read_only=True).close()
+    assert len(migrations) == 3
 
 
 def test_write_shard_round_trip_and_no_doubling(tmp_path):
