@@ -67,13 +67,14 @@ def print_audit(summary) -> None:
     if summary.skipped:
         console.print(f"[yellow]audit skipped:[/] {escape(summary.skipped)}")
     for result in summary.results:
+        shown = [m for m in ("lift_vs_user", "lift_vs_text", "lift_vs_other_categories", "breadth")
+                 if any(m in f["metrics"] for f in result.flagged)]
         rows = [(f["rank"], f"{f['layer']}/{f['feature']}", interval(f["metrics"].get("assistant_turn_share")),
-                 interval(f["metrics"].get("lift_vs_user"), True), interval(f["metrics"].get("lift_vs_text"), True),
-                 interval(f["metrics"].get("breadth")), interval(f["metrics"].get("ablation_kl")), f["group_name"],
-                 f["label"]) for f in result.flagged]
+                 *(interval(f["metrics"].get(m), m.startswith("lift")) for m in shown),
+                 interval(f["metrics"].get("ablation_kl")), f["group_name"], f["label"]) for f in result.flagged]
         print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged (top 20)",
-                     ["rank", "layer/feature", "assistant turns", "lift vs user", "lift vs text", "breadth",
-                      "ablation KL", "group", "label"], rows[:20])
+                    ["rank", "layer/feature", "assistant turns", *(m.replace("_", " ") for m in shown),
+                     "ablation KL", "group", "label"], rows[:20])
         if result.template:
             rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
             print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)

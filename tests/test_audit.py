@@ -10,9 +10,12 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
+from rich.console import Console
 from test_cli import run_cli
 from test_collect import LAYER, WORDS, collect, detector, file_corpus, mlp_inputs
 
+from autolabel import summaries
 from autolabel.audit import audit_stage, load_spec
 from autolabel.audit.measure import rate_ratio, wilson, z_score
 from autolabel.config import DEFAULTS_DIR
@@ -208,6 +211,19 @@ def test_an_audit_scoped_to_one_category_flags_that_categorys_feature_and_not_th
     lift, lift_low, _, _ = every["lift_vs_other_categories"]
     assert every["assistant_turn_share"][1] >= 0.5 and 0.5 < lift < 2 and lift_low < 2 and not every["flagged"]
     assert [f["feature"] for f in summary.results[0].flagged] == [ONE_CATEGORY]
+
+
+def test_the_audit_command_prints_a_scoped_audits_own_metrics(monkeypatch, capsys, corpus, runs, tmp_path):
+    spec = yaml.safe_load((DEFAULTS_DIR / "recipe_specificity.yaml").read_text(encoding="utf-8"))
+    path = tmp_path / "help.yaml"
+    path.write_text(yaml.safe_dump(spec | {"name": "help_specificity", "categories": ["help"]}), encoding="utf-8")
+    monkeypatch.setattr(summaries, "console", Console(width=250))  # one line per header, whatever the terminal
+    code, out, err = run_cli(monkeypatch, capsys, "audit", "--store", str(corpus[0]), "--run", runs[0],
+                             "--spec", str(path), "--against", "none")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if "layer/feature" in line)
+    assert "lift vs other categories" in header and "breadth" not in header and "lift vs text" not in header
+    assert f"│ 1/{ONE_CATEGORY} " in out and "1 of 4 features flagged" in out
 
 
 def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
