@@ -26,6 +26,11 @@ pass, targets, every edge and the pruning, what `autolabel graph` does before st
 `attribute()`, which does not prune), after one warm-up graph; each process's peak RSS. The top edges are also
 compared with the sources at the BOS position left out: circuit-tracer zeroes the error nodes there, autolabel
 keeps them (docs/graphs.md). Run-to-run noise on a shared machine is large: compare only within one run.
+
+`--baseline TREE` also runs the autolabel side with the autolabel package of another checkout (e.g. a
+`git worktree add --detach /tmp/base HEAD` before a change), in the same run: seconds, backward passes and peak
+RSS of both, and whether the graphs are the same (feature nodes, largest |difference| of node influence and of
+each node's summed incoming edges, top-edge overlap). Without circuit-tracer's venv only autolabel runs.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ def token_ids(tokenizer, text: str) -> list[int]:
 
 
 def graph_record(seconds: float, ids: list[str], n_features: int, targets: list[int], adjacency: torch.Tensor,
-                 influence: torch.Tensor) -> dict:
+                 influence: torch.Tensor, backward_passes: int) -> dict:
     """What the comparison reads of one graph (the driver writes the same for circuit-tracer's): the feature
     nodes with their influence, the TOP_EDGES largest |edges| as (target, source) node ids, also with the
     sources at the BOS position left out (circuit-tracer zeroes their error nodes, autolabel keeps them)."""
@@ -109,7 +114,8 @@ def graph_record(seconds: float, ids: list[str], n_features: int, targets: list[
 
     first = torch.tensor([node.rsplit("_", 1)[1] == "0" for node in ids])  # sources at the BOS position
     return {"seconds": seconds, "features": ids[:n_features], "targets": targets, "edges": top_edges(adjacency),
-            "edges_after_bos": top_edges(adjacency * ~first), "influence": influence[:n_features].tolist()}
+            "edges_after_bos": top_edges(adjacency * ~first), "influence": influence[:n_features].tolist(),
+            "row_sums": adjacency.sum(1).tolist(), "backward_passes": backward_passes}
 
 
 def autolabel_side(prompts: list[list[int]], threads: int, batch_size: int, out: Path) -> None:
@@ -123,20 +129,26 @@ def autolabel_side(prompts: list[list[int]], threads: int, batch_size: int, out:
     from autolabel.transcoders.formats import load_transcoders
 
     torch.set_num_threads(threads)
+    grad, passes = torch.autograd.grad, [0]
+
+    def counted(*args, **kwargs):  # every backward pass autolabel's attribution makes goes through here
+        passes[0] += 1
+        return grad(*args, **kwargs)
+    torch.autograd.grad = counted
     config, settings = RunConfig(), GraphConfig(batch_size=batch_size)
     subject = load_subject_model(config.model.source, config.cache_dir, "float32")
     tset = load_transcoders(EMBEDDED_SET, "circuit_tracer")
     where = layout(subject, tset)
     graphs = []
     for ids in prompts:
-        started = time.perf_counter()
+        started, passes[0] = time.perf_counter(), 0
         recorded = record(subject, tset, where, torch.tensor(ids), first_features=False)  # BOS first
         targets = salient_logits(subject, recorded.logits, settings.max_logits, settings.logit_mass)
         attribution = attribute(subject, tset, where, recorded, targets, settings.max_feature_nodes, settings.batch_size)
         pruned = prune(attribution.adjacency, len(attribution.features), attribution.n_pos + len(targets.token_ids),
                        targets.probabilities, settings.node_threshold, settings.edge_threshold)
         graphs.append(graph_record(time.perf_counter() - started, node_ids(attribution, ids), len(attribution.features),
-                                   targets.token_ids.tolist(), attribution.adjacency, pruned.influence))
+                                   targets.token_ids.tolist(), attribution.adjacency, pruned.influence, passes[0]))
     out.write_text(json.dumps({"graphs": graphs[1:], "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -188,12 +200,73 @@ def compare(ours: dict, theirs: dict) -> dict:
             "after_bos": overlap("edges_after_bos"), "same_targets": ours["targets"] == theirs["targets"]}
 
 
+def run_autolabel(prompts: list[list[int]], threads: int, batch: int, out: Path, env: dict, tree: str | None) -> dict:
+    """autolabel's graphs in a fresh process, with the autolabel package of `tree` when given (its peak RSS its own)."""
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))} if tree else env
+    started = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--side", "autolabel", "--args", json.dumps(
+        {"prompts": prompts, "threads": threads, "batch_size": batch, "out": str(out)})], check=True, env=env)
+    return json.loads(out.read_text()) | {"wall": time.perf_counter() - started}
+
+
+def run_circuit_tracer(python: str, prompts: list[list[int]], threads: int, model_folder: str, n_layers: int,
+                       work: Path, env: dict) -> dict | None:
+    """circuit-tracer's graphs in its own venv, or None (with the reason printed) when it is missing or fails."""
+    if not Path(python).exists():
+        print(f"circuit-tracer: no {python} (see this script's docstring); only autolabel runs")
+        return None
+    real_layers, k = export_set(work / "circuit-tracer", n_layers)
+    (work / "driver.py").write_text(DRIVER)
+    started = time.perf_counter()
+    ran = subprocess.run([python, str(work / "driver.py"), json.dumps(
+        {"set": SET_NAME, "top_edges": TOP_EDGES, "topk_layers": real_layers, "k": k,
+         "model": str(transformers4_folder(Path(model_folder), work / "model")), "threads": threads,
+         "warm_up": prompts[0], "prompts": prompts[1:], "out": str(work / "circuit-tracer.json")})],
+        env=env, capture_output=True, text=True)
+    if ran.returncode != 0:
+        print(f"circuit-tracer failed (exit {ran.returncode}):\n{ran.stderr[-4000:]}")
+        return None
+    return json.loads((work / "circuit-tracer.json").read_text()) | {"wall": time.perf_counter() - started}
+
+
+def print_against_circuit_tracer(ours: dict, theirs: dict, prompts: list[list[int]]) -> None:
+    print(f"| prompt tokens | autolabel batch | feature nodes a / ct (shared) | same targets | Spearman influence | "
+          f"top-{TOP_EDGES} edge overlap | without BOS-position sources | autolabel s | circuit-tracer s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch, mine_all in ours.items():
+        for index, ids in enumerate(prompts):
+            mine, other = mine_all["graphs"][index], theirs["graphs"][index]
+            c = compare(mine, other)
+            print(f"| {len(ids)} | {batch} | {c['ours']} / {c['theirs']} ({c['shared']}) | {c['same_targets']} | "
+                  f"{c['rho']:.3f} | {c['overlap']:.2f} | {c['after_bos']:.2f} | {mine['seconds']:.1f} | "
+                  f"{other['seconds']:.1f} | {mine['seconds'] / other['seconds']:.2f}x |")
+
+
+def print_against_baseline(ours: dict, base: dict, prompts: list[list[int]]) -> None:
+    """Seconds and backward passes before and after, and how far apart the two graphs are."""
+    print(f"| prompt tokens | batch | baseline s | autolabel s | speed-up | backward passes (baseline / now) | "
+          f"same feature nodes | max abs diff influence | max abs diff row sum | top-{TOP_EDGES} edge overlap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch, mine_all in ours.items():
+        for index, ids in enumerate(prompts):
+            mine, old = mine_all["graphs"][index], base[batch]["graphs"][index]
+            same = mine["features"] == old["features"] and mine["targets"] == old["targets"]
+            influence = (torch.tensor(mine["influence"]) - torch.tensor(old["influence"])).abs().max() if same else None
+            row_sums = (torch.tensor(mine["row_sums"]) - torch.tensor(old["row_sums"])).abs().max() if same else None
+            print(f"| {len(ids)} | {batch} | {old['seconds']:.1f} | {mine['seconds']:.1f} | "
+                  f"{old['seconds'] / mine['seconds']:.2f}x | {old['backward_passes']} / {mine['backward_passes']} | "
+                  f"{same} | {influence if influence is None else f'{influence:.1e}'} | "
+                  f"{row_sums if row_sums is None else f'{row_sums:.1e}'} | {compare(mine, old)['overlap']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--circuit-tracer-python", default="/tmp/venvs/circuit-tracer/bin/python")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-sizes", default="32,128", help="autolabel's graph.batch_size values to run "
                                                                  "(32 is the default; each in its own process)")
+    parser.add_argument("--baseline", metavar="TREE", help="also run the autolabel package of this checkout "
+                                                           "(e.g. a git worktree of the commit before a change)")
     parser.add_argument("--side", choices=["autolabel"], help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,6 +274,9 @@ def main() -> None:
         inner = json.loads(args.args)
         autolabel_side(inner["prompts"], inner["threads"], inner["batch_size"], Path(inner["out"]))
         return
+    if args.baseline and not (Path(args.baseline) / "autolabel" / "__init__.py").exists():
+        print(f"--baseline {args.baseline}: no autolabel package there", file=sys.stderr)
+        sys.exit(2)
 
     from autolabel.config import RunConfig
     from autolabel.models import convert_gguf, embedded_gguf, load_subject_model
@@ -212,53 +288,36 @@ def main() -> None:
     n_layers = subject.n_layers
     del subject
     load_before = os.getloadavg()[0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        real_layers, k = export_set(work / "circuit-tracer", n_layers)
-        (work / "driver.py").write_text(DRIVER)
-        env = {**os.environ, "CIRCUIT_TRACER_CACHE_DIR": str(work / "circuit-tracer"), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
-        ours, ours_wall = {}, {}
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            started = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--side", "autolabel", "--args", json.dumps(
-                {"prompts": prompts, "threads": args.threads, "batch_size": batch, "out": str(work / "autolabel.json")})],
-                check=True, env=env)
-            ours[batch] = json.loads((work / "autolabel.json").read_text())
-            ours_wall[batch] = time.perf_counter() - started
-        started = time.perf_counter()
-        ran = subprocess.run([args.circuit_tracer_python, str(work / "driver.py"), json.dumps(
-            {"set": SET_NAME, "top_edges": TOP_EDGES, "topk_layers": real_layers, "k": k,
-             "model": str(transformers4_folder(Path(model_folder), work / "model")), "threads": args.threads,
-             "warm_up": prompts[0], "prompts": prompts[1:], "out": str(work / "circuit-tracer.json")})],
-            env=env, capture_output=True, text=True)
-        if ran.returncode != 0:
-            print(f"circuit-tracer failed (exit {ran.returncode}):\n{ran.stderr[-4000:]}")
-            theirs = None
-        else:
-            theirs = json.loads((work / "circuit-tracer.json").read_text())
-        theirs_wall = time.perf_counter() - started
+        env["CIRCUIT_TRACER_CACHE_DIR"] = str(work / "circuit-tracer")
+        ours, base = {}, {}
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:  # baseline and now alternate: same load
+            if args.baseline:
+                base[batch] = run_autolabel(prompts, args.threads, batch, work / "baseline.json", env, args.baseline)
+            ours[batch] = run_autolabel(prompts, args.threads, batch, work / "autolabel.json", env, None)
+        theirs = run_circuit_tracer(args.circuit_tracer_python, prompts, args.threads, model_folder, n_layers, work, env)
 
-    walls = ", ".join(f"autolabel (batch {b}) {w:.0f} s" for b, w in ours_wall.items())
+    walls = ", ".join([f"autolabel (batch {b}) {o['wall']:.0f} s" for b, o in ours.items()]
+                      + [f"baseline (batch {b}) {o['wall']:.0f} s" for b, o in base.items()]
+                      + ([f"circuit-tracer {theirs['wall']:.0f} s"] if theirs else []))
     print(f"load average {os.getloadavg()[0]:.1f} (start {load_before:.1f}), {args.threads} thread(s) per tool; "
-          f"process wall time, model loading included: {walls}, circuit-tracer {theirs_wall:.0f} s")
-    print(f"| prompt tokens | autolabel batch | feature nodes a / ct (shared) | same targets | Spearman influence | "
-          f"top-{TOP_EDGES} edge overlap | without BOS-position sources | autolabel s | circuit-tracer s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for batch, mine_all in ours.items():
-        for index, ids in enumerate(prompts[1:]):
-            mine = mine_all["graphs"][index]
-            if theirs is None:
-                print(f"| {len(ids)} | {batch} | {len(mine['features'])} / - | - | - | - | - | {mine['seconds']:.1f} "
-                      f"| - | - |")
-                continue
-            other = theirs["graphs"][index]
-            c = compare(mine, other)
-            print(f"| {len(ids)} | {batch} | {c['ours']} / {c['theirs']} ({c['shared']}) | {c['same_targets']} | "
-                  f"{c['rho']:.3f} | {c['overlap']:.2f} | {c['after_bos']:.2f} | {mine['seconds']:.1f} | "
-                  f"{other['seconds']:.1f} | {mine['seconds'] / other['seconds']:.2f}x |")
-    rss = ", ".join(f"autolabel (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in ours.items())
-    print(f"peak RSS: {rss}" + (f", circuit-tracer {theirs['peak_rss_mb']:.0f} MB" if theirs else ""))
+          f"process wall time, model loading included: {walls}")
+    if theirs:
+        print_against_circuit_tracer(ours, theirs, prompts[1:])
+    if base:
+        print_against_baseline(ours, base, prompts[1:])
+    if not theirs and not base:
+        for batch, mine_all in ours.items():
+            for ids, mine in zip(prompts[1:], mine_all["graphs"], strict=True):
+                print(f"{len(ids)} tokens, batch {batch}: {len(mine['features'])} feature nodes, "
+                      f"{mine['seconds']:.1f} s, {mine['backward_passes']} backward passes")
+    rss = ", ".join([f"autolabel (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in ours.items()]
+                    + [f"baseline (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in base.items()]
+                    + ([f"circuit-tracer {theirs['peak_rss_mb']:.0f} MB"] if theirs else []))
+    print(f"peak RSS: {rss}")
+
 
 if __name__ == "__main__":
     main()

@@ -86,27 +86,29 @@ class _Edges:
     """Turns the gradient at every residual write into one adjacency row per batch row."""
 
     def __init__(self, subject: SubjectModel, tset: TranscoderSet, prompt: Prompt, features: Features):
-        self.prompt, self.features, self.n_layers = prompt, features, subject.n_layers
-        self.by_source = []  # (indices into features, positions, [(target layer, [n, d] decoder rows)])
+        self.prompt, self.activations = prompt, features.activations
+        # (target layer, position, the features' columns, their decoder rows [n, d] into that layer there):
+        # a feature's edge reads the gradient at its own position only, so each group is one [B, d] @ [d, n].
+        self.groups = []
         for layer in sorted(set(features.layers.tolist())):
-            index = (features.layers == layer).nonzero(as_tuple=True)[0]
             W_dec, _ = decoder_slots(tset[layer])  # [d_feat, n_out, d]
-            rows = W_dec.detach()[features.features[index]]  # [n, n_out, d]
-            slots = [(layer + slot, rows[:, slot, :]) for slot in range(rows.shape[1])
-                     if layer + slot in tset.transcoders and layer + slot < subject.n_layers]
-            self.by_source.append((index, features.positions[index], slots))
+            for position in sorted(set(features.positions[features.layers == layer].tolist())):
+                index = ((features.layers == layer) & (features.positions == position)).nonzero(as_tuple=True)[0]
+                rows = W_dec.detach()[features.features[index]]  # [n, n_out, d]
+                self.groups += [(layer + slot, position, index, rows[:, slot, :]) for slot in range(rows.shape[1])
+                                if layer + slot in tset.transcoders and layer + slot < subject.n_layers]
 
-    def rows(self, gradient: torch.Tensor) -> torch.Tensor:
-        """gradient [n_layers + 1, B, S, d] -> [B, n_f + n_layers * S + S] edges from every source."""
-        batch = gradient.shape[1]
-        from_features = torch.zeros(batch, len(self.features))
-        for index, positions, slots in self.by_source:
-            for target, rows in slots:
-                per_position = gradient[1 + target] @ rows.T  # [B, S, n]
-                from_features[:, index] += per_position[:, positions, torch.arange(len(index))]
-        from_features *= self.features.activations
-        from_errors = torch.einsum("lbsd,lsd->bls", gradient[1:], self.prompt.sources.errors).reshape(batch, -1)
-        from_embeddings = torch.einsum("bsd,sd->bs", gradient[0], self.prompt.sources.embeddings)
+    def rows(self, gradients: list[torch.Tensor]) -> torch.Tensor:
+        """gradients, n_layers + 1 of [B, S, d] -> [B, n_f + n_layers * S + S] edges from every source."""
+        batch = gradients[0].shape[0]
+        from_features = torch.zeros(batch, len(self.activations))
+        for target, position, index, rows in self.groups:
+            from_features[:, index] += gradients[1 + target][:, position] @ rows.T  # [B, n]
+        from_features *= self.activations
+        from_errors = torch.stack([torch.einsum("bsd,sd->bs", gradient, error)
+                                   for gradient, error in zip(gradients[1:], self.prompt.sources.errors, strict=True)],
+                                  dim=1).reshape(batch, -1)  # [B, n_layers * S], layer-major
+        from_embeddings = torch.einsum("bsd,sd->bs", gradients[0], self.prompt.sources.embeddings)
         return torch.cat([from_features, from_errors, from_embeddings], dim=1)
 
 
@@ -149,7 +151,7 @@ def _target_rows(subject: SubjectModel, tset: TranscoderSet, where: Layout, prom
     W_enc = {layer: tset[layer].W_enc.detach() for layer in tset.layers}  # [d_in, d_feat]
 
     with torch.enable_grad():
-        writes = torch.zeros(n_layers + 1, batch, n_pos, subject.d_model, requires_grad=True)
+        writes = [torch.zeros(batch, n_pos, subject.d_model, requires_grad=True) for _ in range(n_layers + 1)]
         replayed = replay(subject, tset, where, prompt, prompt.sources, writes, batch)
 
         def rows_of(logits: list[int], feature_rows: list[int]) -> torch.Tensor:
@@ -165,8 +167,8 @@ def _target_rows(subject: SubjectModel, tset: TranscoderSet, where: Layout, prom
                     mine = features.layers[chosen] == layer
                     x = replayed.inputs[layer][rows[mine], features.positions[chosen][mine]]  # [k, d_in]
                     objective = objective + (x * W_enc[layer][:, features.features[chosen][mine]].T).sum()
-            gradient, = torch.autograd.grad(objective, writes, retain_graph=True)
-            return edges.rows(gradient)[: len(logits) + len(feature_rows)]
+            gradients = torch.autograd.grad(objective, writes, retain_graph=True, materialize_grads=True)
+            return edges.rows(list(gradients))[: len(logits) + len(feature_rows)]
 
         logit_rows = torch.cat([rows_of(list(range(i, min(i + batch, n_t))), []) for i in range(0, n_t, batch)])
         visited: list[int] = []

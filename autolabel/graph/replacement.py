@@ -181,11 +181,13 @@ class Replayed:
 
 
 def replay(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Prompt, sources: Sources,
-           writes: torch.Tensor | None = None, batch: int = 1) -> Replayed:
+           writes: list[torch.Tensor] | None = None, batch: int = 1) -> Replayed:
     """Run the frozen replacement model on node outputs `sources`, `batch` identical rows.
 
-    `writes` [n_layers + 1, batch, S, d] (zeros that require grad) is added to the embedding (index 0) and to
-    each layer's MLP output (index 1 + layer): its gradient is the direct effect of a write there.
+    `writes`, n_layers + 1 tensors [batch, S, d] (zeros that require grad), are added to the embedding (index 0)
+    and to each layer's MLP output (index 1 + layer): their gradients are the direct effect of a write there.
+    Separate leaves, not slices of one tensor: the backward of a slice fills a zero tensor of the whole stack,
+    which took two thirds of every backward pass.
     """
     n_layers = subject.n_layers
     constant = decoded(tset, sources.acts, n_layers)  # layer -> [S, d]
