@@ -243,6 +243,11 @@ class LabelConfig(Strict):
         default_factory=lambda: ["detection", "fuzzing", "embedding"])
     score_examples: int = Field(default=30, ge=6)  # held-out texts per detection / fuzzing score, a request each
     unreliable_below: Fraction = 0.6  # a score under this flags the label
+    # Best-of-N: draft this many labels from different example subsets, keep the best on one held-out
+    # split, report its scores on the other (label.candidates).
+    candidates: int = Field(default=1, ge=1)
+    # Share of detection's negatives that are silent contexts mentioning the label's words (label.negatives).
+    hard_negatives: Fraction = 0.5
     features_per_shard: int = Field(default=32, ge=1)
     seed: Seed = 0
     # A re-run asks again for features whose label failed (`error`); with this, also for those whose

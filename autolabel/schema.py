@@ -208,6 +208,7 @@ ADDED_COLUMNS = [
     ("groups", "via", "VARCHAR"),
     ("groups", "nearest_seed", "VARCHAR"),
     ("groups", "n_active", "BIGINT"),
+    ("labels", "candidates_json", "JSON"),  # best-of-N: every candidate label and its selection scores
 ]
 
 VIEWS = [

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/label_quality.py --store CORPUS.duckdb [--workdir DIR]
         [--labeler smollm2] [--labeler labeler:qwen2.5-coder-1.5b] [--labeler MODEL.gguf]
         [--base-url URL --labeler MODEL] [--flagged STORE [--flagged-run ID]] [--known] [--no-role-evidence]
+        [--candidates N] [--hard-negatives SHARE]
 
 1. Concepts. The layer-15 MLP inputs of the default corpus's tokens (in --store; built
    there first when it has none) are captured: every held-out window and every other
@@ -268,30 +269,47 @@ def llm_config(labeler: str, base_url: str | None) -> LLMConfig:
     return LLMConfig(gguf=labeler, **local)
 
 
-def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, role_evidence: bool) -> dict:
+def label_settings(args: argparse.Namespace, **fields) -> LabelConfig:
+    """The label config of a run: the concept layer and what the command line varies."""
+    return LabelConfig(layers=[LAYER], role_evidence=not args.no_role_evidence, candidates=args.candidates,
+                       hard_negatives=args.hard_negatives, **fields)
+
+
+def variant(args: argparse.Namespace) -> str:
+    """What sets this run apart from the defaults, for names of results and stores."""
+    default = LabelConfig()
+    return "".join([" (no role evidence)" if args.no_role_evidence else "",
+                    f" (candidates {args.candidates})" if args.candidates != default.candidates else "",
+                    f" (hard negatives {args.hard_negatives:g})" if args.hard_negatives != default.hard_negatives
+                    else ""])
+
+
+def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, settings: LabelConfig) -> dict:
     """In its own process: label and score every concept feature; time, requests and peak RSS."""
     from autolabel.pipeline import label_run
 
-    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER], role_evidence=role_evidence),
-                       llm=llm_config(labeler, base_url))
+    config = RunConfig(store=store_path, label=settings, llm=llm_config(labeler, base_url))
     started = time.perf_counter()
     summary = label_run(config, run_id, show_progress=False)
     return {"seconds": time.perf_counter() - started, "requests": summary.calls, "by_status": summary.by_status,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, concepts: list[dict]) -> dict:
+def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, concepts: list[dict],
+                 settings: LabelConfig) -> dict:
     """In its own process: each concept feature's detection and fuzzing scores for a label known to be right
     (its concept's description) and one known to be wrong (the next concept's), on the same held-out texts.
-    A scorer that can tell a good label from a bad one ranks the right label above the wrong one nearly always."""
+    A scorer that can tell a good label from a bad one ranks the right label above the wrong one nearly always.
+    Detection's hard negatives (label.hard_negatives) follow each label's own words."""
     import asyncio
 
+    from autolabel.label.candidates import held_out_splits, score_label
     from autolabel.label.prompts import Label
-    from autolabel.label.stage import read_examples, score_label, split_examples
+    from autolabel.label.stage import read_examples
     from autolabel.llm import open_client
     from autolabel.pipeline import subject_model
 
-    config = RunConfig(store=store_path, label=LabelConfig(layers=[LAYER], scorers=["detection", "fuzzing"]),
+    config = RunConfig(store=store_path, label=settings.model_copy(update={"scorers": ["detection", "fuzzing"]}),
                        llm=llm_config(labeler, base_url))
     tokenizer = subject_model(config.model.source, config.cache_dir, config.model.dtype).tokenizer
     started, rows = time.perf_counter(), []
@@ -300,11 +318,11 @@ def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | Non
         async def score_all() -> None:
             for i, concept in enumerate(concepts):
                 examples = read_examples(store, run_id, LAYER, concept["feature"], tokenizer)
-                _, held_out = split_examples(examples, config.label)
+                _, held_out = held_out_splits(examples, choosing=False)
                 wrong = concepts[(i + 1) % len(concepts)]["description"]
                 for which, text in (("right", concept["description"]), ("wrong", wrong)):
-                    scores = await score_label(client, None, Label(text, ""), held_out, examples["random"],
-                                               config.label, f"known:{concept['feature']}")  # the same texts
+                    scores = await score_label(client, None, Label(text, ""), held_out, config.label,
+                                               f"known:{concept['feature']}")  # the same activating texts
                     rows.extend({"concept": concept["name"], "label": which, "scorer": score.scorer,
                                  "value": score.value, "status": score.status} for score in scores)
 
@@ -337,30 +355,40 @@ def slug(labeler: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", labeler)[-60:]
 
 
+def passed_on(args: argparse.Namespace) -> list[str]:
+    """The options a worker process needs to label as this run does."""
+    return ((["--no-role-evidence"] if args.no_role_evidence else [])
+            + ["--candidates", str(args.candidates), "--hard-negatives", str(args.hard_negatives)])
+
+
 def run_labeler(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
-                role_evidence: bool) -> dict:
-    store_path = workdir / f"label-{slug(labeler)}{'' if role_evidence else '-no-roles'}.duckdb"
+                args: argparse.Namespace) -> dict:
+    store_path = workdir / f"label-{slug(labeler + variant(args))}.duckdb"
     shutil.copy(collected, store_path)  # a fresh copy: no cached answers, no other labeler's scores
     command = [sys.executable, __file__, "--worker", str(store_path), "--run", run_id, "--labeler", labeler]
-    command += [] if role_evidence else ["--no-role-evidence"]
+    command += passed_on(args)
     out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
                          stdout=subprocess.PIPE, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with Store(store_path, create=False) as store:
-        result["labels"] = {f: (label, status) for f, label, status in store.con.execute(
-            "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER]).fetchall()}
+        result["labels"] = {f: (label, status) for f, label, status in store.rows(
+            "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER])}
+        result["candidates"] = {f: [c["label"] or "" for c in json.loads(record)["candidates"]]
+                                for f, record in store.rows("SELECT feature, candidates_json FROM labels WHERE "
+                                                            "run_id = ? AND layer = ? AND candidates_json IS NOT NULL",
+                                                            [run_id, LAYER])}
         result["scores"] = store.rows("SELECT feature, scorer, value, accuracy, status FROM scores "
                                       "WHERE run_id = ? AND layer = ?", [run_id, LAYER])
     return result
 
 
 def run_known(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
-              concepts: list[dict]) -> dict:
-    store_path = workdir / f"known-{slug(labeler)}.duckdb"
+              concepts: list[dict], args: argparse.Namespace) -> dict:
+    store_path = workdir / f"known-{slug(labeler + variant(args))}.duckdb"
     shutil.copy(collected, store_path)
     (workdir / "known-concepts.json").write_text(json.dumps(concepts))
     command = [sys.executable, __file__, "--known-worker", str(store_path), "--run", run_id, "--labeler", labeler,
-               "--workdir", str(workdir)]
+               "--workdir", str(workdir), *passed_on(args)]
     out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
                          stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -369,15 +397,32 @@ def run_known(collected: Path, run_id: str, labeler: str, base_url: str | None, 
 # -- 3. report ---------------------------------------------------------------------------------
 
 
+def recoveries(labels: list[str], concepts: list[dict], embedder) -> tuple[list[bool], np.ndarray]:
+    """(recovered, cosine to the concept's description) of one label per concept feature."""
+    n = len(concepts)
+    vectors = embedder.encode(labels + [c["description"] for c in concepts], normalize_embeddings=True)
+    cosines = (vectors[:n] * vectors[n:]).sum(1)
+    by_name = {concept.name: concept for concept in CONCEPTS}
+    return [bool(label) and recovered(label, by_name[c["name"]], float(cos))
+            for label, c, cos in zip(labels, concepts, cosines, strict=True)], cosines
+
+
+def candidate_recovery(result: dict, concepts: list[dict], embedder) -> dict:
+    """With best-of-N: concepts the first candidate alone recovers (what one candidate drafts) and those
+    some candidate recovers (what a perfect choice would keep)."""
+    drafted = [result["candidates"].get(c["feature"], []) for c in concepts]
+    if not any(drafted):
+        return {}
+    width = max(map(len, drafted))
+    hits = [recoveries([d[i] if i < len(d) else "" for d in drafted], concepts, embedder)[0] for i in range(width)]
+    return {"recovered_first_candidate": sum(hits[0]), "recovered_any_candidate": sum(map(any, zip(*hits, strict=True)))}
+
+
 def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
     """Recovery per concept feature (`concepts`: the kept ones) and the labeler's means."""
     n = len(concepts)
     labels = [result["labels"].get(c["feature"], (None, "missing"))[0] or "" for c in concepts]
-    vectors = embedder.encode(labels + [c["description"] for c in concepts], normalize_embeddings=True)
-    cosines = (vectors[:n] * vectors[n:]).sum(1)
-    by_name = {concept.name: concept for concept in CONCEPTS}
-    hits = [bool(label) and recovered(label, by_name[c["name"]], float(cos))
-            for label, c, cos in zip(labels, concepts, cosines, strict=True)]
+    hits, cosines = recoveries(labels, concepts, embedder)
     scorers = ("detection", "fuzzing", "embedding")
     means = {s: np.mean([v for _, scorer, v, _, status in result["scores"] if scorer == s and status == "ok"]
                         or [np.nan]) for s in scorers}
@@ -387,6 +432,7 @@ def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
     return {"labeler": name, "recovered": sum(hits), "n": n, **means, **accuracy, "not_ok": not_ok,
             "s_per_feature": result["seconds"] / n, "requests_per_feature": result["requests"] / n,
             "peak_rss_mb": result["peak_rss_mb"], "seconds": result["seconds"],
+            **candidate_recovery(result, concepts, embedder),
             "per_concept": [{"concept": c["name"], "label": label, "cosine": float(cos), "recovered": hit}
                             for c, label, cos, hit in zip(concepts, labels, cosines, hits, strict=True)]}
 
@@ -421,17 +467,21 @@ def main() -> None:
     parser.add_argument("--known", action="store_true", help="also score known-right and known-wrong labels")
     parser.add_argument("--no-role-evidence", action="store_true",
                         help="label without the examples' role tags and the role statistics (label.role_evidence)")
+    parser.add_argument("--candidates", type=int, default=LabelConfig().candidates,
+                        help="best-of-N: candidate labels drafted per feature (label.candidates)")
+    parser.add_argument("--hard-negatives", type=float, default=LabelConfig().hard_negatives,
+                        help="share of detection's negatives that mention the label's words (label.hard_negatives)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(label_worker(args.worker, args.run, args.labeler[0], args.base_url,
-                                      not args.no_role_evidence)))
+        print(json.dumps(label_worker(args.worker, args.run, args.labeler[0], args.base_url, label_settings(args))))
         return
     if args.known_worker:
         concepts = json.loads((Path(args.workdir) / "known-concepts.json").read_text())
-        print(json.dumps(known_worker(args.known_worker, args.run, args.labeler[0], args.base_url, concepts)))
+        print(json.dumps(known_worker(args.known_worker, args.run, args.labeler[0], args.base_url, concepts,
+                                      label_settings(args))))
         return
 
     workdir = Path(args.workdir)
@@ -461,15 +511,18 @@ def main() -> None:
     embedder = load_embedder()
     results = []
     for labeler in args.labeler or ["smollm2"]:
-        name = labeler + (" (no role evidence)" if args.no_role_evidence else "")
-        result = run_labeler(collected, run_id, labeler, args.base_url, workdir, not args.no_role_evidence)
+        name = labeler + variant(args)
+        result = run_labeler(collected, run_id, labeler, args.base_url, workdir, args)
         summary = summarise(name, result, concepts, embedder)
         if args.known:
-            summary["known_wins"] = print_known(labeler, run_known(collected, run_id, labeler, args.base_url, workdir,
-                                                                   concepts))
+            summary["known_wins"] = print_known(name, run_known(collected, run_id, labeler, args.base_url, workdir,
+                                                                concepts, args))
         (workdir / f"result-{slug(name)}.json").write_text(json.dumps(summary, indent=1))
         results.append(summary)
         print(f"\n{name}: {summary['recovered']}/{summary['n']} concepts recovered")
+        if "recovered_first_candidate" in summary:
+            print(f"  by the first candidate alone {summary['recovered_first_candidate']}/{summary['n']}, "
+                  f"by some candidate {summary['recovered_any_candidate']}/{summary['n']}")
         for row in summary["per_concept"]:
             print(f"  {'yes' if row['recovered'] else 'no ':<4}{row['concept']:<18}cos {row['cosine']:.2f}  "
                   f"{row['label']!r}")

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from autolabel.config import ClusterConfig
+from autolabel.feature_filter import live_features
 from autolabel.models import package_dir
 from autolabel.store import Store
 
@@ -37,10 +38,7 @@ class FeatureTexts:
 
 def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -> FeatureTexts:
     """Every feature of the run that fired (not dead), with its label or else its top examples' text."""
-    where, params = ["f.run_id = ?", "f.status <> 'dead'"], [run_id]
-    if config.layers is not None:
-        where.append("f.layer IN (SELECT unnest(?))")
-        params.append(config.layers)
+    where, params = live_features(run_id, config.layers)
     labeler = "AND labeler = ?" if config.labeler else ""
     rows = store.rows(
         f"""WITH latest AS (

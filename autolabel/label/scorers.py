@@ -160,9 +160,10 @@ def judge_messages(label: Label, question: str, text: str) -> list[dict[str, str
 
 
 async def _judge_all(client: LLMClient, scorer: str, label: Label, question: str, texts: list[str],
-                     truth: list[bool], seed: str) -> Score:
+                     truth: list[bool], seed: str, details: dict | None = None) -> Score:
+    details = details or {}
     if sum(truth) < MIN_PER_CLASS or len(truth) - sum(truth) < MIN_PER_CLASS:
-        return Score(scorer, None, len(truth), "failed", {
+        return Score(scorer, None, len(truth), "failed", details | {
             "reason": f"{sum(truth)} activating and {len(truth) - sum(truth)} other held-out texts; "
                       f"each needs {MIN_PER_CLASS}"})
     replies = await asyncio.gather(*(
@@ -170,18 +171,19 @@ async def _judge_all(client: LLMClient, scorer: str, label: Label, question: str
         for text in texts))
     failed = next((reply for reply in replies if reply.status != "ok"), None)
     if failed is not None:
-        return Score(scorer, None, len(truth), "error", {"reason": failed.error or failed.status})
+        return Score(scorer, None, len(truth), "error", details | {"reason": failed.error or failed.status})
     graded = [p_yes(reply.text, reply.top_logprobs) for reply in replies]
-    return graded_score(scorer, truth, graded, seed,
-                        {"graded_by": "logprobs" if any(r.top_logprobs for r in replies) else "text"})
+    graded_by = "logprobs" if any(r.top_logprobs for r in replies) else "text"
+    return graded_score(scorer, truth, graded, seed, details | {"graded_by": graded_by})
 
 
 async def detection(client: LLMClient, label: Label, positives: list[Example], negatives: list[Example],
-                    n: int, rng: random.Random) -> Score:
+                    n: int, rng: random.Random, details: dict | None = None) -> Score:
+    """`negatives` in the order they are to be taken (label.negatives puts the hard ones first)."""
     items = [(e.text, True) for e in positives[: n // 2]] + [(e.text, False) for e in negatives[: n - n // 2]]
     rng.shuffle(items)
     return await _judge_all(client, "detection", label, DETECTION_QUESTION, [t for t, _ in items],
-                            [f for _, f in items], f"detection:{rng.random()}")
+                            [f for _, f in items], f"detection:{rng.random()}", details)
 
 
 async def fuzzing(client: LLMClient, label: Label, positives: list[Example], n: int, mark_fraction: float,

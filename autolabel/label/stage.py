@@ -2,7 +2,8 @@
 
 The labeler sees the even-ranked top examples and some quantile samples; the
 odd-ranked top examples, the other quantile samples and the random (silent)
-contexts are held out for the scorers. Features are labeled in shards, each
+contexts are held out for the scorers (label.candidates: which ones, and
+best-of-N; label.negatives: detection's harder negatives). Features are labeled in shards, each
 written in one transaction with its scores. The labels table says what is done:
 a re-run asks again for the features still unlabeled and for those that failed
 for want of an answer (status `error`: an outage, a server that answered with
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +23,18 @@ from dataclasses import dataclass
 from autolabel.cluster.embed import load_embedder
 from autolabel.config import LabelConfig, RunConfig
 from autolabel.errors import AutolabelError
+from autolabel.feature_filter import live_features
+from autolabel.label.candidates import (
+    RULE,
+    best,
+    held_out_splits,
+    score_label,
+    score_summary,
+    selection_scores,
+    selection_value,
+    shown_examples,
+    shown_subsets,
+)
 from autolabel.label.prompts import (
     LABEL_SCHEMA,
     Evidence,
@@ -33,8 +45,8 @@ from autolabel.label.prompts import (
     tagged,
     where_it_fires,
 )
-from autolabel.label.scorers import Example, Score, detection, embedding, fuzzing
-from autolabel.llm import BudgetExhausted, LLMClient, labeler_id, open_client
+from autolabel.label.scorers import Example, Score
+from autolabel.llm import BudgetExhausted, LLMClient, Reply, labeler_id, open_client
 from autolabel.models import SubjectModel
 from autolabel.progress import progress_bar
 from autolabel.store import Store, now, to_json
@@ -59,14 +71,8 @@ class LabelSummary:
 def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[int, int, int]]:
     """(layer, feature, n_top_examples) of the features to label: densest first, or an audit's best ranked first."""
     settings = config.label
-    where, params = ["f.run_id = ?", "f.status <> 'dead'"], [run_id]
     check_selection_exists(store, run_id, settings)
-    if settings.layers is not None:
-        where.append("f.layer IN (SELECT unnest(?))")
-        params.append(settings.layers)
-    if settings.features is not None:
-        where.append("f.feature IN (SELECT unnest(?))")
-        params.append(settings.features)
+    where, params = live_features(run_id, settings.layers, settings.features)
     if settings.audit is not None:
         if not store.one("SELECT count(*) FROM audit_findings WHERE run_id = ? AND audit = ?", [run_id, settings.audit])[0]:
             raise AutolabelError(f"run {run_id} has no findings of audit {settings.audit!r}; "
@@ -143,32 +149,17 @@ def feature_evidence(store: Store, run_id: str, keys: list[Key], outputs: dict[K
     return {key: Evidence(where_it_fires(active[key], turns[key]), *outputs[key]) for key in keys}
 
 
-def split_examples(examples: dict[str, list[Example]], settings: LabelConfig) -> tuple[list[Example], list[Example]]:
-    """(shown to the labeler, held out for the scorers): even ranks and every other quantile sample are shown."""
-    shown = examples["top"][0::2][: settings.explain_top] + examples["quantile"][0::2][: settings.explain_quantile]
-    return shown, examples["top"][1::2] + examples["quantile"][1::2]
+@dataclass
+class Draft:
+    """One candidate label and what it was drafted from."""
+
+    subset: dict[str, list[int]]  # positions in the feature's top and quantile lists (candidates.shown_subsets)
+    prompt_hash: str
+    reply: Reply[Label]
 
 
-async def score_label(client: LLMClient, embedder, label: Label, held_out: list[Example], silent: list[Example],
-                      settings: LabelConfig, seed: str) -> list[Score]:
-    """Every configured scorer of one label on the held-out activating texts and the silent contexts."""
-    rng = random.Random(seed)
-    scores: list[Score] = []
-    if "detection" in settings.scorers:
-        scores.append(await detection(client, label, held_out, silent, settings.score_examples, rng))
-    if "fuzzing" in settings.scorers:
-        scores.append(await fuzzing(client, label, held_out, settings.score_examples, settings.mark_fraction, rng))
-    if "embedding" in settings.scorers and embedder is not None:
-        scores.append(embedding(embedder, label, held_out, silent, seed))
-    return scores
-
-
-async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
-                        evidence: Evidence, config: RunConfig, run_id: str,
-                        refresh: bool = False) -> tuple[dict, list[dict]]:
-    """One feature: (labels row, scores rows). `refresh` asks for a label past the cached answers."""
-    settings = config.label
-    shown, held_out = split_examples(examples, settings)
+async def draft_label(client: LLMClient, shown: list[Example], subset: dict[str, list[int]], evidence: Evidence,
+                      settings: LabelConfig, refresh: bool) -> Draft:
     marked = []
     for example in shown:
         pieces, acts = around_peak(example.pieces, example.acts, settings.context_tokens)
@@ -176,17 +167,61 @@ async def label_feature(client: LLMClient, embedder, layer: int, feature: int, e
         marked.append(tagged(example.role, example.category, text) if settings.role_evidence else text)
     messages = explain_messages(marked, evidence)
     prompt_hash = hashlib.sha256(to_json(messages).encode()).hexdigest()
-    reply = await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh)
-    label_row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": client.model_id,
-                 "label": reply.value.label if reply.value else None,
-                 "explanation": reply.value.explanation if reply.value else None, "prompt_hash": prompt_hash,
-                 "status": reply.status, "error": reply.error, "created_at": now()}
-    if reply.value is None:
-        return label_row, []
-    scores = await score_label(client, embedder, reply.value, held_out, examples["random"], settings,
-                               f"{settings.seed}:{layer}:{feature}")
-    return label_row, [score_row(run_id, layer, feature, client.model_id, score, settings.unreliable_below)
-                       for score in scores]
+    return Draft(subset, prompt_hash, await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh))
+
+
+async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
+                        evidence: Evidence, config: RunConfig, run_id: str,
+                        refresh: bool = False) -> tuple[dict, list[dict]]:
+    """One feature: (labels row, scores rows). `refresh` asks for a label past the cached answers.
+    With several candidates (label.candidates), the best on the selection split is kept and scored on the
+    report split; a candidate or selection score that got no answer makes the feature `error` (asked again)."""
+    settings = config.label
+    seed = f"{settings.seed}:{layer}:{feature}"
+    subsets = shown_subsets(examples, settings, seed)
+    drafts = await asyncio.gather(*(draft_label(client, shown_examples(examples, subset), subset, evidence, settings,
+                                                refresh) for subset in subsets))
+    selection, report = held_out_splits(examples, len(drafts) > 1)
+    row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": client.model_id, "label": None,
+           "explanation": None, "prompt_hash": drafts[0].prompt_hash, "status": drafts[0].reply.status,
+           "error": drafts[0].reply.error, "created_at": now(), "candidates_json": None}
+    unanswered = next((d for d in drafts if d.reply.status == "error"), None)
+    valid = [i for i, d in enumerate(drafts) if d.reply.value is not None]
+    if unanswered is not None or not valid:
+        return row | ({"status": "error", "error": unanswered.reply.error} if unanswered else {}), []
+    kept, chosen = valid[0], {}
+    if selection is not None and len({(d.reply.value.label, d.reply.value.explanation)
+                                      for d in drafts if d.reply.value}) > 1:
+        scores = await selection_scores(client, embedder, [drafts[i].reply.value for i in valid], selection,
+                                        settings, seed)
+        failed = next(((i, s) for i, found in zip(valid, scores, strict=True) for s in found if s.status == "error"),
+                      None)
+        if failed is not None:
+            i, score = failed
+            return row | {"status": "error", "error": f"candidate {i}'s {score.scorer} score on the selection split "
+                                                      f"got no answer: {score.details.get('reason')}"}, []
+        chosen = dict(zip(valid, scores, strict=True))
+        kept = valid[best([selection_value(found) for found in scores])]
+    label = drafts[kept].reply.value
+    row |= {"label": label.label, "explanation": label.explanation, "prompt_hash": drafts[kept].prompt_hash,
+            "status": "ok", "error": None}
+    if len(drafts) > 1:
+        row["candidates_json"] = to_json(candidates_record(drafts, chosen, kept))
+    scores = await score_label(client, embedder, label, report, settings, seed)
+    return row, [score_row(run_id, layer, feature, client.model_id, score, settings.unreliable_below)
+                 for score in scores]
+
+
+def candidates_record(drafts: list[Draft], chosen: dict[int, list[Score]], kept: int) -> dict:
+    """labels.candidates_json: the rule, and per candidate what it was drafted from, its answer, its
+    selection scores (none when it was the only valid one) and whether it was kept."""
+    return {"rule": RULE, "candidates": [
+        {"shown": d.subset, "prompt_hash": d.prompt_hash, "status": d.reply.status, "error": d.reply.error,
+         "label": d.reply.value.label if d.reply.value else None,
+         "explanation": d.reply.value.explanation if d.reply.value else None,
+         "selection": score_summary(chosen.get(i, [])),
+         "selection_value": selection_value(chosen[i]) if i in chosen else None, "kept": i == kept}
+        for i, d in enumerate(drafts)]}
 
 
 def score_row(run_id: str, layer: int, feature: int, labeler: str, score: Score, unreliable_below: float) -> dict:
@@ -220,9 +255,11 @@ def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tupl
 
 
 def unlabeled_row(run_id: str, config: RunConfig, key: Key, status: str, error: str) -> dict:
+    """Every column a label row has: the store takes a shard's columns from its first row."""
     layer, feature = key
-    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler_id(config.llm), "status": status,
-            "created_at": now(), "error": error}
+    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler_id(config.llm), "label": None,
+            "explanation": None, "prompt_hash": None, "status": status, "error": error, "created_at": now(),
+            "candidates_json": None}
 
 
 def skipped_rows(run_id: str, config: RunConfig, skipped: list[Key]) -> list[dict]:
