@@ -74,19 +74,18 @@ def audit(spec: SpecOption, config: ConfigOption = None, store: StoreOption = No
     quirk, their labels and causal evidence."""
     import os
 
+    from autolabel.cli_flows import prefect_flows
     from autolabel.organism.audit import check_fits_transcoders, organism_folder
     from autolabel.store import Store
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # two pipelines: minutes anyway
     organism = load_organism_spec(spec)
     run_config = load_run_config(config, store)
     with Store(run_config.store, create=model is not None) as db:  # without --model, the store trained it
         folder = organism_folder(db, organism, model)
     check_fits_transcoders(folder, run_config)
-    from flows.organism_audit import organism_audit
-
-    result = organism_audit(run_config, organism, folder, against, report=not no_report, show_progress=not quiet)
+    flow = prefect_flows("organism_audit").organism_audit
+    result = flow(run_config, organism, folder, against, report=not no_report, show_progress=not quiet)
     for audit_name, changed in result.changes.items():
         rows = [(r["rank"], f"{r['layer']}/{r['feature']}", _number(r["turn_share"], 2),
                  _number(r["against_turn_share"], 2), _firing(r["firing"]), "yes" if r["tied"] else "no",
