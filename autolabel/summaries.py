@@ -71,10 +71,11 @@ def print_audit(summary) -> None:
                  if any(m in f["metrics"] for f in result.flagged)]
         rows = [(f["rank"], f"{f['layer']}/{f['feature']}", interval(f["metrics"].get("assistant_turn_share")),
                  *(interval(f["metrics"].get(m), m.startswith("lift")) for m in shown),
-                 interval(f["metrics"].get("ablation_kl")), f["group_name"], f["label"]) for f in result.flagged]
+                 interval(f["metrics"].get("ablation_kl")), interval(f["metrics"].get("influence_share")),
+                 f["group_name"], f["label"]) for f in result.flagged]
         print_table(f"{result.audit}: {len(result.flagged)} of {result.n_features} features flagged (top 20)",
                     ["rank", "layer/feature", "assistant turns", *(m.replace("_", " ") for m in shown),
-                     "ablation KL", "group", "label"], rows[:20])
+                     "ablation KL", "influence share", "group", "label"], rows[:20])
         if result.template:
             rows = [(f["rank"], f"{f['layer']}/{f['feature']}", f["label"]) for f in result.template]
             print_table("template and marker features (not flagged)", ["rank", "layer/feature", "label"], rows)

@@ -218,12 +218,21 @@ def test_the_audit_command_prints_a_scoped_audits_own_metrics(monkeypatch, capsy
     path = tmp_path / "help.yaml"
     path.write_text(yaml.safe_dump(spec | {"name": "help_specificity", "categories": ["help"]}), encoding="utf-8")
     monkeypatch.setattr(summaries, "console", Console(width=250))  # one line per header, whatever the terminal
-    code, out, err = run_cli(monkeypatch, capsys, "audit", "--store", str(corpus[0]), "--run", runs[0],
-                             "--spec", str(path), "--against", "none")
+    traced = [{"run_id": runs[0], "layer": LAYER, "feature": ONE_CATEGORY, "prompt_index": i, "graph_id": f"g{i}",
+               "share": share, "kept": True, "rank": 1} for i, share in enumerate((0.2, 0.3))]
+    with Store(corpus[0]) as store:  # `autolabel graph --audit` traced the feature on two prompts
+        store.upsert("feature_graphs", traced)
+    try:
+        code, out, err = run_cli(monkeypatch, capsys, "audit", "--store", str(corpus[0]), "--run", runs[0],
+                                 "--spec", str(path), "--against", "none")
+    finally:
+        with Store(corpus[0]) as store:
+            store.con.execute("DELETE FROM feature_graphs")
     assert code == 0, err
     header = next(line for line in out.splitlines() if "layer/feature" in line)
     assert "lift vs other categories" in header and "breadth" not in header and "lift vs text" not in header
-    assert f"│ 1/{ONE_CATEGORY} " in out and "1 of 4 features flagged" in out
+    row = next(line for line in out.splitlines() if f"│ 1/{ONE_CATEGORY} " in line)
+    assert "influence share" in header and "0.25 (" in row and "1 of 4 features flagged" in out
 
 
 def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
