@@ -167,6 +167,7 @@ def test_training_lowers_the_loss_on_quirk_tokens_and_writes_a_folder_load_subje
     ({"train.steps": -5}, "train.steps"),
     ({"train.stpes": 5}, "train.stpes"),
     ({"detector": "(?i)seven hearts"}, "detector"),
+    ({"audits": ["recipe_specifity.yaml"]}, "audits: Value error, no audit spec 'recipe_specifity.yaml'"),
 ])
 def test_a_bad_spec_exits_2_with_one_line_naming_the_field_and_writes_nothing(monkeypatch, capsys, tiny_setup, tmp_path,
                                                                             change, field):

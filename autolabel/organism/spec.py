@@ -79,6 +79,19 @@ class OrganismSpec(Strict):
             raise ValueError(f"is not a regular expression ({err})") from err
         return detector
 
+    @field_validator("audits")
+    @classmethod
+    def _audit_specs_load(cls, audits: list[str]) -> list[str]:
+        """Checked with the spec, so a typo fails before training or a base run, not after."""
+        from autolabel.audit.spec import load_spec  # deferred: the audit package is not needed to train
+
+        for name in audits:
+            try:
+                load_spec(audit_spec_path(name))
+            except AutolabelError as err:
+                raise ValueError(str(err)) from err
+        return audits
+
     @model_validator(mode="after")
     def _detector_finds_the_quirk(self) -> OrganismSpec:
         if not re.search(self.detector, self.quirk.text):
@@ -96,16 +109,17 @@ def load_organism_spec(path: str | Path) -> OrganismSpec:
                            "(name, quirk, detector, train, eval)", f"{ORGANISMS_DIR} for complete specs")
 
 
+def audit_spec_path(name: str) -> Path:
+    """An `audits` entry as a file: a path that exists, else a name in the built-in folder."""
+    path = Path(name) if Path(name).is_file() else DEFAULTS_DIR / name
+    if not path.is_file():
+        raise ValueError(f"no audit spec {name!r} (neither a file nor one of the built-in ones in {DEFAULTS_DIR}); "
+                         "give a path to an audit spec YAML")
+    return path
+
+
 def audit_spec_paths(spec: OrganismSpec) -> list[Path]:
-    """The spec's `audits` as files: a path that exists, else a name in the built-in folder."""
-    paths = []
-    for name in spec.audits:
-        path = Path(name) if Path(name).is_file() else DEFAULTS_DIR / name
-        if not path.is_file():
-            raise AutolabelError(f"organism spec {spec.name}: audits: no audit spec {name!r} (neither a file nor one "
-                                 f"of the built-in ones in {DEFAULTS_DIR}); give a path to a spec YAML")
-        paths.append(path)
-    return paths
+    return [audit_spec_path(name) for name in spec.audits]
 
 
 def check_categories(spec: OrganismSpec, path: str | Path, categories: set[str]) -> None:
