@@ -75,24 +75,33 @@ def transcoder_check(transcoder: TranscoderOption = None,
 
 
 @transcoder_app.command("train")
-def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the transcoder set to.")],
-                     layers: Annotated[str | None, typer.Option(help="Comma-separated layers, e.g. 6,15,24.")] = None,
+def transcoder_train(out: Annotated[Path, typer.Option(help="Folder to write the transcoder set to; re-run to continue.")],
+                     layers: Annotated[str | None, typer.Option(help="Comma-separated layers, e.g. 6,15,24, or all.")] = None,
                      tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
+                     group_size: Annotated[int | None, typer.Option(min=1, help="Layers trained at once (memory: their buffers).")] = None,
+                     max_groups: Annotated[int | None, typer.Option(min=1, help="Train at most this many groups now, then stop.")] = None,
                      config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None,
                      quiet: QuietOption = False) -> None:
-    """Train per-layer TopK/JumpReLU transcoders on the corpus; save them in the circuit-tracer layout."""
+    """Train per-layer TopK/JumpReLU transcoders on the corpus, a group of layers at a time; save them in the
+    circuit-tracer layout. A re-run with the same arguments continues an interrupted training."""
     from autolabel.models import load_subject_model
     from autolabel.store import Store
     from autolabel.transcoders.stage import corpus_windows, train_stage
 
     run_config = load_run_config(config, store, model)
     train_config = run_config.transcoder.train
-    train_config.layers = int_list(layers, "--layers") or train_config.layers
-    train_config.n_tokens = tokens or train_config.n_tokens
     subject = load_subject_model(run_config.model.source, run_config.cache_dir, run_config.model.dtype)
+    train_config.layers = list(range(subject.n_layers)) if layers == "all" else (
+        int_list(layers, "--layers") or train_config.layers)
+    train_config.n_tokens = tokens or train_config.n_tokens
+    train_config.group_size = group_size or train_config.group_size
     with Store(run_config.store) as db:
         train, _ = corpus_windows(db, subject, run_config, not quiet, for_training=True)
         _, heldout = corpus_windows(db, subject, run_config, not quiet)
-    _, quality = train_stage(train, heldout, subject, run_config, out, show_progress=not quiet)
-    print_quality(quality)
-    console.print(escape(f"saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)"))
+    result = train_stage(train, heldout, subject, run_config, out, not quiet, max_groups)
+    print_quality(result.quality)
+    if result.transcoders is None:
+        console.print(f"{result.finished} of {len(result.groups)} layer groups trained; the same command continues")
+        return
+    done = "trained" if result.trained_now else "already trained, nothing to do"
+    console.print(escape(f"{done}: saved to {out} (circuit-tracer layout; open with `autolabel transcoder check -t {out}`)"))

@@ -132,6 +132,8 @@ class TranscoderTrainConfig(Strict):
     """How `autolabel transcoder train` trains per-layer transcoders (defaults: the embedded set)."""
 
     layers: Indices = Field(default_factory=lambda: [6, 15, 24])
+    # Layers trained at once (their activation buffers share memory); None: all. Groups train in turn, resumably.
+    group_size: int | None = Field(default=None, ge=1)
     input_hook: str = "mlp_in"
     output_hook: str = "mlp_out"
     activation: Literal["topk", "jumprelu"] = "topk"

@@ -181,7 +181,12 @@ def test_transcoder_train_then_check(monkeypatch, capsys, tmp_path, tiny_model_d
     assert code == 0, err
     assert {"config.yaml", "layer_1.safetensors", "layer_2.safetensors", "autolabel.json", "history.json"} <= \
         {p.name for p in out.iterdir()}
-    assert (out / "checkpoint" / "layer_1.safetensors").is_file()
+    assert (out / "plan.json").is_file() and not (out / "checkpoints").exists()  # resumable; scratch removed
+    code, stdout, _ = run_cli(monkeypatch, capsys, "transcoder", "train", "--out", str(out), "-c", str(config), "-q")
+    assert code == 0 and "nothing to do" in stdout
+    code, _, err = run_cli(monkeypatch, capsys, "transcoder", "train", "--out", str(out), "-c", str(config), "-q",
+                           "--tokens", "40000")
+    assert code == 2 and "n_tokens: 30000 there, 40000 now" in err
     with Store(tmp_path / "s.duckdb") as store:  # the run's corpus (held-out) and the training corpus
         assert store.query("select n_docs from corpora order by n_docs")[1] == [(60,), (100,)]
     meta = json.loads((out / "autolabel.json").read_text())

@@ -7,11 +7,8 @@ tokens the trainer never saw.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 from autolabel.config import RunConfig
 from autolabel.corpus import build_corpus, iter_windows
@@ -20,9 +17,9 @@ from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel
 from autolabel.progress import progress_bar
 from autolabel.store import Store
-from autolabel.transcoders.check import LayerQuality, check_transcoders, measure_quality
-from autolabel.transcoders.formats import load_transcoders, save_circuit_tracer
-from autolabel.transcoders.train import train_transcoders
+from autolabel.transcoders.check import LayerQuality, check_transcoders
+from autolabel.transcoders.formats import load_transcoders
+from autolabel.transcoders.groups import GroupedTraining, layer_groups, train_in_groups
 from autolabel.transcoders.transcoder import TranscoderSet
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "data" / "transcoders"
@@ -68,8 +65,9 @@ def _check_windows(store: Store, corpus_id: str, heldout_every: int) -> Iterator
 
 
 def train_stage(train: list[Window], heldout: list[Window], subject: SubjectModel, config: RunConfig,
-                out_dir: Path, show_progress: bool = True) -> tuple[TranscoderSet, dict[int, LayerQuality]]:
-    """Train, checkpoint, save in the circuit-tracer layout, measure on held-out tokens.
+                out_dir: Path, show_progress: bool = True, max_groups: int | None = None) -> GroupedTraining:
+    """Train the configured layers a group at a time into out_dir, measure each group on held-out tokens, and merge
+    them into one set in the circuit-tracer layout; a re-run continues an interrupted training (see groups.py).
 
     Takes windows rather than the store, so the store is not held open (and locked
     against `autolabel query`) for the length of training.
@@ -77,28 +75,18 @@ def train_stage(train: list[Window], heldout: list[Window], subject: SubjectMode
     train_config = config.transcoder.train
     if not train:
         raise AutolabelError("the corpus has no training windows; build a larger corpus")
-    checkpoint_dir = out_dir / "checkpoint"
     with progress_bar("tok", disable=not show_progress) as bar:
-        task = bar.add_task("training transcoders", total=train_config.n_tokens)
+        n_groups = len(layer_groups(train_config.layers, train_config.group_size))
 
-        def on_step(n_tokens: int, metrics: dict[int, dict[str, float]]) -> None:
-            summary = "  ".join(f"L{layer} fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.0%}"
-                                for layer, m in metrics.items())
-            bar.update(task, advance=n_tokens, description=f"training  {summary}")
+        def start_group(index: int, layers: list[int], tokens_done: int):
+            name = f"group {index + 1}/{n_groups}" if n_groups > 1 else "training"
+            task = bar.add_task(name, total=train_config.n_tokens, completed=tokens_done)
 
-        dtype = getattr(torch, train_config.save_dtype)
+            def on_step(n_tokens: int, metrics: dict[int, dict[str, float]]) -> None:
+                summary = "  ".join(f"L{layer} fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.0%}"
+                                    for layer, m in metrics.items())
+                bar.update(task, advance=n_tokens, description=f"{name}  {summary}")
+            return on_step
 
-        def on_checkpoint(tset: TranscoderSet) -> None:
-            save_circuit_tracer(tset, checkpoint_dir, subject.model_id, dtype)
-
-        result = train_transcoders(subject, train, train_config, on_step, on_checkpoint)
-    quality = measure_quality(subject, result.transcoders, heldout, config.transcoder.check_tokens)
-    result.transcoders.metadata.update({
-        "model_id": subject.model_id, "seconds": round(result.seconds, 1),
-        "resampled_features": {str(k): n for k, n in result.resampled.items()},
-        "heldout": {str(k): {"fvu": q.fvu, "l0": q.l0, "dead_fraction": q.dead_fraction, "n_tokens": q.n_tokens}
-                    for k, q in quality.items()},
-    })
-    save_circuit_tracer(result.transcoders, out_dir, subject.model_id, dtype)
-    (out_dir / "history.json").write_text(json.dumps(result.history), encoding="utf-8")
-    return result.transcoders, quality
+        return train_in_groups(train, heldout, subject, train_config, config.transcoder.check_tokens, out_dir,
+                               max_groups, start_group)

@@ -11,14 +11,20 @@ early in training, features dead for too long are re-initialised on the tokens
 the transcoder explains worst (resampling). An optional linear skip path
 (x @ W_skip) takes the part of the MLP that is linear in its input, so features
 spend their capacity on the rest.
+
+A run can stop and continue: a checkpoint holds the whole training state (weights,
+Adam moments, dead-feature counters, generator states and the position in the
+data), and a run resumed from it continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -47,9 +53,10 @@ class _Trainee(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.log_threshold = nn.Parameter(torch.full((config.d_feat,), math.log(config.jumprelu_init_threshold)))
         self.W_skip = nn.Parameter(torch.zeros(d_model, d_model)) if config.skip else None  # [d_in, d_out]
-        self.tokens_since_fired = torch.zeros(config.d_feat, dtype=torch.long)
+        # Buffers, so a checkpoint's state_dict carries them.
+        self.register_buffer("tokens_since_fired", torch.zeros(config.d_feat, dtype=torch.long))
+        self.register_buffer("x_mean", torch.zeros(d_model))  # of the normalised inputs, set by calibrate
         self.x_scale = self.y_scale = 1.0
-        self.x_mean = torch.zeros(d_model)  # of the normalised inputs, set by calibrate
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -205,20 +212,37 @@ class TrainResult:
     resampled: dict[int, int]  # layer -> features re-initialised over the whole run
 
 
+@dataclass
+class _Position:
+    """Where a run stands: enough, with the weights and generator, to continue it exactly."""
+
+    seen: int = 0  # training tokens so far
+    step: int = 0
+    seconds: float = 0.0  # spent before this process started
+    history: list[dict] = field(default_factory=list)
+    resampled: dict[int, int] = field(default_factory=dict)
+    buffer_index: int = 0
+    windows_before_buffer: int = 0  # windows of the stream consumed by the buffers before this one
+    batches_done: int = 0  # training batches of this buffer already stepped on
+    generator_at_buffer_start: torch.Tensor | None = None  # to redraw this buffer's shuffles on resume
+
+
 def _buffers(pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: list[int],
-             buffer_tokens: int) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Fill a buffer of about buffer_tokens tokens per layer, hand it over, repeat (the trainer shuffles)."""
+             buffer_tokens: int) -> Iterator[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], int]]:
+    """Fill a buffer of about buffer_tokens tokens per layer, hand it over with the number of forward batches it
+    took, repeat (the trainer shuffles)."""
     chunks: dict[int, list] = {layer: [] for layer in layers}
-    filled = 0
+    filled = n_batches = 0
     for batch in pairs:
         for layer, (x, y) in batch.items():
             chunks[layer].append((x.half(), y.half()))  # fp16 halves the buffer's memory
         filled += next(iter(batch.values()))[0].shape[0]
+        n_batches += 1
         if filled >= buffer_tokens:
-            yield _concat(chunks)
-            chunks, filled = {layer: [] for layer in layers}, 0
+            yield _concat(chunks), n_batches
+            chunks, filled, n_batches = {layer: [] for layer in layers}, 0, 0
     if filled:
-        yield _concat(chunks)
+        yield _concat(chunks), n_batches
 
 
 def _concat(chunks: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -227,45 +251,99 @@ def _concat(chunks: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tens
 
 def train_transcoders(subject: SubjectModel, windows: list[Window], config: TranscoderTrainConfig,
                       on_step: Callable[[int, dict[int, dict[str, float]]], None] | None = None,
-                      on_checkpoint: Callable[[TranscoderSet], None] | None = None) -> TrainResult:
-    """Train one transcoder per configured layer on `windows` for config.n_tokens tokens (epochs as needed)."""
+                      on_checkpoint: Callable[[dict], None] | None = None,
+                      resume: dict | None = None) -> TrainResult:
+    """Train one transcoder per configured layer on `windows` for config.n_tokens tokens (epochs as needed).
+
+    Every config.checkpoint_every_steps steps, on_checkpoint gets the whole training state (a dict of tensors and
+    plain values, for torch.save). Passed back as `resume`, it continues the run where it stood, to the same
+    weights as an uninterrupted run: the buffer it was in is refilled from the same windows, its shuffles are
+    redrawn from the saved generator state, and the batches already done are skipped.
+    """
     if not windows:
         raise ValueError("train_transcoders needs at least one window")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     trainees = {layer: _Trainee(layer, subject.d_model, config, generator) for layer in config.layers}
     optimizers = {layer: torch.optim.Adam(t.parameters(), lr=config.lr, betas=(0.9, 0.999)) for layer, t in trainees.items()}
-    pairs = activation_pairs(subject, _window_stream(windows, config.seed), config.layers, config.input_hook,
-                             config.output_hook, config.batch_windows)
-    started, seen, step, history = time.perf_counter(), 0, 0, []
-    resampled: dict[int, int] = {}
-    for index, buffer in enumerate(_buffers(pairs, config.layers, config.buffer_tokens)):
-        if index == 0:
+    at = _Position() if resume is None else _restore(resume, config, trainees, optimizers, generator)
+    started = time.perf_counter() - at.seconds
+    stream = itertools.islice(_window_stream(windows, config.seed), at.windows_before_buffer, None)
+    pairs = activation_pairs(subject, stream, config.layers, config.input_hook, config.output_hook, config.batch_windows)
+    # A run resumed from its last step has nothing left to do (and no buffer to fill).
+    buffers = _buffers(pairs, config.layers, config.buffer_tokens) if at.seen < config.n_tokens else iter(())
+    for buffer, n_batches in buffers:
+        if at.buffer_index == 0 and at.batches_done == 0:
             for layer, (x, y) in buffer.items():
                 trainees[layer].calibrate(x, y)
-        for rows in _buffer_batches(buffer, config, generator):
+        if at.batches_done == 0:
+            at.generator_at_buffer_start = generator.get_state()
+            batches = _buffer_batches(buffer, config, generator)
+        else:  # resumed inside this buffer: redraw its shuffles, then go on from the saved generator state
+            current = generator.get_state()
+            generator.set_state(at.generator_at_buffer_start)
+            batches = _buffer_batches(buffer, config, generator)
+            generator.set_state(current)
+        for rows in batches[at.batches_done:]:
             # Linear decay over the last fifth of training settles the weights.
-            lr = config.lr * min(1.0, (config.n_tokens - seen) / (0.2 * config.n_tokens))
+            lr = config.lr * min(1.0, (config.n_tokens - at.seen) / (0.2 * config.n_tokens))
             metrics = {}
             for layer, (x, y) in buffer.items():
                 xb, yb, metrics[layer] = _step(trainees[layer], optimizers[layer], x[rows[layer]], y[rows[layer]], lr)
-                if _resample_now(config, step + 1, seen + config.batch_tokens):
-                    resampled[layer] = resampled.get(layer, 0) + trainees[layer].resample_dead(
+                if _resample_now(config, at.step + 1, at.seen + config.batch_tokens):
+                    at.resampled[layer] = at.resampled.get(layer, 0) + trainees[layer].resample_dead(
                         xb, yb, optimizers[layer], generator)
-            seen += config.batch_tokens
-            step += 1
+            at.seen += config.batch_tokens
+            at.step += 1
+            at.batches_done += 1
             if on_step:
                 on_step(config.batch_tokens, metrics)
-            if step % 25 == 0:
-                history.append({"step": step, "tokens": seen, **{f"fvu_{k}": v["fvu"] for k, v in metrics.items()}})
-            if on_checkpoint and step % config.checkpoint_every_steps == 0:
-                on_checkpoint(_export(trainees, config, subject.model_id, seen, step))
-            if seen >= config.n_tokens:
+            if at.step % 25 == 0:
+                at.history.append({"step": at.step, "tokens": at.seen,
+                                   **{f"fvu_{k}": v["fvu"] for k, v in metrics.items()}})
+            if on_checkpoint and at.step % config.checkpoint_every_steps == 0:
+                at.seconds = time.perf_counter() - started
+                on_checkpoint(_state(config, trainees, optimizers, generator, at))
+            if at.seen >= config.n_tokens:
                 break
-        if seen >= config.n_tokens:
+        if at.seen >= config.n_tokens:
             break
-    return TrainResult(_export(trainees, config, subject.model_id, seen, step), seen,
-                       time.perf_counter() - started, history, resampled)
+        at.buffer_index += 1
+        at.windows_before_buffer += n_batches * config.batch_windows
+        at.batches_done = 0
+    return TrainResult(_export(trainees, config, subject.model_id, at.seen, at.step), at.seen,
+                       time.perf_counter() - started, at.history, at.resampled)
+
+
+def _state(config: TranscoderTrainConfig, trainees: dict[int, _Trainee], optimizers: dict[int, torch.optim.Adam],
+           generator: torch.Generator, at: _Position) -> dict:
+    """A copy (training goes on mutating the originals) of everything a resumed run needs."""
+    return copy.deepcopy({
+        "config": _resume_settings(config),
+        "trainees": {layer: {"weights": t.state_dict(), "x_scale": t.x_scale, "y_scale": t.y_scale}
+                     for layer, t in trainees.items()},
+        "optimizers": {layer: optimizer.state_dict() for layer, optimizer in optimizers.items()},
+        "generator": generator.get_state(),
+        "position": asdict(at),
+    })
+
+
+def _restore(state: dict, config: TranscoderTrainConfig, trainees: dict[int, _Trainee],
+             optimizers: dict[int, torch.optim.Adam], generator: torch.Generator) -> _Position:
+    if state["config"] != _resume_settings(config):
+        raise ValueError("the checkpoint was made with other training settings; resume it with the same ones")
+    for layer, trainee in trainees.items():
+        saved = state["trainees"][layer]
+        trainee.load_state_dict(saved["weights"])
+        trainee.x_scale, trainee.y_scale = saved["x_scale"], saved["y_scale"]
+        optimizers[layer].load_state_dict(state["optimizers"][layer])
+    generator.set_state(state["generator"])
+    return _Position(**copy.deepcopy(state["position"]))
+
+
+def _resume_settings(config: TranscoderTrainConfig) -> dict:
+    """The settings a checkpoint must agree with to be resumed (how often to checkpoint may change)."""
+    return config.model_dump(mode="json", exclude={"checkpoint_every_steps"})
 
 
 def _window_stream(windows: list[Window], seed: int) -> Iterator[Window]:
@@ -278,7 +356,7 @@ def _window_stream(windows: list[Window], seed: int) -> Iterator[Window]:
 
 
 def _buffer_batches(buffer: dict[int, tuple[torch.Tensor, torch.Tensor]], config: TranscoderTrainConfig,
-                    generator: torch.Generator) -> Iterator[dict[int, torch.Tensor]]:
+                    generator: torch.Generator) -> list[dict[int, torch.Tensor]]:
     """Each training batch of a buffer as the rows [batch_tokens] it takes per layer.
 
     A buffer is reused for several passes, each in a new order: the forward pass that filled it costs far more
@@ -287,9 +365,9 @@ def _buffer_batches(buffer: dict[int, tuple[torch.Tensor, torch.Tensor]], config
     n = next(iter(buffer.values()))[0].shape[0]
     orders = {layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)]
               for layer in buffer}
-    for epoch in range(config.passes_per_buffer):
-        for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens):
-            yield {layer: orders[layer][epoch][begin:begin + config.batch_tokens] for layer in buffer}
+    return [{layer: orders[layer][epoch][begin:begin + config.batch_tokens] for layer in buffer}
+            for epoch in range(config.passes_per_buffer)
+            for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens)]
 
 
 def _step(trainee: _Trainee, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
