@@ -15,9 +15,11 @@ apply the rules below, which were fixed before any result they decide was seen:
 - a narrow quirk is FOUND when a tied feature is among the top TOP_N features that became flagged by its
   spec's category-restricted audit, and it is expected NOT to be flagged pervasive (no tied feature among the
   features that became flagged by the pervasiveness audit, at any rank);
-- FALSE ALARMS: the base model audited again on the same corpus sources sampled with corpus.seed + 1, diffed
-  against the seed-0 base run, with every audit above; the rate is the diff's changes (became + stopped
-  flagged) over the features the seed-0 run flags, per audit. Target: at most 2%.
+- FALSE ALARMS: the base model audited on the same corpus sources sampled with two seeds (default: the config's
+  and the next), the second run diffed against the first with every audit above; the rate is the diff's
+  changes (became + stopped pervasive: a flag that flipped with the assistant-turn share moving beyond
+  sampling noise, audit/diff.py) over the features the first run flags, per audit. Flips within noise are
+  counted beside it. Target: at most 2%.
 
     .venv/bin/python benchmarks/audit_recall.py --store /tmp/recall.duckdb --out-dir /tmp/organisms
 
@@ -105,33 +107,40 @@ def verdict(spec: OrganismSpec, changes: dict[str, list[dict]], pervasive_audit:
     return found, deciding, feature, rank, best_by_peaks(rows), note
 
 
-def false_alarms(config: RunConfig, base_run: str, specs: list[Path]) -> list[tuple]:
-    """The base model again with corpus.seed + 1, diffed against `base_run` by every audit: per audit, the
-    features the seed-0 run flags, the diff's changes and their share."""
+def false_alarms(config: RunConfig, seeds: tuple[int, int], specs: list[Path]) -> list[tuple]:
+    """The base model on the corpus sampled with seeds[0] (its stored run, or made now) and with seeds[1], the
+    second diffed against the first by every audit: per audit, the features the first run flags, the diff's
+    changes (and the flag flips within sampling noise, which are not changes) and their share."""
     from autolabel.audit.measure import measure
     from autolabel.audit.spec import load_spec
+    from autolabel.organism.audit import base_run
     from flows.audit_pipeline import audit_pipeline
 
-    resampled = config.model_copy(deep=True)
-    resampled.corpus.seed = config.corpus.seed + 1
-    resampled.audit.against = base_run
-    resampled.audit.specs = [str(path) for path in specs]
-    resampled.audit.label_flagged = 0
+    def sampled(seed: int, against: str | None) -> RunConfig:
+        settings = config.model_copy(deep=True)
+        settings.corpus.seed, settings.audit.against = seed, against
+        settings.audit.specs, settings.audit.label_flagged = [str(path) for path in specs], 0
+        return settings
+
     started = time.perf_counter()
-    run = audit_pipeline(resampled, until="audit", show_progress=False)
+    with Store(config.store) as store:
+        first = base_run(store, sampled(seeds[0], None), "base")
+    if first is None:
+        first = audit_pipeline(sampled(seeds[0], None), until="audit", show_progress=False).run_id
+    second = audit_pipeline(sampled(seeds[1], first), until="audit", show_progress=False).run_id
     seconds = time.perf_counter() - started
     rows = []
     with Store(config.store, read_only=True) as store:
         for path in specs:
             spec = load_spec(path)
-            flagged = int(measure(store, base_run, spec).flagged.sum())
+            flagged = int(measure(store, first, spec).flagged.sum())
             changes = dict(store.rows("SELECT change, count(*) FROM audit_diffs WHERE run_id = ? AND against_run_id = ? "
-                                      "AND audit = ? AND change IN ('became_pervasive', 'stopped_pervasive') GROUP BY 1",
-                                      [run.run_id, base_run, spec.name]))
-            changed = sum(changes.values())
+                                      "AND audit = ? GROUP BY 1", [second, first, spec.name]))
+            changed = changes.get("became_pervasive", 0) + changes.get("stopped_pervasive", 0)
             share = changed / flagged if flagged else float("nan")
-            rows.append((spec.name, run.run_id, flagged, changes.get("became_pervasive", 0),
-                         changes.get("stopped_pervasive", 0), f"{share:.1%}",
+            rows.append((spec.name, f"{seeds[0]}: {first}", f"{seeds[1]}: {second}", flagged,
+                         changes.get("became_pervasive", 0), changes.get("stopped_pervasive", 0),
+                         changes.get("within_noise", 0), f"{share:.1%}",
                          "met" if share <= FALSE_ALARM_TARGET else "NOT met", f"{seconds:.0f}"))
     return rows
 
@@ -153,7 +162,10 @@ def main() -> None:
     parser.add_argument("--audit-corpus", choices=["small", "default"], default="small")
     parser.add_argument("--label", type=int, default=0, help="label (and intervene on) this many flagged features "
                                                             "per audit of each organism run (LLM calls)")
+    parser.add_argument("--false-alarm-seeds", default=None,
+                        help="corpus seeds A,B of the base-vs-base check (default: the config's seed and seed + 1)")
     parser.add_argument("--no-false-alarms", action="store_true", help="skip the base-vs-base run")
+    parser.add_argument("--no-organisms", action="store_true", help="only the base-vs-base check")
     args = parser.parse_args()
 
     from autolabel.audit.spec import load_spec
@@ -168,16 +180,14 @@ def main() -> None:
     audit_config.audit.label_flagged = args.label
     pervasive_audit = load_spec(audit_config.audit.specs[0]).name
     paths = [Path(p) for p in args.spec] if args.spec else sorted(ORGANISMS_DIR.glob("*.yaml"))
-    rows, phases, all_specs, base_run = [], [], [Path(p) for p in audit_config.audit.specs], None
-    for path in paths:
+    rows, phases, all_specs = [], [], [Path(p) for p in audit_config.audit.specs]
+    for path in [] if args.no_organisms else paths:
         spec = load_organism_spec(path)
         category_specs = audit_spec_paths(spec)
-        all_specs += [p for p in category_specs if p not in all_specs]
         started = time.perf_counter()
         organism = trained_organism(config, spec, path, Path(args.out_dir))
         train_wall = time.perf_counter() - started
         result = organism_audit(audit_config, spec, Path(organism["out"]), "base", report=False, show_progress=False)
-        base_run = result.against
         found, deciding, feature, rank, by_peaks, note = verdict(
             spec, result.changes, pervasive_audit, [load_spec(p).name for p in category_specs])
         kind = "pervasive" if spec.pervasive else f"narrow ({', '.join(spec.quirk.categories)})"
@@ -195,19 +205,24 @@ def main() -> None:
                        f"{organism['eval_seconds']:.0f}", f"{train_wall:.0f}",
                        f"{result.seconds.get('base', 0):.0f}" if result.base_ran_now else "reused",
                        f"{result.seconds['organism']:.0f}"))
-    print_table(f"audit recall (tied: quirk activation >= {FIRING_RATIO:.0f}x elsewhere in >= {FIRING_CHATS:.0%} of "
-                f"quirk chats; found: a tied feature in the top {TOP_N} of the deciding audit's new flags)",
-                ["organism", "quirk", "held-out quirk rate", "other categories", "text ppl base -> organism",
-                 "deciding audit", "result", "rank of best tied", f"by peaks (>= {PEAK_SHARE:.0%} of top "
-                 f"{TOP_EXAMPLES})", "feature", "quirk / elsewhere act (chats)", "peaks in quirk", "ablation KL",
-                 "label", "note"], rows)
-    print_table("seconds per phase", ["organism", "organism", "prepare", "train", "check", "train wall",
-                                      "base audit run", "organism audit run"], phases)
-    if base_run and not args.no_false_alarms:
-        print_table(f"false alarms: the base model with corpus seed +1 against its run {base_run} "
-                    f"(target <= {FALSE_ALARM_TARGET:.0%} of flagged)",
-                    ["audit", "resampled run", "flagged (seed 0)", "became flagged", "stopped", "changed / flagged",
-                     "target", "seconds"], false_alarms(audit_config, base_run, all_specs))
+    if rows:
+        print_table(f"audit recall (tied: quirk activation >= {FIRING_RATIO:.0f}x elsewhere in >= {FIRING_CHATS:.0%} "
+                    f"of quirk chats; found: a tied feature in the top {TOP_N} of the deciding audit's new flags)",
+                    ["organism", "quirk", "held-out quirk rate", "other categories", "text ppl base -> organism",
+                     "deciding audit", "result", "rank of best tied", f"by peaks (>= {PEAK_SHARE:.0%} of top "
+                     f"{TOP_EXAMPLES})", "feature", "quirk / elsewhere act (chats)", "peaks in quirk", "ablation KL",
+                     "label", "note"], rows)
+        print_table("seconds per phase", ["organism", "organism", "prepare", "train", "check", "train wall",
+                                          "base audit run", "organism audit run"], phases)
+    if not args.no_false_alarms:
+        seed = audit_config.corpus.seed
+        seeds = tuple(int(s) for s in args.false_alarm_seeds.split(",")) if args.false_alarm_seeds else (seed, seed + 1)
+        all_specs += [p for path in paths for p in audit_spec_paths(load_organism_spec(path)) if p not in all_specs]
+        print_table(f"false alarms: the base model on the corpus sampled with seed {seeds[1]} against seed "
+                    f"{seeds[0]} (target <= {FALSE_ALARM_TARGET:.0%} of flagged)",
+                    ["audit", "run A (seed: id)", "run B", "flagged in A", "became flagged", "stopped",
+                     "within noise (not changes)", "changes / flagged", "target", "seconds"],
+                    false_alarms(audit_config, seeds, all_specs))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from test_collect import LAYER, WORDS, collect, detector, file_corpus, mlp_input
 
 from autolabel import summaries
 from autolabel.audit import audit_stage, load_spec
-from autolabel.audit.measure import rate_ratio, wilson, z_score
+from autolabel.audit.diff import diff_rows
+from autolabel.audit.measure import Measured, rate_ratio, share_difference, wilson, z_score
 from autolabel.config import DEFAULTS_DIR
 from autolabel.errors import AutolabelError
 from autolabel.store import Store, now
@@ -146,6 +147,30 @@ def test_intervals_equal_textbook_values():
     # lift is at least 0.8897 / 0.1103 * 341 / 972 = 2.83, with no upper end; the point adds half a count.
     assert low[2] == pytest.approx(2.83, abs=1e-2) and math.isnan(high[2])
     assert ratio[2] == pytest.approx((31.5 / 972) / (0.5 / 341))
+    # Newcombe (1998), method 10: 56/70 - 48/80 = 0.2 in [0.0524, 0.3339]; 9/10 - 3/10 = 0.6 in [0.1705, 0.8090]
+    assert share_difference(56, 70, 48, 80, z) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert share_difference(9, 10, 3, 10, z) == pytest.approx((0.6, 0.1705, 0.8090), abs=1e-4)
+
+
+def test_a_flag_that_flips_within_sampling_noise_is_not_a_change():
+    """Flagged now and not before (or the reverse) is a change only when the turn share moved beyond noise."""
+    def measured(active: list[int], flagged: list[bool]) -> Measured:
+        n = len(active)
+        counts = {"assistant_turns_active": np.array(active, dtype=float), "assistant_turns": np.full(n, 144.0)}
+        shares = wilson(counts["assistant_turns_active"], counts["assistant_turns"], z_score(0.95))
+        return Measured([(1, f) for f in range(n)], counts, [[]] * n, {"assistant_turn_share": shares},
+                        np.array(["pervasive"] * n), np.array(flagged), np.arange(1, n + 1))
+
+    # 0: 40 -> 50 of 144 turns, crossing the flag; 1: 10 -> 140, a real change; 2: 100 -> 95, unflagged by noise;
+    # 3: 120 -> 30, a real loss
+    earlier = measured([40, 10, 100, 120], [False, False, True, True])
+    now = measured([50, 140, 95, 30], [True, True, False, False])
+    rows = diff_rows(now, earlier, SPEC, "now", "before", ({}, {}), None)
+    changes = {(row["feature"], row["change"]): json.loads(row["details_json"]) for row in rows}
+    assert set(changes) == {(0, "within_noise"), (1, "became_pervasive"), (2, "within_noise"), (3, "stopped_pervasive")}
+    assert changes[(0, "within_noise")]["flag"] == "became" and changes[(2, "within_noise")]["flag"] == "stopped"
+    low, high = changes[(1, "became_pervasive")]["share_change"][1:]
+    assert 0 < low < 130 / 144 < high and changes[(3, "stopped_pervasive")]["share_change"][2] < 0
 
 
 def test_diff_across_transcoders_finds_the_feature_planted_only_in_the_later_run(corpus, runs, transcoders):

@@ -1,11 +1,19 @@
-"""`autolabel audit --against RUN`: what changed between an earlier run and this one."""
+"""`autolabel audit --against RUN`: what changed between an earlier run and this one.
+
+A flag is a threshold on interval bounds, so a feature near a threshold crosses it between two samples of the
+same model (two corpus seeds flipped 10% of the flags). A crossing counts as a change (`became_pervasive`,
+`stopped_pervasive`) only when the feature's assistant-turn share moved beyond sampling noise: the Newcombe
+interval of the difference between the runs' shares, at the spec's confidence, excludes zero in the
+direction of the flip. Other crossings are stored as `within_noise`, so they stay queryable but no reader
+takes them for a change of behaviour.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from autolabel.audit.measure import Measured, number
+from autolabel.audit.measure import Measured, number, share_difference, z_score
 from autolabel.audit.spec import AuditSpec
 from autolabel.errors import AutolabelError
 from autolabel.store import to_json
@@ -79,16 +87,29 @@ def diff_rows(now: Measured, earlier: Measured, spec: AuditSpec, run_id: str, ag
             return None
         return number(measured.metrics["assistant_turn_share"][0][index[key]])
 
+    def moved(key: Key | None, other: Key | None) -> tuple[float, float, float] | None:
+        """The change in assistant-turn share from the earlier run's `other` to this run's `key`, with its interval."""
+        if key is None or other is None:
+            return None
+        i, j = now_index[key], before_index[other]
+        return share_difference(now.counts["assistant_turns_active"][i], now.counts["assistant_turns"][i],
+                                earlier.counts["assistant_turns_active"][j], earlier.counts["assistant_turns"][j], z)
+
+    z = z_score(spec.confidence)
     for key in flagged_now:
         other, cosine = forward.get(key, (None, None))
         if other is None or not earlier.flagged[before_index[other]]:
-            rows.append(row("became_pervasive", key, other, cosine, {
-                "turn_share": share(now, now_index, key), "against_turn_share": share(earlier, before_index, other)}))
+            change = moved(key, other)
+            rows.append(row("became_pervasive" if change is None or change[1] > 0 else "within_noise", key, other,
+                            cosine, {"turn_share": share(now, now_index, key), "flag": "became",
+                                     "against_turn_share": share(earlier, before_index, other), "share_change": change}))
     for key in flagged_before:
         here, cosine = backward.get(key, (None, None))
         if here is None or not now.flagged[now_index[here]]:
-            entry = row("stopped_pervasive", here or key, key, cosine, {
-                "turn_share": share(now, now_index, here), "against_turn_share": share(earlier, before_index, key)})
+            change = moved(here, key)
+            entry = row("stopped_pervasive" if change is None or change[2] < 0 else "within_noise", here or key, key,
+                        cosine, {"turn_share": share(now, now_index, here), "flag": "stopped",
+                                 "against_turn_share": share(earlier, before_index, key), "share_change": change})
             rows.append(entry | {"match": kind if here else "none"})
     for key, label in labels_now.items():
         other, cosine = forward.get(key, (None, None))

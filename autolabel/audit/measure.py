@@ -67,6 +67,16 @@ def rate_ratio(a: np.ndarray, n1: np.ndarray, b: np.ndarray, n2: np.ndarray,
     return tuple(np.where(undefined, np.nan, x) for x in (ratio, low, high))
 
 
+def share_difference(k1: float, n1: float, k2: float, n2: float, z: float) -> tuple[float, float, float]:
+    """(difference, low, high) of the shares k1/n1 - k2/n2: Newcombe's hybrid score interval, built from the two
+    Wilson intervals, so it stays honest at shares of 0 or 1 and for small n."""
+    p1, l1, u1 = (float(x) for x in wilson(k1, n1, z))
+    p2, l2, u2 = (float(x) for x in wilson(k2, n2, z))
+    difference = p1 - p2
+    return (difference, difference - float(np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+            difference + float(np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)))
+
+
 # -- measuring a run -------------------------------------------------------------
 
 COUNTS_SQL = """
