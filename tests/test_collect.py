@@ -399,3 +399,54 @@ def test_slices_collected_apart_and_merged_equal_one_pass(corpus, tiny_subject, 
         merge_slices(store, tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, paths, 0.0)
         for name in TABLES:
             assert table(store, name, merged_run) == table(store, name, run_id), name
+
+
+def bfloat16_error_bound(transcoder: Transcoder, x: torch.Tensor) -> torch.Tensor:
+    """[N, F] bound on |bfloat16-weight pre-activation - float32 one| for bfloat16 inputs x [N, d_in]: the
+    weights and the product are each rounded to bfloat16 once (relative error <= 2^-9 each), doubled for slack."""
+    pre = transcoder.pre_acts(x)
+    return 2**-8 * (x.float().abs() @ transcoder.W_enc.abs() + pre.abs()) + 1e-6
+
+
+def test_bfloat16_encode_agrees_with_float32_on_planted_features(corpus, tiny_subject, planted):
+    """Collection's encode of a bfloat16 model multiplies by bfloat16 weights: values stay within the rounding
+    bound of the float32 encode, a feature fires differently only where its float32 pre-activation is inside
+    that bound of zero (ReLU) or of the k-th largest (TopK), and the planted detectors fire wherever
+    their float32 value clears the bound."""
+    _, _, windows = corpus
+    relu = planted[0][LAYER]
+    x = mlp_inputs(tiny_subject, windows)[0].bfloat16()  # [N, 32], what a bfloat16 model hands over
+    bound = bfloat16_error_bound(relu, x)
+    reference, ours = relu.encode(x), relu.encode_at_input_precision(x)
+    assert ours.dtype == torch.float32 and ((ours - reference).abs() <= bound).all()
+    flipped = (ours > 0) != (reference > 0)
+    assert (relu.pre_acts(x)[flipped].abs() <= bound[flipped]).all()
+    clear = reference[:, 2:6] > bound[:, 2:6]  # token and assistant-turn detectors, outside the bound
+    assert clear.any(0).all() and (ours[:, 2:6][clear] > 0).all()
+
+    k = 4
+    topk = Transcoder(LAYER, relu.W_enc.detach(), relu.b_enc.detach(), relu.W_dec.detach(), relu.b_dec.detach(),
+                      activation="topk", k=k)
+    reference, ours = topk.encode(x), topk.encode_at_input_precision(x)
+    kth = topk.pre_acts(x).topk(k, dim=-1).values[:, -1:]  # [N, 1] float32 k-th largest
+    flipped = (ours > 0) != (reference > 0)
+    assert (ours > 0).sum(1).le(k).all() and flipped.float().mean() < 0.05
+    assert ((topk.pre_acts(x) - kth).abs()[flipped] <= 2 * bound[flipped]).all()
+    both = (ours > 0) & (reference > 0)
+    assert ((ours - reference).abs()[both] <= bound[both]).all()
+
+
+def test_float32_encode_unchanged_and_bfloat16_weights_follow_training(planted):
+    """Float32 inputs take the float32 encode bit for bit; the cached bfloat16 weights are remade when
+    W_enc changes in place (as an optimizer step does), so a trained transcoder never encodes with stale ones."""
+    transcoder = planted[0][LAYER]
+    x = torch.randn(64, transcoder.d_in, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(transcoder.encode_at_input_precision(x), transcoder.encode(x))
+    copy = Transcoder(LAYER, transcoder.W_enc.detach().clone(), transcoder.b_enc.detach(), transcoder.W_dec.detach(),
+                      transcoder.b_dec.detach())
+    before = copy.encode_at_input_precision(x.bfloat16())
+    with torch.no_grad():
+        copy.W_enc.mul_(-1)
+    after = copy.encode_at_input_precision(x.bfloat16())
+    assert not torch.equal(before, after)
+    assert torch.equal(after, torch.relu((x.bfloat16() @ copy.W_enc.detach().bfloat16()).float() + copy.b_enc))

@@ -169,10 +169,13 @@ class Checkpoints:
 def fingerprint(config: CollectConfig, corpus_id: str, transcoder_id: str, model_id: str, dtype: str) -> str:
     """Names what a collection depends on: its checkpoints and cached results are reused only on a match.
 
-    The dtype is part of it: a bfloat16 forward pass gives (slightly) different activations.
+    The dtype is part of it: a bfloat16 forward pass gives (slightly) different activations, and its
+    transcoders encode with bfloat16 weights (`encode`), which collections before that did not.
     """
     spec = {"collect": config.model_dump(mode="json"), "corpus": corpus_id, "transcoder": transcoder_id,
             "model": model_id, "dtype": dtype}
+    if dtype == "bfloat16":
+        spec["encode"] = "bfloat16"
     return hashlib.sha256(to_json(spec).encode()).hexdigest()[:16]
 
 
@@ -189,8 +192,9 @@ def capture_batches(subject: SubjectModel, tset: TranscoderSet, windows: Iterabl
 
 @torch.inference_mode()
 def encode(tset: TranscoderSet, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """[B, S, d_in] -> dense feature activations [B, S, d_feat]."""
-    return tset[layer].encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+    """[B, S, d_in] -> dense float32 feature activations [B, S, d_feat]; bfloat16 inputs (a bfloat16 subject
+    model) are encoded with bfloat16 weights, see Transcoder.encode_at_input_precision."""
+    return tset[layer].encode_at_input_precision(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
 
 
 def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,

@@ -70,24 +70,30 @@ class LayerState:
     # -- one batch ------------------------------------------------------------
 
     def update(self, acts: torch.Tensor, batch: Batch) -> None:
-        """acts [B, S, F] dense feature activations of one batch of windows (zeroed in place where not valid)."""
+        """acts [B, S, F] dense feature activations of one batch of windows (zeroed in place where not valid).
+
+        Everything but the per-group sums reads only the positive activations, listed once here (a
+        TopK transcoder fires on k of F features a token). Activations are never negative (ReLU, TopK
+        after its ReLU, JumpReLU above a positive threshold), so the zeros left out are all there is.
+        """
         acts.mul_(batch.valid.unsqueeze(-1))
         valid = batch.valid.reshape(-1)
-        tokens = acts.reshape(-1, self.d_feat)[valid]  # [N, F], stream order
-        roles = batch.roles.reshape(-1)[valid]
-        groups = batch.categories[:, None].expand_as(batch.roles).reshape(-1)[valid] * N_ROLES + roles
-        if tokens.shape[0] == 0:
+        rows = valid.nonzero().squeeze(1)  # [N] valid tokens, stream order
+        if len(rows) == 0:
             return
-        self._raise_ceilings(tokens.amax(0))
-        active = (tokens > 0).float()
-        self._token_stats(tokens, active, roles, groups)
-        self._turn_stats(active, batch.turn_keys.reshape(-1)[valid], groups)
-        peaks = self._peaks(acts, batch)
-        self._add_histogram("hist_peaks", peaks.value)
-        self._top_k(acts, peaks)
-        self._reservoirs(acts, peaks)
+        fired = Fired.of(acts)
+        peaks = self._peaks(acts, fired, batch)
+        self._raise_ceilings(peaks.value.amax(0))
+        groups = (batch.categories[:, None] * N_ROLES + batch.roles).reshape(-1)  # [B * S]
+        tokens = acts.reshape(-1, self.d_feat).index_select(0, rows)  # [N, F]
+        self._token_stats(tokens, groups[rows], batch.roles.reshape(-1), fired, groups)
+        self._turn_stats(fired, batch.turn_keys.reshape(-1), rows, groups)
+        fired_windows, fired_features = (peaks.value > 0).nonzero(as_tuple=True)
+        self._add_histogram("hist_peaks", peaks.value[fired_windows, fired_features], fired_features)
+        self._top_k(fired, peaks)
+        self._reservoirs(fired, peaks)
         if self.config.random_examples:
-            self._negatives(acts, batch)
+            self._negatives(fired, batch)
 
     def _raise_ceilings(self, batch_max: torch.Tensor) -> None:
         fired = batch_max > 0
@@ -125,33 +131,37 @@ class LayerState:
             index = source.reshape(*source.shape, *([1] * (flat.dim() - 2))).expand(-1, -1, *flat.shape[2:])
             target[:, :, cols] = torch.cat([flat, empty]).gather(0, index).reshape(old.shape)
 
-    def _add_histogram(self, name: str, values: torch.Tensor) -> None:
-        """values [n, F]; counts the positive ones in their feature's bins."""
-        rows, features = (values > 0).nonzero(as_tuple=True)
-        bins = self.bins.bin_of(values[rows, features], self.tensors.exponent[features])
+    def _add_histogram(self, name: str, values: torch.Tensor, features: torch.Tensor) -> None:
+        """Counts positive values [n] of features [n] in their feature's bins."""
+        bins = self.bins.bin_of(values, self.tensors.exponent[features])
         counts = torch.bincount(bins * self.d_feat + features, minlength=self.bins.n * self.d_feat)
         getattr(self.tensors, name).add_(counts.view(self.bins.n, self.d_feat))
 
-    def _token_stats(self, tokens: torch.Tensor, active: torch.Tensor, roles: torch.Tensor,
+    def _token_stats(self, tokens: torch.Tensor, token_groups: torch.Tensor, roles: torch.Tensor, fired: Fired,
                      groups: torch.Tensor) -> None:
-        one_hot = torch.nn.functional.one_hot(groups, self.n_groups).float()  # [N, n_groups]
-        self.tensors.group_tokens.add_(one_hot.sum(0).long())
-        self.tensors.group_active.add_((one_hot.T @ active).long())  # exact: fewer than 2^24 tokens a batch
+        """tokens [N, F] and token_groups [N] of the valid tokens; roles and groups [B * S] of every position."""
+        one_hot = torch.nn.functional.one_hot(token_groups, self.n_groups).float()  # [N, n_groups]
+        self.tensors.group_tokens.add_(torch.bincount(token_groups, minlength=self.n_groups))
+        self.tensors.group_active.view(-1).add_(torch.bincount(groups[fired.token] * self.d_feat + fired.feature,
+                                                               minlength=self.n_groups * self.d_feat))
         self.tensors.group_sum.add_((one_hot.T @ tokens).double())
-        self.tensors.role_max.scatter_reduce_(0, roles[:, None].expand_as(tokens), tokens, "amax")
-        self._add_histogram("hist_tokens", tokens)
+        self.tensors.role_max.view(-1).scatter_reduce_(0, roles[fired.token] * self.d_feat + fired.feature,
+                                                       fired.value, "amax")
+        self._add_histogram("hist_tokens", fired.value, fired.feature)
 
-    def _turn_stats(self, active: torch.Tensor, turn_keys: torch.Tensor, groups: torch.Tensor) -> None:
+    def _turn_stats(self, fired: Fired, turn_keys: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor) -> None:
         """A turn (its tokens of one role) is active for a feature if the feature fires on any of them.
 
-        A turn's tokens need not be contiguous (a chat's closing marker follows the last
-        message's content) and may span windows and batches, so turns stay open until
-        the end of the shard (which ends at a document boundary); the windows of a shard
-        may then come in any order.
+        turn_keys and groups [B * S] of every position, rows [N] the valid ones. A turn's tokens
+        need not be contiguous (a chat's closing marker follows the last message's content) and
+        may span windows and batches, so turns stay open until the end of the shard (which ends
+        at a document boundary); the windows of a shard may then come in any order.
         """
-        unique, inverse = torch.unique(turn_keys, return_inverse=True)
-        seg_active = torch.zeros(len(unique), self.d_feat).index_add_(0, inverse, active) > 0
-        seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(0, inverse, groups)
+        unique, inverse = torch.unique(turn_keys[rows], return_inverse=True)
+        turn_of = torch.zeros_like(turn_keys).index_put_((rows,), inverse)  # [B * S] -> index into unique
+        seg_active = torch.zeros(len(unique), self.d_feat, dtype=torch.bool)
+        seg_active[turn_of[fired.token], fired.feature] = True
+        seg_groups = torch.zeros(len(unique), dtype=torch.long).scatter_(0, inverse, groups[rows])
         known = torch.isin(unique, self.open_turn_keys)
         self.open_turn_active[torch.searchsorted(self.open_turn_keys, unique[known])] |= seg_active[known]
         if (~known).any():
@@ -175,10 +185,16 @@ class LayerState:
         self.tensors.group_turns.add_(torch.bincount(groups, minlength=self.n_groups))
         self.tensors.group_turns_active.index_add_(0, groups, seg_active.long())
 
-    def _peaks(self, acts: torch.Tensor, batch: Batch) -> Peaks:
-        """Each window's peak per feature, with the span of its context and a hash of what leads up to it."""
+    def _peaks(self, acts: torch.Tensor, fired: Fired, batch: Batch) -> Peaks:
+        """Each window's peak per feature (its first position; position 0 when silent), with the span of its
+        context and a hash of what leads up to it."""
         T = self.config.example_tokens
-        value, position = acts.max(dim=1)  # [B, F]
+        B, S, F = acts.shape
+        pair = fired.window * F + fired.feature
+        value = torch.zeros(B * F).scatter_reduce_(0, pair, fired.value, "amax")
+        at_peak = fired.value == value[pair]
+        position = torch.full((B * F,), S).scatter_reduce_(0, pair[at_peak], fired.position[at_peak], "amin")
+        value, position = value.view(B, F), position.masked_fill_(position == S, 0).view(B, F)
         # Context span for a peak at every position p: ~T tokens around p, inside the window, after its first token.
         p = torch.arange(acts.shape[1])[None, :]  # [1, S]
         lengths = batch.lengths[:, None]
@@ -196,29 +212,40 @@ class LayerState:
                      hash=prefix_hash.gather(1, position),
                      ctx_key=batch.keys.gather(1, first.gather(1, position)))
 
-    def _context_acts(self, acts: torch.Tensor, peaks: Peaks, windows: torch.Tensor,
+    def _context_acts(self, fired: Fired, peaks: Peaks, windows: torch.Tensor,
                       features: torch.Tensor) -> torch.Tensor:
-        """[n, T] activations across the contexts of the (window, feature) peaks, zero past their end."""
-        first, length = peaks.first[windows, features], peaks.length[windows, features]
-        positions = first[:, None] + torch.arange(self.config.example_tokens)
-        values = acts[windows[:, None], positions.clamp_max(acts.shape[1] - 1), features[:, None]]
-        return (values * (positions < (first + length)[:, None])).to(CONTEXT_DTYPE)
+        """[n, T] activations across the contexts of n distinct (window, feature) peaks, zero past their end.
 
-    def _top_k(self, acts: torch.Tensor, peaks: Peaks) -> None:
+        Read from the fired list rather than gathered from the dense tensor: n x T scattered reads
+        there cost a cache miss each, more than one pass over the fired list.
+        """
+        context = torch.zeros(len(windows), self.config.example_tokens)
+        if len(windows) == 0:
+            return context.to(CONTEXT_DTYPE)
+        first, length = peaks.first[windows, features], peaks.length[windows, features]
+        row_of = torch.full((peaks.first.numel(),), -1)  # [B * F] -> row among the n, -1 when not asked for
+        row_of[windows * self.d_feat + features] = torch.arange(len(windows))
+        row = row_of[fired.window * self.d_feat + fired.feature]  # [n_fired]
+        offset = fired.position - first[row]
+        inside = (row >= 0) & (offset >= 0) & (offset < length[row])
+        context[row[inside], offset[inside]] = fired.value[inside]
+        return context.to(CONTEXT_DTYPE)
+
+    def _top_k(self, fired: Fired, peaks: Peaks) -> None:
         """Merge each window's peak into the top k by (value desc, key asc), one entry per distinct context.
 
         Slots are unordered: a new entry takes the slot of one that dropped out, so kept
         contexts never move (`top_order` sorts them at the end).
         """
         K = self.config.top_k
-        fired = peaks.value > 0
-        candidate = torch.where(fired, peaks.value, float("-inf"))
+        peaked = peaks.value > 0
+        candidate = torch.where(peaked, peaks.value, float("-inf"))
         # Only features where some window reaches the current k-th entry can change.
-        cols = (fired & (candidate >= self.tensors.top_value.amin(0))).any(0).nonzero().squeeze(1)
+        cols = (peaked & (candidate >= self.tensors.top_value.amin(0))).any(0).nonzero().squeeze(1)
         if len(cols) == 0:
             return
         values = torch.cat([self.tensors.top_value[:, cols], candidate[:, cols]])  # [K + B, n]
-        keys = torch.cat([self.tensors.top_key[:, cols], torch.where(fired[:, cols], peaks.key[:, cols], EMPTY_KEY)])
+        keys = torch.cat([self.tensors.top_key[:, cols], torch.where(peaked[:, cols], peaks.key[:, cols], EMPTY_KEY)])
         hashes = torch.cat([self.tensors.top_hash[:, cols], peaks.hash[:, cols]])
         # A context already ranked higher (same tokens, e.g. a repeated system prompt) is dropped.
         duplicate = repeated_hashes(value_key_order(values, keys), hashes)
@@ -239,7 +266,7 @@ class LayerState:
         self.tensors.top_hash[slot, feature] = hashes[K + window, col]
         self.tensors.top_ctx[slot, feature] = peaks.ctx_key[window, feature]
         self.tensors.top_len[slot, feature] = peaks.length[window, feature]
-        self.tensors.top_acts[slot, feature] = self._context_acts(acts, peaks, window, feature)
+        self.tensors.top_acts[slot, feature] = self._context_acts(fired, peaks, window, feature)
         # Old entries that were duplicates or fell out without a replacement become empty.
         emptied = freed & ~torch.zeros_like(freed).index_put_((slot, col), torch.ones_like(slot, dtype=torch.bool))
         empty_slot, empty_col = emptied.nonzero(as_tuple=True)
@@ -298,16 +325,16 @@ class LayerState:
         """[K, F] slots by (value desc, key asc)."""
         return value_key_order(self.tensors.top_value, self.tensors.top_key)
 
-    def _reservoirs(self, acts: torch.Tensor, peaks: Peaks) -> None:
+    def _reservoirs(self, fired: Fired, peaks: Peaks) -> None:
         """Offer each window's peak to the reservoir of its bin; it replaces the largest priority if smaller."""
         features = torch.arange(self.d_feat)
-        fired = peaks.value > 0  # [B, F]
+        peaked = peaks.value > 0  # [B, F]
         bins = self.bins.bin_of(peaks.value.clamp_min(1e-30), self.tensors.exponent)
         prio = priorities(peaks.key, self.salts)
         taken = []  # (slot id, window) of every replacement, in order
-        for window in range(len(fired)):
+        for window in range(len(peaked)):
             worst, slot = self.tensors.res_prio[bins[window], :, features].max(dim=1)  # [F]
-            take = (fired[window] & (prio[window] < worst)).nonzero().squeeze(1)
+            take = (peaked[window] & (prio[window] < worst)).nonzero().squeeze(1)
             if len(take) == 0:
                 continue
             g, s = bins[window, take], slot[take]
@@ -326,23 +353,43 @@ class LayerState:
         slot_ids, windows = slot_ids[last], windows[last]
         feature = slot_ids % self.d_feat
         flat = self.tensors.res_acts.view(-1, self.config.example_tokens)  # rows ordered (g, p, f)
-        flat[slot_ids] = self._context_acts(acts, peaks, windows, feature)
+        flat[slot_ids] = self._context_acts(fired, peaks, windows, feature)
 
-    def _negatives(self, acts, batch: Batch) -> None:
+    def _negatives(self, fired: Fired, batch: Batch) -> None:
         """Chunks of `example_tokens` tokens (from each window's second token) where a feature is silent."""
-        B, S, F = acts.shape
+        B, F = len(batch.lengths), self.d_feat
         T, R = self.config.example_tokens, self.config.random_examples
-        n_chunks = -(-(S - 1) // T)
-        padded = torch.nn.functional.pad(acts[:, 1:], (0, 0, 0, n_chunks * T - (S - 1)))
-        chunk_max = padded.view(B, n_chunks, T, F).amax(2)  # [B, C, F]
+        n_chunks = -(-(fired.seq_len - 1) // T)
+        chunk_fired = torch.zeros(B * n_chunks, F, dtype=torch.bool)  # [B * C, F]
+        chunk_fired[fired.window * n_chunks + (fired.position - 1) // T, fired.feature] = True  # never position 0
         first = 1 + T * torch.arange(n_chunks)  # [C]
         exists = first[None, :] + T // 2 <= batch.lengths[:, None]  # [B, C]: at least half a context
         keys = batch.keys[:, :1] + first[None, :]  # [B, C], positions in the same document
         lengths = torch.minimum(batch.lengths[:, None] - first[None, :], torch.tensor(T))
-        silent = exists[..., None] & (chunk_max == 0)
-        prio = torch.where(silent, priorities(keys[..., None], self.salts), EMPTY_KEY)
-        pool = torch.cat([self.tensors.neg_prio, prio.reshape(B * n_chunks, F)])
+        silent = exists.reshape(-1, 1) & ~chunk_fired  # [B * C, F]
+        prio = torch.where(silent, priorities(keys.reshape(-1, 1), self.salts), EMPTY_KEY)
+        pool = torch.cat([self.tensors.neg_prio, prio])
         best, index = pool.topk(R, dim=0, largest=False)
         self.tensors.neg_ctx.copy_(torch.cat([self.tensors.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index))
         self.tensors.neg_len.copy_(torch.cat([self.tensors.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index))
         self.tensors.neg_prio.copy_(best)
+
+
+@dataclass
+class Fired:
+    """The positive activations of a batch [B, S, F], in (token, feature) order, all [n]."""
+
+    token: torch.Tensor  # flat position b * S + s
+    window: torch.Tensor  # b
+    position: torch.Tensor  # s
+    feature: torch.Tensor
+    value: torch.Tensor
+    seq_len: int  # S
+
+    @classmethod
+    def of(cls, acts: torch.Tensor) -> Fired:
+        flat = (acts.reshape(-1) > 0).nonzero().squeeze(1)
+        F, S = acts.shape[-1], acts.shape[1]
+        token = flat // F
+        return cls(token=token, window=token // S, position=token % S, feature=flat % F,
+                   value=acts.reshape(-1)[flat], seq_len=S)

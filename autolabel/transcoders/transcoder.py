@@ -87,12 +87,33 @@ class Transcoder(nn.Module):
             return torch.relu(pre)
         if self.activation == "jumprelu":
             return pre * (pre > self.threshold)
-        values, indices = pre.topk(self.k, dim=-1)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)  # the scatter needs the set, not its order
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense feature activations [..., d_in] -> [..., d_feat]."""
         return self.activate(self.pre_acts(x))
+
+    def encode_at_input_precision(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense float32 activations [..., d_in] -> [..., d_feat]; a bfloat16 x is multiplied by bfloat16 weights.
+
+        Collection's encode of a bfloat16 subject model: its inputs carry bfloat16 precision already,
+        and the bfloat16 product (float32 accumulation, result rounded to bfloat16) runs at about 2.5x
+        the float32 one on CPUs with bfloat16 units. The bias, the threshold or top-k selection and the
+        values stay float32. Any other x is encoded exactly as `encode` does.
+        """
+        if x.dtype != torch.bfloat16:
+            return self.encode(x)
+        if self.b_in is not None:
+            x = (x.float() - self.b_in).bfloat16()
+        return self.activate((x @ self.bfloat16_encoder()).float().add_(self.b_enc))  # [..., d_feat] float32
+
+    def bfloat16_encoder(self) -> torch.Tensor:
+        """W_enc rounded to bfloat16 [d_in, d_feat], made once per version of W_enc (training changes it in place)."""
+        version = (self.W_enc.data_ptr(), self.W_enc._version)
+        if getattr(self, "_bf16_version", None) != version:
+            self._bf16_encoder, self._bf16_version = self.W_enc.detach().bfloat16(), version
+        return self._bf16_encoder
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Feature activations [..., d_feat] -> prediction [..., d_out] (cross-layer: [..., n_out, d_out])."""
