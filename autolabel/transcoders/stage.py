@@ -40,7 +40,9 @@ def open_transcoders(source: str, fmt: str = "auto") -> TranscoderSet:
             raise AutolabelError(f"unknown embedded transcoder {source!r}; known: {', '.join(EMBEDDED)}")
         if not (EMBEDDED[source] / "config.yaml").is_file():
             raise AutolabelError(f"the embedded transcoder files are missing from {EMBEDDED[source]}; "
-                                 f"reinstall autolabel, or rebuild them with `autolabel transcoder train --out {EMBEDDED[source]}`")
+                                 "reinstall autolabel, or rebuild them with `autolabel transcoder train -c "
+                                 "autolabel/data/defaults/transcoders/smollm2-default.yaml --out NEW_FOLDER` and copy "
+                                 "its files there")
         return load_transcoders(EMBEDDED[source], "circuit_tracer")
     return load_transcoders(source, fmt)
 
@@ -73,8 +75,9 @@ def train_stage(train: list[Window], heldout: list[Window], subject: SubjectMode
     against `autolabel query`) for the length of training.
     """
     train_config = config.transcoder.train
-    if not train:
-        raise AutolabelError("the corpus has no training windows; build a larger corpus")
+    if not train or not heldout:  # refused before training, not after: each group is measured on held-out tokens
+        raise AutolabelError(f"the corpus has no {'training' if not train else 'held-out'} windows; build a larger "
+                             "corpus (every transcoder.train.heldout_every-th document is held out)")
     with progress_bar("tok", disable=not show_progress) as bar:
         n_groups = len(layer_groups(train_config.layers, train_config.group_size))
 
