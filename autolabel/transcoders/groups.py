@@ -71,7 +71,7 @@ def train_in_groups(train: list[Window], heldout: list[Window], subject: Subject
         return GroupedTraining(groups, len(groups), [], _quality(tset.metadata), tset)
     trained_now = []
     for index, layers in enumerate(groups):
-        if (_group_dir(out_dir, index)).is_dir():
+        if _group_dir(out_dir, index).is_dir():
             continue
         if max_groups is not None and len(trained_now) >= max_groups:
             break
