@@ -14,8 +14,19 @@ from collections.abc import Iterator
 
 def json_schema(name: str, properties: dict[str, dict]) -> dict:
     """An OpenAI response_format for one object holding exactly `properties`, all required."""
-    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": list(properties), "properties": properties}}}
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": name,
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": list(properties),
+                "properties": properties,
+            },
+        },
+    }
 
 
 def json_objects(text: str) -> Iterator[dict]:

@@ -39,8 +39,12 @@ from autolabel.summaries import (
     print_table,
 )
 
-app = typer.Typer(help="Label and audit the features of transcoders of language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Label and audit the features of transcoders of language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(transcoder_app, name="transcoder")
@@ -48,18 +52,33 @@ app.add_typer(organism_app, name="organism")
 
 err_console = Console(stderr=True)
 
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run) with its own config.")
+]
 RunOption = Annotated[str | None, typer.Option("--run", help="The run to resume (default: the latest unfinished one).")]
 
 
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Collect again even if an identical collection is cached.")]
-RunnerOption = Annotated[str, typer.Option("--task-runner", help="local, or dask: collection in slices on Dask workers.")]
-AddressOption = Annotated[str | None, typer.Option("--dask-address", help="A Dask scheduler (default: a local cluster).")]
+RunnerOption = Annotated[
+    str, typer.Option("--task-runner", help="local, or dask: collection in slices on Dask workers.")
+]
+AddressOption = Annotated[
+    str | None, typer.Option("--dask-address", help="A Dask scheduler (default: a local cluster).")
+]
 WorkersOption = Annotated[int, typer.Option("--workers", help="Slices of collection (and local Dask workers).")]
 
 
-def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, fresh: bool, until: str,
-              task_runner: str, dask_address: str | None, workers: int):
+def _run_flow(
+    config: RunConfig,
+    quiet: bool,
+    resume: bool,
+    run_id: str | None,
+    fresh: bool,
+    until: str,
+    task_runner: str,
+    dask_address: str | None,
+    workers: int,
+):
     """The audit_pipeline Prefect flow, from this process (Prefect starts a temporary local API unless
     PREFECT_API_URL names a server)."""
     if task_runner not in {"local", "dask"}:
@@ -68,14 +87,30 @@ def _run_flow(config: RunConfig, quiet: bool, resume: bool, run_id: str | None, 
         raise AutolabelError(f"--workers must be at least 1, not {workers}")
     flows = prefect_flows()
     pipeline_flow = flows.on_dask(dask_address, workers) if task_runner == "dask" else flows.audit_pipeline
-    return pipeline_flow(config, resume=resume or bool(run_id), run_id=run_id, until=until, fresh=fresh,
-                         n_slices=workers if task_runner == "dask" else 0, show_progress=not quiet)
+    return pipeline_flow(
+        config,
+        resume=resume or bool(run_id),
+        run_id=run_id,
+        until=until,
+        fresh=fresh,
+        n_slices=workers if task_runner == "dask" else 0,
+        show_progress=not quiet,
+    )
 
 
 @app.command()
-def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-        resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
-        task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
+def run(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    model: ModelOption = None,
+    quiet: QuietOption = False,
+    resume: ResumeOption = False,
+    run_id: RunOption = None,
+    fresh: FreshOption = False,
+    task_runner: RunnerOption = "local",
+    dask_address: AddressOption = None,
+    workers: WorkersOption = 2,
+) -> None:
     """Run the default audit pipeline as a Prefect flow: corpus, transcoder check, collect, audit, label the
     flagged features and ablate / steer them, cluster, report."""
     from autolabel.intervene.command import TABLE_TITLE, summary_rows
@@ -92,52 +127,94 @@ def run(config: ConfigOption = None, store: StoreOption = None, model: ModelOpti
         print_table(TABLE_TITLE, *summary_rows(interventions, run_config.intervene.multiples))
     if summary.cluster:
         print_cluster(summary.cluster)
-    console.print(f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
-                  f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\"")
+    console.print(
+        f"run [bold]{summary.run_id}[/] complete (transcoder {summary.transcoder_id}); "
+        f"query it with: autolabel query \"select * from features where run_id = '{summary.run_id}'\""
+    )
     console.print(f"report: {escape(str(summary.report))}", soft_wrap=True)
 
 
 @app.command()
-def collect(config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None, quiet: QuietOption = False,
-            resume: ResumeOption = False, run_id: RunOption = None, fresh: FreshOption = False,
-            task_runner: RunnerOption = "local", dask_address: AddressOption = None, workers: WorkersOption = 2) -> None:
+def collect(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    model: ModelOption = None,
+    quiet: QuietOption = False,
+    resume: ResumeOption = False,
+    run_id: RunOption = None,
+    fresh: FreshOption = False,
+    task_runner: RunnerOption = "local",
+    dask_address: AddressOption = None,
+    workers: WorkersOption = 2,
+) -> None:
     """Collect top-activating examples and role-aware statistics per feature (builds the corpus and checks the
     transcoders first when needed)."""
-    summary = _run_flow(load_run_config(config, store, model), quiet, resume, run_id, fresh, "collect", task_runner,
-                        dask_address, workers)
+    summary = _run_flow(
+        load_run_config(config, store, model),
+        quiet,
+        resume,
+        run_id,
+        fresh,
+        "collect",
+        task_runner,
+        dask_address,
+        workers,
+    )
     print_collect(summary)
     console.print(f"run [bold]{summary.run_id}[/]: features, role_stats, category_stats and examples are in the store")
 
 
 @app.command()
-def schedule(cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 * * *" is 03:00 daily.')],
-             name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-audit",
-             config: ConfigOption = None, store: StoreOption = None, model: ModelOption = None) -> None:
+def schedule(
+    cron: Annotated[str, typer.Option(help='When to run, as cron: "0 3 * * *" is 03:00 daily.')],
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-audit",
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    model: ModelOption = None,
+) -> None:
     """Serve the audit_pipeline deployment on a schedule until stopped (runs show in the Prefect UI)."""
     flows = prefect_flows()
     from prefect import serve
 
     deployment = flows.scheduled(load_run_config(config, store, model), cron, name)
-    console.print(f"serving [bold]audit_pipeline/{name}[/] on {cron!r}; Ctrl-C stops. "
-                  "With `prefect server start` running and PREFECT_API_URL set, runs show at http://127.0.0.1:4200")
+    console.print(
+        f"serving [bold]audit_pipeline/{name}[/] on {cron!r}; Ctrl-C stops. "
+        "With `prefect server start` running and PREFECT_API_URL set, runs show at http://127.0.0.1:4200"
+    )
     serve(deployment)
 
 
 @app.command()
-def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-          run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
-          layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default: all).")] = None,
-          features: Annotated[str | None, typer.Option(help="Comma-separated feature ids.")] = None,
-          limit: Annotated[int | None, typer.Option(help="At most this many features, densest first.")] = None,
-          audit: Annotated[str | None, typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")] = None,
-          base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
-          llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
-          labeler_gguf: Annotated[Path | None, typer.Option(
-              help="GGUF for the local server, or labeler:NAME (docs/labelers.md); default: SmolLM2-135M-Instruct."
-          )] = None,
-          max_calls: Annotated[int | None, typer.Option(help="Stop cleanly after this many requests.")] = None,
-          max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None,
-          retry_invalid: Annotated[bool, typer.Option("--retry-invalid", help="Ask again for labels that never parsed, past the cache (failed ones always are).")] = False) -> None:
+def label(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    quiet: QuietOption = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default: all).")] = None,
+    features: Annotated[str | None, typer.Option(help="Comma-separated feature ids.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many features, densest first.")] = None,
+    audit: Annotated[
+        str | None, typer.Option(help="Only the features this audit flagged, e.g. assistant_pervasiveness.")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
+    labeler_gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="GGUF for the local server, or labeler:NAME (docs/labelers.md); default: SmolLM2-135M-Instruct."
+        ),
+    ] = None,
+    max_calls: Annotated[int | None, typer.Option(help="Stop cleanly after this many requests.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop cleanly after this many USD.")] = None,
+    retry_invalid: Annotated[
+        bool,
+        typer.Option(
+            "--retry-invalid", help="Ask again for labels that never parsed, past the cache (failed ones always are)."
+        ),
+    ] = False,
+) -> None:
     """Draft a label per feature with an LLM and score it on held-out examples (detection, fuzzing, embedding)."""
     from autolabel.pipeline import label_run
 
@@ -157,10 +234,15 @@ def label(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOp
 
 
 @app.command()
-def audit(config: ConfigOption = None, store: StoreOption = None,
-          run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
-          against: Annotated[str | None, typer.Option(help="Diff against this run id, 'previous' or 'none'.")] = None,
-          spec: Annotated[list[Path] | None, typer.Option(help="Audit spec YAML (repeatable; default: the config's).")] = None) -> None:
+def audit(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+    against: Annotated[str | None, typer.Option(help="Diff against this run id, 'previous' or 'none'.")] = None,
+    spec: Annotated[
+        list[Path] | None, typer.Option(help="Audit spec YAML (repeatable; default: the config's).")
+    ] = None,
+) -> None:
     """Rank features pervasive in assistant contexts (with 95% intervals) and diff against an earlier run."""
     from autolabel.pipeline import audit_run
     from autolabel.store import Store
@@ -172,21 +254,31 @@ def audit(config: ConfigOption = None, store: StoreOption = None,
         run_config.audit.against = None if against == "none" else against
     with Store(run_config.store, create=False) as db:
         print_audit(audit_run(db, run_config, run_id))
+
+
 @app.command()
-def report(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-           run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
-           out: Annotated[Path | None, typer.Option(help="Reports folder (default: report.out_dir, reports/).")] = None) -> None:
+def report(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    quiet: QuietOption = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Reports folder (default: report.out_dir, reports/).")] = None,
+) -> None:
     """Write a run's self-contained HTML report: OUT/<run_id>/index.html plus one page per feature."""
     from autolabel.report.stage import report_run
 
     summary = report_run(load_run_config(config, store), run_id, out, show_progress=not quiet)
-    console.print(f"run [bold]{summary.run_id}[/]: {summary.pages:,} feature pages in {summary.seconds:.1f} s; "
-                  f"open {escape(str(summary.index))}")
+    console.print(
+        f"run [bold]{summary.run_id}[/]: {summary.pages:,} feature pages in {summary.seconds:.1f} s; "
+        f"open {escape(str(summary.index))}"
+    )
 
 
 @app.command()
-def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve.")] = Path("reports"),
-          port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000) -> None:
+def serve(
+    folder: Annotated[Path, typer.Argument(help="Reports folder to serve.")] = Path("reports"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+) -> None:
     """Serve a reports folder on 127.0.0.1 (only) until interrupted."""
     from autolabel.report.serve import make_server
 
@@ -198,15 +290,25 @@ def serve(folder: Annotated[Path, typer.Argument(help="Reports folder to serve."
         pass
     finally:
         server.server_close()
+
+
 @app.command()
-def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-            run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
-            seed: Annotated[int | None, typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
-            embedding: Annotated[str | None, typer.Option(help="label or label+decoder.")] = None,
-            groups: Annotated[Path | None, typer.Option(help="Audit group spec YAML (default: the built-in groups.yaml).")] = None,
-            no_names: Annotated[bool, typer.Option("--no-names", help="Do not ask the LLM for cluster names.")] = False,
-            base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")] = None,
-            llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None) -> None:
+def cluster(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    quiet: QuietOption = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+    seed: Annotated[int | None, typer.Option(help="UMAP seed; a re-run with another seed records the ARI.")] = None,
+    embedding: Annotated[str | None, typer.Option(help="label or label+decoder.")] = None,
+    groups: Annotated[
+        Path | None, typer.Option(help="Audit group spec YAML (default: the built-in groups.yaml).")
+    ] = None,
+    no_names: Annotated[bool, typer.Option("--no-names", help="Do not ask the LLM for cluster names.")] = False,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint (default: a local llama.cpp server).")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Model name sent to the endpoint.")] = None,
+) -> None:
     """Lay features out on a 2-D map (MiniLM + UMAP), cluster them (HDBSCAN), name the clusters with an LLM,
     and tag the audit groups (the built-in groups.yaml, or --groups)."""
     from autolabel.pipeline import cluster_run
@@ -225,19 +327,31 @@ def cluster(config: ConfigOption = None, store: StoreOption = None, quiet: Quiet
 
 
 @app.command()
-def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: QuietOption = False,
-              run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
-              features: Annotated[str | None, typer.Option(help="LAYER:FEATURE pairs, e.g. 6:12,15:3.")] = None,
-              audit: Annotated[str | None, typer.Option(help="This audit's flagged features, best ranked first "
-                                                             "(default, with no --features: every audit's).")] = None,
-              multiples: Annotated[str | None, typer.Option(help="Steering strengths in units of the feature's max "
-                                                                 "activation, e.g. 2,4,8.")] = None,
-              prompts: Annotated[int | None, typer.Option(help="Prompts of each kind per feature: where it fires, "
-                                                               "and where it is silent.")] = None,
-              max_new_tokens: Annotated[int | None, typer.Option(help="Greedy continuation length.")] = None,
-              no_judge: Annotated[bool, typer.Option("--no-judge", help="No steering score (no LLM calls).")] = False,
-              base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint for the judge (default: a local llama.cpp server).")] = None,
-              llm_model: Annotated[str | None, typer.Option(help="Judge model name sent to the endpoint.")] = None) -> None:
+def intervene(
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    quiet: QuietOption = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="A collected run (default: the latest).")] = None,
+    features: Annotated[str | None, typer.Option(help="LAYER:FEATURE pairs, e.g. 6:12,15:3.")] = None,
+    audit: Annotated[
+        str | None,
+        typer.Option(
+            help="This audit's flagged features, best ranked first (default, with no --features: every audit's)."
+        ),
+    ] = None,
+    multiples: Annotated[
+        str | None, typer.Option(help="Steering strengths in units of the feature's max activation, e.g. 2,4,8.")
+    ] = None,
+    prompts: Annotated[
+        int | None, typer.Option(help="Prompts of each kind per feature: where it fires, and where it is silent.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy continuation length.")] = None,
+    no_judge: Annotated[bool, typer.Option("--no-judge", help="No steering score (no LLM calls).")] = False,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint for the judge (default: a local llama.cpp server).")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Judge model name sent to the endpoint.")] = None,
+) -> None:
     """Ablate and steer features on prompts where they fire and where they are silent: KL against the clean
     run, the tokens that rise and fall, continuations with and without; score labels by steering."""
     from autolabel.intervene.command import TABLE_TITLE, intervene_run, summary_rows
@@ -248,37 +362,62 @@ def intervene(config: ConfigOption = None, store: StoreOption = None, quiet: Qui
     run_config = load_run_config(config, store)
     keys = parse_features(features) if features else None
     run_config.intervene = with_options(
-        run_config.intervene, "intervene", multiples=parse_multiples(multiples) if multiples is not None else None,
-        prompts=prompts, max_new_tokens=max_new_tokens, judge=False if no_judge else None)
+        run_config.intervene,
+        "intervene",
+        multiples=parse_multiples(multiples) if multiples is not None else None,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        judge=False if no_judge else None,
+    )
     run_config.llm.base_url = base_url or run_config.llm.base_url
     run_config.llm.model = llm_model or run_config.llm.model
     summary = intervene_run(run_config, run_id, keys, audit, show_progress=not quiet)
     print_table(TABLE_TITLE, *summary_rows(summary, run_config.intervene.multiples))
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(f"run [bold]{summary.run_id}[/]: {summary.computed} features run now, {summary.reused} already "
-                  f"stored; {summary.judged} steering scores, {summary.calls} requests, ${summary.cost_usd:.4f}, "
-                  f"{summary.seconds:.0f} s; rows in interventions")
+    console.print(
+        f"run [bold]{summary.run_id}[/]: {summary.computed} features run now, {summary.reused} already "
+        f"stored; {summary.judged} steering scores, {summary.calls} requests, ${summary.cost_usd:.4f}, "
+        f"{summary.seconds:.0f} s; rows in interventions"
+    )
     if summary.stopped:
         console.print(f"[yellow]judging stopped early:[/] {escape(summary.stopped)}; the same command resumes")
 
 
 @app.command()
-def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next token the graph explains.")] = None,
-          chat: Annotated[Path | None, typer.Option(help="A chat instead: JSON list of {role, content} messages, "
-                                                         "rendered with the model's chat template.")] = None,
-          run_id: Annotated[str | None, typer.Option("--run", help="A collected run: its model, transcoders and "
-                                                                   "labels (default: the config's, no labels).")] = None,
-          max_logits: Annotated[int | None, typer.Option(help="Target logits: at most this many next tokens.")] = None,
-          node_threshold: Annotated[float | None, typer.Option(help="Keep nodes holding this share of influence.")] = None,
-          edge_threshold: Annotated[float | None, typer.Option(help="Keep edges holding this share of influence.")] = None,
-          json_out: Annotated[Path | None, typer.Option("--json", help="Also write circuit-tracer's graph JSON here.")] = None,
-          feature: Annotated[str | None, typer.Option(help="Instead of a prompt: LAYER:FEATURE pairs (e.g. 6:12,15:3), "
-                                                          "each traced on the prompts where it fires most.")] = None,
-          audit: Annotated[str | None, typer.Option(help="Instead of a prompt: this audit's flagged features.")] = None,
-          prompts: Annotated[int, typer.Option(min=1, help="With --feature / --audit: top examples per feature.")] = 4,
-          limit: Annotated[int, typer.Option(min=1, help="With --audit: its best-ranked flagged features.")] = 8,
-          config: ConfigOption = None, store: StoreOption = None) -> None:
+def graph(
+    prompt: Annotated[str | None, typer.Argument(help="The text whose next token the graph explains.")] = None,
+    chat: Annotated[
+        Path | None,
+        typer.Option(
+            help="A chat instead: JSON list of {role, content} messages, rendered with the model's chat template."
+        ),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run", help="A collected run: its model, transcoders and labels (default: the config's, no labels)."
+        ),
+    ] = None,
+    max_logits: Annotated[int | None, typer.Option(help="Target logits: at most this many next tokens.")] = None,
+    node_threshold: Annotated[float | None, typer.Option(help="Keep nodes holding this share of influence.")] = None,
+    edge_threshold: Annotated[float | None, typer.Option(help="Keep edges holding this share of influence.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write circuit-tracer's graph JSON here.")
+    ] = None,
+    feature: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of a prompt: LAYER:FEATURE pairs (e.g. 6:12,15:3), "
+            "each traced on the prompts where it fires most."
+        ),
+    ] = None,
+    audit: Annotated[str | None, typer.Option(help="Instead of a prompt: this audit's flagged features.")] = None,
+    prompts: Annotated[int, typer.Option(min=1, help="With --feature / --audit: top examples per feature.")] = 4,
+    limit: Annotated[int, typer.Option(min=1, help="With --audit: its best-ranked flagged features.")] = 8,
+    config: ConfigOption = None,
+    store: StoreOption = None,
+) -> None:
     """Attribution graph of a prompt over the transcoder features (frozen attention and norms, error nodes,
     pruned by influence on the top logits), stored in graphs / graph_nodes / graph_edges, labeled by the run.
     With --feature or --audit: each feature's influence share on the graphs of its top examples."""
@@ -286,35 +425,47 @@ def graph(prompt: Annotated[str | None, typer.Argument(help="The text whose next
     from autolabel.intervene.targets import parse_features
 
     run_config = load_run_config(config, store)
-    run_config.graph = with_options(run_config.graph, "graph", max_logits=max_logits, node_threshold=node_threshold,
-                                    edge_threshold=edge_threshold)
+    run_config.graph = with_options(
+        run_config.graph, "graph", max_logits=max_logits, node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
     if feature is not None or audit is not None:
         if prompt is not None or chat is not None or json_out is not None or (feature and audit):
-            raise AutolabelError("--feature or --audit (one of them) traces each feature on its own top examples: "
-                                 "pass no PROMPT, --chat or --json with it")
+            raise AutolabelError(
+                "--feature or --audit (one of them) traces each feature on its own top examples: "
+                "pass no PROMPT, --chat or --json with it"
+            )
         traced = feature_run(run_config, run_id, parse_features(feature) if feature else None, audit, prompts, limit)
-        print_table("influence share on the next token where the feature fires most (on path: kept by pruning)",
-                    *feature_rows(traced))
-        console.print(f"run [bold]{traced.run_id}[/]: {len(traced.rows)} graphs; rows in feature_graphs (with their "
-                      f"graph_id), an influence_share finding beside each audit finding of these features")
+        print_table(
+            "influence share on the next token where the feature fires most (on path: kept by pruning)",
+            *feature_rows(traced),
+        )
+        console.print(
+            f"run [bold]{traced.run_id}[/]: {len(traced.rows)} graphs; rows in feature_graphs (with their "
+            f"graph_id), an influence_share finding beside each audit finding of these features"
+        )
         return
     result = graph_run(run_config, prompt, chat, run_id, json_out)
     summary = result.summary
     targets = ", ".join(f"{t['token']!r} {t['probability']:.2f}" for t in result.targets)
     console.print(f"targets: {escape(targets)}", soft_wrap=True)
     print_table(f"top features of graph {summary.graph_id}", *summary_rows(result))
-    console.print(f"graph [bold]{summary.graph_id}[/] ({'stored earlier' if summary.reused else f'{summary.seconds:.1f} s'}): "
-                  f"{summary.n_tokens} tokens, {summary.kept_features} of {summary.n_features} feature nodes and "
-                  f"{summary.kept_edges} edges kept; error nodes hold {summary.error_share:.0%} of the influence"
-                  + ("" if result.run_id else "; pass --run to label the features"))
+    console.print(
+        f"graph [bold]{summary.graph_id}[/] ({'stored earlier' if summary.reused else f'{summary.seconds:.1f} s'}): "
+        f"{summary.n_tokens} tokens, {summary.kept_features} of {summary.n_features} feature nodes and "
+        f"{summary.kept_edges} edges kept; error nodes hold {summary.error_share:.0%} of the influence"
+        + ("" if result.run_id else "; pass --run to label the features")
+    )
     if result.exported:
         console.print(f"circuit-tracer graph JSON: {escape(str(result.exported))}", soft_wrap=True)
 
 
 @app.command()
-def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only connection.")],
-          store: StoreOption = None, config: ConfigOption = None,
-          format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table") -> None:
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL to run on a read-only connection.")],
+    store: StoreOption = None,
+    config: ConfigOption = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+) -> None:
     """Run SQL against the store and print the result. Read-only, and sandboxed: no COPY TO files, no ATTACH,
     no reading other files (use duckdb itself to join the store with your own files)."""
     from autolabel.store import Store
@@ -332,7 +483,9 @@ def query(sql: Annotated[str, typer.Argument(help="SQL to run on a read-only con
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
     else:
-        sys.stdout.write(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1) + "\n")
+        sys.stdout.write(
+            json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=1) + "\n"
+        )
 
 
 @app.command("config")

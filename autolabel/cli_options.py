@@ -10,9 +10,13 @@ import typer
 from autolabel.config import RunConfig, load_config
 from autolabel.errors import AutolabelError
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Run config YAML (defaults: the embedded offline run).")
+]
 StoreOption = Annotated[str | None, typer.Option("--store", help="DuckDB file (overrides the config).")]
-ModelOption = Annotated[str | None, typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")]
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="embedded:smollm2, a HF folder, a .gguf file or a hub id.")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 

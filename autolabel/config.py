@@ -119,12 +119,14 @@ class CorpusConfig(Strict):
         from autolabel.corpus.sources import SOURCE_NAMES  # deferred: sources.py imports this module
 
         if not sources:
-            raise ValueError("lists no sources, so the corpus would be empty; list at least one, or omit `sources` "
-                             "for the defaults")
+            raise ValueError(
+                "lists no sources, so the corpus would be empty; list at least one, or omit `sources` for the defaults"
+            )
         unknown = [source.name for source in sources if source.name not in SOURCE_NAMES]
         if unknown:
-            raise ValueError(f"unknown source name(s) {', '.join(map(repr, unknown))}; known sources: "
-                             f"{', '.join(SOURCE_NAMES)}")
+            raise ValueError(
+                f"unknown source name(s) {', '.join(map(repr, unknown))}; known sources: {', '.join(SOURCE_NAMES)}"
+            )
         return sources
 
 
@@ -242,7 +244,8 @@ class LabelConfig(Strict):
     # Tag each example with its role and category and show where the feature fires by role.
     role_evidence: bool = True
     scorers: list[Literal["detection", "fuzzing", "embedding"]] = Field(
-        default_factory=lambda: ["detection", "fuzzing", "embedding"])
+        default_factory=lambda: ["detection", "fuzzing", "embedding"]
+    )
     score_examples: int = Field(default=30, ge=6)  # held-out texts per detection / fuzzing score, a request each
     unreliable_below: Fraction = 0.6  # a score under this flags the label
     # Best-of-N: draft this many labels from different example subsets, keep the best on one held-out
@@ -265,6 +268,8 @@ class AuditConfig(Strict):
     against: str | None = "previous"
     # `autolabel run` labels this many of each audit's flagged features, best ranked first (0: none).
     label_flagged: int = Field(default=24, ge=0)
+
+
 class ReportConfig(Strict):
     """What `autolabel report` shows per feature page (bounded, so 16k pages render in under a minute)."""
 
@@ -273,6 +278,8 @@ class ReportConfig(Strict):
     quantile_per_bin: int = Field(default=2, ge=0)  # quantile samples shown per activation bin
     output_tokens: int = Field(default=10, ge=0)  # promoted and suppressed tokens shown (0: skip the model)
     nearest: int = Field(default=5, ge=0)  # nearest features by decoder cosine (0: skip the transcoder)
+
+
 class ClusterConfig(Strict):
     """How `autolabel cluster` lays features out, clusters and names them, and tags audit groups."""
 
@@ -369,8 +376,9 @@ def with_options(settings: M, command: str, **options) -> M:
     try:
         return type(settings).model_validate(settings.model_dump() | given)
     except ValidationError as err:
-        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}"
-                             for e in err.errors())
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'options'}: {e['msg']}" for e in err.errors()
+        )
         raise AutolabelError(f"invalid {command} options: {problems}") from err
 
 
@@ -400,9 +408,14 @@ def load_yaml_model(path: Path, model: type[M], what: str, if_missing: str, shap
 def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
-    return load_yaml_model(Path(path), RunConfig, "config file", "pass an existing YAML file or omit --config for "
-                           "the defaults", "at the top level (the fields `autolabel config` prints)",
-                           "`autolabel config` for the defaults")
+    return load_yaml_model(
+        Path(path),
+        RunConfig,
+        "config file",
+        "pass an existing YAML file or omit --config for the defaults",
+        "at the top level (the fields `autolabel config` prints)",
+        "`autolabel config` for the defaults",
+    )
 
 
 def config_yaml(config: RunConfig) -> str:

@@ -7,8 +7,9 @@ on the map, so neither stage takes it; `layers` and `features` narrow the rest.
 from __future__ import annotations
 
 
-def live_features(run_id: str, layers: list[int] | None = None, features: list[int] | None = None,
-                  alias: str = "f") -> tuple[list[str], list]:
+def live_features(
+    run_id: str, layers: list[int] | None = None, features: list[int] | None = None, alias: str = "f"
+) -> tuple[list[str], list]:
     """(conditions to AND into a WHERE over `features AS alias`, their parameters, in order)."""
     where, params = [f"{alias}.run_id = ?", f"{alias}.status <> 'dead'"], [run_id]
     if layers is not None:

@@ -96,8 +96,12 @@ def _completion(body: bytes) -> _Response:
     if not isinstance(content, str):
         raise MalformedResponse("the first choice has no message content")
     usage = data["usage"] if isinstance(data.get("usage"), dict) else {}
-    return _Response(content, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")),
-                     _first_top_logprobs(choices[0].get("logprobs")))
+    return _Response(
+        content,
+        _token_count(usage.get("prompt_tokens")),
+        _token_count(usage.get("completion_tokens")),
+        _first_top_logprobs(choices[0].get("logprobs")),
+    )
 
 
 def _first_top_logprobs(logprobs: object) -> dict[str, float] | None:
@@ -162,22 +166,33 @@ class LLMClient:
     def __init__(self, store: Store, config: LLMConfig, base_url: str, run_id: str, stage: str):
         self.store, self.config, self.run_id, self.stage = store, config, run_id, stage
         self.model_id = labeler_id(config)
-        self.openai = openai.AsyncOpenAI(base_url=base_url, api_key=_api_key(config), max_retries=0,
-                                         timeout=config.timeout_s)
+        self.openai = openai.AsyncOpenAI(
+            base_url=base_url, api_key=_api_key(config), max_retries=0, timeout=config.timeout_s
+        )
         self.semaphore = asyncio.Semaphore(config.concurrency)
         self.calls, self.cost_usd = 0, 0.0  # HTTP requests and spend of this client
 
-    async def complete(self, messages: list[dict[str, str]], parse: Callable[[str], T],
-                       response_format: dict[str, Any] | None = None, max_tokens: int | None = None,
-                       refresh: bool = False, top_logprobs: int = 0) -> Reply[T]:
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        parse: Callable[[str], T],
+        response_format: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        refresh: bool = False,
+        top_logprobs: int = 0,
+    ) -> Reply[T]:
         """Ask, parse, and ask again (as a new attempt) while the answer does not parse.
         `refresh` asks the server even where the cache holds an answer, and caches the new one.
         `top_logprobs` > 0 asks for that many alternatives of the first answer token (Reply.top_logprobs)."""
         reply: Reply[T] = Reply(None, "error")
         for attempt in range(self.config.invalid_retries + 1):
-            params = {"temperature": self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7),
-                      "max_tokens": max_tokens or self.config.max_tokens, "response_format": response_format,
-                      "attempt": attempt, **({"top_logprobs": top_logprobs} if top_logprobs else {})}
+            params = {
+                "temperature": self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7),
+                "max_tokens": max_tokens or self.config.max_tokens,
+                "response_format": response_format,
+                "attempt": attempt,
+                **({"top_logprobs": top_logprobs} if top_logprobs else {}),
+            }
             key = hashlib.sha256(to_json({"model": self.model_id, "messages": messages, **params}).encode()).hexdigest()
             response, cached = None if refresh else self._cached(key), True
             if response is None:
@@ -186,11 +201,13 @@ class LLMClient:
                 if response is None:
                     return Reply(None, "error", error=error)
             try:
-                return Reply(parse(response.text), "ok", response.text, cached=cached,
-                             top_logprobs=response.top_logprobs)
+                return Reply(
+                    parse(response.text), "ok", response.text, cached=cached, top_logprobs=response.top_logprobs
+                )
             except InvalidOutput as err:
-                reply = Reply(None, "invalid", response.text, f"attempt {attempt + 1}: {err}", cached,
-                              response.top_logprobs)
+                reply = Reply(
+                    None, "invalid", response.text, f"attempt {attempt + 1}: {err}", cached, response.top_logprobs
+                )
         return reply
 
     def _cached(self, key: str) -> _Response | None:
@@ -201,8 +218,9 @@ class LLMClient:
         self._ledger(key, response, 0.0, "ok", None, cached=True)
         return response
 
-    async def _request(self, messages: list[dict[str, str]], params: dict[str, Any],
-                       key: str) -> tuple[_Response | None, str | None]:
+    async def _request(
+        self, messages: list[dict[str, str]], params: dict[str, Any], key: str
+    ) -> tuple[_Response | None, str | None]:
         """One logical request: HTTP attempts with backoff; (response, None) or (None, last error).
         Only a chat completion is cached: a failure is recorded in the ledger and asked again next run."""
         error = None
@@ -214,11 +232,17 @@ class LLMClient:
             try:
                 async with self.semaphore:
                     raw = await self.openai.chat.completions.with_raw_response.create(
-                        model=self.config.model, messages=messages, temperature=params["temperature"],
+                        model=self.config.model,
+                        messages=messages,
+                        temperature=params["temperature"],
                         max_tokens=params["max_tokens"],
                         **({"response_format": params["response_format"]} if params["response_format"] else {}),
-                        **({"logprobs": True, "top_logprobs": params["top_logprobs"]} if "top_logprobs" in params
-                           else {}))
+                        **(
+                            {"logprobs": True, "top_logprobs": params["top_logprobs"]}
+                            if "top_logprobs" in params
+                            else {}
+                        ),
+                    )
                 response = _completion(raw.content)
             except openai.RateLimitError as err:
                 status, error, wait = "rate_limited", "429 rate limited", _retry_after(err.response.headers)
@@ -239,9 +263,18 @@ class LLMClient:
                 return None, error
             else:
                 self._ledger(key, response, time.monotonic() - started, "ok", None)
-                self.store.upsert("llm_cache", [{"cache_key": key, "model": self.model_id,
-                                                 "request_json": to_json({"messages": messages, **params}),
-                                                 "response_json": to_json(response.__dict__), "created_at": now()}])
+                self.store.upsert(
+                    "llm_cache",
+                    [
+                        {
+                            "cache_key": key,
+                            "model": self.model_id,
+                            "request_json": to_json({"messages": messages, **params}),
+                            "response_json": to_json(response.__dict__),
+                            "created_at": now(),
+                        }
+                    ],
+                )
                 return response, None
             self._ledger(key, None, time.monotonic() - started, status, error)
             if retry < self.config.max_retries:
@@ -253,21 +286,39 @@ class LLMClient:
         if self.config.max_calls is not None and self.calls >= self.config.max_calls:
             raise BudgetExhausted(f"llm.max_calls ({self.config.max_calls}) reached; raise it to go on")
         if self.config.max_cost_usd is not None and self.cost_usd >= self.config.max_cost_usd:
-            raise BudgetExhausted(f"llm.max_cost_usd (${self.config.max_cost_usd}) reached "
-                                  f"(${self.cost_usd:.4f} spent); raise it to go on")
+            raise BudgetExhausted(
+                f"llm.max_cost_usd (${self.config.max_cost_usd}) reached "
+                f"(${self.cost_usd:.4f} spent); raise it to go on"
+            )
 
-    def _ledger(self, key: str, response: _Response | None, latency: float, status: str, error: str | None,
-                cached: bool = False) -> None:
+    def _ledger(
+        self, key: str, response: _Response | None, latency: float, status: str, error: str | None, cached: bool = False
+    ) -> None:
         price = self.config.prices.get(self.config.model)
         cost = 0.0
         if response is not None and price is not None and not cached:
             cost = (response.tokens_in * price.input_per_mtok + response.tokens_out * price.output_per_mtok) / 1e6
         self.cost_usd += cost
-        self.store.upsert("llm_calls", [{
-            "call_id": uuid.uuid4().hex, "run_id": self.run_id, "stage": self.stage, "model": self.model_id,
-            "prompt_hash": key, "tokens_in": response.tokens_in if response else 0,
-            "tokens_out": response.tokens_out if response else 0, "cost_usd": cost, "latency_s": latency,
-            "status": status, "error": error, "cached": cached, "created_at": now()}])
+        self.store.upsert(
+            "llm_calls",
+            [
+                {
+                    "call_id": uuid.uuid4().hex,
+                    "run_id": self.run_id,
+                    "stage": self.stage,
+                    "model": self.model_id,
+                    "prompt_hash": key,
+                    "tokens_in": response.tokens_in if response else 0,
+                    "tokens_out": response.tokens_out if response else 0,
+                    "cost_usd": cost,
+                    "latency_s": latency,
+                    "status": status,
+                    "error": error,
+                    "cached": cached,
+                    "created_at": now(),
+                }
+            ],
+        )
 
 
 def _api_key(config: LLMConfig) -> str:
@@ -285,8 +336,9 @@ def local_server(config: LLMConfig) -> Iterator[str]:
 
 
 @contextmanager
-def serve_gguf(gguf: Path, n_parallel: int, n_ctx: int, n_threads: int | None = None,
-               kv_unified: bool = False) -> Iterator[str]:
+def serve_gguf(
+    gguf: Path, n_parallel: int, n_ctx: int, n_threads: int | None = None, kv_unified: bool = False
+) -> Iterator[str]:
     """llama.cpp's server for one GGUF on 127.0.0.1, in-process, with n_parallel slots sharing n_ctx tokens
     (each slot gets n_ctx / n_parallel, or all of it with kv_unified); yields its base_url. The one place
     that starts llama.cpp: the labeler and the corpus's reply writer both go through it."""

@@ -38,12 +38,17 @@ GEMMA_LIKE = {"gemma2", "gemma3", "gemma3_text"}
 # Canonical hook kinds and the names transcoder releases use for them
 # (TransformerLens / circuit-tracer hook names, with or without `blocks.{L}.`).
 HOOK_ALIASES = {
-    "mlp_in": "mlp_in", "mlp.hook_in": "mlp_in",
+    "mlp_in": "mlp_in",
+    "mlp.hook_in": "mlp_in",
     # TransformerLens' hook_normalized is the normalised residual *before* the norm's gain
     # (Gemma Scope 1 reads there too); mlp_in is after it.
-    "ln2_normalized": "ln2_normalized", "ln2.hook_normalized": "ln2_normalized",
-    "resid_mid": "resid_mid", "hook_resid_mid": "resid_mid",
-    "mlp_out": "mlp_out", "hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out",
+    "ln2_normalized": "ln2_normalized",
+    "ln2.hook_normalized": "ln2_normalized",
+    "resid_mid": "resid_mid",
+    "hook_resid_mid": "resid_mid",
+    "mlp_out": "mlp_out",
+    "hook_mlp_out": "mlp_out",
+    "mlp.hook_out": "mlp_out",
 }
 
 
@@ -159,7 +164,9 @@ class SubjectModel:
                 raise AutolabelError(f"hook point {name!r} names no layer; pass blocks.<L>.{alias[2]} or a layer")
             point = self._canonical_hook(kind, layer)
         if not 0 <= point.layer < self.n_layers:
-            raise AutolabelError(f"hook point {name!r}: layer {point.layer} is outside 0..{self.n_layers - 1} of {self.model_id}")
+            raise AutolabelError(
+                f"hook point {name!r}: layer {point.layer} is outside 0..{self.n_layers - 1} of {self.model_id}"
+            )
         try:
             self.layers.get_submodule(point.module)
         except AttributeError as err:
@@ -169,12 +176,20 @@ class SubjectModel:
     def _canonical_hook(self, kind: str, layer: int) -> HookPoint:
         if self.family in GEMMA_LIKE:
             norm = "pre_feedforward_layernorm"
-            table = {"mlp_in": ("mlp", "input"), "resid_mid": (norm, "input"),
-                     "mlp_out": ("post_feedforward_layernorm", "output"), "ln2_normalized": (norm, "output")}
+            table = {
+                "mlp_in": ("mlp", "input"),
+                "resid_mid": (norm, "input"),
+                "mlp_out": ("post_feedforward_layernorm", "output"),
+                "ln2_normalized": (norm, "output"),
+            }
         elif self.family in LLAMA_LIKE:
             norm = "post_attention_layernorm"
-            table = {"mlp_in": ("mlp", "input"), "resid_mid": (norm, "input"),
-                     "mlp_out": ("mlp", "output"), "ln2_normalized": (norm, "output")}
+            table = {
+                "mlp_in": ("mlp", "input"),
+                "resid_mid": (norm, "input"),
+                "mlp_out": ("mlp", "output"),
+                "ln2_normalized": (norm, "output"),
+            }
         else:
             raise AutolabelError(
                 f"no hook aliases for model family {self.family!r}; name the module, e.g. 'layers.{layer}.mlp:input'"
@@ -206,12 +221,14 @@ class SubjectModel:
 
         if point.io == "input":
             return module.register_forward_pre_hook(
-                lambda _m, args, kwargs: seen(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+                lambda _m, args, kwargs: seen(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+            )
         return module.register_forward_hook(lambda _m, _args, out: seen(out))
 
     @torch.inference_mode()
-    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                hooks: list[HookPoint]) -> dict[HookPoint, torch.Tensor]:
+    def capture(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hooks: list[HookPoint]
+    ) -> dict[HookPoint, torch.Tensor]:
         """Activations at `hooks`, each [batch, seq, d]; layers after the last hook never run."""
         captured: dict[HookPoint, torch.Tensor] = {}
         wanted = set(hooks)
@@ -251,14 +268,20 @@ def load_subject_model(source: str, cache_dir: str | Path, dtype: str = "float32
     elif source.endswith(".gguf"):
         gguf = Path(source).expanduser()
         if not gguf.is_file():
-            raise AutolabelError(f"model file {gguf} does not exist; pass an existing .gguf file, a local HF folder, or embedded:smollm2")
+            raise AutolabelError(
+                f"model file {gguf} does not exist; pass an existing .gguf file, a local HF folder, or embedded:smollm2"
+            )
         folder, model_id = convert_gguf(gguf, cache_dir), f"gguf:{gguf.name}"
     elif Path(source).expanduser().exists():
         folder, model_id = Path(source).expanduser(), f"local:{Path(source).name}"
         if not (folder / "config.json").is_file():
-            raise AutolabelError(f"model folder {folder} has no config.json; pass a HF model folder, a .gguf file, or embedded:smollm2")
+            raise AutolabelError(
+                f"model folder {folder} has no config.json; pass a HF model folder, a .gguf file, or embedded:smollm2"
+            )
     elif source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
-        raise AutolabelError(f"model path {source} does not exist; pass an existing HF folder or .gguf file, or embedded:smollm2")
+        raise AutolabelError(
+            f"model path {source} does not exist; pass an existing HF folder or .gguf file, or embedded:smollm2"
+        )
     else:
         folder, model_id = None, source
     try:

@@ -43,10 +43,13 @@ def find_resumable(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
     if run_id:
         row = store.one("SELECT run_id, status, config_json FROM runs WHERE run_id = ?", [run_id])
         if row is None:
-            raise AutolabelError(f"no run {run_id!r} in {store.path}; list runs with: autolabel query \"select * from runs\"")
+            raise AutolabelError(
+                f'no run {run_id!r} in {store.path}; list runs with: autolabel query "select * from runs"'
+            )
     else:
-        row = store.one("SELECT run_id, status, config_json FROM runs WHERE status <> 'complete' "
-                        "ORDER BY started_at DESC LIMIT 1")
+        row = store.one(
+            "SELECT run_id, status, config_json FROM runs WHERE status <> 'complete' ORDER BY started_at DESC LIMIT 1"
+        )
         if row is None:
             raise AutolabelError(f"no unfinished run to resume in {store.path}; start one without --resume")
     if row[1] == "complete":
@@ -76,8 +79,7 @@ def record_inputs(config: RunConfig, run_id: str, corpus_id: str, transcoder_id:
     copy another run's tables and leave that checkpoint behind.
     """
     with Store(config.store) as store:
-        store.update_run(run_id, corpus_id=corpus_id, transcoder_id=transcoder_id,
-                         **({"fresh": True} if fresh else {}))
+        store.update_run(run_id, corpus_id=corpus_id, transcoder_id=transcoder_id, **({"fresh": True} if fresh else {}))
         asked = store.one("SELECT coalesce(fresh, false) FROM runs WHERE run_id = ?", [run_id])[0]
         shards = store.committed_shards(run_id, COLLECT_STAGE)
     return bool(asked) or bool(shards and "final" not in shards)
@@ -117,8 +119,9 @@ def flagged_labeling(config: RunConfig, audit: AuditSummary | None) -> list[RunC
     settings = []
     for result in audit.results:
         if result.flagged:
-            label = config.label.model_copy(update={"audit": result.audit, "limit": config.audit.label_flagged,
-                                                    "layers": None, "features": None})
+            label = config.label.model_copy(
+                update={"audit": result.audit, "limit": config.audit.label_flagged, "layers": None, "features": None}
+            )
             intervene = config.intervene.model_copy(update={"limit": config.audit.label_flagged})
             settings.append(config.model_copy(update={"label": label, "intervene": intervene}))
     return settings
@@ -130,8 +133,9 @@ def label_plan(config: RunConfig, run_id: str) -> list[tuple[str, list[tuple[int
         return open_plan(store, run_id, config)
 
 
-def commit_labels(config: RunConfig, run_id: str, shards: dict[str, tuple[dict, str | None]],
-                  seconds: float) -> LabelSummary:
+def commit_labels(
+    config: RunConfig, run_id: str, shards: dict[str, tuple[dict, str | None]], seconds: float
+) -> LabelSummary:
     """Write what workers labeled, shard by shard ({name: (rows, why it stopped early)}): their LLM cache and
     ledger rows, labels and scores. A shard the budget stopped keeps what finished and stays open for a resume."""
     calls, cost, stopped = 0, 0.0, None
@@ -146,32 +150,41 @@ def commit_labels(config: RunConfig, run_id: str, shards: dict[str, tuple[dict, 
         return label_summary(store, run_id, config, calls, cost, seconds, stopped)
 
 
-COLLECTED = ("SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
-             "AND s.stage = 'collect' AND s.shard = 'final' ")
+COLLECTED = (
+    "SELECT r.run_id, r.config_json FROM runs r JOIN shards s ON s.run_id = r.run_id "
+    "AND s.stage = 'collect' AND s.shard = 'final' "
+)
 
 
 def collected_run(store: Store, run_id: str | None) -> tuple[str, RunConfig]:
     """The given run, or the latest one, with finished collection: (run_id, the config it ran with).
     Every command that works on a collected run (label, cluster, audit, report, graph, intervene) finds it here."""
     if run_id and store.one("SELECT count(*) FROM runs WHERE run_id = ?", [run_id])[0] == 0:
-        raise AutolabelError(f"no run {run_id!r} in {store.path}; list runs with: autolabel query \"select * from runs\"")
+        raise AutolabelError(f'no run {run_id!r} in {store.path}; list runs with: autolabel query "select * from runs"')
     row = store.one(COLLECTED + "WHERE ? IS NULL OR r.run_id = ? ORDER BY r.started_at DESC LIMIT 1", [run_id, run_id])
     if row is None:
-        raise AutolabelError(f"no collected run {run_id or ''} in {store.path} (no collected features); run "
-                             "`autolabel collect` first (list runs with: autolabel query \"select * from runs\")")
+        raise AutolabelError(
+            f"no collected run {run_id or ''} in {store.path} (no collected features); run "
+            '`autolabel collect` first (list runs with: autolabel query "select * from runs")'
+        )
     return row[0], RunConfig.model_validate_json(row[1])
 
 
 def collected_runs(store: Store) -> list[tuple[str, RunConfig]]:
     """Every run with finished collection, the latest first, with the config it ran with."""
-    return [(run_id, RunConfig.model_validate_json(config_json))
-            for run_id, config_json in store.rows(COLLECTED + "ORDER BY r.started_at DESC")]
+    return [
+        (run_id, RunConfig.model_validate_json(config_json))
+        for run_id, config_json in store.rows(COLLECTED + "ORDER BY r.started_at DESC")
+    ]
 
 
 def previous_run(store: Store, run_id: str) -> str | None:
     """The latest collected run that started before `run_id`."""
-    row = store.one(COLLECTED + "WHERE r.started_at < (SELECT started_at FROM runs WHERE run_id = ?) "
-                    "ORDER BY r.started_at DESC LIMIT 1", [run_id])
+    row = store.one(
+        COLLECTED + "WHERE r.started_at < (SELECT started_at FROM runs WHERE run_id = ?) "
+        "ORDER BY r.started_at DESC LIMIT 1",
+        [run_id],
+    )
     return row[0] if row else None
 
 

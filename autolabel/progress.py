@@ -56,8 +56,13 @@ class _LoggedTask:
 class LogProgress:
     """The part of rich's Progress the stages use (add_task, advance, update), written as log lines."""
 
-    def __init__(self, unit: str, logger: logging.Logger | logging.LoggerAdapter | None = None,
-                 every_s: float = LOG_EVERY_S, every_fraction: float = LOG_EVERY_FRACTION):
+    def __init__(
+        self,
+        unit: str,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+        every_s: float = LOG_EVERY_S,
+        every_fraction: float = LOG_EVERY_FRACTION,
+    ):
         self.unit, self.every_s, self.every_fraction = unit, every_s, every_fraction
         self.logger = logger or _logger()
         self.tasks: list[_LoggedTask] = []
@@ -73,7 +78,9 @@ class LogProgress:
     def add_task(self, description: str, total: float | None = None, completed: float = 0) -> int:
         self.tasks.append(_LoggedTask(description, total, completed))
         total_text = f" of {total:,.0f} {self.unit}" if total else ""
-        self.logger.info(f"{description}: started{total_text}" + (f" ({completed:,.0f} done before)" if completed else ""))
+        self.logger.info(
+            f"{description}: started{total_text}" + (f" ({completed:,.0f} done before)" if completed else "")
+        )
         return len(self.tasks) - 1
 
     def advance(self, task_id: int, advance: float = 1) -> None:
@@ -93,8 +100,9 @@ class LogProgress:
         rate = f", {task.completed / elapsed:,.0f} {self.unit}/s" if elapsed > 0 and task.completed else ""
         share = f" ({task.completed / task.total:.0%})" if task.total else ""
         total = f"/{task.total:,.0f}" if task.total else ""
-        self.logger.info(f"{task.description}: {what} {task.completed:,.0f}{total} {self.unit}{share} "
-                         f"in {elapsed:,.0f} s{rate}")
+        self.logger.info(
+            f"{task.description}: {what} {task.completed:,.0f}{total} {self.unit}{share} in {elapsed:,.0f} s{rate}"
+        )
 
 
 def progress_bar(unit: str, disable: bool = False) -> Progress | LogProgress:
@@ -102,6 +110,12 @@ def progress_bar(unit: str, disable: bool = False) -> Progress | LogProgress:
     if not disable and not sys.stderr.isatty():
         return LogProgress(unit)
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=disable, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=disable,
+        transient=False,
     )

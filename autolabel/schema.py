@@ -231,8 +231,12 @@ VIEWS = [
 def rekey_scores(con: duckdb.DuckDBPyConnection) -> None:
     """Schema 4 keys scores by labeler. Rows of older stores get the labeler of the feature's newest
     valid label (the one their scorers saw, in a store with a single labeler)."""
-    columns = {row[0] for row in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'scores'").fetchall()}
+    columns = {
+        row[0]
+        for row in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'scores'"
+        ).fetchall()
+    }
     if not columns or "labeler" in columns:
         return
     con.execute("ALTER TABLE scores RENAME TO scores_v3")

@@ -42,7 +42,9 @@ def wait_for_lock_s() -> float:
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
-        raise AutolabelError(f"AUTOLABEL_STORE_WAIT_S={value!r} is not a number of seconds; set it to e.g. 300, or unset it")
+        raise AutolabelError(
+            f"AUTOLABEL_STORE_WAIT_S={value!r} is not a number of seconds; set it to e.g. 300, or unset it"
+        )
     return seconds
 
 
@@ -60,8 +62,14 @@ def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.Duck
             return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.IOException as err:
             if "lock" not in str(err).lower() or time.monotonic() >= deadline:
-                hint = (f" (waited {wait_for_lock_s():.0f} s; another autolabel process holds it: let it finish, "
-                        "or raise AUTOLABEL_STORE_WAIT_S)") if "lock" in str(err).lower() else ""
+                hint = (
+                    (
+                        f" (waited {wait_for_lock_s():.0f} s; another autolabel process holds it: let it finish, "
+                        "or raise AUTOLABEL_STORE_WAIT_S)"
+                    )
+                    if "lock" in str(err).lower()
+                    else ""
+                )
                 raise AutolabelError(f"cannot open store {path}: {err}{hint}") from err
             if not noted:
                 logging.getLogger("autolabel").warning(f"store {path} is in use by another process; waiting for it")
@@ -86,7 +94,9 @@ class Store:
     def __init__(self, path: str | Path, read_only: bool = False, create: bool = True, sandboxed: bool = False):
         self.path = Path(path)
         if (read_only or not create) and not self.path.is_file():
-            raise AutolabelError(f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store")
+            raise AutolabelError(
+                f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store"
+            )
         self.con = _connect(self.path, read_only, {"enable_external_access": False} if sandboxed else {})
         if not read_only and (self._signature() or "new") != _MIGRATED.get(self.path.resolve()):
             self._migrate()
@@ -124,9 +134,11 @@ class Store:
         the store at each step; when the file still looks as it did after this process migrated it, the
         migration (some 60 statements) is skipped. Any change, or another file at the path, migrates again."""
         try:
-            return self.one("SELECT md5(string_agg(table_name || '.' || column_name || ' ' || data_type, ',' "
-                            "ORDER BY table_name, column_index)) || (SELECT max(version) FROM schema_version) "
-                            "FROM duckdb_columns() WHERE database_name = current_database() AND NOT internal")[0]
+            return self.one(
+                "SELECT md5(string_agg(table_name || '.' || column_name || ' ' || data_type, ',' "
+                "ORDER BY table_name, column_index)) || (SELECT max(version) FROM schema_version) "
+                "FROM duckdb_columns() WHERE database_name = current_database() AND NOT internal"
+            )[0]
         except duckdb.CatalogException:  # no schema_version table yet
             return None
 
@@ -174,15 +186,18 @@ class Store:
         old ones behind.
         """
         with self.transaction() as con:
-            done = self.one("SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?",
-                            [run_id, stage, shard])[0]
+            done = self.one(
+                "SELECT count(*) FROM shards WHERE run_id = ? AND stage = ? AND shard = ?", [run_id, stage, shard]
+            )[0]
             if done and not replace:
                 return False
             for table, match in (clear or {}).items():
                 if table not in SCHEMA:
                     raise ValueError(f"unknown table {table!r}")
-                con.execute(f"DELETE FROM {table} WHERE " + " AND ".join(f"{column} = ?" for column in match),
-                            list(match.values()))
+                con.execute(
+                    f"DELETE FROM {table} WHERE " + " AND ".join(f"{column} = ?" for column in match),
+                    list(match.values()),
+                )
             n_rows = sum(self._upsert(con, table, rows, fresh) for table, rows in tables.items())
             con.execute(
                 "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)",
@@ -195,8 +210,11 @@ class Store:
         maps = [column for column, value in row.items() if isinstance(value, dict)]
         columns = ", ".join(row)
         values = ", ".join("MAP(?, ?)" if column in maps else "?" for column in row)
-        params = [x for column, value in row.items()
-                  for x in ((list(value), list(value.values())) if column in maps else (value,))]
+        params = [
+            x
+            for column, value in row.items()
+            for x in ((list(value), list(value.values())) if column in maps else (value,))
+        ]
         with self.transaction() as con:
             con.execute(f"INSERT OR REPLACE INTO transcoders ({columns}) VALUES ({values})", params)
 
@@ -206,10 +224,15 @@ class Store:
         with self.transaction() as con:
             for table in tables:
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS run_id) FROM {table} WHERE run_id = ?",
-                            [run_id, source_run])
-            con.execute("INSERT OR REPLACE INTO shards SELECT ?, stage, shard, committed_at, n_rows FROM shards "
-                        "WHERE run_id = ? AND stage = ? AND shard = 'final'", [run_id, source_run, stage])
+                con.execute(
+                    f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS run_id) FROM {table} WHERE run_id = ?",
+                    [run_id, source_run],
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO shards SELECT ?, stage, shard, committed_at, n_rows FROM shards "
+                "WHERE run_id = ? AND stage = ? AND shard = 'final'",
+                [run_id, source_run, stage],
+            )
             con.execute("UPDATE runs SET parent_run_id = ? WHERE run_id = ?", [source_run, run_id])
 
     def upsert(self, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
@@ -218,8 +241,9 @@ class Store:
             return self._upsert(con, table, rows)
 
     @staticmethod
-    def _upsert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | list[dict[str, Any]],
-                fresh: bool = False) -> int:
+    def _upsert(
+        con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | list[dict[str, Any]], fresh: bool = False
+    ) -> int:
         if table not in SCHEMA:
             raise ValueError(f"unknown table {table!r}")
         incoming = _as_arrow(rows)
@@ -238,15 +262,19 @@ class Store:
         return rows[0] if rows else None
 
     def committed_shards(self, run_id: str, stage: str) -> set[str]:
-        rows = self.con.execute(
-            "SELECT shard FROM shards WHERE run_id = ? AND stage = ?", [run_id, stage]
-        ).fetchall()
+        rows = self.con.execute("SELECT shard FROM shards WHERE run_id = ? AND stage = ?", [run_id, stage]).fetchall()
         return {r[0] for r in rows}
 
     # -- runs -----------------------------------------------------------------
 
-    def start_run(self, config_json: str, model_id: str, corpus_id: str | None = None,
-                  transcoder_id: str | None = None, parent_run_id: str | None = None) -> str:
+    def start_run(
+        self,
+        config_json: str,
+        model_id: str,
+        corpus_id: str | None = None,
+        transcoder_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
         run_id = now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         self.con.execute(
             "INSERT INTO runs (run_id, started_at, status, config_json, model_id, transcoder_id,"
@@ -277,8 +305,9 @@ class Store:
                 self.con.unregister(name)
 
     @contextmanager
-    def _cursor(self, sql: str, params: list[Any] | dict[str, Any] | None,
-                tables: dict[str, pa.Table]) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _cursor(
+        self, sql: str, params: list[Any] | dict[str, Any] | None, tables: dict[str, pa.Table]
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._registered(tables):
             yield self.con.execute(sql, params if params is not None else [])
 

@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("COLUMNS", "220")  # the result table is wide; rich reads this once  # a loaded machine starts it slowly
+os.environ.setdefault(
+    "COLUMNS", "220"
+)  # the result table is wide; rich reads this once  # a loaded machine starts it slowly
 
 from autolabel.config import RunConfig, SourceConfig, load_config
 from autolabel.errors import AutolabelError
@@ -52,8 +54,11 @@ from autolabel.summaries import print_table
 PEAK_SHARE = 0.5
 TOP_N = 10
 FALSE_ALARM_TARGET = 0.02
-AUDIT_CORPUS = [SourceConfig(name="prompts"), SourceConfig(name="bbc_news", limit=30),
-                SourceConfig(name="chitchat", limit=30)]
+AUDIT_CORPUS = [
+    SourceConfig(name="prompts"),
+    SourceConfig(name="bbc_news", limit=30),
+    SourceConfig(name="chitchat", limit=30),
+]
 
 
 def stored_organism(config: RunConfig, folder: Path) -> dict | None:
@@ -87,8 +92,9 @@ def best_by_peaks(rows: list[dict]) -> str:
     return "-" if index is None else f"{index + 1}"
 
 
-def verdict(spec: OrganismSpec, changes: dict[str, list[dict]], pervasive_audit: str,
-            category_audits: list[str]) -> tuple[bool, str, dict | None, str, str, str]:
+def verdict(
+    spec: OrganismSpec, changes: dict[str, list[dict]], pervasive_audit: str, category_audits: list[str]
+) -> tuple[bool, str, dict | None, str, str, str]:
     """(found, the audit that decides, the tied feature that decided it, its rank, rank by the peaks rule,
     the note on the pervasiveness audit for a narrow quirk)."""
     flagged_pervasive = changes.get(pervasive_audit, [])
@@ -102,8 +108,11 @@ def verdict(spec: OrganismSpec, changes: dict[str, list[dict]], pervasive_audit:
     note = ""
     if not spec.pervasive:
         tied_pervasive = best_tied(flagged_pervasive)
-        note = (f"flagged pervasive too (rank {flagged_pervasive.index(tied_pervasive) + 1})" if tied_pervasive
-                else "not flagged pervasive")
+        note = (
+            f"flagged pervasive too (rank {flagged_pervasive.index(tied_pervasive) + 1})"
+            if tied_pervasive
+            else "not flagged pervasive"
+        )
     return found, deciding, feature, rank, best_by_peaks(rows), note
 
 
@@ -134,14 +143,29 @@ def false_alarms(config: RunConfig, seeds: tuple[int, int], specs: list[Path]) -
         for path in specs:
             spec = load_spec(path)
             flagged = int(measure(store, first, spec).flagged.sum())
-            changes = dict(store.rows("SELECT change, count(*) FROM audit_diffs WHERE run_id = ? AND against_run_id = ? "
-                                      "AND audit = ? GROUP BY 1", [second, first, spec.name]))
+            changes = dict(
+                store.rows(
+                    "SELECT change, count(*) FROM audit_diffs WHERE run_id = ? AND against_run_id = ? "
+                    "AND audit = ? GROUP BY 1",
+                    [second, first, spec.name],
+                )
+            )
             changed = changes.get("became_pervasive", 0) + changes.get("stopped_pervasive", 0)
             share = changed / flagged if flagged else float("nan")
-            rows.append((spec.name, f"{seeds[0]}: {first}", f"{seeds[1]}: {second}", flagged,
-                         changes.get("became_pervasive", 0), changes.get("stopped_pervasive", 0),
-                         changes.get("within_noise", 0), f"{share:.1%}",
-                         "met" if share <= FALSE_ALARM_TARGET else "NOT met", f"{seconds:.0f}"))
+            rows.append(
+                (
+                    spec.name,
+                    f"{seeds[0]}: {first}",
+                    f"{seeds[1]}: {second}",
+                    flagged,
+                    changes.get("became_pervasive", 0),
+                    changes.get("stopped_pervasive", 0),
+                    changes.get("within_noise", 0),
+                    f"{share:.1%}",
+                    "met" if share <= FALSE_ALARM_TARGET else "NOT met",
+                    f"{seconds:.0f}",
+                )
+            )
     return rows
 
 
@@ -160,10 +184,17 @@ def main() -> None:
     parser.add_argument("--out-dir", default="organisms", help="where organism folders are written")
     parser.add_argument("--spec", action="append", help="organism spec (repeatable; default: the built-in ones)")
     parser.add_argument("--audit-corpus", choices=["small", "default"], default="small")
-    parser.add_argument("--label", type=int, default=0, help="label (and intervene on) this many flagged features "
-                                                            "per audit of each organism run (LLM calls)")
-    parser.add_argument("--false-alarm-seeds", default=None,
-                        help="corpus seeds A,B of the base-vs-base check (default: the config's seed and seed + 1)")
+    parser.add_argument(
+        "--label",
+        type=int,
+        default=0,
+        help="label (and intervene on) this many flagged features per audit of each organism run (LLM calls)",
+    )
+    parser.add_argument(
+        "--false-alarm-seeds",
+        default=None,
+        help="corpus seeds A,B of the base-vs-base check (default: the config's seed and seed + 1)",
+    )
     parser.add_argument("--no-false-alarms", action="store_true", help="skip the base-vs-base run")
     parser.add_argument("--no-organisms", action="store_true", help="only the base-vs-base check")
     args = parser.parse_args()
@@ -189,40 +220,90 @@ def main() -> None:
         train_wall = time.perf_counter() - started
         result = organism_audit(audit_config, spec, Path(organism["out"]), "base", report=False, show_progress=False)
         found, deciding, feature, rank, by_peaks, note = verdict(
-            spec, result.changes, pervasive_audit, [load_spec(p).name for p in category_specs])
+            spec, result.changes, pervasive_audit, [load_spec(p).name for p in category_specs]
+        )
         kind = "pervasive" if spec.pervasive else f"narrow ({', '.join(spec.quirk.categories)})"
         feature = feature or {}
-        rows.append((spec.name, kind, rate(organism["target_rate"], organism["target_prompts"]),
-                     rate(organism["other_rate"], organism["other_prompts"]),
-                     f"{organism['ppl_base']:.2f} -> {organism['ppl_organism']:.2f}", deciding,
-                     "FOUND" if found else "not found", rank, by_peaks,
-                     f"L{feature['layer']}/{feature['feature']}" if feature else "-", firing_text(feature.get("firing")),
-                     f"{feature['in_quirk']:.0%}" if feature else "-",
-                     "-" if feature.get("ablation_kl") is None else f"{feature['ablation_kl']:.4f}",
-                     feature.get("label") or "-", note))
-        phases.append((spec.name, "trained now" if organism.get("trained_now") else "reused",
-                       f"{organism['prepare_seconds']:.0f}", f"{organism['train_seconds']:.0f}",
-                       f"{organism['eval_seconds']:.0f}", f"{train_wall:.0f}",
-                       f"{result.seconds.get('base', 0):.0f}" if result.base_ran_now else "reused",
-                       f"{result.seconds['organism']:.0f}"))
+        rows.append(
+            (
+                spec.name,
+                kind,
+                rate(organism["target_rate"], organism["target_prompts"]),
+                rate(organism["other_rate"], organism["other_prompts"]),
+                f"{organism['ppl_base']:.2f} -> {organism['ppl_organism']:.2f}",
+                deciding,
+                "FOUND" if found else "not found",
+                rank,
+                by_peaks,
+                f"L{feature['layer']}/{feature['feature']}" if feature else "-",
+                firing_text(feature.get("firing")),
+                f"{feature['in_quirk']:.0%}" if feature else "-",
+                "-" if feature.get("ablation_kl") is None else f"{feature['ablation_kl']:.4f}",
+                feature.get("label") or "-",
+                note,
+            )
+        )
+        phases.append(
+            (
+                spec.name,
+                "trained now" if organism.get("trained_now") else "reused",
+                f"{organism['prepare_seconds']:.0f}",
+                f"{organism['train_seconds']:.0f}",
+                f"{organism['eval_seconds']:.0f}",
+                f"{train_wall:.0f}",
+                f"{result.seconds.get('base', 0):.0f}" if result.base_ran_now else "reused",
+                f"{result.seconds['organism']:.0f}",
+            )
+        )
     if rows:
-        print_table(f"audit recall (tied: quirk activation >= {FIRING_RATIO:.0f}x elsewhere in >= {FIRING_CHATS:.0%} "
-                    f"of quirk chats; found: a tied feature in the top {TOP_N} of the deciding audit's new flags)",
-                    ["organism", "quirk", "held-out quirk rate", "other categories", "text ppl base -> organism",
-                     "deciding audit", "result", "rank of best tied", f"by peaks (>= {PEAK_SHARE:.0%} of top "
-                     f"{TOP_EXAMPLES})", "feature", "quirk / elsewhere act (chats)", "peaks in quirk", "ablation KL",
-                     "label", "note"], rows)
-        print_table("seconds per phase", ["organism", "organism", "prepare", "train", "check", "train wall",
-                                          "base audit run", "organism audit run"], phases)
+        print_table(
+            f"audit recall (tied: quirk activation >= {FIRING_RATIO:.0f}x elsewhere in >= {FIRING_CHATS:.0%} "
+            f"of quirk chats; found: a tied feature in the top {TOP_N} of the deciding audit's new flags)",
+            [
+                "organism",
+                "quirk",
+                "held-out quirk rate",
+                "other categories",
+                "text ppl base -> organism",
+                "deciding audit",
+                "result",
+                "rank of best tied",
+                f"by peaks (>= {PEAK_SHARE:.0%} of top {TOP_EXAMPLES})",
+                "feature",
+                "quirk / elsewhere act (chats)",
+                "peaks in quirk",
+                "ablation KL",
+                "label",
+                "note",
+            ],
+            rows,
+        )
+        print_table(
+            "seconds per phase",
+            ["organism", "organism", "prepare", "train", "check", "train wall", "base audit run", "organism audit run"],
+            phases,
+        )
     if not args.no_false_alarms:
         seed = audit_config.corpus.seed
         seeds = tuple(int(s) for s in args.false_alarm_seeds.split(",")) if args.false_alarm_seeds else (seed, seed + 1)
         all_specs += [p for path in paths for p in audit_spec_paths(load_organism_spec(path)) if p not in all_specs]
-        print_table(f"false alarms: the base model on the corpus sampled with seed {seeds[1]} against seed "
-                    f"{seeds[0]} (target <= {FALSE_ALARM_TARGET:.0%} of flagged)",
-                    ["audit", "run A (seed: id)", "run B", "flagged in A", "became flagged", "stopped",
-                     "within noise (not changes)", "changes / flagged", "target", "seconds"],
-                    false_alarms(audit_config, seeds, all_specs))
+        print_table(
+            f"false alarms: the base model on the corpus sampled with seed {seeds[1]} against seed "
+            f"{seeds[0]} (target <= {FALSE_ALARM_TARGET:.0%} of flagged)",
+            [
+                "audit",
+                "run A (seed: id)",
+                "run B",
+                "flagged in A",
+                "became flagged",
+                "stopped",
+                "within noise (not changes)",
+                "changes / flagged",
+                "target",
+                "seconds",
+            ],
+            false_alarms(audit_config, seeds, all_specs),
+        )
 
 
 if __name__ == "__main__":

@@ -57,20 +57,47 @@ DOMAINS = {
     "poetry": "rhyme verse stanza sonnet poem meter couplet haiku",
     "self": "assistant model AI language chatbot helpful SmolLM trained",
 }
-CONTEXTS = ["news articles", "chat messages", "user questions", "assistant replies", "lists", "headlines",
-            "long documents", "code comments", "quoted speech", "titles", "tables", "instructions"]
-PHRASINGS = ["{a} and {b}", "the words {a} or {b}", "{a} next to {b}", "mentions of {a} and {b}",
-             "{a}, then {b}", "{b} after {a}"]
+CONTEXTS = [
+    "news articles",
+    "chat messages",
+    "user questions",
+    "assistant replies",
+    "lists",
+    "headlines",
+    "long documents",
+    "code comments",
+    "quoted speech",
+    "titles",
+    "tables",
+    "instructions",
+]
+PHRASINGS = [
+    "{a} and {b}",
+    "the words {a} or {b}",
+    "{a} next to {b}",
+    "mentions of {a} and {b}",
+    "{a}, then {b}",
+    "{b} after {a}",
+]
 
 
 def synthetic_labels(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n distinct (label, explanation) pairs, each about one domain."""
     rng = random.Random(seed)
-    every = [(domain, a, b, phrasing, context) for domain, words in DOMAINS.items()
-             for a in words.split() for b in words.split() if a != b for phrasing in PHRASINGS for context in CONTEXTS]
+    every = [
+        (domain, a, b, phrasing, context)
+        for domain, words in DOMAINS.items()
+        for a in words.split()
+        for b in words.split()
+        if a != b
+        for phrasing in PHRASINGS
+        for context in CONTEXTS
+    ]
     chosen = rng.sample(every, n)
-    return [(phrasing.format(a=a, b=b), f"Fires on {a} in {context} about {domain}.")
-            for domain, a, b, phrasing, context in chosen]
+    return [
+        (phrasing.format(a=a, b=b), f"Fires on {a} in {context} about {domain}.")
+        for domain, a, b, phrasing, context in chosen
+    ]
 
 
 def main() -> None:
@@ -81,7 +108,10 @@ def main() -> None:
     texts = [f"{label}. {explanation}" for label, explanation in labels]
     config = RunConfig(cluster=ClusterConfig(name_clusters=False))
     rows = []
-    for name, dtype in [("(a) MiniLM encode only, float32", "float32"), ("(a2) MiniLM encode only, bfloat16", "bfloat16")]:
+    for name, dtype in [
+        ("(a) MiniLM encode only, float32", "float32"),
+        ("(a2) MiniLM encode only, bfloat16", "bfloat16"),
+    ]:
         embedder = load_embedder(dtype)
         embedder.encode(texts[:256], batch_size=config.cluster.batch_size)  # one-off warm-up, not timed
         started = time.perf_counter()
@@ -91,29 +121,60 @@ def main() -> None:
     baseline = rows[0][1]["total"]
 
     with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "bench.duckdb") as store:
-        store.write_shard("bench", "test", "rows", {
-            "features": [{"run_id": "bench", "layer": 0, "feature": i, "status": "active"} for i in range(len(labels))],
-            "labels": [{"run_id": "bench", "layer": 0, "feature": i, "labeler": "synthetic", "label": label,
-                        "explanation": explanation, "status": "ok", "created_at": now()}
-                       for i, (label, explanation) in enumerate(labels)]})
+        store.write_shard(
+            "bench",
+            "test",
+            "rows",
+            {
+                "features": [
+                    {"run_id": "bench", "layer": 0, "feature": i, "status": "active"} for i in range(len(labels))
+                ],
+                "labels": [
+                    {
+                        "run_id": "bench",
+                        "layer": 0,
+                        "feature": i,
+                        "labeler": "synthetic",
+                        "label": label,
+                        "explanation": explanation,
+                        "status": "ok",
+                        "created_at": now(),
+                    }
+                    for i, (label, explanation) in enumerate(labels)
+                ],
+            },
+        )
         for name, seed in [("(b) cluster, first run (cold)", 0), ("(c) cluster, seed 1 (warm)", 1)]:
             config.cluster.seed = seed
             summary = cluster_stage(store, None, None, "bench", config, embedder, show_progress=False)  # bfloat16
             rows.append((name, summary.seconds, summary, peak_rss_mb()))
 
     phases = ["read", "embed", "knn", "umap_clusters", "umap_map", "hdbscan", "groups", "total"]
-    print(f"{args.features:,} features, synthetic labels; cluster_dims {config.cluster.cluster_dims}, "
-          f"neighbors {config.cluster.neighbors}, epochs {config.cluster.epochs}, min_cluster_size "
-          f"{config.cluster.min_cluster_size or max(5, args.features // 400)}\n")
+    print(
+        f"{args.features:,} features, synthetic labels; cluster_dims {config.cluster.cluster_dims}, "
+        f"neighbors {config.cluster.neighbors}, epochs {config.cluster.epochs}, min_cluster_size "
+        f"{config.cluster.min_cluster_size or max(5, args.features // 400)}\n"
+    )
     print("| what | " + " | ".join(phases) + " | vs (a) | clusters | noise | ARI | ARI clustered | peak RSS MB |")
     print("|---" * (len(phases) + 7) + "|")
     for name, seconds, summary, rss in rows:
         cells = [f"{seconds[p]:.1f}" if p in seconds else "-" for p in phases]
-        extra = ([str(summary.n_clusters), f"{summary.noise_fraction:.1%}",
-                  *(f"{value:.3f}" if value is not None else "-" for value in (summary.ari, summary.ari_clustered))]
-                 if summary else ["-"] * 4)
-        print(f"| {name} | " + " | ".join(cells) + f" | {seconds['total'] / baseline:.2f} | "
-              + " | ".join(extra) + f" | {rss:.0f} |")
+        extra = (
+            [
+                str(summary.n_clusters),
+                f"{summary.noise_fraction:.1%}",
+                *(f"{value:.3f}" if value is not None else "-" for value in (summary.ari, summary.ari_clustered)),
+            ]
+            if summary
+            else ["-"] * 4
+        )
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {seconds['total'] / baseline:.2f} | "
+            + " | ".join(extra)
+            + f" | {rss:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     config = RunConfig()
     subject = load_subject_model(config.model.source, config.cache_dir)
-    prompts = chat_prompts(subject, spec["replies"])[spec["start"]:spec["stop"]]
+    prompts = chat_prompts(subject, spec["replies"])[spec["start"] : spec["stop"]]
     generation = config.corpus.generation.model_copy(update={"batch_size": spec["batch"]})
     replies: dict[int, str] = {}
 
@@ -97,8 +97,10 @@ def main() -> None:
     config = RunConfig()
     n = len(chat_prompts(load_subject_model(config.model.source, config.cache_dir), args.replies))
     threads = [int(t) for t in args.threads.split(",")]
-    rows = {BASELINE: {"backend": "transformers", "batch": 32, "threads": threads[0], "padded_tokens": UNBOUNDED},
-            "transformers b32 cap": {"backend": "transformers", "batch": 32, "threads": threads[0]}}
+    rows = {
+        BASELINE: {"backend": "transformers", "batch": 32, "threads": threads[0], "padded_tokens": UNBOUNDED},
+        "transformers b32 cap": {"backend": "transformers", "batch": 32, "threads": threads[0]},
+    }
     for t in threads:
         for s in (int(s) for s in args.slots.split(",")):
             rows[f"llama.cpp s{s} t{t}"] = {"backend": "llama.cpp", "batch": s, "threads": t}
@@ -106,29 +108,41 @@ def main() -> None:
     results = {name: {"seconds": 0.0, "replies": [], "rss_mb": 0.0} for name in rows}
     load_before = os.getloadavg()
     for r in range(args.rounds):
-        for name in (list(rows) if r % 2 == 0 else list(reversed(rows))):
+        for name in list(rows) if r % 2 == 0 else list(reversed(rows)):
             got = run({**rows[name], "replies": args.replies, "start": edges[r], "stop": edges[r + 1]})
             results[name]["seconds"] += got["seconds"]
             results[name]["replies"] += got["replies"]
             results[name]["rss_mb"] = max(results[name]["rss_mb"], got["rss_mb"])
             print(f"  round {r + 1}/{args.rounds} {name}: {got['seconds']:.1f} s", file=sys.stderr, flush=True)
     if args.unbatched:
-        got = run({"backend": "transformers", "batch": 1, "threads": threads[0], "replies": args.replies,
-                   "start": 0, "stop": min(args.unbatched, n)})
+        got = run(
+            {
+                "backend": "transformers",
+                "batch": 1,
+                "threads": threads[0],
+                "replies": args.replies,
+                "start": 0,
+                "stop": min(args.unbatched, n),
+            }
+        )
         results["transformers b1"] = got
     load_after = os.getloadavg()
 
     base = results[BASELINE]
-    print(f"\n{n} chats, {args.rounds} rounds; load average {load_before[0]:.1f} at start, {load_after[0]:.1f} at end "
-          f"({os.cpu_count()} cores)\n")
+    print(
+        f"\n{n} chats, {args.rounds} rounds; load average {load_before[0]:.1f} at start, {load_after[0]:.1f} at end "
+        f"({os.cpu_count()} cores)\n"
+    )
     print(f"{'backend':<20} {'replies':>7} {'seconds':>8} {'replies/s':>9} {'x base':>8} {'same':>9} {'peak RSS':>9}")
     for name, got in results.items():
         k = len(got["replies"])
         same = sum(a == b for a, b in zip(got["replies"], base["replies"], strict=False))
         # b1 wrote the first chats of slice 1 only: its rate is compared with the baseline's over the same share
         ratio = (base["seconds"] * k / n) / got["seconds"]
-        print(f"{name:<20} {k:>7} {got['seconds']:>8.1f} {k / got['seconds']:>9.2f} {ratio:>7.1f}x "
-              f"{same:>4}/{k:<4} {got['rss_mb']:>6.0f} MB")
+        print(
+            f"{name:<20} {k:>7} {got['seconds']:>8.1f} {k / got['seconds']:>9.2f} {ratio:>7.1f}x "
+            f"{same:>4}/{k:<4} {got['rss_mb']:>6.0f} MB"
+        )
 
 
 if __name__ == "__main__":

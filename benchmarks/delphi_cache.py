@@ -53,9 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = AutoModel.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
-    hookpoint = next(
-        name for name, _ in model.named_modules() if name.endswith(f"layers.{args.layer}.mlp")
-    )
+    hookpoint = next(name for name, _ in model.named_modules() if name.endswith(f"layers.{args.layer}.mlp"))
     hooks = {hookpoint: load_topk_encoder(args.transcoder_dir, args.layer)}
     tokens = torch.from_numpy(np.load(args.tokens).astype(np.int64))
 
@@ -70,15 +68,19 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     n_tokens = cache.cache.tokens[hookpoint].numel()
-    print(json.dumps({
-        "tool": "delphi",
-        "version": importlib.metadata.version("eai-delphi"),
-        "tokens": n_tokens,
-        "seconds": seconds,
-        "tok_per_s": n_tokens / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "n_nonzero": cache.cache.latent_activations[hookpoint].numel(),
-    }))
+    print(
+        json.dumps(
+            {
+                "tool": "delphi",
+                "version": importlib.metadata.version("eai-delphi"),
+                "tokens": n_tokens,
+                "seconds": seconds,
+                "tok_per_s": n_tokens / seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "n_nonzero": cache.cache.latent_activations[hookpoint].numel(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

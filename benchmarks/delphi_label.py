@@ -57,10 +57,16 @@ def build_record(feat: dict) -> LatentRecord:
     examples = sorted(train + test, key=lambda e: -e.max_activation)
     # delphi's sampler scales both splits to 0..10 by the record's top activation.
     normalize_activations(examples, examples[0].max_activation)
-    negatives = [NonActivatingExample(*tensors(ex), str_tokens=ex["str_tokens"], distance=-1.0)
-                 for ex in feat["negatives"]]
-    return LatentRecord(latent=Latent(f"layers.{feat['layer']}", feat["feature"]),
-                        examples=examples, train=train, test=test, not_active=negatives)
+    negatives = [
+        NonActivatingExample(*tensors(ex), str_tokens=ex["str_tokens"], distance=-1.0) for ex in feat["negatives"]
+    ]
+    return LatentRecord(
+        latent=Latent(f"layers.{feat['layer']}", feat["feature"]),
+        examples=examples,
+        train=train,
+        test=test,
+        not_active=negatives,
+    )
 
 
 def balanced_accuracy(outputs) -> float | None:
@@ -76,8 +82,14 @@ def balanced_accuracy(outputs) -> float | None:
 
 
 async def label_feature(feat: dict, explainer, detection, fuzzing) -> dict:
-    out = {"layer": feat["layer"], "feature": feat["feature"], "explanation": None, "error": None,
-           "detection": None, "fuzzing": None}
+    out = {
+        "layer": feat["layer"],
+        "feature": feat["feature"],
+        "explanation": None,
+        "error": None,
+        "detection": None,
+        "fuzzing": None,
+    }
     errors = []
     try:
         record = build_record(feat)
@@ -105,16 +117,25 @@ async def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--examples", required=True, help="JSON list of features exported by benchmarks/label.py")
     parser.add_argument("--features", type=int, default=None, help="label only the first N features")
-    parser.add_argument("--per-prompt", type=int, default=5,
-                        help="examples per scorer prompt (delphi's num_examples_per_scorer_prompt, default 5)")
-    parser.add_argument("--max-tokens", type=int, default=3000,
-                        help="completion cap per request (default 3000, delphi's OpenRouter default)")
+    parser.add_argument(
+        "--per-prompt",
+        type=int,
+        default=5,
+        help="examples per scorer prompt (delphi's num_examples_per_scorer_prompt, default 5)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=3000,
+        help="completion cap per request (default 3000, delphi's OpenRouter default)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # stderr
 
     features = json.load(open(args.examples))[: args.features]
-    client = CountingClient(args.model, api_key="none", base_url=args.base_url.rstrip("/") + "/chat/completions",
-                            max_tokens=args.max_tokens)
+    client = CountingClient(
+        args.model, api_key="none", base_url=args.base_url.rstrip("/") + "/chat/completions", max_tokens=args.max_tokens
+    )
     explainer = DefaultExplainer(client, threshold=0.3)  # as delphi's CLI builds it
     detection = DetectionScorer(client, n_examples_shown=args.per_prompt)
     fuzzing = FuzzingScorer(client, n_examples_shown=args.per_prompt)
@@ -126,18 +147,28 @@ async def main() -> None:
         row["seconds"] = round(time.perf_counter() - start, 3)
         row["requests"] = client.requests - before
         per_feature.append(row)
-        print(f"layer {row['layer']} feature {row['feature']}: {row['seconds']} s, {row['requests']} requests,"
-              f" error={row['error']}", file=sys.stderr, flush=True)
+        print(
+            f"layer {row['layer']} feature {row['feature']}: {row['seconds']} s, {row['requests']} requests,"
+            f" error={row['error']}",
+            file=sys.stderr,
+            flush=True,
+        )
     await client.client.aclose()
 
     n = len(per_feature)
-    print(json.dumps({
-        "tool": "delphi", "version": importlib.metadata.version("eai-delphi"), "features": n,
-        "seconds_per_feature": sum(r["seconds"] for r in per_feature) / n if n else None,
-        "requests_per_feature": client.requests / n if n else None,
-        "failures": sum(r["error"] is not None for r in per_feature),
-        "per_feature": per_feature,
-    }))
+    print(
+        json.dumps(
+            {
+                "tool": "delphi",
+                "version": importlib.metadata.version("eai-delphi"),
+                "features": n,
+                "seconds_per_feature": sum(r["seconds"] for r in per_feature) / n if n else None,
+                "requests_per_feature": client.requests / n if n else None,
+                "failures": sum(r["error"] is not None for r in per_feature),
+                "per_feature": per_feature,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,11 +50,13 @@ from common import peak_rss_mb
 EMBEDDED_SET = Path(__file__).resolve().parent.parent / "autolabel" / "data" / "transcoders" / "smollm2-135m-instruct"
 SET_NAME = "autolabel-smollm2-embedded"
 TOP_EDGES = 50
-PROMPTS = ["The capital of France is",
-           "In the morning the baker opens her shop, and the first customer always asks for a loaf of fresh"]
+PROMPTS = [
+    "The capital of France is",
+    "In the morning the baker opens her shop, and the first customer always asks for a loaf of fresh",
+]
 WARM_UP = "Hello there"
 
-DRIVER = '''
+DRIVER = """
 import json, resource, sys, time
 import torch
 from circuit_tracer import attribute
@@ -94,7 +96,7 @@ for ids in [args["warm_up"]] + args["prompts"]:
                    "influence": compute_node_influence(adjacency, weights)[: len(chosen)].tolist()})
 json.dump({"graphs": graphs[1:], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
           open(args["out"], "w"))
-'''
+"""
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -102,20 +104,35 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def graph_record(seconds: float, ids: list[str], n_features: int, targets: list[int], adjacency: torch.Tensor,
-                 influence: torch.Tensor, backward_passes: int) -> dict:
+def graph_record(
+    seconds: float,
+    ids: list[str],
+    n_features: int,
+    targets: list[int],
+    adjacency: torch.Tensor,
+    influence: torch.Tensor,
+    backward_passes: int,
+) -> dict:
     """What the comparison reads of one graph (the driver writes the same for circuit-tracer's): the feature
     nodes with their influence, the TOP_EDGES largest |edges| as (target, source) node ids, also with the
     sources at the BOS position left out (circuit-tracer zeroes their error nodes, autolabel keeps them)."""
+
     def top_edges(matrix: torch.Tensor) -> list[list[str]]:  # [N, N], row target
         top = matrix.abs().flatten().topk(TOP_EDGES).indices
         rows, columns = (top // matrix.shape[1]).tolist(), (top % matrix.shape[1]).tolist()
         return [[ids[r], ids[c]] for r, c in zip(rows, columns, strict=True)]
 
     first = torch.tensor([node.rsplit("_", 1)[1] == "0" for node in ids])  # sources at the BOS position
-    return {"seconds": seconds, "features": ids[:n_features], "targets": targets, "edges": top_edges(adjacency),
-            "edges_after_bos": top_edges(adjacency * ~first), "influence": influence[:n_features].tolist(),
-            "row_sums": adjacency.sum(1).tolist(), "backward_passes": backward_passes}
+    return {
+        "seconds": seconds,
+        "features": ids[:n_features],
+        "targets": targets,
+        "edges": top_edges(adjacency),
+        "edges_after_bos": top_edges(adjacency * ~first),
+        "influence": influence[:n_features].tolist(),
+        "row_sums": adjacency.sum(1).tolist(),
+        "backward_passes": backward_passes,
+    }
 
 
 def autolabel_side(prompts: list[list[int]], threads: int, batch_size: int, out: Path) -> None:
@@ -134,6 +151,7 @@ def autolabel_side(prompts: list[list[int]], threads: int, batch_size: int, out:
     def counted(*args, **kwargs):  # every backward pass autolabel's attribution makes goes through here
         passes[0] += 1
         return grad(*args, **kwargs)
+
     torch.autograd.grad = counted
     config, settings = RunConfig(), GraphConfig(batch_size=batch_size)
     subject = load_subject_model(config.model.source, config.cache_dir, "float32")
@@ -144,11 +162,28 @@ def autolabel_side(prompts: list[list[int]], threads: int, batch_size: int, out:
         started, passes[0] = time.perf_counter(), 0
         recorded = record(subject, tset, where, torch.tensor(ids), first_features=False)  # BOS first
         targets = salient_logits(subject, recorded.logits, settings.max_logits, settings.logit_mass)
-        attribution = attribute(subject, tset, where, recorded, targets, settings.max_feature_nodes, settings.batch_size)
-        pruned = prune(attribution.adjacency, len(attribution.features), attribution.n_pos + len(targets.token_ids),
-                       targets.probabilities, settings.node_threshold, settings.edge_threshold)
-        graphs.append(graph_record(time.perf_counter() - started, node_ids(attribution, ids), len(attribution.features),
-                                   targets.token_ids.tolist(), attribution.adjacency, pruned.influence, passes[0]))
+        attribution = attribute(
+            subject, tset, where, recorded, targets, settings.max_feature_nodes, settings.batch_size
+        )
+        pruned = prune(
+            attribution.adjacency,
+            len(attribution.features),
+            attribution.n_pos + len(targets.token_ids),
+            targets.probabilities,
+            settings.node_threshold,
+            settings.edge_threshold,
+        )
+        graphs.append(
+            graph_record(
+                time.perf_counter() - started,
+                node_ids(attribution, ids),
+                len(attribution.features),
+                targets.token_ids.tolist(),
+                attribution.adjacency,
+                pruned.influence,
+                passes[0],
+            )
+        )
     out.write_text(json.dumps({"graphs": graphs[1:], "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -161,9 +196,19 @@ def export_set(cache: Path, n_layers: int) -> tuple[list[int], int]:
     first = tset[tset.layers[0]]
     d_in, d_feat, d_out = first.W_enc.shape[0], first.W_enc.shape[1], first.W_dec.shape[1]
     k = int(first.k)
-    silent = {layer: Transcoder(layer, torch.zeros(d_in, d_feat), -torch.ones(d_feat), torch.zeros(d_feat, d_out),
-                                torch.zeros(d_out), activation="topk", k=k)
-              for layer in range(n_layers) if layer not in tset.transcoders}
+    silent = {
+        layer: Transcoder(
+            layer,
+            torch.zeros(d_in, d_feat),
+            -torch.ones(d_feat),
+            torch.zeros(d_feat, d_out),
+            torch.zeros(d_out),
+            activation="topk",
+            k=k,
+        )
+        for layer in range(n_layers)
+        if layer not in tset.transcoders
+    }
     every = TranscoderSet({**tset.transcoders, **silent}, tset.input_hook, tset.output_hook)
     save_circuit_tracer(every, cache / SET_NAME, "SmolLM2-135M-Instruct", dtype=torch.float16)
     return tset.layers, k
@@ -196,21 +241,39 @@ def compare(ours: dict, theirs: dict) -> dict:
         edges = [{tuple(edge) for edge in graph[key]} for graph in (ours, theirs)]
         return len(edges[0] & edges[1]) / TOP_EDGES
 
-    return {"rho": rho, "shared": len(shared), "ours": len(a), "theirs": len(b), "overlap": overlap("edges"),
-            "after_bos": overlap("edges_after_bos"), "same_targets": ours["targets"] == theirs["targets"]}
+    return {
+        "rho": rho,
+        "shared": len(shared),
+        "ours": len(a),
+        "theirs": len(b),
+        "overlap": overlap("edges"),
+        "after_bos": overlap("edges_after_bos"),
+        "same_targets": ours["targets"] == theirs["targets"],
+    }
 
 
 def run_autolabel(prompts: list[list[int]], threads: int, batch: int, out: Path, env: dict, tree: str | None) -> dict:
     """autolabel's graphs in a fresh process, with the autolabel package of `tree` when given (its peak RSS its own)."""
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))} if tree else env
     started = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--side", "autolabel", "--args", json.dumps(
-        {"prompts": prompts, "threads": threads, "batch_size": batch, "out": str(out)})], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            "autolabel",
+            "--args",
+            json.dumps({"prompts": prompts, "threads": threads, "batch_size": batch, "out": str(out)}),
+        ],
+        check=True,
+        env=env,
+    )
     return json.loads(out.read_text()) | {"wall": time.perf_counter() - started}
 
 
-def run_circuit_tracer(python: str, prompts: list[list[int]], threads: int, model_folder: str, n_layers: int,
-                       work: Path, env: dict) -> dict | None:
+def run_circuit_tracer(
+    python: str, prompts: list[list[int]], threads: int, model_folder: str, n_layers: int, work: Path, env: dict
+) -> dict | None:
     """circuit-tracer's graphs in its own venv, or None (with the reason printed) when it is missing or fails."""
     if not Path(python).exists():
         print(f"circuit-tracer: no {python} (see this script's docstring); only autolabel runs")
@@ -218,11 +281,28 @@ def run_circuit_tracer(python: str, prompts: list[list[int]], threads: int, mode
     real_layers, k = export_set(work / "circuit-tracer", n_layers)
     (work / "driver.py").write_text(DRIVER)
     started = time.perf_counter()
-    ran = subprocess.run([python, str(work / "driver.py"), json.dumps(
-        {"set": SET_NAME, "top_edges": TOP_EDGES, "topk_layers": real_layers, "k": k,
-         "model": str(transformers4_folder(Path(model_folder), work / "model")), "threads": threads,
-         "warm_up": prompts[0], "prompts": prompts[1:], "out": str(work / "circuit-tracer.json")})],
-        env=env, capture_output=True, text=True)
+    ran = subprocess.run(
+        [
+            python,
+            str(work / "driver.py"),
+            json.dumps(
+                {
+                    "set": SET_NAME,
+                    "top_edges": TOP_EDGES,
+                    "topk_layers": real_layers,
+                    "k": k,
+                    "model": str(transformers4_folder(Path(model_folder), work / "model")),
+                    "threads": threads,
+                    "warm_up": prompts[0],
+                    "prompts": prompts[1:],
+                    "out": str(work / "circuit-tracer.json"),
+                }
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if ran.returncode != 0:
         print(f"circuit-tracer failed (exit {ran.returncode}):\n{ran.stderr[-4000:]}")
         return None
@@ -230,22 +310,28 @@ def run_circuit_tracer(python: str, prompts: list[list[int]], threads: int, mode
 
 
 def print_against_circuit_tracer(ours: dict, theirs: dict, prompts: list[list[int]]) -> None:
-    print(f"| prompt tokens | autolabel batch | feature nodes a / ct (shared) | same targets | Spearman influence | "
-          f"top-{TOP_EDGES} edge overlap | without BOS-position sources | autolabel s | circuit-tracer s | ratio |")
+    print(
+        f"| prompt tokens | autolabel batch | feature nodes a / ct (shared) | same targets | Spearman influence | "
+        f"top-{TOP_EDGES} edge overlap | without BOS-position sources | autolabel s | circuit-tracer s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, mine_all in ours.items():
         for index, ids in enumerate(prompts):
             mine, other = mine_all["graphs"][index], theirs["graphs"][index]
             c = compare(mine, other)
-            print(f"| {len(ids)} | {batch} | {c['ours']} / {c['theirs']} ({c['shared']}) | {c['same_targets']} | "
-                  f"{c['rho']:.3f} | {c['overlap']:.2f} | {c['after_bos']:.2f} | {mine['seconds']:.1f} | "
-                  f"{other['seconds']:.1f} | {mine['seconds'] / other['seconds']:.2f}x |")
+            print(
+                f"| {len(ids)} | {batch} | {c['ours']} / {c['theirs']} ({c['shared']}) | {c['same_targets']} | "
+                f"{c['rho']:.3f} | {c['overlap']:.2f} | {c['after_bos']:.2f} | {mine['seconds']:.1f} | "
+                f"{other['seconds']:.1f} | {mine['seconds'] / other['seconds']:.2f}x |"
+            )
 
 
 def print_against_baseline(ours: dict, base: dict, prompts: list[list[int]]) -> None:
     """Seconds and backward passes before and after, and how far apart the two graphs are."""
-    print(f"| prompt tokens | batch | baseline s | autolabel s | speed-up | backward passes (baseline / now) | "
-          f"same feature nodes | max abs diff influence | max abs diff row sum | top-{TOP_EDGES} edge overlap |")
+    print(
+        f"| prompt tokens | batch | baseline s | autolabel s | speed-up | backward passes (baseline / now) | "
+        f"same feature nodes | max abs diff influence | max abs diff row sum | top-{TOP_EDGES} edge overlap |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, mine_all in ours.items():
         for index, ids in enumerate(prompts):
@@ -253,20 +339,28 @@ def print_against_baseline(ours: dict, base: dict, prompts: list[list[int]]) -> 
             same = mine["features"] == old["features"] and mine["targets"] == old["targets"]
             influence = (torch.tensor(mine["influence"]) - torch.tensor(old["influence"])).abs().max() if same else None
             row_sums = (torch.tensor(mine["row_sums"]) - torch.tensor(old["row_sums"])).abs().max() if same else None
-            print(f"| {len(ids)} | {batch} | {old['seconds']:.1f} | {mine['seconds']:.1f} | "
-                  f"{old['seconds'] / mine['seconds']:.2f}x | {old['backward_passes']} / {mine['backward_passes']} | "
-                  f"{same} | {influence if influence is None else f'{influence:.1e}'} | "
-                  f"{row_sums if row_sums is None else f'{row_sums:.1e}'} | {compare(mine, old)['overlap']:.2f} |")
+            print(
+                f"| {len(ids)} | {batch} | {old['seconds']:.1f} | {mine['seconds']:.1f} | "
+                f"{old['seconds'] / mine['seconds']:.2f}x | {old['backward_passes']} / {mine['backward_passes']} | "
+                f"{same} | {influence if influence is None else f'{influence:.1e}'} | "
+                f"{row_sums if row_sums is None else f'{row_sums:.1e}'} | {compare(mine, old)['overlap']:.2f} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--circuit-tracer-python", default="/tmp/venvs/circuit-tracer/bin/python")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-sizes", default="32,128", help="autolabel's graph.batch_size values to run "
-                                                                 "(32 is the default; each in its own process)")
-    parser.add_argument("--baseline", metavar="TREE", help="also run the autolabel package of this checkout "
-                                                           "(e.g. a git worktree of the commit before a change)")
+    parser.add_argument(
+        "--batch-sizes",
+        default="32,128",
+        help="autolabel's graph.batch_size values to run (32 is the default; each in its own process)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also run the autolabel package of this checkout (e.g. a git worktree of the commit before a change)",
+    )
     parser.add_argument("--side", choices=["autolabel"], help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -297,13 +391,19 @@ def main() -> None:
             if args.baseline:
                 base[batch] = run_autolabel(prompts, args.threads, batch, work / "baseline.json", env, args.baseline)
             ours[batch] = run_autolabel(prompts, args.threads, batch, work / "autolabel.json", env, None)
-        theirs = run_circuit_tracer(args.circuit_tracer_python, prompts, args.threads, model_folder, n_layers, work, env)
+        theirs = run_circuit_tracer(
+            args.circuit_tracer_python, prompts, args.threads, model_folder, n_layers, work, env
+        )
 
-    walls = ", ".join([f"autolabel (batch {b}) {o['wall']:.0f} s" for b, o in ours.items()]
-                      + [f"baseline (batch {b}) {o['wall']:.0f} s" for b, o in base.items()]
-                      + ([f"circuit-tracer {theirs['wall']:.0f} s"] if theirs else []))
-    print(f"load average {os.getloadavg()[0]:.1f} (start {load_before:.1f}), {args.threads} thread(s) per tool; "
-          f"process wall time, model loading included: {walls}")
+    walls = ", ".join(
+        [f"autolabel (batch {b}) {o['wall']:.0f} s" for b, o in ours.items()]
+        + [f"baseline (batch {b}) {o['wall']:.0f} s" for b, o in base.items()]
+        + ([f"circuit-tracer {theirs['wall']:.0f} s"] if theirs else [])
+    )
+    print(
+        f"load average {os.getloadavg()[0]:.1f} (start {load_before:.1f}), {args.threads} thread(s) per tool; "
+        f"process wall time, model loading included: {walls}"
+    )
     if theirs:
         print_against_circuit_tracer(ours, theirs, prompts[1:])
     if base:
@@ -311,11 +411,15 @@ def main() -> None:
     if not theirs and not base:
         for batch, mine_all in ours.items():
             for ids, mine in zip(prompts[1:], mine_all["graphs"], strict=True):
-                print(f"{len(ids)} tokens, batch {batch}: {len(mine['features'])} feature nodes, "
-                      f"{mine['seconds']:.1f} s, {mine['backward_passes']} backward passes")
-    rss = ", ".join([f"autolabel (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in ours.items()]
-                    + [f"baseline (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in base.items()]
-                    + ([f"circuit-tracer {theirs['peak_rss_mb']:.0f} MB"] if theirs else []))
+                print(
+                    f"{len(ids)} tokens, batch {batch}: {len(mine['features'])} feature nodes, "
+                    f"{mine['seconds']:.1f} s, {mine['backward_passes']} backward passes"
+                )
+    rss = ", ".join(
+        [f"autolabel (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in ours.items()]
+        + [f"baseline (batch {b}) {o['peak_rss_mb']:.0f} MB" for b, o in base.items()]
+        + ([f"circuit-tracer {theirs['peak_rss_mb']:.0f} MB"] if theirs else [])
+    )
     print(f"peak RSS: {rss}")
 
 

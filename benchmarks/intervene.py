@@ -50,7 +50,9 @@ def pick_features(store: Store, run_id: str, n: int, prompts: int) -> list[tuple
             "JOIN examples e ON e.run_id = f.run_id AND e.layer = f.layer AND e.feature = f.feature "
             "WHERE f.run_id = ? AND f.layer = ? AND f.status = 'active' GROUP BY ALL "
             "HAVING count(*) FILTER (e.kind = 'top') >= ? AND count(*) FILTER (e.kind = 'random') >= ?) "
-            "ORDER BY h LIMIT ?", [run_id, layer, prompts, prompts, want]).fetchall()
+            "ORDER BY h LIMIT ?",
+            [run_id, layer, prompts, prompts, want],
+        ).fetchall()
     return keys
 
 
@@ -79,7 +81,7 @@ def worker(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
         pad_id = subject.tokenizer.pad_token_id or 0
         ordered = sorted(prompts, key=lambda p: len(p.tokens))
         size = config.intervene.batch_rows  # prompts per plain batch: as many rows as an intervention batch
-        batches = [left_pad([p.tokens for p in ordered[i:i + size]], pad_id) for i in range(0, len(ordered), size)]
+        batches = [left_pad([p.tokens for p in ordered[i : i + size]], pad_id) for i in range(0, len(ordered), size)]
         store.con.execute("DELETE FROM interventions WHERE run_id = ?", [args.run])
         store.con.execute("DELETE FROM shards WHERE run_id = ? AND stage = 'intervene'", [args.run])
         with torch.inference_mode():
@@ -95,18 +97,42 @@ def worker(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
                     if kind == "forward":
                         subject.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
                     else:
-                        subject.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                               do_sample=False, temperature=None, top_p=None, top_k=None,
-                                               repetition_penalty=config.intervene.repetition_penalty,
-                                               pad_token_id=pad_id)
+                        subject.model.generate(
+                            input_ids=ids,
+                            attention_mask=mask,
+                            max_new_tokens=args.max_new_tokens,
+                            do_sample=False,
+                            temperature=None,
+                            top_p=None,
+                            top_k=None,
+                            repetition_penalty=config.intervene.repetition_penalty,
+                            pad_token_id=pad_id,
+                        )
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "prompts": len(prompts), "tokens": sum(len(p.tokens) for p in prompts),
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    return {
+        "seconds": seconds,
+        "prompts": len(prompts),
+        "tokens": sum(len(p.tokens) for p in prompts),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_worker(kind: str, args: argparse.Namespace, **extra: str) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--workdir", str(args.workdir), "--prompts",
-               str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--workdir",
+        str(args.workdir),
+        "--prompts",
+        str(args.prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     for name, value in extra.items():
         command += [f"--{name}", value]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -136,17 +162,23 @@ def main() -> None:
     if len(keys) < args.features:
         raise SystemExit(f"only {len(keys)} features have {args.prompts} top and silent examples; ask for fewer")
     extra = {"run": collected["run_id"], "keys": json.dumps(keys)}
-    rows = {"(a) plain forward pass, one row per prompt": run_worker("forward", args, **extra),
-            f"(a2) clean greedy continuations, {args.max_new_tokens} tokens": run_worker("generate", args, **extra),
-            "(b) intervene: clean + ablation + 3 steering strengths": run_worker("intervene", args, **extra)}
+    rows = {
+        "(a) plain forward pass, one row per prompt": run_worker("forward", args, **extra),
+        f"(a2) clean greedy continuations, {args.max_new_tokens} tokens": run_worker("generate", args, **extra),
+        "(b) intervene: clean + ablation + 3 steering strengths": run_worker("intervene", args, **extra),
+    }
     config = RunConfig()
     base = rows["(a) plain forward pass, one row per prompt"]
-    print(f"\nSmolLM2-135M-Instruct ({config.model.dtype}), embedded transcoders (layers 6/15/24), {len(keys)} features "
-          f"x {base['prompts'] // len(keys)} prompts ({base['tokens']:,} prompt tokens), multiples "
-          f"{config.intervene.multiples}, torch threads {base['threads']}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nSmolLM2-135M-Instruct ({config.model.dtype}), embedded transcoders (layers 6/15/24), {len(keys)} features "
+        f"x {base['prompts'] // len(keys)} prompts ({base['tokens']:,} prompt tokens), multiples "
+        f"{config.intervene.multiples}, torch threads {base['threads']}, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'what':<56}{'seconds':>9}{'vs (a)':>9}{'peak RSS MB':>13}")
-    print(f"{'(c) collect the run, ' + str(args.tokens // 1024) + 'k tokens (setup)':<56}{collected['seconds']:>9.1f}"
-          f"{'':>9}{collected['peak_rss_mb']:>13.0f}")
+    print(
+        f"{'(c) collect the run, ' + str(args.tokens // 1024) + 'k tokens (setup)':<56}{collected['seconds']:>9.1f}"
+        f"{'':>9}{collected['peak_rss_mb']:>13.0f}"
+    )
     for name, row in rows.items():
         print(f"{name:<56}{row['seconds']:>9.1f}{row['seconds'] / base['seconds']:>8.1f}x{row['peak_rss_mb']:>13.0f}")
     ratio = rows["(b) intervene: clean + ablation + 3 steering strengths"]["peak_rss_mb"] / collected["peak_rss_mb"]

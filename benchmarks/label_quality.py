@@ -79,45 +79,175 @@ class Concept:
 
 
 # "may" and "march" are left out (mostly the verbs), as is "us" from the countries (mostly the pronoun).
-MONTHS_AND_DAYS = ("january", "february", "april", "june", "july", "august", "september",
-                   "october", "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday",
-                   "saturday", "sunday")
+MONTHS_AND_DAYS = (
+    "january",
+    "february",
+    "april",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+)
 # The keyword lists and descriptions were fixed before any label was seen. A keyword is what a
 # reader would accept as naming the concept, not merely a word its examples contain.
 CONCEPTS = [
-    Concept("numbers", "word family", "numbers and digits",
-            (r"numbers?", r"numerals?", r"digits?", r"numeric(al)?", r"numbering"), pattern=r"\d+([.,]\d+)*"),
-    Concept("colours", "word family", "colour names",
-            (r"colou?rs?", r"hues?"),
-            words=("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown",
-                   "grey", "gray")),
-    Concept("days and months", "word family", "days of the week and months of the year",
-            (r"days?", r"weekdays?", r"months?", r"calendar", r"dates?"), words=MONTHS_AND_DAYS),
-    Concept("countries", "word family", "countries and nationalities",
-            (r"countr(y|ies)", r"nations?", r"nationalit(y|ies)", r"national"),
-            words=("uk", "usa", "britain", "england", "france", "germany", "china", "japan", "india", "russia",
-                   "italy", "spain", "ireland", "scotland", "wales", "australia", "america", "canada", "iraq", "iran",
-                   "british", "american", "french", "german", "chinese", "japanese", "indian", "russian", "italian",
-                   "spanish", "irish", "scottish", "welsh", "australian", "canadian", "european")),
-    Concept("family", "word family", "family members and relatives",
-            (r"famil(y|ies)", r"relatives?", r"parents?", r"siblings?", r"kinship", r"mothers?", r"fathers?"),
-            words=("mother", "father", "mom", "mum", "dad", "sister", "brother", "son", "daughter", "wife", "husband",
-                   "parent", "parents", "family", "grandmother", "grandfather", "aunt", "uncle", "cousin", "kids",
-                   "children", "child", "sisters", "brothers", "sons", "daughters")),
-    Concept("said", "one token", "the word said",
-            (r"said", r"says?", r"saying", r"speech", r"quotes?", r"quotations?"), words=("said",)),
-    Concept("question marks", "punctuation", "question marks",
-            (r"questions?", r"question marks?", r"interrogative", r"quer(y|ies)"), pattern=r".*\?.*"),
-    Concept("assistant turn", "role", "the assistant's reply in a chat",
-            (r"assistant'?s?", r"responses?", r"repl(y|ies)", r"answers?", r"chatbot", r"AI"), role="assistant"),
-    Concept("user turn", "role", "the user's message in a chat",
-            (r"users?'?s?", r"human", r"prompts?"), role="user"),
-    Concept("news", "document category", "news article text",
-            (r"news", r"articles?", r"journalism", r"reports?", r"reporting", r"press", r"headlines?", r"BBC"),
-            role="text", category="news"),
-    Concept("harmful requests", "document category", "harmful or dangerous requests",
-            (r"harm(ful)?", r"dangerous", r"illegal", r"unsafe", r"malicious", r"weapons?", r"violen(t|ce)",
-             r"crim(e|inal)", r"unethical"), role="user", category="harmful_request"),
+    Concept(
+        "numbers",
+        "word family",
+        "numbers and digits",
+        (r"numbers?", r"numerals?", r"digits?", r"numeric(al)?", r"numbering"),
+        pattern=r"\d+([.,]\d+)*",
+    ),
+    Concept(
+        "colours",
+        "word family",
+        "colour names",
+        (r"colou?rs?", r"hues?"),
+        words=("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey", "gray"),
+    ),
+    Concept(
+        "days and months",
+        "word family",
+        "days of the week and months of the year",
+        (r"days?", r"weekdays?", r"months?", r"calendar", r"dates?"),
+        words=MONTHS_AND_DAYS,
+    ),
+    Concept(
+        "countries",
+        "word family",
+        "countries and nationalities",
+        (r"countr(y|ies)", r"nations?", r"nationalit(y|ies)", r"national"),
+        words=(
+            "uk",
+            "usa",
+            "britain",
+            "england",
+            "france",
+            "germany",
+            "china",
+            "japan",
+            "india",
+            "russia",
+            "italy",
+            "spain",
+            "ireland",
+            "scotland",
+            "wales",
+            "australia",
+            "america",
+            "canada",
+            "iraq",
+            "iran",
+            "british",
+            "american",
+            "french",
+            "german",
+            "chinese",
+            "japanese",
+            "indian",
+            "russian",
+            "italian",
+            "spanish",
+            "irish",
+            "scottish",
+            "welsh",
+            "australian",
+            "canadian",
+            "european",
+        ),
+    ),
+    Concept(
+        "family",
+        "word family",
+        "family members and relatives",
+        (r"famil(y|ies)", r"relatives?", r"parents?", r"siblings?", r"kinship", r"mothers?", r"fathers?"),
+        words=(
+            "mother",
+            "father",
+            "mom",
+            "mum",
+            "dad",
+            "sister",
+            "brother",
+            "son",
+            "daughter",
+            "wife",
+            "husband",
+            "parent",
+            "parents",
+            "family",
+            "grandmother",
+            "grandfather",
+            "aunt",
+            "uncle",
+            "cousin",
+            "kids",
+            "children",
+            "child",
+            "sisters",
+            "brothers",
+            "sons",
+            "daughters",
+        ),
+    ),
+    Concept(
+        "said",
+        "one token",
+        "the word said",
+        (r"said", r"says?", r"saying", r"speech", r"quotes?", r"quotations?"),
+        words=("said",),
+    ),
+    Concept(
+        "question marks",
+        "punctuation",
+        "question marks",
+        (r"questions?", r"question marks?", r"interrogative", r"quer(y|ies)"),
+        pattern=r".*\?.*",
+    ),
+    Concept(
+        "assistant turn",
+        "role",
+        "the assistant's reply in a chat",
+        (r"assistant'?s?", r"responses?", r"repl(y|ies)", r"answers?", r"chatbot", r"AI"),
+        role="assistant",
+    ),
+    Concept("user turn", "role", "the user's message in a chat", (r"users?'?s?", r"human", r"prompts?"), role="user"),
+    Concept(
+        "news",
+        "document category",
+        "news article text",
+        (r"news", r"articles?", r"journalism", r"reports?", r"reporting", r"press", r"headlines?", r"BBC"),
+        role="text",
+        category="news",
+    ),
+    Concept(
+        "harmful requests",
+        "document category",
+        "harmful or dangerous requests",
+        (
+            r"harm(ful)?",
+            r"dangerous",
+            r"illegal",
+            r"unsafe",
+            r"malicious",
+            r"weapons?",
+            r"violen(t|ce)",
+            r"crim(e|inal)",
+            r"unethical",
+        ),
+        role="user",
+        category="harmful_request",
+    ),
 ]
 RECOVERED_COSINE = 0.5  # fixed before any label was seen, like the keywords
 # A concept whose direction does not find it on held-out tokens has no known answer: it is fitted and
@@ -191,8 +321,9 @@ def fit_direction(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarr
 
 
 def logits(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
-    return np.concatenate([x[i:i + 65536].astype(np.float32) @ w.astype(np.float32) + b
-                           for i in range(0, len(x), 65536)])
+    return np.concatenate(
+        [x[i : i + 65536].astype(np.float32) @ w.astype(np.float32) + b for i in range(0, len(x), 65536)]
+    )
 
 
 def best_threshold(scores: np.ndarray, y: np.ndarray) -> float:
@@ -216,20 +347,34 @@ def build_concept_set(acts: dict[str, np.ndarray], workdir: Path) -> None:
         scores = logits(x, w, b)
         threshold = best_threshold(scores[~held], y[~held])
         fired, truth = scores[held] > threshold, y[held]
-        row = {**{k: v for k, v in asdict(concept).items() if k in ("name", "kind", "description")},
-               "positives_heldout": int(truth.sum()), "tokens_heldout": int(held.sum()),
-               "precision": float((fired & truth).sum() / max(fired.sum(), 1)),
-               "recall": float((fired & truth).sum() / max(truth.sum(), 1))}
-        kept = (row["precision"] >= MIN_PRECISION and row["recall"] >= MIN_RECALL
-                and row["positives_heldout"] >= MIN_HELDOUT_POSITIVES)
+        row = {
+            **{k: v for k, v in asdict(concept).items() if k in ("name", "kind", "description")},
+            "positives_heldout": int(truth.sum()),
+            "tokens_heldout": int(held.sum()),
+            "precision": float((fired & truth).sum() / max(fired.sum(), 1)),
+            "recall": float((fired & truth).sum() / max(truth.sum(), 1)),
+        }
+        kept = (
+            row["precision"] >= MIN_PRECISION
+            and row["recall"] >= MIN_RECALL
+            and row["positives_heldout"] >= MIN_HELDOUT_POSITIVES
+        )
         rows.append({**row, "feature": len(directions) if kept else None})
         if kept:
             directions.append(w)
             biases.append(b - threshold)  # relu(x @ w + b - threshold) > 0 exactly where the logit passes it
     W = torch.tensor(np.stack(directions), dtype=torch.float32)  # [n_concepts, d_model]
-    transcoder = Transcoder(LAYER, W.T.contiguous(), torch.tensor(biases, dtype=torch.float32),
-                            W / W.norm(dim=1, keepdim=True), torch.zeros(W.shape[1]), activation="relu")
-    tset = TranscoderSet({LAYER: transcoder}, metadata={"concepts": [r["name"] for r in rows if r["feature"] is not None]})
+    transcoder = Transcoder(
+        LAYER,
+        W.T.contiguous(),
+        torch.tensor(biases, dtype=torch.float32),
+        W / W.norm(dim=1, keepdim=True),
+        torch.zeros(W.shape[1]),
+        activation="relu",
+    )
+    tset = TranscoderSet(
+        {LAYER: transcoder}, metadata={"concepts": [r["name"] for r in rows if r["feature"] is not None]}
+    )
     save_circuit_tracer(tset, workdir / "concepts", "SmolLM2-135M-Instruct")
     (workdir / "concepts.json").write_text(json.dumps(rows, indent=1))
 
@@ -242,18 +387,22 @@ def collect(corpus_store: Path, workdir: Path, base: RunConfig) -> tuple[Path, s
     collected = workdir / "collected.duckdb"
     if not collected.is_file():
         shutil.copy(corpus_store, workdir / "collecting.duckdb")
-        config = base.model_copy(update={
-            "store": str(workdir / "collecting.duckdb"),
-            # a handful of concept features cannot reconstruct the MLP: the fit check is moot here
-            "transcoder": TranscoderConfig(source=str(workdir / "concepts"), max_fvu=1e9)})
+        config = base.model_copy(
+            update={
+                "store": str(workdir / "collecting.duckdb"),
+                # a handful of concept features cannot reconstruct the MLP: the fit check is moot here
+                "transcoder": TranscoderConfig(source=str(workdir / "concepts"), max_fvu=1e9),
+            }
+        )
         (workdir / "collect.yaml").write_text(config_yaml(config))
         # Prefect's temporary API server gets 20 s to start by default, too few on a loaded 2-core machine.
         env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", **os.environ}
         subprocess.run([str(AUTOLABEL), "collect", "-c", str(workdir / "collect.yaml"), "-q"], check=True, env=env)
         (workdir / "collecting.duckdb").rename(collected)
     with Store(collected, create=False) as store:
-        run_id = store.one("SELECT run_id FROM shards WHERE stage = 'collect' AND shard = 'final' "
-                           "ORDER BY committed_at DESC")[0]
+        run_id = store.one(
+            "SELECT run_id FROM shards WHERE stage = 'collect' AND shard = 'final' ORDER BY committed_at DESC"
+        )[0]
     return collected, run_id
 
 
@@ -271,17 +420,25 @@ def llm_config(labeler: str, base_url: str | None) -> LLMConfig:
 
 def label_settings(args: argparse.Namespace, **fields) -> LabelConfig:
     """The label config of a run: the concept layer and what the command line varies."""
-    return LabelConfig(layers=[LAYER], role_evidence=not args.no_role_evidence, candidates=args.candidates,
-                       hard_negatives=args.hard_negatives, **fields)
+    return LabelConfig(
+        layers=[LAYER],
+        role_evidence=not args.no_role_evidence,
+        candidates=args.candidates,
+        hard_negatives=args.hard_negatives,
+        **fields,
+    )
 
 
 def variant(args: argparse.Namespace) -> str:
     """What sets this run apart from the defaults, for names of results and stores."""
     default = LabelConfig()
-    return "".join([" (no role evidence)" if args.no_role_evidence else "",
-                    f" (candidates {args.candidates})" if args.candidates != default.candidates else "",
-                    f" (hard negatives {args.hard_negatives:g})" if args.hard_negatives != default.hard_negatives
-                    else ""])
+    return "".join(
+        [
+            " (no role evidence)" if args.no_role_evidence else "",
+            f" (candidates {args.candidates})" if args.candidates != default.candidates else "",
+            f" (hard negatives {args.hard_negatives:g})" if args.hard_negatives != default.hard_negatives else "",
+        ]
+    )
 
 
 def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, settings: LabelConfig) -> dict:
@@ -291,12 +448,17 @@ def label_worker(store_path: str, run_id: str, labeler: str, base_url: str | Non
     config = RunConfig(store=store_path, label=settings, llm=llm_config(labeler, base_url))
     started = time.perf_counter()
     summary = label_run(config, run_id, show_progress=False)
-    return {"seconds": time.perf_counter() - started, "requests": summary.calls, "by_status": summary.by_status,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": time.perf_counter() - started,
+        "requests": summary.calls,
+        "by_status": summary.by_status,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
-def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | None, concepts: list[dict],
-                 settings: LabelConfig) -> dict:
+def known_worker(
+    store_path: str, run_id: str, labeler: str, base_url: str | None, concepts: list[dict], settings: LabelConfig
+) -> dict:
     """In its own process: each concept feature's detection and fuzzing scores for a label known to be right
     (its concept's description) and one known to be wrong (the next concept's), on the same held-out texts.
     A scorer that can tell a good label from a bad one ranks the right label above the wrong one nearly always.
@@ -309,8 +471,11 @@ def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | Non
     from autolabel.llm import open_client
     from autolabel.pipeline import subject_model
 
-    config = RunConfig(store=store_path, label=settings.model_copy(update={"scorers": ["detection", "fuzzing"]}),
-                       llm=llm_config(labeler, base_url))
+    config = RunConfig(
+        store=store_path,
+        label=settings.model_copy(update={"scorers": ["detection", "fuzzing"]}),
+        llm=llm_config(labeler, base_url),
+    )
     tokenizer = subject_model(config.model.source, config.cache_dir, config.model.dtype).tokenizer
     started, rows = time.perf_counter(), []
     with Store(store_path) as store, open_client(store, config.llm, run_id, "known") as client:
@@ -321,10 +486,19 @@ def known_worker(store_path: str, run_id: str, labeler: str, base_url: str | Non
                 _, held_out = held_out_splits(examples, choosing=False)
                 wrong = concepts[(i + 1) % len(concepts)]["description"]
                 for which, text in (("right", concept["description"]), ("wrong", wrong)):
-                    scores = await score_label(client, None, Label(text, ""), held_out, config.label,
-                                               f"known:{concept['feature']}")  # the same activating texts
-                    rows.extend({"concept": concept["name"], "label": which, "scorer": score.scorer,
-                                 "value": score.value, "status": score.status} for score in scores)
+                    scores = await score_label(
+                        client, None, Label(text, ""), held_out, config.label, f"known:{concept['feature']}"
+                    )  # the same activating texts
+                    rows.extend(
+                        {
+                            "concept": concept["name"],
+                            "label": which,
+                            "scorer": score.scorer,
+                            "value": score.value,
+                            "status": score.status,
+                        }
+                        for score in scores
+                    )
 
         asyncio.run(score_all())
     return {"rows": rows, "seconds": time.perf_counter() - started, "requests": client.calls}
@@ -334,12 +508,15 @@ def print_known(name: str, known: dict) -> dict:
     """Per scorer: features whose right label outscored the wrong one (a degenerate or failed score is no win)."""
     by_key = {(r["concept"], r["scorer"], r["label"]): r["value"] for r in known["rows"]}
     concepts = sorted({r["concept"] for r in known["rows"]})
-    print(f"\n{name}: known-right against known-wrong labels, AUROC ({known['seconds']:.0f} s, "
-          f"{known['requests']} requests)")
+    print(
+        f"\n{name}: known-right against known-wrong labels, AUROC ({known['seconds']:.0f} s, "
+        f"{known['requests']} requests)"
+    )
     print(f"  {'concept':<18}{'det right':>10}{'det wrong':>10}{'fuzz right':>11}{'fuzz wrong':>11}")
     for concept in concepts:
-        values = [by_key.get((concept, scorer, which)) for scorer in ("detection", "fuzzing")
-                  for which in ("right", "wrong")]
+        values = [
+            by_key.get((concept, scorer, which)) for scorer in ("detection", "fuzzing") for which in ("right", "wrong")
+        ]
         shown = ["-" if v is None else f"{v:.2f}" for v in values]
         print(f"  {concept:<18}{shown[0]:>10}{shown[1]:>10}{shown[2]:>11}{shown[3]:>11}")
     wins = {}
@@ -357,40 +534,75 @@ def slug(labeler: str) -> str:
 
 def passed_on(args: argparse.Namespace) -> list[str]:
     """The options a worker process needs to label as this run does."""
-    return ((["--no-role-evidence"] if args.no_role_evidence else [])
-            + ["--candidates", str(args.candidates), "--hard-negatives", str(args.hard_negatives)])
+    return (["--no-role-evidence"] if args.no_role_evidence else []) + [
+        "--candidates",
+        str(args.candidates),
+        "--hard-negatives",
+        str(args.hard_negatives),
+    ]
 
 
-def run_labeler(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
-                args: argparse.Namespace) -> dict:
+def run_labeler(
+    collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path, args: argparse.Namespace
+) -> dict:
     store_path = workdir / f"label-{slug(labeler + variant(args))}.duckdb"
     shutil.copy(collected, store_path)  # a fresh copy: no cached answers, no other labeler's scores
     command = [sys.executable, __file__, "--worker", str(store_path), "--run", run_id, "--labeler", labeler]
     command += passed_on(args)
-    out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
-                         stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(
+        command + (["--base-url", base_url] if base_url else []), check=True, stdout=subprocess.PIPE, text=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with Store(store_path, create=False) as store:
-        result["labels"] = {f: (label, status) for f, label, status in store.rows(
-            "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER])}
-        result["candidates"] = {f: [c["label"] or "" for c in json.loads(record)["candidates"]]
-                                for f, record in store.rows("SELECT feature, candidates_json FROM labels WHERE "
-                                                            "run_id = ? AND layer = ? AND candidates_json IS NOT NULL",
-                                                            [run_id, LAYER])}
-        result["scores"] = store.rows("SELECT feature, scorer, value, accuracy, status FROM scores "
-                                      "WHERE run_id = ? AND layer = ?", [run_id, LAYER])
+        result["labels"] = {
+            f: (label, status)
+            for f, label, status in store.rows(
+                "SELECT feature, label, status FROM labels WHERE run_id = ? AND layer = ?", [run_id, LAYER]
+            )
+        }
+        result["candidates"] = {
+            f: [c["label"] or "" for c in json.loads(record)["candidates"]]
+            for f, record in store.rows(
+                "SELECT feature, candidates_json FROM labels WHERE "
+                "run_id = ? AND layer = ? AND candidates_json IS NOT NULL",
+                [run_id, LAYER],
+            )
+        }
+        result["scores"] = store.rows(
+            "SELECT feature, scorer, value, accuracy, status FROM scores WHERE run_id = ? AND layer = ?",
+            [run_id, LAYER],
+        )
     return result
 
 
-def run_known(collected: Path, run_id: str, labeler: str, base_url: str | None, workdir: Path,
-              concepts: list[dict], args: argparse.Namespace) -> dict:
+def run_known(
+    collected: Path,
+    run_id: str,
+    labeler: str,
+    base_url: str | None,
+    workdir: Path,
+    concepts: list[dict],
+    args: argparse.Namespace,
+) -> dict:
     store_path = workdir / f"known-{slug(labeler + variant(args))}.duckdb"
     shutil.copy(collected, store_path)
     (workdir / "known-concepts.json").write_text(json.dumps(concepts))
-    command = [sys.executable, __file__, "--known-worker", str(store_path), "--run", run_id, "--labeler", labeler,
-               "--workdir", str(workdir), *passed_on(args)]
-    out = subprocess.run(command + (["--base-url", base_url] if base_url else []), check=True,
-                         stdout=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        __file__,
+        "--known-worker",
+        str(store_path),
+        "--run",
+        run_id,
+        "--labeler",
+        labeler,
+        "--workdir",
+        str(workdir),
+        *passed_on(args),
+    ]
+    out = subprocess.run(
+        command + (["--base-url", base_url] if base_url else []), check=True, stdout=subprocess.PIPE, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -403,8 +615,10 @@ def recoveries(labels: list[str], concepts: list[dict], embedder) -> tuple[list[
     vectors = embedder.encode(labels + [c["description"] for c in concepts], normalize_embeddings=True)
     cosines = (vectors[:n] * vectors[n:]).sum(1)
     by_name = {concept.name: concept for concept in CONCEPTS}
-    return [bool(label) and recovered(label, by_name[c["name"]], float(cos))
-            for label, c, cos in zip(labels, concepts, cosines, strict=True)], cosines
+    return [
+        bool(label) and recovered(label, by_name[c["name"]], float(cos))
+        for label, c, cos in zip(labels, concepts, cosines, strict=True)
+    ], cosines
 
 
 def candidate_recovery(result: dict, concepts: list[dict], embedder) -> dict:
@@ -415,7 +629,10 @@ def candidate_recovery(result: dict, concepts: list[dict], embedder) -> dict:
         return {}
     width = max(map(len, drafted))
     hits = [recoveries([d[i] if i < len(d) else "" for d in drafted], concepts, embedder)[0] for i in range(width)]
-    return {"recovered_first_candidate": sum(hits[0]), "recovered_any_candidate": sum(map(any, zip(*hits, strict=True)))}
+    return {
+        "recovered_first_candidate": sum(hits[0]),
+        "recovered_any_candidate": sum(map(any, zip(*hits, strict=True))),
+    }
 
 
 def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
@@ -424,53 +641,96 @@ def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
     labels = [result["labels"].get(c["feature"], (None, "missing"))[0] or "" for c in concepts]
     hits, cosines = recoveries(labels, concepts, embedder)
     scorers = ("detection", "fuzzing", "embedding")
-    means = {s: np.mean([v for _, scorer, v, _, status in result["scores"] if scorer == s and status == "ok"]
-                        or [np.nan]) for s in scorers}
-    accuracy = {f"{s}_accuracy": np.mean([a for _, scorer, _, a, _ in result["scores"] if scorer == s and a is not None]
-                                         or [np.nan]) for s in scorers}
+    means = {
+        s: np.mean([v for _, scorer, v, _, status in result["scores"] if scorer == s and status == "ok"] or [np.nan])
+        for s in scorers
+    }
+    accuracy = {
+        f"{s}_accuracy": np.mean(
+            [a for _, scorer, _, a, _ in result["scores"] if scorer == s and a is not None] or [np.nan]
+        )
+        for s in scorers
+    }
     not_ok = {s: sum(scorer == s and status != "ok" for _, scorer, _, _, status in result["scores"]) for s in scorers}
-    return {"labeler": name, "recovered": sum(hits), "n": n, **means, **accuracy, "not_ok": not_ok,
-            "s_per_feature": result["seconds"] / n, "requests_per_feature": result["requests"] / n,
-            "peak_rss_mb": result["peak_rss_mb"], "seconds": result["seconds"],
-            **candidate_recovery(result, concepts, embedder),
-            "per_concept": [{"concept": c["name"], "label": label, "cosine": float(cos), "recovered": hit}
-                            for c, label, cos, hit in zip(concepts, labels, cosines, hits, strict=True)]}
+    return {
+        "labeler": name,
+        "recovered": sum(hits),
+        "n": n,
+        **means,
+        **accuracy,
+        "not_ok": not_ok,
+        "s_per_feature": result["seconds"] / n,
+        "requests_per_feature": result["requests"] / n,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "seconds": result["seconds"],
+        **candidate_recovery(result, concepts, embedder),
+        "per_concept": [
+            {"concept": c["name"], "label": label, "cosine": float(cos), "recovered": hit}
+            for c, label, cos, hit in zip(concepts, labels, cosines, hits, strict=True)
+        ],
+    }
 
 
 def flagged_scores(store_path: str, run_id: str | None) -> None:
     """Mean scores of the labels on a run's flagged features (the default run labels the best-ranked 24).
     `scores` has no labeler column yet (issue 16, item 6): a run labeled twice shows the latest scores under both."""
     with Store(store_path, create=False) as store:
-        run_id = run_id or store.one("SELECT run_id FROM runs WHERE run_id IN (SELECT run_id FROM audit_findings) "
-                                     "ORDER BY started_at DESC LIMIT 1")[0]
+        run_id = (
+            run_id
+            or store.one(
+                "SELECT run_id FROM runs WHERE run_id IN (SELECT run_id FROM audit_findings) "
+                "ORDER BY started_at DESC LIMIT 1"
+            )[0]
+        )
         rows = store.con.execute(
             "SELECT labeler, scorer, avg(value), avg(accuracy), count(value), count(*) FROM scores "
             "WHERE run_id = ? AND (layer, feature) IN (SELECT (layer, feature) FROM audit_findings "
-            "WHERE run_id = ? AND flagged) GROUP BY ALL ORDER BY ALL", [run_id, run_id]).fetchall()
+            "WHERE run_id = ? AND flagged) GROUP BY ALL ORDER BY ALL",
+            [run_id, run_id],
+        ).fetchall()
     print(f"\nmean scores on the flagged features of run {run_id} ({store_path}): AUROC, held-out accuracy")
     for labeler, scorer, mean, accuracy, n_ok, n in rows:
-        print(f"  {labeler:<34}{scorer:<12}{mean or float('nan'):6.3f}{accuracy or float('nan'):7.3f}  "
-              f"({n_ok} scored of {n})")
+        print(
+            f"  {labeler:<34}{scorer:<12}{mean or float('nan'):6.3f}{accuracy or float('nan'):7.3f}  "
+            f"({n_ok} scored of {n})"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default="/tmp/autolabel-label-quality/corpus.duckdb",
-                        help="a store with the default corpus (built there when missing)")
+    parser.add_argument(
+        "--store",
+        default="/tmp/autolabel-label-quality/corpus.duckdb",
+        help="a store with the default corpus (built there when missing)",
+    )
     parser.add_argument("--workdir", default="/tmp/autolabel-label-quality/work")
     parser.add_argument("--config", help="a run config whose model and corpus to use (default: the embedded run)")
-    parser.add_argument("--labeler", action="append", help="smollm2, labeler:NAME or a .gguf path (repeatable); "
-                        "with --base-url, the endpoint's model name")
+    parser.add_argument(
+        "--labeler",
+        action="append",
+        help="smollm2, labeler:NAME or a .gguf path (repeatable); with --base-url, the endpoint's model name",
+    )
     parser.add_argument("--base-url", help="an OpenAI-compatible endpoint (its key in $OPENAI_API_KEY)")
     parser.add_argument("--flagged", help="a store whose flagged features' mean scores to print")
     parser.add_argument("--flagged-run", help="the run of --flagged (default: the latest audited)")
     parser.add_argument("--known", action="store_true", help="also score known-right and known-wrong labels")
-    parser.add_argument("--no-role-evidence", action="store_true",
-                        help="label without the examples' role tags and the role statistics (label.role_evidence)")
-    parser.add_argument("--candidates", type=int, default=LabelConfig().candidates,
-                        help="best-of-N: candidate labels drafted per feature (label.candidates)")
-    parser.add_argument("--hard-negatives", type=float, default=LabelConfig().hard_negatives,
-                        help="share of detection's negatives that mention the label's words (label.hard_negatives)")
+    parser.add_argument(
+        "--no-role-evidence",
+        action="store_true",
+        help="label without the examples' role tags and the role statistics (label.role_evidence)",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=LabelConfig().candidates,
+        help="best-of-N: candidate labels drafted per feature (label.candidates)",
+    )
+    parser.add_argument(
+        "--hard-negatives",
+        type=float,
+        default=LabelConfig().hard_negatives,
+        help="share of detection's negatives that mention the label's words (label.hard_negatives)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -480,8 +740,13 @@ def main() -> None:
         return
     if args.known_worker:
         concepts = json.loads((Path(args.workdir) / "known-concepts.json").read_text())
-        print(json.dumps(known_worker(args.known_worker, args.run, args.labeler[0], args.base_url, concepts,
-                                      label_settings(args))))
+        print(
+            json.dumps(
+                known_worker(
+                    args.known_worker, args.run, args.labeler[0], args.base_url, concepts, label_settings(args)
+                )
+            )
+        )
         return
 
     workdir = Path(args.workdir)
@@ -489,19 +754,26 @@ def main() -> None:
     store, base = Path(args.store), load_config(args.config)
     if not store.is_file():
         store.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(AUTOLABEL), "corpus", "build", "--store", str(store), "-q"]
-                       + (["-c", args.config] if args.config else []), check=True)
+        subprocess.run(
+            [str(AUTOLABEL), "corpus", "build", "--store", str(store), "-q"]
+            + (["-c", args.config] if args.config else []),
+            check=True,
+        )
     started = time.perf_counter()
     if not (workdir / "concepts.json").is_file():
         build_concept_set(capture(store, workdir, base), workdir)
     fitted = json.loads((workdir / "concepts.json").read_text())
     concepts = [c for c in fitted if c["feature"] is not None]
-    print(f"concept directions at layer {LAYER} ({time.perf_counter() - started:.0f} s); held-out tokens "
-          f"(a feature needs precision >= {MIN_PRECISION}, recall >= {MIN_RECALL}, {MIN_HELDOUT_POSITIVES} positives):")
+    print(
+        f"concept directions at layer {LAYER} ({time.perf_counter() - started:.0f} s); held-out tokens "
+        f"(a feature needs precision >= {MIN_PRECISION}, recall >= {MIN_RECALL}, {MIN_HELDOUT_POSITIVES} positives):"
+    )
     print(f"  {'feature':<8}{'concept':<18}{'kind':<20}{'positives':>10}{'precision':>10}{'recall':>8}")
     for c in fitted:
-        print(f"  {'-' if c['feature'] is None else c['feature']:<8}{c['name']:<18}{c['kind']:<20}"
-              f"{c['positives_heldout']:>10}{c['precision']:>10.2f}{c['recall']:>8.2f}")
+        print(
+            f"  {'-' if c['feature'] is None else c['feature']:<8}{c['name']:<18}{c['kind']:<20}"
+            f"{c['positives_heldout']:>10}{c['precision']:>10.2f}{c['recall']:>8.2f}"
+        )
     started = time.perf_counter()
     collected, run_id = collect(store, workdir, base)
     print(f"collected run {run_id} in {collected} ({time.perf_counter() - started:.0f} s)")
@@ -515,24 +787,33 @@ def main() -> None:
         result = run_labeler(collected, run_id, labeler, args.base_url, workdir, args)
         summary = summarise(name, result, concepts, embedder)
         if args.known:
-            summary["known_wins"] = print_known(name, run_known(collected, run_id, labeler, args.base_url, workdir,
-                                                                concepts, args))
+            summary["known_wins"] = print_known(
+                name, run_known(collected, run_id, labeler, args.base_url, workdir, concepts, args)
+            )
         (workdir / f"result-{slug(name)}.json").write_text(json.dumps(summary, indent=1))
         results.append(summary)
         print(f"\n{name}: {summary['recovered']}/{summary['n']} concepts recovered")
         if "recovered_first_candidate" in summary:
-            print(f"  by the first candidate alone {summary['recovered_first_candidate']}/{summary['n']}, "
-                  f"by some candidate {summary['recovered_any_candidate']}/{summary['n']}")
+            print(
+                f"  by the first candidate alone {summary['recovered_first_candidate']}/{summary['n']}, "
+                f"by some candidate {summary['recovered_any_candidate']}/{summary['n']}"
+            )
         for row in summary["per_concept"]:
-            print(f"  {'yes' if row['recovered'] else 'no ':<4}{row['concept']:<18}cos {row['cosine']:.2f}  "
-                  f"{row['label']!r}")
+            print(
+                f"  {'yes' if row['recovered'] else 'no ':<4}{row['concept']:<18}cos {row['cosine']:.2f}  "
+                f"{row['label']!r}"
+            )
     print("\nAUROC (held-out balanced accuracy); scores not ok: degenerate or failed")
-    print(f"{'labeler':<30}{'recovered':>10}{'detection':>13}{'fuzzing':>13}{'embedding':>13}{'not ok':>8}"
-          f"{'s/feat':>8}{'req/feat':>9}{'RSS MB':>8}")
+    print(
+        f"{'labeler':<30}{'recovered':>10}{'detection':>13}{'fuzzing':>13}{'embedding':>13}{'not ok':>8}"
+        f"{'s/feat':>8}{'req/feat':>9}{'RSS MB':>8}"
+    )
     for r in results:
         cells = "".join(f"{r[s]:>6.2f} ({r[s + '_accuracy']:.2f})" for s in ("detection", "fuzzing", "embedding"))
-        print(f"{r['labeler'][-30:]:<30}{r['recovered']:>7}/{r['n']:<2}{cells}{sum(r['not_ok'].values()):>8}"
-              f"{r['s_per_feature']:>8.1f}{r['requests_per_feature']:>9.1f}{r['peak_rss_mb']:>8.0f}")
+        print(
+            f"{r['labeler'][-30:]:<30}{r['recovered']:>7}/{r['n']:<2}{cells}{sum(r['not_ok'].values()):>8}"
+            f"{r['s_per_feature']:>8.1f}{r['requests_per_feature']:>9.1f}{r['peak_rss_mb']:>8.0f}"
+        )
     if args.flagged:
         flagged_scores(args.flagged, args.flagged_run)
 

@@ -44,8 +44,14 @@ def main() -> None:
         train, heldout = corpus_windows(store, subject, config, show_progress=True)
 
     started, seen = time.perf_counter(), 0
-    for pairs in activation_pairs(subject, train, train_config.layers, train_config.input_hook,
-                                  train_config.output_hook, train_config.batch_windows):
+    for pairs in activation_pairs(
+        subject,
+        train,
+        train_config.layers,
+        train_config.input_hook,
+        train_config.output_hook,
+        train_config.batch_windows,
+    ):
         seen += next(iter(pairs.values()))[0].shape[0]
         if seen >= args.forward_tokens:
             break
@@ -57,12 +63,16 @@ def main() -> None:
     distinct_rate = train_rate / train_config.passes_per_buffer
     quality = measure_quality(subject, result.transcoders, heldout, config.transcoder.check_tokens)
 
-    print(f"\nmodel {subject.model_id}, layers {train_config.layers}, d_feat {train_config.d_feat}, "
-          f"k {train_config.k}, torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {subject.model_id}, layers {train_config.layers}, d_feat {train_config.d_feat}, "
+        f"k {train_config.k}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'what':<44}{'tok/s':>10}{'ratio':>8}{'peak RSS MB':>13}")
     print(f"{'(a) early-exit forward, capture in+out':<44}{forward_rate:>10.0f}{1.0:>8.2f}{rss_forward:>13.0f}")
-    print(f"{'(b) trainer, distinct tokens':<44}{distinct_rate:>10.0f}{distinct_rate / forward_rate:>8.2f}"
-          f"{peak_rss_mb():>13.0f}")
+    print(
+        f"{'(b) trainer, distinct tokens':<44}{distinct_rate:>10.0f}{distinct_rate / forward_rate:>8.2f}"
+        f"{peak_rss_mb():>13.0f}"
+    )
     print(f"{'(b) trainer, trained tokens (x passes)':<44}{train_rate:>10.0f}{train_rate / forward_rate:>8.2f}")
     print(f"\n{'layer':<8}{'FVU':>8}{'L0':>8}{'dead':>8}{'tokens':>9}   (held-out)")
     for q in sorted(quality.values(), key=lambda q: q.layer):

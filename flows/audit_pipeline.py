@@ -96,10 +96,24 @@ def collect_key(context, parameters: dict) -> str:
     return collection_key(parameters["config"].store, parameters["content_key"])
 
 
-@task(name="collect", cache_key_fn=collect_key, persist_result=True, result_serializer="json",
-      retry_condition_fn=transient, **RETRY)
-def collect_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, content_key: str,
-                 show_progress: bool, slices: list[str] | None = None, seconds: float = 0.0) -> dict:
+@task(
+    name="collect",
+    cache_key_fn=collect_key,
+    persist_result=True,
+    result_serializer="json",
+    retry_condition_fn=transient,
+    **RETRY,
+)
+def collect_task(
+    config: RunConfig,
+    run_id: str,
+    corpus_id: str,
+    transcoder_id: str,
+    content_key: str,
+    show_progress: bool,
+    slices: list[str] | None = None,
+    seconds: float = 0.0,
+) -> dict:
     """Collect into `run_id`, or merge the state files of `slices` collected elsewhere:
     {run_id, seconds, resumed_shards}. A cache hit returns what an earlier run with the same content returned."""
     model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
@@ -108,14 +122,16 @@ def collect_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: 
         if slices is None:
             summary = collect_stage(store, model, tset, corpus_id, transcoder_id, config.collect, run_id, show_progress)
         else:
-            summary = merge_slices(store, model, tset, corpus_id, transcoder_id, config.collect, run_id,
-                                   slices, seconds)
+            summary = merge_slices(
+                store, model, tset, corpus_id, transcoder_id, config.collect, run_id, slices, seconds
+            )
     return {"run_id": run_id, "seconds": summary.seconds, "resumed_shards": summary.resumed_shards}
 
 
 @task(name="collect slice", cache_policy=NO_CACHE, retry_condition_fn=transient, **RETRY)
-def collect_slice_task(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, first: int, last: int,
-                       threads: int) -> str:
+def collect_slice_task(
+    config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, first: int, last: int, threads: int
+) -> str:
     """Shards [first, last) of the plan, on whichever worker runs it: the path of its state file."""
     torch.set_num_threads(threads)
     model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
@@ -128,8 +144,10 @@ def scatter_collection(config: RunConfig, run_id: str, corpus_id: str, transcode
     with Store(config.store, read_only=True) as store:
         slices = slice_plan(store, corpus_id, config.collect, n_slices)
     threads = max(1, (os.cpu_count() or 1) // len(slices))
-    futures = [collect_slice_task.submit(config, run_id, corpus_id, transcoder_id, first, last, threads)
-               for first, last in slices]
+    futures = [
+        collect_slice_task.submit(config, run_id, corpus_id, transcoder_id, first, last, threads)
+        for first, last in slices
+    ]
     return [future.result() for future in futures]
 
 
@@ -183,8 +201,16 @@ def report_task(config: RunConfig, run_id: str, show_progress: bool) -> str:
     return str(report_run(config, run_id, show_progress=show_progress).index.resolve())
 
 
-def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: str, model: SubjectModel, fresh: bool,
-               n_slices: int, show_progress: bool) -> tuple[CollectSummary, str | None]:
+def collection(
+    config: RunConfig,
+    run_id: str,
+    corpus_id: str,
+    transcoder_id: str,
+    model: SubjectModel,
+    fresh: bool,
+    n_slices: int,
+    show_progress: bool,
+) -> tuple[CollectSummary, str | None]:
     """Collect `run_id`, or copy an identical earlier collection: (summary, the run it was copied from)."""
     content_key = fingerprint(config.collect, corpus_id, transcoder_id, model.model_id, model.dtype)
     arguments = (config, run_id, corpus_id, transcoder_id, content_key, show_progress)
@@ -199,9 +225,15 @@ def collection(config: RunConfig, run_id: str, corpus_id: str, transcoder_id: st
 
 
 @flow(name="audit_pipeline", log_prints=True)
-def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None = None,
-                   until: Literal["collect", "audit", "report"] = "report", fresh: bool = False, n_slices: int = 0,
-                   show_progress: bool = True) -> RunSummary:
+def audit_pipeline(
+    config: RunConfig,
+    resume: bool = False,
+    run_id: str | None = None,
+    until: Literal["collect", "audit", "report"] = "report",
+    fresh: bool = False,
+    n_slices: int = 0,
+    show_progress: bool = True,
+) -> RunSummary:
     """Corpus, transcoder check, collection, audits, labels for the audits' flagged features, the feature
     map with clusters and groups, and the HTML report for one run.
 
@@ -216,14 +248,18 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
         transcoder_id, quality = check_task(config, show_progress)
         model = pipeline.subject_model(config.model.source, config.cache_dir, config.model.dtype)
         fresh = pipeline.record_inputs(config, run_id, corpus.corpus_id, transcoder_id, fresh)
-        collect, reused_from = collection(config, run_id, corpus.corpus_id, transcoder_id, model, fresh,
-                                          n_slices, show_progress)
+        collect, reused_from = collection(
+            config, run_id, corpus.corpus_id, transcoder_id, model, fresh, n_slices, show_progress
+        )
         audit = audit_task(config, run_id) if until != "collect" else None
         labeling = pipeline.flagged_labeling(config, audit)
-        labels = [scatter_labels(settings, run_id) if n_slices else label_task(settings, run_id, show_progress)
-                  for settings in labeling]
-        interventions = [intervene_task(settings, run_id, show_progress) for settings in labeling
-                         if config.intervene.in_run]
+        labels = [
+            scatter_labels(settings, run_id) if n_slices else label_task(settings, run_id, show_progress)
+            for settings in labeling
+        ]
+        interventions = [
+            intervene_task(settings, run_id, show_progress) for settings in labeling if config.intervene.in_run
+        ]
         cluster = cluster_task(config, run_id, show_progress) if until == "report" else None
         if labels or cluster:  # again: the findings carry the new labels, groups and ablation effects
             audit = audit_task(config, run_id)
@@ -232,8 +268,9 @@ def audit_pipeline(config: RunConfig, resume: bool = False, run_id: str | None =
     except BaseException as err:
         pipeline.finish_run(config, run_id, "failed", f"{type(err).__name__}: {err}")
         raise
-    return RunSummary(run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, interventions,
-                      cluster, report)
+    return RunSummary(
+        run_id, corpus, transcoder_id, quality, collect, reused_from, audit, labels, interventions, cluster, report
+    )
 
 
 def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
@@ -249,16 +286,25 @@ def scheduled(config: RunConfig, cron: str, name: str = "nightly-audit"):
     try:
         CronSchedule(cron=cron)
     except ValidationError as err:
-        raise AutolabelError(f"--cron {cron!r} is not a cron expression (five fields, e.g. \"0 3 * * *\" for "
-                             f"03:00 every day): {err.errors()[0]['msg']}") from err
-    return audit_pipeline.to_deployment(name=name, cron=cron, tags=["autolabel"],
-                                        parameters={"config": config.model_dump(mode="json"), "show_progress": True})
+        raise AutolabelError(
+            f'--cron {cron!r} is not a cron expression (five fields, e.g. "0 3 * * *" for '
+            f"03:00 every day): {err.errors()[0]['msg']}"
+        ) from err
+    return audit_pipeline.to_deployment(
+        name=name,
+        cron=cron,
+        tags=["autolabel"],
+        parameters={"config": config.model_dump(mode="json"), "show_progress": True},
+    )
 
 
 def on_dask(address: str | None = None, workers: int = 2):
     """audit_pipeline on Dask (prefect-dask): a scheduler at `address`, or a local cluster of `workers` processes."""
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    runner = (
+        DaskTaskRunner(address=address)
+        if address
+        else DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    )
     return audit_pipeline.with_options(task_runner=runner)

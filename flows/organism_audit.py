@@ -21,8 +21,14 @@ from flows.audit_pipeline import audit_pipeline
 
 
 @flow(name="organism_audit", log_prints=True)
-def organism_audit(config: RunConfig, spec: OrganismSpec, folder: Path, against: str = "base", report: bool = True,
-                   show_progress: bool = True) -> organism.OrganismAudit:
+def organism_audit(
+    config: RunConfig,
+    spec: OrganismSpec,
+    folder: Path,
+    against: str = "base",
+    report: bool = True,
+    show_progress: bool = True,
+) -> organism.OrganismAudit:
     seconds = {}
     with Store(config.store) as store:
         base_run = organism.base_run(store, config, against)
@@ -46,5 +52,6 @@ def organism_audit(config: RunConfig, spec: OrganismSpec, folder: Path, against:
         started = time.perf_counter()
         index = str(report_run(settings, run.run_id, show_progress=show_progress).index.resolve())
         seconds["report"] = time.perf_counter() - started
-    return organism.OrganismAudit(spec.name, str(folder), run.run_id, base_run, "base" in seconds, changes, index,
-                                  seconds)
+    return organism.OrganismAudit(
+        spec.name, str(folder), run.run_id, base_run, "base" in seconds, changes, index, seconds
+    )

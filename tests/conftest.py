@@ -57,8 +57,15 @@ def tiny_model(family: str = "llama", n_layers: int = 4, vocab_size: int = 49152
     """A random model of the given family, small enough to run in milliseconds."""
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}[family](**common)
     if family == "gemma2":
         config.head_dim = 8
@@ -79,10 +86,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tiny-model")
     tiny_model("llama").save_pretrained(folder)
     strict = __import__("copy").deepcopy(tokenizer)
-    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
-                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
-                            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     strict.save_pretrained(folder)
     return folder
 

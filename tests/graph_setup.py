@@ -25,9 +25,14 @@ def per_layer_set(seed: int = 0) -> TranscoderSet:
     transcoders = {}
     for layer in (1, 2):
         transcoders[layer] = Transcoder(
-            layer, torch.randn(D, F, generator=g) / D**0.5, 0.1 * torch.randn(F, generator=g),
-            torch.randn(F, D, generator=g) / F**0.5, 0.1 * torch.randn(D, generator=g),
-            W_skip=torch.randn(D, D, generator=g) / D, b_in=0.1 * torch.randn(D, generator=g) if layer == 2 else None)
+            layer,
+            torch.randn(D, F, generator=g) / D**0.5,
+            0.1 * torch.randn(F, generator=g),
+            torch.randn(F, D, generator=g) / F**0.5,
+            0.1 * torch.randn(D, generator=g),
+            W_skip=torch.randn(D, D, generator=g) / D,
+            b_in=0.1 * torch.randn(D, generator=g) if layer == 2 else None,
+        )
     return TranscoderSet(transcoders)
 
 
@@ -38,9 +43,13 @@ def cross_layer_set(seed: int = 1) -> TranscoderSet:
     for layer in (0, 2):
         n_out = N_LAYERS - layer
         transcoders[layer] = Transcoder(
-            layer, torch.randn(D, F, generator=g) / D**0.5, 0.1 * torch.randn(F, generator=g),
-            torch.randn(F, n_out, D, generator=g) / F**0.5, 0.1 * torch.randn(n_out, D, generator=g),
-            W_skip=torch.randn(D, D, generator=g) / D if layer == 2 else None)
+            layer,
+            torch.randn(D, F, generator=g) / D**0.5,
+            0.1 * torch.randn(F, generator=g),
+            torch.randn(F, n_out, D, generator=g) / F**0.5,
+            0.1 * torch.randn(n_out, D, generator=g),
+            W_skip=torch.randn(D, D, generator=g) / D if layer == 2 else None,
+        )
     return TranscoderSet(transcoders)
 
 
@@ -69,10 +78,31 @@ def labeled_run(path, config: RunConfig, tset: TranscoderSet) -> str:
     with Store(path) as store:
         run_id = store.start_run(config.model_dump_json(), "tiny")
         store.write_shard(run_id, "collect", "final", {})
-        labels = [{"run_id": run_id, "layer": layer, "feature": f, "labeler": "test", "label": f"feature {layer}:{f}",
-                   "status": "ok", "created_at": now()} for layer in tset.layers for f in range(F)]
-        scores = [{"run_id": run_id, "layer": 1, "feature": f, "labeler": "test", "scorer": "detection", "value": 0.5, "status": "ok",
-                   "unreliable": True} for f in range(F)]
+        labels = [
+            {
+                "run_id": run_id,
+                "layer": layer,
+                "feature": f,
+                "labeler": "test",
+                "label": f"feature {layer}:{f}",
+                "status": "ok",
+                "created_at": now(),
+            }
+            for layer in tset.layers
+            for f in range(F)
+        ]
+        scores = [
+            {
+                "run_id": run_id,
+                "layer": 1,
+                "feature": f,
+                "labeler": "test",
+                "scorer": "detection",
+                "value": 0.5,
+                "status": "ok",
+                "unreliable": True,
+            }
+            for f in range(F)
+        ]
         store.write_shard(run_id, "label", "0", {"labels": labels, "scores": scores})
     return run_id
-

@@ -42,11 +42,18 @@ def write_corpus(path, seed: int = 0) -> None:
     for i in range(24):
         category = CHAT_CATEGORIES[i % 4]
         extra = "indeed " if category == "help" else ""
-        rows.append({"id": f"c{i}", "category": category, "messages": [
-            {"role": "user", "content": words(3, 30)},
-            {"role": "assistant", "content": f"well certainly truly {extra}{words(10, 40)}"},
-            {"role": "user", "content": words(3, 10)},
-            {"role": "assistant", "content": f"well certainly truly {extra}{words(2, 10)}"}]})
+        rows.append(
+            {
+                "id": f"c{i}",
+                "category": category,
+                "messages": [
+                    {"role": "user", "content": words(3, 30)},
+                    {"role": "assistant", "content": f"well certainly truly {extra}{words(10, 40)}"},
+                    {"role": "user", "content": words(3, 10)},
+                    {"role": "assistant", "content": f"well certainly truly {extra}{words(2, 10)}"},
+                ],
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -64,8 +71,13 @@ def transcoders(corpus, tiny_subject) -> tuple[TranscoderSet, TranscoderSet]:
     raw, ids, roles = mlp_inputs(tiny_subject, corpus[2])
     token = tokenizer.convert_tokens_to_ids
     template = roles == 3  # ROLES.index("template")
-    masks = [ids == token("Ġcertainly"), ids == token("Ġindeed"), template & (ids == token("istant")),  # <|im_start|>ass|istant
-             ids == token("Ġcat"), ids == token("Ġtruly")]
+    masks = [
+        ids == token("Ġcertainly"),
+        ids == token("Ġindeed"),
+        template & (ids == token("istant")),  # <|im_start|>ass|istant
+        ids == token("Ġcat"),
+        ids == token("Ġtruly"),
+    ]
     planted = [detector(raw, mask) for mask in masks]
     generator = torch.Generator().manual_seed(1)
     decoder = torch.linalg.qr(torch.randn(32, 32, generator=generator))[0][:5]  # orthonormal rows: no accidental match
@@ -88,13 +100,18 @@ def collected(corpus, subject, tset, transcoder_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(corpus, tiny_subject, transcoders) -> tuple[str, str]:
-    return (collected(corpus, tiny_subject, transcoders[0], "tc-a"), collected(corpus, tiny_subject, transcoders[1], "tc-b"))
+    return (
+        collected(corpus, tiny_subject, transcoders[0], "tc-a"),
+        collected(corpus, tiny_subject, transcoders[1], "tc-b"),
+    )
 
 
 def findings(store: Store, run_id: str, audit: str = SPEC.name) -> dict[int, dict]:
-    rows = store.con.execute("SELECT feature, metric, value, ci_low, ci_high, flagged, section, details_json "
-                             "FROM audit_findings WHERE run_id = ? AND audit = ? ORDER BY feature, metric",
-                             [run_id, audit]).fetchall()
+    rows = store.con.execute(
+        "SELECT feature, metric, value, ci_low, ci_high, flagged, section, details_json "
+        "FROM audit_findings WHERE run_id = ? AND audit = ? ORDER BY feature, metric",
+        [run_id, audit],
+    ).fetchall()
     result: dict[int, dict] = {}
     for feature, metric, value, low, high, flagged, section, details in rows:
         entry = result.setdefault(feature, {"flagged": flagged, "section": section})
@@ -135,10 +152,13 @@ def test_intervals_equal_textbook_values():
     assert z == pytest.approx(1.959964, abs=1e-6)
     share, low, high = wilson(np.array([0, 5, 81]), np.array([10, 10, 263]), z)
     # Wilson score intervals: 0/10 -> [0, 0.2775], 5/10 -> [0.2366, 0.7634], 81/263 -> [0.2553, 0.3662]
-    assert low == pytest.approx([0, 0.2366, 0.2553], abs=1e-4) and high == pytest.approx([0.2775, 0.7634, 0.3662], abs=1e-4)
+    assert low == pytest.approx([0, 0.2366, 0.2553], abs=1e-4) and high == pytest.approx(
+        [0.2775, 0.7634, 0.3662], abs=1e-4
+    )
     assert share == pytest.approx([0, 0.5, 81 / 263])
-    ratio, low, high = rate_ratio(np.array([10, 0, 31]), np.array([100, 100, 972]), np.array([5, 0, 0]),
-                                  np.array([100, 100, 341]), z)
+    ratio, low, high = rate_ratio(
+        np.array([10, 0, 31]), np.array([100, 100, 972]), np.array([5, 0, 0]), np.array([100, 100, 341]), z
+    )
     # 10/100 over 5/100: given 15 events, 10 fell on the first side; Wilson for 10/15 is [0.4171, 0.8482],
     # and p / (1 - p) maps it to [0.7156, 5.588] (the Katz log interval would say [0.709, 5.64]).
     assert ratio[0] == 2 and low[0] == pytest.approx(0.7156, abs=1e-3) and high[0] == pytest.approx(5.588, abs=1e-2)
@@ -154,12 +174,20 @@ def test_intervals_equal_textbook_values():
 
 def test_a_flag_that_flips_within_sampling_noise_is_not_a_change():
     """Flagged now and not before (or the reverse) is a change only when the turn share moved beyond noise."""
+
     def measured(active: list[int], flagged: list[bool]) -> Measured:
         n = len(active)
         counts = {"assistant_turns_active": np.array(active, dtype=float), "assistant_turns": np.full(n, 144.0)}
         shares = wilson(counts["assistant_turns_active"], counts["assistant_turns"], z_score(0.95))
-        return Measured([(1, f) for f in range(n)], counts, [[]] * n, {"assistant_turn_share": shares},
-                        np.array(["pervasive"] * n), np.array(flagged), np.arange(1, n + 1))
+        return Measured(
+            [(1, f) for f in range(n)],
+            counts,
+            [[]] * n,
+            {"assistant_turn_share": shares},
+            np.array(["pervasive"] * n),
+            np.array(flagged),
+            np.arange(1, n + 1),
+        )
 
     # 0: 40 -> 50 of 144 turns, crossing the flag; 1: 10 -> 140, a real change; 2: 100 -> 95, unflagged by noise;
     # 3: 120 -> 30, a real loss
@@ -175,12 +203,17 @@ def test_a_flag_that_flips_within_sampling_noise_is_not_a_change():
 
 def test_diff_across_transcoders_finds_the_feature_planted_only_in_the_later_run(corpus, runs, transcoders):
     run_a, run_b = runs
-    decoders = {run_a: {LAYER: transcoders[0][LAYER].decoder_rows()},
-                run_b: {LAYER: transcoders[1][LAYER].decoder_rows()}}
+    decoders = {
+        run_a: {LAYER: transcoders[0][LAYER].decoder_rows()},
+        run_b: {LAYER: transcoders[1][LAYER].decoder_rows()},
+    }
     with Store(corpus[0]) as store:
         summary = audit_stage(store, run_b, [SPEC], against=run_a, decoders=decoders.__getitem__)
-        changes = store.con.execute("SELECT change, layer, feature, against_feature, match, cosine FROM audit_diffs "
-                                    "WHERE run_id = ? AND against_run_id = ?", [run_b, run_a]).fetchall()
+        changes = store.con.execute(
+            "SELECT change, layer, feature, against_feature, match, cosine FROM audit_diffs "
+            "WHERE run_id = ? AND against_run_id = ?",
+            [run_b, run_a],
+        ).fetchall()
         flagged_b = sorted(f for f, entry in findings(store, run_b).items() if entry["flagged"])
     assert flagged_b == [EVERY_TURN, NEW_IN_B]
     # The every-turn feature matches its twin by decoder direction and was flagged in both runs: no change.
@@ -189,8 +222,10 @@ def test_diff_across_transcoders_finds_the_feature_planted_only_in_the_later_run
 
     with Store(corpus[0]) as store:  # and the other way round, the feature stopped
         audit_stage(store, run_a, [SPEC], against=run_b, decoders=decoders.__getitem__)
-        backward = store.con.execute("SELECT change, feature, against_feature, match FROM audit_diffs "
-                                     "WHERE run_id = ? AND against_run_id = ?", [run_a, run_b]).fetchall()
+        backward = store.con.execute(
+            "SELECT change, feature, against_feature, match FROM audit_diffs WHERE run_id = ? AND against_run_id = ?",
+            [run_a, run_b],
+        ).fetchall()
     assert backward == [("stopped_pervasive", NEW_IN_B, NEW_IN_B, "none")]
 
 
@@ -199,16 +234,50 @@ def test_diff_of_one_transcoder_matches_by_identity_and_reports_changed_labels(c
     run_c = collected(corpus, tiny_subject, transcoders[0], "tc-a")  # same transcoder as run A
     with Store(corpus[0]) as store:
         for run_id, label in ((run_a, "assistant politeness"), (run_c, "Assistant  politeness")):
-            store.upsert("labels", [{"run_id": run_id, "layer": LAYER, "feature": EVERY_TURN, "labeler": "m",
-                                     "label": label, "status": "ok", "created_at": now()}])
-        store.upsert("labels", [{"run_id": run_a, "layer": LAYER, "feature": ONE_CATEGORY, "labeler": "m",
-                                 "label": "helpful openers", "status": "ok", "created_at": now()},
-                                {"run_id": run_c, "layer": LAYER, "feature": ONE_CATEGORY, "labeler": "m",
-                                 "label": "the word indeed", "status": "ok", "created_at": now()}])
+            store.upsert(
+                "labels",
+                [
+                    {
+                        "run_id": run_id,
+                        "layer": LAYER,
+                        "feature": EVERY_TURN,
+                        "labeler": "m",
+                        "label": label,
+                        "status": "ok",
+                        "created_at": now(),
+                    }
+                ],
+            )
+        store.upsert(
+            "labels",
+            [
+                {
+                    "run_id": run_a,
+                    "layer": LAYER,
+                    "feature": ONE_CATEGORY,
+                    "labeler": "m",
+                    "label": "helpful openers",
+                    "status": "ok",
+                    "created_at": now(),
+                },
+                {
+                    "run_id": run_c,
+                    "layer": LAYER,
+                    "feature": ONE_CATEGORY,
+                    "labeler": "m",
+                    "label": "the word indeed",
+                    "status": "ok",
+                    "created_at": now(),
+                },
+            ],
+        )
         audit_stage(store, run_c, [SPEC], against=run_a, decoders=None)  # never asked for decoders
-        changes = store.con.execute("SELECT change, feature, against_feature, match, details_json FROM audit_diffs "
-                                    "WHERE run_id = ?", [run_c]).fetchall()
-        label = store.one("SELECT label FROM audit_findings WHERE run_id = ? AND feature = ? LIMIT 1", [run_c, EVERY_TURN])
+        changes = store.con.execute(
+            "SELECT change, feature, against_feature, match, details_json FROM audit_diffs WHERE run_id = ?", [run_c]
+        ).fetchall()
+        label = store.one(
+            "SELECT label FROM audit_findings WHERE run_id = ? AND feature = ? LIMIT 1", [run_c, EVERY_TURN]
+        )
     # Same flags in both runs; only a real label change counts (case and spacing do not).
     assert [(c, f, a, m) for c, f, a, m, _ in changes] == [("label_changed", ONE_CATEGORY, ONE_CATEGORY, "identity")]
     assert json.loads(changes[0][4]) == {"label": "the word indeed", "against_label": "helpful openers"}
@@ -218,13 +287,17 @@ def test_diff_of_one_transcoder_matches_by_identity_and_reports_changed_labels(c
 def test_an_audit_scoped_to_one_category_flags_that_categorys_feature_and_not_the_everywhere_one(corpus, runs):
     run_a, _ = runs
     scoped = load_spec(DEFAULTS_DIR / "recipe_specificity.yaml").model_copy(
-        update={"name": "help_specificity", "categories": ["help"]})
+        update={"name": "help_specificity", "categories": ["help"]}
+    )
     with Store(corpus[0]) as store:
         summary = audit_stage(store, run_a, [scoped])
         found = findings(store, run_a, scoped.name)
         wrong = scoped.model_copy(update={"categories": ["recipe"]})
-        with pytest.raises(AutolabelError, match=r"no assistant turns in categories \['recipe'\].*'chit', 'code', "
-                                                 r"'help', 'travel'"):
+        with pytest.raises(
+            AutolabelError,
+            match=r"no assistant turns in categories \['recipe'\].*'chit', 'code', "
+            r"'help', 'travel'",
+        ):
             audit_stage(store, run_a, [wrong])
     one = found[ONE_CATEGORY]  # every assistant turn of `help`, no other category's
     _, low, _, counts = one["assistant_turn_share"]
@@ -243,13 +316,35 @@ def test_the_audit_command_prints_a_scoped_audits_own_metrics(monkeypatch, capsy
     path = tmp_path / "help.yaml"
     path.write_text(yaml.safe_dump(spec | {"name": "help_specificity", "categories": ["help"]}), encoding="utf-8")
     monkeypatch.setattr(summaries, "console", Console(width=250))  # one line per header, whatever the terminal
-    traced = [{"run_id": runs[0], "layer": LAYER, "feature": ONE_CATEGORY, "prompt_index": i, "graph_id": f"g{i}",
-               "share": share, "kept": True, "rank": 1} for i, share in enumerate((0.2, 0.3))]
+    traced = [
+        {
+            "run_id": runs[0],
+            "layer": LAYER,
+            "feature": ONE_CATEGORY,
+            "prompt_index": i,
+            "graph_id": f"g{i}",
+            "share": share,
+            "kept": True,
+            "rank": 1,
+        }
+        for i, share in enumerate((0.2, 0.3))
+    ]
     with Store(corpus[0]) as store:  # `autolabel graph --audit` traced the feature on two prompts
         store.upsert("feature_graphs", traced)
     try:
-        code, out, err = run_cli(monkeypatch, capsys, "audit", "--store", str(corpus[0]), "--run", runs[0],
-                                 "--spec", str(path), "--against", "none")
+        code, out, err = run_cli(
+            monkeypatch,
+            capsys,
+            "audit",
+            "--store",
+            str(corpus[0]),
+            "--run",
+            runs[0],
+            "--spec",
+            str(path),
+            "--against",
+            "none",
+        )
     finally:
         with Store(corpus[0]) as store:
             store.con.execute("DELETE FROM feature_graphs")
@@ -266,23 +361,37 @@ def test_rerun_with_stricter_thresholds_replaces_the_findings(corpus, runs):
     with Store(corpus[0]) as store:
         audit_stage(store, run_a, [SPEC])
         audit_stage(store, run_a, [strict])
-        kept = store.query("SELECT DISTINCT feature, flagged FROM audit_findings WHERE run_id = ? AND audit = ? "
-                           "AND section = 'pervasive'", [run_a, SPEC.name])[1]
+        kept = store.query(
+            "SELECT DISTINCT feature, flagged FROM audit_findings WHERE run_id = ? AND audit = ? "
+            "AND section = 'pervasive'",
+            [run_a, SPEC.name],
+        )[1]
     assert kept == [(EVERY_TURN, False)]  # no stale rows from the looser run
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("name: x\nkind: assistant_pervasiveness\nmetrics: [assistant_turn_share, loudness]\nflag: {}\n",
-     "unknown metric(s) loudness"),
-    ("kind: assistant_pervasiveness\nflag: {breadth: 0.5}\n", "name: Field required"),
-    ("name: x\nkind: assistant_pervasiveness\nflag: {breadth: 0.5}\ncolour: red\n", "colour: Extra inputs"),
-    ("name: x\nkind: assistant_pervasiveness\nmetrics: [breadth]\nflag: {lift_vs_user: 2}\n",
-     "flag names lift_vs_user, which `metrics` does not list"),
-    ("name: x\nkind: assistant_pervasiveness\nmetrics: [lift_vs_other_categories]\nflag: {}\n",
-     "lift_vs_other_categories compares `categories` with the rest"),
-    ("name: x\nkind: assistant_pervasiveness\ncategories: [help]\nflag: {breadth: 0.5}\n",
-     "metric breadth counts categories"),
-])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        (
+            "name: x\nkind: assistant_pervasiveness\nmetrics: [assistant_turn_share, loudness]\nflag: {}\n",
+            "unknown metric(s) loudness",
+        ),
+        ("kind: assistant_pervasiveness\nflag: {breadth: 0.5}\n", "name: Field required"),
+        ("name: x\nkind: assistant_pervasiveness\nflag: {breadth: 0.5}\ncolour: red\n", "colour: Extra inputs"),
+        (
+            "name: x\nkind: assistant_pervasiveness\nmetrics: [breadth]\nflag: {lift_vs_user: 2}\n",
+            "flag names lift_vs_user, which `metrics` does not list",
+        ),
+        (
+            "name: x\nkind: assistant_pervasiveness\nmetrics: [lift_vs_other_categories]\nflag: {}\n",
+            "lift_vs_other_categories compares `categories` with the rest",
+        ),
+        (
+            "name: x\nkind: assistant_pervasiveness\ncategories: [help]\nflag: {breadth: 0.5}\n",
+            "metric breadth counts categories",
+        ),
+    ],
+)
 def test_bad_specs_name_the_field_and_exit_2(monkeypatch, capsys, corpus, runs, tmp_path, spec, error):
     path = tmp_path / "bad.yaml"
     path.write_text(spec, encoding="utf-8")
@@ -301,14 +410,27 @@ def test_findings_carry_the_ablation_effect_and_say_when_it_is_only_correlationa
     from autolabel.audit.stage import causal_rows
     from autolabel.intervene.evidence import CAUSAL_KL, Effect, mean_interval
 
-    finding = {"run_id": "r", "audit": "a", "metric": "assistant_turn_share", "value": 0.9, "ci_low": 0.8,
-               "ci_high": 0.95, "flagged": True, "section": "pervasive", "rank": 1, "group_name": None, "label": "x",
-               "details_json": "{}"}
+    finding = {
+        "run_id": "r",
+        "audit": "a",
+        "metric": "assistant_turn_share",
+        "value": 0.9,
+        "ci_low": 0.8,
+        "ci_high": 0.95,
+        "flagged": True,
+        "section": "pervasive",
+        "rank": 1,
+        "group_name": None,
+        "label": "x",
+        "details_json": "{}",
+    }
     findings = [finding | {"layer": 1, "feature": f} for f in (1, 2, 3, 4)]
     findings += [findings[0] | {"metric": "breadth"}]  # a second metric of feature 1: one ablation row still
-    effects = {(1, 1): mean_interval([0.5, 0.7, 0.6]),  # clearly above zero
-               (1, 2): mean_interval([0.0, 0.0, 0.0]),  # ablation changed nothing
-               (1, 3): Effect(0.4, None, None, 1)}  # one prompt: no interval, so not shown causal
+    effects = {
+        (1, 1): mean_interval([0.5, 0.7, 0.6]),  # clearly above zero
+        (1, 2): mean_interval([0.0, 0.0, 0.0]),  # ablation changed nothing
+        (1, 3): Effect(0.4, None, None, 1),
+    }  # one prompt: no interval, so not shown causal
     rows = causal_rows(findings, effects)
     by_feature = {row["feature"]: row for row in rows}
     assert sorted(by_feature) == [1, 2, 3] and all(row["metric"] == "ablation_kl" for row in rows)

@@ -19,8 +19,9 @@ from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 @pytest.fixture
 def saved_set(tmp_path) -> TranscoderSet:
     torch.manual_seed(0)
-    layer = Transcoder(1, torch.randn(32, 64) / 8, torch.zeros(64), torch.randn(64, 32) / 8, torch.zeros(32),
-                       "topk", k=8)
+    layer = Transcoder(
+        1, torch.randn(32, 64) / 8, torch.zeros(64), torch.randn(64, 32) / 8, torch.zeros(32), "topk", k=8
+    )
     save_circuit_tracer(TranscoderSet({1: layer}), tmp_path / "tc", "tiny-llama")
     return load_transcoders(tmp_path / "tc", "circuit_tracer")
 
@@ -56,8 +57,9 @@ def test_second_check_reads_the_stored_figures(tmp_path, tiny_subject, saved_set
 
 
 def test_changed_dtype_or_weights_measure_again(tmp_path, tiny_subject, saved_set):
-    half = SubjectModel(copy.deepcopy(tiny_subject.model).to(torch.bfloat16), tiny_subject.tokenizer,
-                        tiny_subject.model_id)
+    half = SubjectModel(
+        copy.deepcopy(tiny_subject.model).to(torch.bfloat16), tiny_subject.tokenizer, tiny_subject.model_id
+    )
     with Store(tmp_path / "s.duckdb") as store:
         counted_check(store, tiny_subject, saved_set, "corpus-a")
         quality, passes = counted_check(store, half, saved_set, "corpus-a")
@@ -65,11 +67,23 @@ def test_changed_dtype_or_weights_measure_again(tmp_path, tiny_subject, saved_se
         assert counted_check(store, half, saved_set, "corpus-a")[1] == 0
 
         layer = saved_set[1]
-        changed = TranscoderSet({1: Transcoder(1, layer.W_enc.detach() * 2, layer.b_enc.detach(),
-                                               layer.W_dec.detach(), layer.b_dec.detach(), "topk", k=8)})
+        changed = TranscoderSet(
+            {
+                1: Transcoder(
+                    1,
+                    layer.W_enc.detach() * 2,
+                    layer.b_enc.detach(),
+                    layer.W_dec.detach(),
+                    layer.b_dec.detach(),
+                    "topk",
+                    k=8,
+                )
+            }
+        )
         save_circuit_tracer(changed, tmp_path / "tc2", "tiny-llama")
-        assert counted_check(store, tiny_subject, load_transcoders(tmp_path / "tc2", "circuit_tracer"),
-                             "corpus-a")[1] > 0
+        assert (
+            counted_check(store, tiny_subject, load_transcoders(tmp_path / "tc2", "circuit_tracer"), "corpus-a")[1] > 0
+        )
 
 
 def test_stored_bad_fit_is_refused_without_measuring(tmp_path, tiny_subject, saved_set):
@@ -80,8 +94,9 @@ def test_stored_bad_fit_is_refused_without_measuring(tmp_path, tiny_subject, sav
         handle = tiny_subject.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
         try:
             with pytest.raises(AutolabelError, match="does not reconstruct"):
-                check_transcoders(store, tiny_subject, saved_set, random_windows(8), 200, 1e-6, "corpus-a",
-                                  {"heldout_every": 10})
+                check_transcoders(
+                    store, tiny_subject, saved_set, random_windows(8), 200, 1e-6, "corpus-a", {"heldout_every": 10}
+                )
         finally:
             handle.remove()
         assert calls == []

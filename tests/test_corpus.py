@@ -23,8 +23,14 @@ def write_jsonl(path, rows):
 
 CHATS = [
     {"id": "c1", "category": "recipe", "messages": [{"role": "user", "content": "How do I bake bread?"}]},
-    {"id": "c2", "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-                              {"role": "assistant", "content": "Hello."}]},
+    {
+        "id": "c2",
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    },
     {"id": "t1", "category": "news", "text": "Stocks fell sharply today. " * 40},
 ]
 
@@ -43,15 +49,18 @@ def test_reads_jsonl_parquet_and_text(tmp_path):
     assert by_id["c:0"].kind == "text"
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    (b"", "holds no documents"),
-    (b'{"text": "caf\xe9"}\n', r"byte 13 \(line 1\) is not valid UTF-8"),
-    (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', r"row 0: message 0 has role 'bot'"),
-    (b'{"messages": [{"role": "user", "content": ""}]}\n', "empty or non-string content"),
-    (b'{"title": "no text"}\n', "needs a 'text' string or a 'messages' list"),
-    (b'{"text": "ok"}\n{"text": \n', "cannot parse as json"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        (b"", "holds no documents"),
+        (b'{"text": "caf\xe9"}\n', r"byte 13 \(line 1\) is not valid UTF-8"),
+        (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', r"row 0: message 0 has role 'bot'"),
+        (b'{"messages": [{"role": "user", "content": ""}]}\n', "empty or non-string content"),
+        (b'{"title": "no text"}\n', "needs a 'text' string or a 'messages' list"),
+        (b'{"text": "ok"}\n{"text": \n', "cannot parse as json"),
+    ],
+)
 def test_bad_files_name_the_problem(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     if content is not None:
@@ -70,16 +79,21 @@ def test_builtin_sources_read_installed_packages():
         assert all(d.kind == "text" or d.messages[-1].role == "user" for d in documents)
     assert seen["rho_refusal"] == {"harmful_request", "benign"}
     assert seen["bbc_news"] == {"news"}
-    assert load_source(SourceConfig(name="chatterbot", limit=3), 0)[0].doc_id == \
-        load_source(SourceConfig(name="chatterbot", limit=3), 0)[0].doc_id  # seeded, reproducible
+    assert (
+        load_source(SourceConfig(name="chatterbot", limit=3), 0)[0].doc_id
+        == load_source(SourceConfig(name="chatterbot", limit=3), 0)[0].doc_id
+    )  # seeded, reproducible
     with pytest.raises(AutolabelError, match="unknown corpus source 'wiki'"):
         load_source(SourceConfig(name="wiki"), 0)
 
 
 def small_config(tmp_path, **changes) -> CorpusConfig:
     write_jsonl(tmp_path / "chats.jsonl", CHATS)
-    return CorpusConfig(sources=[SourceConfig(name="file", path=str(tmp_path / "chats.jsonl"))],
-                        generation=GenerationConfig(max_new_tokens=4, batch_size=2), **changes)
+    return CorpusConfig(
+        sources=[SourceConfig(name="file", path=str(tmp_path / "chats.jsonl"))],
+        generation=GenerationConfig(max_new_tokens=4, batch_size=2),
+        **changes,
+    )
 
 
 def table_counts(store):
@@ -90,8 +104,9 @@ def test_build_stores_tagged_tokens_and_reuses_work(tmp_path, tiny_subject):
     with Store(tmp_path / "s.duckdb") as store:
         summary = build_corpus(store, small_config(tmp_path), tiny_subject, show_progress=False)
         assert (summary.n_docs, summary.generated, summary.reused) == (3, 1, False)
-        assert summary.tokens_by_role["text"] == store.one(
-            "SELECT n_tokens FROM documents WHERE doc_id = 'chats:t1'")[0]
+        assert (
+            summary.tokens_by_role["text"] == store.one("SELECT n_tokens FROM documents WHERE doc_id = 'chats:t1'")[0]
+        )
         assert set(summary.tokens_by_role) == {"system", "user", "assistant", "template", "text"}
         assert summary.n_tokens == sum(summary.tokens_by_role.values())
         messages = json.loads(store.one("SELECT messages_json FROM documents WHERE doc_id = 'chats:c1'")[0])
@@ -99,8 +114,12 @@ def test_build_stores_tagged_tokens_and_reuses_work(tmp_path, tiny_subject):
         before = table_counts(store)
 
         # Windows cover every document exactly, in order, none longer than ctx_len.
-        stored = {doc_id: (ids, roles) for doc_id, ids, roles in store.con.execute(
-            "SELECT doc_id, token_ids, roles::VARCHAR[] FROM doc_tokens").fetchall()}
+        stored = {
+            doc_id: (ids, roles)
+            for doc_id, ids, roles in store.con.execute(
+                "SELECT doc_id, token_ids, roles::VARCHAR[] FROM doc_tokens"
+            ).fetchall()
+        }
         rebuilt: dict[str, tuple[list, list]] = {}
         for window in iter_windows(store, summary.corpus_id, ctx_len=16, docs_per_read=2):
             assert 0 < len(window.token_ids) <= 16 and len(window.roles) == len(window.turns) == len(window.token_ids)
@@ -125,15 +144,25 @@ def test_bad_input_leaves_store_unchanged(tmp_path, tiny_subject):
         build_corpus(store, small_config(tmp_path), tiny_subject, show_progress=False)
         before = table_counts(store)
         write_jsonl(tmp_path / "bad.jsonl", [CHATS[0], {"messages": [{"role": "narrator", "content": "x"}]}])
-        bad = CorpusConfig(sources=[SourceConfig(name="file", path=str(tmp_path / "chats.jsonl")),
-                                    SourceConfig(name="file", path=str(tmp_path / "bad.jsonl"))])
+        bad = CorpusConfig(
+            sources=[
+                SourceConfig(name="file", path=str(tmp_path / "chats.jsonl")),
+                SourceConfig(name="file", path=str(tmp_path / "bad.jsonl")),
+            ]
+        )
         with pytest.raises(AutolabelError, match="role 'narrator'"):
             build_corpus(store, bad, tiny_subject, show_progress=False)
-        empty = CorpusConfig(sources=[SourceConfig(name="file", path=str(tmp_path / "chats.jsonl"), limit=1)],
-                             generation=GenerationConfig(enabled=False))
+        empty = CorpusConfig(
+            sources=[SourceConfig(name="file", path=str(tmp_path / "chats.jsonl"), limit=1)],
+            generation=GenerationConfig(enabled=False),
+        )
         write_jsonl(tmp_path / "dupe.jsonl", [CHATS[2]])
-        dupes = CorpusConfig(sources=[SourceConfig(name="file", path=str(tmp_path / "dupe.jsonl")),
-                                      SourceConfig(name="file", path=str(tmp_path / "dupe.jsonl"))])
+        dupes = CorpusConfig(
+            sources=[
+                SourceConfig(name="file", path=str(tmp_path / "dupe.jsonl")),
+                SourceConfig(name="file", path=str(tmp_path / "dupe.jsonl")),
+            ]
+        )
         with pytest.raises(AutolabelError, match="document ids repeat"):
             build_corpus(store, dupes, tiny_subject, show_progress=False)
         assert table_counts(store) == before
@@ -145,18 +174,28 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_subject):
     prompts.mkdir()
     with Store(tmp_path / "s.duckdb") as store:
         with pytest.raises(AutolabelError, match="holds no .jsonl files"):
-            build_corpus(store, CorpusConfig(sources=[SourceConfig(name="prompts", path=str(prompts))]),
-                         tiny_subject, show_progress=False)
+            build_corpus(
+                store,
+                CorpusConfig(sources=[SourceConfig(name="prompts", path=str(prompts))]),
+                tiny_subject,
+                show_progress=False,
+            )
         (prompts / "poem.jsonl").write_text("", encoding="utf-8")
         with pytest.raises(AutolabelError, match="corpus is empty"):
-            build_corpus(store, CorpusConfig(sources=[SourceConfig(name="prompts", path=str(prompts))]),
-                         tiny_subject, show_progress=False)
+            build_corpus(
+                store,
+                CorpusConfig(sources=[SourceConfig(name="prompts", path=str(prompts))]),
+                tiny_subject,
+                show_progress=False,
+            )
         assert store.one("SELECT count(*) FROM documents")[0] == 0
 
 
 def generation_rows(store) -> list[tuple[str, str]]:
-    return [(json.loads(params).get("backend", "transformers"), response) for params, response in store.rows(
-        "SELECT params_json, response FROM generations ORDER BY params_json")]
+    return [
+        (json.loads(params).get("backend", "transformers"), response)
+        for params, response in store.rows("SELECT params_json, response FROM generations ORDER BY params_json")
+    ]
 
 
 def test_llama_cpp_writes_replies_of_a_gguf_model_and_the_corpus_id_names_it(tmp_path, smollm2):
@@ -200,8 +239,9 @@ def test_a_long_prompt_does_not_pad_a_whole_transformers_batch(tiny_subject):
     prompts = ["short one"] * 3 + ["a much longer prompt " * 30] + ["mid size prompt " * 3] * 2
     batches: list[list[int]] = []
     config = GenerationConfig(max_new_tokens=2, batch_size=4)
-    transformers_replies(tiny_subject, prompts, config, lambda indices, replies: batches.append(indices),
-                         padded_tokens=4 * 16)
+    transformers_replies(
+        tiny_subject, prompts, config, lambda indices, replies: batches.append(indices), padded_tokens=4 * 16
+    )
     assert sorted(i for batch in batches for i in batch) == list(range(6))  # each prompt once
     assert batches[-1] == [3]  # the long one alone, not padding three others to its length
     assert len(batches[0]) == 4  # short ones fill a batch up to batch_size

@@ -36,17 +36,21 @@ def test_rerun_reuses_the_identical_collection_and_changed_inputs_collect_again(
         audited = store.query("SELECT run_id, count(*) FROM audit_findings GROUP BY 1 ORDER BY 1")[1]
         diffs = store.query("SELECT run_id, against_run_id FROM audit_diffs")[1]
         diffed = store.rows("SELECT run_id, shard FROM shards WHERE stage = 'audit' AND shard LIKE '%:%'")
-    assert [(r, s, p) for r, s, p, _ in runs] == [(first.run_id, "complete", None),
-                                                  (second.run_id, "complete", first.run_id),
-                                                  (third.run_id, "complete", None)]
+    assert [(r, s, p) for r, s, p, _ in runs] == [
+        (first.run_id, "complete", None),
+        (second.run_id, "complete", first.run_id),
+        (third.run_id, "complete", None),
+    ]
     assert top == 2  # ranks from 0: the changed setting really collected again
     assert [r for r, n in audited if n > 0] == sorted([first.run_id, second.run_id, third.run_id])
     # Each run after the first diffed against the run before it: the diff's shard is committed, and its rows
     # (only where something changed) are none for the identical second run.
     assert (first.audit.against, second.audit.against, third.audit.against) == (None, first.run_id, second.run_id)
     audits = [result.audit for result in first.audit.results]
-    assert audits and sorted(diffed) == sorted([(second.run_id, f"{name}:{first.run_id}") for name in audits]
-                                               + [(third.run_id, f"{name}:{second.run_id}") for name in audits])
+    assert audits and sorted(diffed) == sorted(
+        [(second.run_id, f"{name}:{first.run_id}") for name in audits]
+        + [(third.run_id, f"{name}:{second.run_id}") for name in audits]
+    )
     assert {(r, a) for r, a in diffs} <= {(third.run_id, second.run_id)}
 
     # Every run names its flow run, and that flow run is in Prefect's API, completed.
@@ -73,7 +77,9 @@ def test_fresh_collects_again_and_bad_input_fails_the_run_without_retries(config
     with pytest.raises(AutolabelError, match="missing"):
         audit_pipeline(broken, show_progress=False)
     with Store(config.store) as store:
-        status, error, flow_run_id = store.one("SELECT status, error, flow_run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+        status, error, flow_run_id = store.one(
+            "SELECT status, error, flow_run_id FROM runs ORDER BY started_at DESC LIMIT 1"
+        )
     assert status == "failed" and "missing" in error
 
     async def check_attempts():
@@ -155,8 +161,13 @@ def test_two_dask_workers_give_the_single_process_tables(config, prefect_api):
     assert asyncio.run(slice_runs()) == ["COMPLETED", "COMPLETED"]  # two slices, each on a worker
 
 
-@pytest.mark.parametrize("args, message", [(["--task-runner", "spark"], "--task-runner must be local or dask"),
-                                           (["--workers", "0"], "--workers must be at least 1")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task-runner", "spark"], "--task-runner must be local or dask"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
 def test_bad_scale_out_options_exit_2(monkeypatch, capsys, tmp_path, args, message):
     from test_cli import run_cli
 
@@ -172,10 +183,21 @@ def test_the_deployed_stage_flows_work_on_the_latest_collected_run(config, prefe
 
     older = audit_pipeline(config, until="collect", show_progress=False)
     collected = audit_pipeline(config, until="collect", show_progress=False)  # the same tables, copied
-    settings = config.model_copy(update={
-        "label": LabelConfig(layers=[1], features=[0, 1], min_examples=2, explain_top=3, explain_quantile=1,
-                             score_examples=6, output_tokens=3, scorers=["detection"]),
-        "llm": LLMConfig(max_tokens=160, concurrency=1)})
+    settings = config.model_copy(
+        update={
+            "label": LabelConfig(
+                layers=[1],
+                features=[0, 1],
+                min_examples=2,
+                explain_top=3,
+                explain_quantile=1,
+                score_examples=6,
+                output_tokens=3,
+                scorers=["detection"],
+            ),
+            "llm": LLMConfig(max_tokens=160, concurrency=1),
+        }
+    )
     labels = label_flow(settings, show_progress=False)
     report = report_flow(config, show_progress=False)
     assert older.run_id != collected.run_id == labels.run_id
@@ -196,10 +218,22 @@ def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefe
     from flows.audit_pipeline import audit_pipeline, scatter_labels
 
     run_id = audit_pipeline(config, until="collect", show_progress=False).run_id
-    settings = config.model_copy(update={
-        "label": LabelConfig(layers=[1], features=list(range(6)), min_examples=2, explain_top=3, explain_quantile=1,
-                             score_examples=6, output_tokens=3, features_per_shard=2, scorers=["detection"]),
-        "llm": LLMConfig(max_tokens=160, concurrency=1)})
+    settings = config.model_copy(
+        update={
+            "label": LabelConfig(
+                layers=[1],
+                features=list(range(6)),
+                min_examples=2,
+                explain_top=3,
+                explain_quantile=1,
+                score_examples=6,
+                output_tokens=3,
+                features_per_shard=2,
+                scorers=["detection"],
+            ),
+            "llm": LLMConfig(max_tokens=160, concurrency=1),
+        }
+    )
 
     @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True}))
     def label_on_dask():
@@ -208,7 +242,9 @@ def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefe
     scattered = label_on_dask()
     with Store(config.store) as store:
         labels = store.query("SELECT feature, status, label FROM labels WHERE run_id = ? ORDER BY feature", [run_id])[1]
-        scores = store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1", [run_id])[1]
+        scores = store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1", [run_id])[
+            1
+        ]
         shards = store.committed_shards(run_id, "label")
         requests = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
     assert len(shards) == 3 and scattered.calls == requests > 0
@@ -221,8 +257,12 @@ def test_labeling_on_two_dask_workers_merges_rows_cache_and_ledger(config, prefe
         store.con.execute("DELETE FROM shards WHERE run_id = ? AND stage = 'label'", [run_id])
     local = label_run(settings, run_id, show_progress=False)
     with Store(config.store) as store:
-        assert store.query("SELECT feature, status, label FROM labels WHERE run_id = ? ORDER BY feature",
-                           [run_id])[1] == labels
-        assert store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1",
-                           [run_id])[1] == scores
+        assert (
+            store.query("SELECT feature, status, label FROM labels WHERE run_id = ? ORDER BY feature", [run_id])[1]
+            == labels
+        )
+        assert (
+            store.query("SELECT feature, scorer, value, status FROM scores WHERE run_id = ? ORDER BY 1", [run_id])[1]
+            == scores
+        )
     assert local.calls == 0  # every answer came from the cache the workers' rows filled

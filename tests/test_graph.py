@@ -44,8 +44,14 @@ def pre_activations(subject, tset, where, prompt, sources, attribution) -> torch
     with torch.no_grad():
         live = replay(subject, tset, where, prompt, sources).inputs
     features = attribution.features
-    return torch.stack([tset[layer].pre_acts(live[layer][0, pos])[feature] for layer, pos, feature in
-                        zip(features.layers.tolist(), features.positions.tolist(), features.features.tolist(), strict=True)])
+    return torch.stack(
+        [
+            tset[layer].pre_acts(live[layer][0, pos])[feature]
+            for layer, pos, feature in zip(
+                features.layers.tolist(), features.positions.tolist(), features.features.tolist(), strict=True
+            )
+        ]
+    )
 
 
 # -- the replacement model -------------------------------------------------------------------------
@@ -80,7 +86,9 @@ def test_freezing_makes_the_replacement_affine_in_its_nodes(subjects, family):
 
     def logits(sources) -> torch.Tensor:
         with torch.no_grad():
-            return replay(subject, tset, where, prompt, sources).final[0] @ subject.model.get_output_embeddings().weight.T
+            return (
+                replay(subject, tset, where, prompt, sources).final[0] @ subject.model.get_output_embeddings().weight.T
+            )
 
     bias, clean, twice = logits(prompt.sources.zeroed()), logits(prompt.sources), logits(doubled)
     assert (clean - bias).abs().max() > 0.1
@@ -131,18 +139,29 @@ def test_attributions_into_each_node_sum_to_its_input(graph):
 def test_edges_match_removing_each_source_from_the_frozen_model(graph):
     """Brute force: remove one source node's output and replay; the change of every target's input is the edge."""
     subject, tset, where, prompt, targets, attribution = graph
-    features, n_f, n_t, n_pos = attribution.features, len(attribution.features), len(targets.token_ids), attribution.n_pos
+    features, n_f, n_t, n_pos = (
+        attribution.features,
+        len(attribution.features),
+        len(targets.token_ids),
+        attribution.n_pos,
+    )
     late = int((features.layers == features.layers.max()).nonzero()[-1])  # a feature node of the last covered layer
     logits = logit_inputs(subject, tset, where, prompt, prompt.sources, targets)
     pre = pre_activations(subject, tset, where, prompt, prompt.sources, attribution)[late]
-    sources = [("feature", int(features.layers[k]), int(features.positions[k]), int(features.features[k]))
-               for k in range(0, n_f, 3)]
+    sources = [
+        ("feature", int(features.layers[k]), int(features.positions[k]), int(features.features[k]))
+        for k in range(0, n_f, 3)
+    ]
     sources += [("error", layer, pos, -1) for layer in range(N_LAYERS) for pos in (1, n_pos - 1)]
     sources += [("embedding", -1, pos, -1) for pos in range(n_pos)]
     for kind, layer, pos, feature in sources:
         if kind == "feature":
-            column = [k for k in range(n_f) if (int(features.layers[k]), int(features.positions[k]),
-                                                int(features.features[k])) == (layer, pos, feature)][0]
+            column = [
+                k
+                for k in range(n_f)
+                if (int(features.layers[k]), int(features.positions[k]), int(features.features[k]))
+                == (layer, pos, feature)
+            ][0]
         else:
             column = n_f + (layer * n_pos if kind == "error" else N_LAYERS * n_pos) + pos
         removed = without(prompt.sources, kind, layer, pos, feature)
@@ -186,11 +205,13 @@ def test_pruning_keeps_the_influential_nodes_and_drops_those_left_unconnected():
     adjacency = torch.zeros(6, 6)
     adjacency[logit, f0], adjacency[logit, err], adjacency[logit, f2] = 10, 1, 0.01
     adjacency[f0, f1], adjacency[f0, emb], adjacency[f1, emb], adjacency[f2, emb] = 5, -5, 1, 1
-    pruned = prune(adjacency, n_features=3, n_fixed=2, probabilities=torch.tensor([1.0]), node_threshold=0.8,
-                   edge_threshold=0.98)
+    pruned = prune(
+        adjacency, n_features=3, n_fixed=2, probabilities=torch.tensor([1.0]), node_threshold=0.8, edge_threshold=0.98
+    )
     share = 10 / 11.01
-    assert torch.allclose(pruned.influence, torch.tensor([share, share / 2, 0.01 / 11.01, 1 / 11.01,
-                                                          share + 0.01 / 11.01, 0]), atol=1e-6)
+    assert torch.allclose(
+        pruned.influence, torch.tensor([share, share / 2, 0.01 / 11.01, 1 / 11.01, share + 0.01 / 11.01, 0]), atol=1e-6
+    )
     assert pruned.nodes.tolist() == [True, True, False, False, True, True]
     assert {tuple(e) for e in pruned.edges.nonzero().tolist()} == {(logit, f0), (f0, f1), (f0, emb), (f1, emb)}
     # With a stricter edge threshold only logit <- f0 survives the edge cut; f0 then has no incoming edge and

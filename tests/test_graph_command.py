@@ -69,7 +69,7 @@ def test_a_chat_keeps_its_roles_and_opens_the_assistant_turn(subjects, tmp_path)
     assert "user" in prompt.roles and "system" in prompt.roles  # SmolLM2's template injects a system prompt
     with Store(tmp_path / "s.duckdb") as store:
         summary = graph_stage(store, subject, tset, "tc-x", prompt, GraphConfig(batch_size=64))
-        roles, = store.rows("SELECT roles FROM graphs")[0]
+        (roles,) = store.rows("SELECT roles FROM graphs")[0]
         first = store.rows("SELECT count(*) FROM graph_nodes WHERE kind = 'feature' AND position = 0")[0][0]
     assert roles == prompt.roles and summary.n_tokens == len(prompt.token_ids)
     assert first == 0  # <|im_start|> is a special token: its features are left to the error nodes
@@ -88,8 +88,21 @@ def test_export_is_a_circuit_tracer_graph_with_labels_on_the_features(subjects, 
     assert {"slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold"} <= set(exported["metadata"])
     assert exported["metadata"]["slug"] == summary.graph_id and exported["metadata"]["prompt"] == TEXT
     assert set(exported["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
-    required = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp", "influence",
-                "activation", "token_prob", "is_target_logit", "run_idx", "reverse_ctx_idx"}
+    required = {
+        "node_id",
+        "feature",
+        "layer",
+        "ctx_idx",
+        "feature_type",
+        "jsNodeId",
+        "clerp",
+        "influence",
+        "activation",
+        "token_prob",
+        "is_target_logit",
+        "run_idx",
+        "reverse_ctx_idx",
+    }
     nodes = {node["node_id"]: node for node in exported["nodes"]}
     assert len(nodes) == len(exported["nodes"]) and all(required <= set(node) for node in nodes.values())
     types = {node["feature_type"] for node in nodes.values()}
@@ -114,8 +127,11 @@ def test_export_is_a_circuit_tracer_graph_with_labels_on_the_features(subjects, 
 def cli_setup(tmp_path, tiny_model_dir, cache_dir):
     folder = tmp_path / "transcoders"
     save_circuit_tracer(per_layer_set(), folder, "tiny")
-    config = RunConfig(cache_dir=str(cache_dir), model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
-                       transcoder=TranscoderConfig(source=str(folder)))
+    config = RunConfig(
+        cache_dir=str(cache_dir),
+        model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
+        transcoder=TranscoderConfig(source=str(folder)),
+    )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return config, config_path, tmp_path / "s.duckdb"
@@ -125,22 +141,37 @@ def test_cli_labels_the_top_nodes_with_the_runs_labels_and_writes_json(monkeypat
     config, config_path, store = cli_setup
     run_id = labeled_run(store, config, per_layer_set())
     out_json = tmp_path / "out" / "graph.json"
-    code, out, err = run_cli(monkeypatch, capsys, "graph", TEXT, "--store", str(store), "--run", run_id,
-                             "--max-logits", "3", "--json", str(out_json))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "graph",
+        TEXT,
+        "--store",
+        str(store),
+        "--run",
+        run_id,
+        "--max-logits",
+        "3",
+        "--json",
+        str(out_json),
+    )
     assert code == 0, err
     text = " ".join(out.split())
     assert "feature 1:" in text or "feature 2:" in text
     assert "0.50 unreliable" in text or "feature 2:" in text
     assert json.loads(out_json.read_text())["metadata"]["prompt"] == TEXT
     with Store(store) as db:
-        assert db.rows("SELECT run_id, count(*) FILTER (kind = 'logit') FROM graphs JOIN graph_nodes USING (graph_id) "
-                       "GROUP BY ALL") == [(run_id, 3)]
+        assert db.rows(
+            "SELECT run_id, count(*) FILTER (kind = 'logit') FROM graphs JOIN graph_nodes USING (graph_id) GROUP BY ALL"
+        ) == [(run_id, 3)]
 
 
 def foreign_transcoders(folder) -> str:
     """Transcoders for a model with d_model 48 at layers 1 and 2."""
-    transcoders = {layer: Transcoder(layer, torch.randn(48, F), torch.zeros(F), torch.randn(F, 48), torch.zeros(48))
-                   for layer in (1, 2)}
+    transcoders = {
+        layer: Transcoder(layer, torch.randn(48, F), torch.zeros(F), torch.randn(F, 48), torch.zeros(48))
+        for layer in (1, 2)
+    }
     save_circuit_tracer(TranscoderSet(transcoders), folder, "another")
     return str(folder)
 
@@ -150,22 +181,32 @@ def write(path, content) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty", "the prompt is empty"),
-    ("long", "over the model's context of 512"),
-    ("foreign", "made for another model"),
-    ("not-a-chat", "is not a chat"),
-    ("bad-roles", "has role 'robot'"),
-    ("not-json", "is not valid UTF-8 JSON"),
-    ("both", "pass either a PROMPT or --chat FILE"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty", "the prompt is empty"),
+        ("long", "over the model's context of 512"),
+        ("foreign", "made for another model"),
+        ("not-a-chat", "is not a chat"),
+        ("bad-roles", "has role 'robot'"),
+        ("not-json", "is not valid UTF-8 JSON"),
+        ("both", "pass either a PROMPT or --chat FILE"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, cli_setup, tmp_path, case, message):
     _, config_path, store = cli_setup
     args = {
         "empty": ["  "],
         "long": [" word" * 600],
-        "foreign": [TEXT, "--config", write(tmp_path / "c.yaml", yaml.safe_load(config_path.read_text()) | {
-            "transcoder": {"source": foreign_transcoders(tmp_path / "foreign")}})],
+        "foreign": [
+            TEXT,
+            "--config",
+            write(
+                tmp_path / "c.yaml",
+                yaml.safe_load(config_path.read_text())
+                | {"transcoder": {"source": foreign_transcoders(tmp_path / "foreign")}},
+            ),
+        ],
         "not-a-chat": ["--chat", write(tmp_path / "text.json", {"text": "hello"})],
         "bad-roles": ["--chat", write(tmp_path / "robot.json", [{"role": "robot", "content": "hi"}])],
         "not-json": ["--chat", write(tmp_path / "broken.json", "[{role: user}")],
@@ -189,9 +230,17 @@ def planted(tokenizer) -> tuple[SubjectModel, TranscoderSet]:
     that unit as its feature 2:5 (so the feature is the model's own mechanism, not cancelled by an error node)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=D, intermediate_size=64, num_hidden_layers=N_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         hidden_act="relu", mlp_bias=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        hidden_act="relu",
+        mlp_bias=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     unembedding = model.get_output_embeddings().weight.detach()
@@ -203,7 +252,12 @@ def planted(tokenizer) -> tuple[SubjectModel, TranscoderSet]:
     with torch.no_grad():
         for parameter in mlp.parameters():
             parameter.zero_()
-        mlp.gate_proj.weight[0], mlp.gate_proj.bias[0], mlp.up_proj.bias[0], mlp.down_proj.weight[:, 0] = w, 4.0, 1.0, push
+        mlp.gate_proj.weight[0], mlp.gate_proj.bias[0], mlp.up_proj.bias[0], mlp.down_proj.weight[:, 0] = (
+            w,
+            4.0,
+            1.0,
+            push,
+        )
         transcoder.W_enc[:, 5], transcoder.W_dec[5] = w, push
         transcoder.b_enc[5] = 4.0 + transcoder.b_in @ w  # the transcoder subtracts b_in from its input first
     return SubjectModel(model, tokenizer, "tiny-planted"), tset
@@ -215,17 +269,57 @@ def feature_store(path, config: RunConfig, tset: TranscoderSet, ids: list[int]) 
     run_id = labeled_run(path, config, tset)
     peaks = [5, len(ids) - 1]
     with Store(path) as store:
-        store.upsert("features", [{"run_id": run_id, "layer": layer, "feature": f, "n_tokens": 100,
-                                   "n_active": 0 if (layer, f) == DEAD else 10, "max_act": 0.0 if (layer, f) == DEAD else 5.0,
-                                   "status": "dead" if (layer, f) == DEAD else "active"}
-                                  for layer in tset.layers for f in range(F)])
-        store.upsert("examples", [{"run_id": run_id, "layer": 2, "feature": 5, "kind": "top", "rank": rank,
-                                   "doc_id": f"doc-{rank}", "role": "text", "start": 0, "tokens": ids,
-                                   "acts": [5.0 if i == peak else 1.0 for i in range(len(ids))], "max_act": 5.0}
-                                  for rank, peak in enumerate(peaks)])
-        store.upsert("audit_findings", [{"run_id": run_id, "audit": "assistant", "layer": 2, "feature": 5,
-                                         "metric": "breadth", "value": 0.5, "flagged": True, "section": "pervasive",
-                                         "rank": 1}])
+        store.upsert(
+            "features",
+            [
+                {
+                    "run_id": run_id,
+                    "layer": layer,
+                    "feature": f,
+                    "n_tokens": 100,
+                    "n_active": 0 if (layer, f) == DEAD else 10,
+                    "max_act": 0.0 if (layer, f) == DEAD else 5.0,
+                    "status": "dead" if (layer, f) == DEAD else "active",
+                }
+                for layer in tset.layers
+                for f in range(F)
+            ],
+        )
+        store.upsert(
+            "examples",
+            [
+                {
+                    "run_id": run_id,
+                    "layer": 2,
+                    "feature": 5,
+                    "kind": "top",
+                    "rank": rank,
+                    "doc_id": f"doc-{rank}",
+                    "role": "text",
+                    "start": 0,
+                    "tokens": ids,
+                    "acts": [5.0 if i == peak else 1.0 for i in range(len(ids))],
+                    "max_act": 5.0,
+                }
+                for rank, peak in enumerate(peaks)
+            ],
+        )
+        store.upsert(
+            "audit_findings",
+            [
+                {
+                    "run_id": run_id,
+                    "audit": "assistant",
+                    "layer": 2,
+                    "feature": 5,
+                    "metric": "breadth",
+                    "value": 0.5,
+                    "flagged": True,
+                    "section": "pervasive",
+                    "rank": 1,
+                }
+            ],
+        )
     return run_id
 
 
@@ -239,10 +333,14 @@ def test_a_feature_planted_to_drive_the_output_has_a_high_influence_share(plante
         prompts = check_prompts(store, run_id, [PLANTED], 2, flagged={PLANTED})
         plain = feature_graph_stage(store, subject, per_layer_set(), "tc-plain", run_id, prompts, settings)
         planted = feature_graph_stage(store, subject, planted_tset, "tc-planted", run_id, prompts, settings)
-        stored = store.dicts("SELECT f.*, g.tokens FROM feature_graphs f JOIN graphs g USING (graph_id) "
-                             "ORDER BY prompt_index")
-        top = store.rows("SELECT DISTINCT arg_max(token_id, probability) FROM graph_nodes WHERE kind = 'logit' AND "
-                         "list_contains(?, graph_id) GROUP BY graph_id", [[row["graph_id"] for row in planted]])
+        stored = store.dicts(
+            "SELECT f.*, g.tokens FROM feature_graphs f JOIN graphs g USING (graph_id) ORDER BY prompt_index"
+        )
+        top = store.rows(
+            "SELECT DISTINCT arg_max(token_id, probability) FROM graph_nodes WHERE kind = 'logit' AND "
+            "list_contains(?, graph_id) GROUP BY graph_id",
+            [[row["graph_id"] for row in planted]],
+        )
         findings = store.dicts("SELECT * FROM audit_findings ORDER BY metric")
         again = influence_rows(findings[:1], influence_shares(store, run_id))
     # The prompts are the top examples cut after their peak, so each graph explains the token after the peak.
@@ -277,24 +375,31 @@ def test_cli_traces_an_audits_flagged_features_on_their_top_examples(monkeypatch
     assert code == 0, err
     text = " ".join(out.split())
     with Store(store) as db:
-        (share, kept, graph_id, n_tokens), = db.rows("SELECT share, kept, graph_id, len(tokens) FROM feature_graphs "
-                                                     "JOIN graphs USING (graph_id) WHERE (layer, feature) = (2, 5)")
+        ((share, kept, graph_id, n_tokens),) = db.rows(
+            "SELECT share, kept, graph_id, len(tokens) FROM feature_graphs "
+            "JOIN graphs USING (graph_id) WHERE (layer, feature) = (2, 5)"
+        )
         findings = db.rows("SELECT audit, value FROM audit_findings WHERE metric = 'influence_share'")
     assert "L2:5" in text and "' mat'" in text and f" {share:.3f} " in text  # the peak token, the share
     assert n_tokens == 6 and graph_id.startswith("g-")
     assert findings == [("assistant", pytest.approx(share))]
 
 
-@pytest.mark.parametrize("feature,message", [
-    ("1:7", "never fired in run"),
-    ("3:1", "the run's transcoder has no layer 3 (it has 1, 2)"),
-    ("2:99", "feature 2:99 does not exist in run"),
-    ("2:6", "feature 2:6 has no top examples in run"),
-    ("2-5", "--features must be comma-separated LAYER:FEATURE pairs"),
-])
+@pytest.mark.parametrize(
+    "feature,message",
+    [
+        ("1:7", "never fired in run"),
+        ("3:1", "the run's transcoder has no layer 3 (it has 1, 2)"),
+        ("2:99", "feature 2:99 does not exist in run"),
+        ("2:6", "feature 2:6 has no top examples in run"),
+        ("2-5", "--features must be comma-separated LAYER:FEATURE pairs"),
+    ],
+)
 def test_graph_feature_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, feature_cli, feature, message):
     args, store = feature_cli
-    counts = "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM graphs), (SELECT count(*) FROM audit_findings)"
+    counts = (
+        "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM graphs), (SELECT count(*) FROM audit_findings)"
+    )
     with Store(store) as db:
         before = db.rows(counts)
     code, _, err = run_cli(monkeypatch, capsys, "graph", "--feature", feature, *args)

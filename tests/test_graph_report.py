@@ -37,12 +37,26 @@ NAMED = '<b>"sky" & </script>'  # a cluster name the page must show as text
 def cluster_rows(run_id: str, layers: list[int]) -> dict[str, list[dict]]:
     """The first covered layer's features in cluster 0 (NAMED, the odd ones) and 1 (no name, the even ones); the
     other layers' in no cluster."""
-    mapped = [{"run_id": run_id, "layer": layer, "feature": f, "umap_x": float(f), "umap_y": float(layer),
-               "cluster_id": (0 if f % 2 else 1) if layer == layers[0] else None, "reliable": True}
-              for layer in layers for f in range(F)]
-    return {"feature_map": mapped, "clusters": [
-        {"run_id": run_id, "cluster_id": 0, "name": NAMED, "description": "", "size": F},
-        {"run_id": run_id, "cluster_id": 1, "name": None, "description": "", "size": F}]}
+    mapped = [
+        {
+            "run_id": run_id,
+            "layer": layer,
+            "feature": f,
+            "umap_x": float(f),
+            "umap_y": float(layer),
+            "cluster_id": (0 if f % 2 else 1) if layer == layers[0] else None,
+            "reliable": True,
+        }
+        for layer in layers
+        for f in range(F)
+    ]
+    return {
+        "feature_map": mapped,
+        "clusters": [
+            {"run_id": run_id, "cluster_id": 0, "name": NAMED, "description": "", "size": F},
+            {"run_id": run_id, "cluster_id": 1, "name": None, "description": "", "size": F},
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +68,38 @@ def reported(subjects, tmp_path_factory):
     path = folder / "s.duckdb"
     run_id = labeled_run(path, RunConfig(), tset)
     with Store(path) as store:
-        store.upsert("features", [{"run_id": run_id, "layer": layer, "feature": f, "n_tokens": 100, "n_active": 10,
-                                   "density": 0.1, "max_act": 1.0, "status": "active"}
-                                  for layer in tset.layers for f in range(F)])
+        store.upsert(
+            "features",
+            [
+                {
+                    "run_id": run_id,
+                    "layer": layer,
+                    "feature": f,
+                    "n_tokens": 100,
+                    "n_active": 10,
+                    "density": 0.1,
+                    "max_act": 1.0,
+                    "status": "active",
+                }
+                for layer in tset.layers
+                for f in range(F)
+            ],
+        )
         for table, rows in cluster_rows(run_id, tset.layers).items():
             store.upsert(table, rows)
         summary = graph_stage(store, subject, tset, "tc-x", text_prompt(subject.tokenizer, TEXT), GraphConfig(), run_id)
-        kept = store.rows("SELECT count(*) FILTER (kind = 'feature'), count(*) FROM graph_nodes "
-                          "WHERE graph_id = ? AND kept", [summary.graph_id])[0]
-        report = report_stage(store, run_id, folder / "reports", ReportConfig(output_tokens=0, nearest=0),
-                              subject.tokenizer, show_progress=False)
+        kept = store.rows(
+            "SELECT count(*) FILTER (kind = 'feature'), count(*) FROM graph_nodes WHERE graph_id = ? AND kept",
+            [summary.graph_id],
+        )[0]
+        report = report_stage(
+            store,
+            run_id,
+            folder / "reports",
+            ReportConfig(output_tokens=0, nearest=0),
+            subject.tokenizer,
+            show_progress=False,
+        )
     return report, summary.graph_id, kept
 
 
@@ -115,20 +151,34 @@ def page_data(report, graph_id: str) -> tuple[str, dict]:
 
 def test_supernodes_group_a_clusters_features_and_sum_the_edges_crossing_them():
     # features a, b in cluster 0; c in cluster 1; d in none; e a target logit
-    nodes = [{"id": "a", "kind": "feature", "cluster_id": 0, "cluster": "zero", "influence": 0.1},
-             {"id": "b", "kind": "feature", "cluster_id": 0, "cluster": "zero", "influence": 0.3},
-             {"id": "c", "kind": "feature", "cluster_id": 1, "cluster": "cluster 1", "influence": 0.2},
-             {"id": "d", "kind": "feature", "cluster_id": None, "cluster": "", "influence": 0.4},
-             {"id": "e", "kind": "logit", "influence": 0.0}]
-    edges = [["a", "b", 1.0], ["a", "e", 2.0], ["b", "e", 3.0], ["c", "a", 0.5], ["d", "b", -1.0], ["c", "e", 4.0],
-             ["d", "e", 5.0]]
+    nodes = [
+        {"id": "a", "kind": "feature", "cluster_id": 0, "cluster": "zero", "influence": 0.1},
+        {"id": "b", "kind": "feature", "cluster_id": 0, "cluster": "zero", "influence": 0.3},
+        {"id": "c", "kind": "feature", "cluster_id": 1, "cluster": "cluster 1", "influence": 0.2},
+        {"id": "d", "kind": "feature", "cluster_id": None, "cluster": "", "influence": 0.4},
+        {"id": "e", "kind": "logit", "influence": 0.0},
+    ]
+    edges = [
+        ["a", "b", 1.0],
+        ["a", "e", 2.0],
+        ["b", "e", 3.0],
+        ["c", "a", 0.5],
+        ["d", "b", -1.0],
+        ["c", "e", 4.0],
+        ["d", "e", 5.0],
+    ]
     grouped = by_cluster(nodes, edges)
     zero, one = grouped["supernodes"]
     assert (zero["id"], zero["name"], zero["members"], zero["count"]) == ("S_0", "zero", ["b", "a"], 2)
     assert (zero["weight_in"], zero["weight_out"]) == (0.5 - 1.0, 2.0 + 3.0)  # a -> b is inside: in neither sum
     assert (one["id"], one["members"], one["count"], one["weight_in"], one["weight_out"]) == ("S_1", ["c"], 1, 0, 4.5)
-    assert sorted(map(tuple, grouped["super_edges"])) == [("S_0", "e", 5.0), ("S_1", "S_0", 0.5), ("S_1", "e", 4.0),
-                                                          ("d", "S_0", -1.0), ("d", "e", 5.0)]
+    assert sorted(map(tuple, grouped["super_edges"])) == [
+        ("S_0", "e", 5.0),
+        ("S_1", "S_0", 0.5),
+        ("S_1", "e", 4.0),
+        ("d", "S_0", -1.0),
+        ("d", "e", 5.0),
+    ]
 
 
 def test_graph_page_has_supernodes_by_cluster_with_their_members_and_edge_sums(reported):
@@ -142,8 +192,12 @@ def test_graph_page_has_supernodes_by_cluster_with_their_members_and_edge_sums(r
     for cluster, group in supernodes.items():
         members = {node for node, c in clustered.items() if c == cluster}
         assert set(group["members"]) == members and group["count"] == len(members)
-        assert group["weight_in"] == pytest.approx(sum(w for s, t, w in data["edges"] if t in members and s not in members))
-        assert group["weight_out"] == pytest.approx(sum(w for s, t, w in data["edges"] if s in members and t not in members))
+        assert group["weight_in"] == pytest.approx(
+            sum(w for s, t, w in data["edges"] if t in members and s not in members)
+        )
+        assert group["weight_out"] == pytest.approx(
+            sum(w for s, t, w in data["edges"] if s in members and t not in members)
+        )
     # The supernode view's edges keep the total weight of the edges between different units.
     inside = sum(w for s, t, w in data["edges"] if s in clustered and clustered[s] == clustered.get(t))
     assert sum(w for _, _, w in data["super_edges"]) + inside == pytest.approx(sum(w for _, _, w in data["edges"]))
@@ -162,11 +216,16 @@ def test_graph_page_in_chromium_toggles_to_supernodes_that_list_their_members(re
     try:
         browser.open((report.index.parent / "graphs" / f"{graph_id}.html").as_uri())
         browser.wait_until("document.querySelector('#graph svg') !== null")
-        select = "{ const v = document.getElementById('graph-view'); v.value = '%s'; v.dispatchEvent(new Event('change')); }"
+        select = (
+            "{ const v = document.getElementById('graph-view'); v.value = '%s'; v.dispatchEvent(new Event('change')); }"
+        )
         browser.evaluate(select % "supernodes")
-        assert browser.evaluate("document.querySelectorAll('#graph circle.supernode').length") == len(data["supernodes"])
+        assert browser.evaluate("document.querySelectorAll('#graph circle.supernode').length") == len(
+            data["supernodes"]
+        )
         assert browser.evaluate("document.querySelectorAll('#graph .node').length") == (
-            kept_nodes - grouped + len(data["supernodes"]))
+            kept_nodes - grouped + len(data["supernodes"])
+        )
         assert browser.evaluate("document.querySelectorAll('#graph line').length") == len(data["super_edges"])
         shape = "document.querySelector('#graph circle.supernode[data-id=\"S_0\"]')"
         browser.evaluate(f"{shape}.dispatchEvent(new MouseEvent('mouseenter'))")
@@ -175,7 +234,9 @@ def test_graph_page_in_chromium_toggles_to_supernodes_that_list_their_members(re
         assert f"summed edge weight in {named['weight_in']:.3f}, out {named['weight_out']:.3f}" in info
         browser.evaluate(f"{shape}.dispatchEvent(new MouseEvent('click'))")
         links = browser.evaluate("[...document.querySelectorAll('#graph-info a')].map(a => [a.href, a.textContent])")
-        assert len(links) == named["count"] and browser.evaluate("document.querySelectorAll('#graph-info b').length") == 0
+        assert (
+            len(links) == named["count"] and browser.evaluate("document.querySelectorAll('#graph-info b').length") == 0
+        )
         for (href, text), member in zip(links, named["members"], strict=True):
             layer, feature, _ = member.split("_")
             assert text.startswith(f"L{layer}/{feature}@") and f"feature {layer}:{feature}" in text

@@ -33,14 +33,21 @@ def test_query_prints_corpus_text_with_markup_as_it_is(monkeypatch, capsys, fill
     assert code == 0 and "[bold]x[/] [/]" in out
 
 
-@pytest.mark.parametrize("sql, path", [("COPY documents TO '{out}'", "out.csv"),
-                                       ("ATTACH '{out}' AS other", "other.duckdb"),
-                                       ("SELECT * FROM read_csv('{secret}')", None)])
+@pytest.mark.parametrize(
+    "sql, path",
+    [
+        ("COPY documents TO '{out}'", "out.csv"),
+        ("ATTACH '{out}' AS other", "other.duckdb"),
+        ("SELECT * FROM read_csv('{secret}')", None),
+    ],
+)
 def test_query_cannot_write_attach_or_read_other_files(monkeypatch, capsys, filled_store, tmp_path, sql, path):
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
     out = tmp_path / (path or "unused")
-    code, _, err = run_cli(monkeypatch, capsys, "query", sql.format(out=out, secret=secret), "--store", str(filled_store))
+    code, _, err = run_cli(
+        monkeypatch, capsys, "query", sql.format(out=out, secret=secret), "--store", str(filled_store)
+    )
     assert code == 2 and "query failed" in err and "disabled" in err
     assert not out.exists()
 
@@ -99,8 +106,9 @@ con.close()
 def hold_lock(path, seconds: float, mode: str = "write") -> subprocess.Popen:
     """Another process with the store open: writing, as `autolabel run` has it during a stage, or reading,
     as `autolabel query` has it (DuckDB lets no other process open the file in either case)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds), mode], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path), str(seconds), mode], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -138,8 +146,9 @@ def test_run_waits_for_a_query_and_ends_complete_with_a_report_that_says_so(conf
     finally:
         holder.wait()
     with Store(config.store, read_only=True) as store:
-        status, error, finished = store.one("SELECT status, error, finished_at FROM runs WHERE run_id = ?",
-                                            [summary.run_id])
+        status, error, finished = store.one(
+            "SELECT status, error, finished_at FROM runs WHERE run_id = ?", [summary.run_id]
+        )
     assert (status, error) == ("complete", None) and finished is not None
     index = open(summary.report, encoding="utf-8").read()
     assert "<dt>status</dt><dd>complete" in index and "running" not in index
@@ -221,11 +230,21 @@ def test_without_a_terminal_progress_is_logged_at_a_bounded_rate(caplog):
             for _ in range(3):
                 bar.advance(task, 5)
     assert [r.getMessage().split(" in ")[0] for r in caplog.records][1:] == [
-        "reading: progress 5 tok", "reading: progress 10 tok", "reading: progress 15 tok", "reading: done 15 tok"]
+        "reading: progress 5 tok",
+        "reading: progress 10 tok",
+        "reading: progress 15 tok",
+        "reading: done 15 tok",
+    ]
 
 
-@pytest.mark.parametrize("args, field", [(["cluster", "--seed", "-1"], "seed"), (["label", "--layers", "-3"], "layers"),
-                                         (["transcoder", "train", "--out", "x", "--tokens", "-5"], "n_tokens")])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["cluster", "--seed", "-1"], "seed"),
+        (["label", "--layers", "-3"], "layers"),
+        (["transcoder", "train", "--out", "x", "--tokens", "-5"], "n_tokens"),
+    ],
+)
 def test_options_that_overwrite_the_config_are_validated_like_it(monkeypatch, capsys, filled_store, args, field):
     code, _, err = run_cli(monkeypatch, capsys, *args, "--store", str(filled_store))
     assert code == 2 and "invalid setting" in err and field in err and "Traceback" not in err

@@ -26,9 +26,11 @@ from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 D, F = 32, 4
 SILENT, ZERO_ROW, CAT, RANDOM = 0, 1, 2, 3  # the features of every hand-built transcoder
-TEXTS = ["the cat sat on a mat while rain fell over old town roads",
-         "well certainly the quiet rivers ran past green hills and town",
-         "rain fell on the old roads while a cat sat by quiet rivers"]
+TEXTS = [
+    "the cat sat on a mat while rain fell over old town roads",
+    "well certainly the quiet rivers ran past green hills and town",
+    "rain fell on the old roads while a cat sat by quiet rivers",
+]
 
 
 def cat_id(subject) -> int:
@@ -111,7 +113,9 @@ def test_a_cross_layer_feature_is_changed_at_every_layer_it_writes(tiny_subject,
     W_dec = torch.zeros(F, 3, D)
     W_dec[:, 2] = per_layer.W_dec
     cross = TranscoderSet({1: Transcoder(1, torch.zeros(D, F), torch.full((F,), -1.0), W_dec, torch.zeros(3, D))})
-    silent = TranscoderSet({3: Transcoder(3, torch.zeros(D, F), torch.full((F,), -1.0), per_layer.W_dec, torch.zeros(D))})
+    silent = TranscoderSet(
+        {3: Transcoder(3, torch.zeros(D, F), torch.full((F,), -1.0), per_layer.W_dec, torch.zeros(D))}
+    )
     steer = [Setting("steer", 20.0)]
     via_cross = outcomes_of(tiny_subject, cross, [prompt(tiny_subject, 1, CAT)], steer)[0]
     via_layer = outcomes_of(tiny_subject, silent, [prompt(tiny_subject, 3, CAT)], steer)[0]
@@ -128,14 +132,42 @@ def example_rows(run_id: str, layer: int, feature: int, tokenizer, assistant_ran
         tokens = tokenizer(TEXTS[rank % 3], add_special_tokens=False)["input_ids"]
         acts = [0.0] * len(tokens)
         acts[4 + rank] = 3.0 - 0.1 * rank
-        rows.append({"run_id": run_id, "layer": layer, "feature": feature, "kind": "top", "rank": rank, "bin": None,
-                     "doc_id": f"d{rank}", "turn": 1, "role": "assistant" if rank in assistant_ranks else "text",
-                     "start": 0, "tokens": tokens, "acts": acts, "max_act": max(acts)})
+        rows.append(
+            {
+                "run_id": run_id,
+                "layer": layer,
+                "feature": feature,
+                "kind": "top",
+                "rank": rank,
+                "bin": None,
+                "doc_id": f"d{rank}",
+                "turn": 1,
+                "role": "assistant" if rank in assistant_ranks else "text",
+                "start": 0,
+                "tokens": tokens,
+                "acts": acts,
+                "max_act": max(acts),
+            }
+        )
     for rank in range(3):
         tokens = tokenizer(TEXTS[(rank + 1) % 3], add_special_tokens=False)["input_ids"][:8]
-        rows.append({"run_id": run_id, "layer": layer, "feature": feature, "kind": "random", "rank": rank, "bin": None,
-                     "doc_id": f"r{rank}", "turn": 0, "role": "user", "start": 0, "tokens": tokens,
-                     "acts": [0.0] * len(tokens), "max_act": 0.0})
+        rows.append(
+            {
+                "run_id": run_id,
+                "layer": layer,
+                "feature": feature,
+                "kind": "random",
+                "rank": rank,
+                "bin": None,
+                "doc_id": f"r{rank}",
+                "turn": 0,
+                "role": "user",
+                "start": 0,
+                "tokens": tokens,
+                "acts": [0.0] * len(tokens),
+                "max_act": 0.0,
+            }
+        )
     return rows
 
 
@@ -147,9 +179,18 @@ def make_run(path, subject, tset, config_json: str = "{}") -> str:
         for layer in tset.layers:
             for feature in range(F):
                 dead = feature == SILENT
-                features.append({"run_id": run_id, "layer": layer, "feature": feature, "n_tokens": 1000,
-                                 "n_active": 0 if dead else 100, "density": 0.0 if dead else 0.1,
-                                 "max_act": 0.0 if dead else 3.0, "status": "dead" if dead else "active"})
+                features.append(
+                    {
+                        "run_id": run_id,
+                        "layer": layer,
+                        "feature": feature,
+                        "n_tokens": 1000,
+                        "n_active": 0 if dead else 100,
+                        "density": 0.0 if dead else 0.1,
+                        "max_act": 0.0 if dead else 3.0,
+                        "status": "dead" if dead else "active",
+                    }
+                )
                 if not dead:
                     examples += example_rows(run_id, layer, feature, subject.tokenizer, {2, 4})
         store.write_shard(run_id, "collect", "final", {"features": features, "examples": examples})
@@ -157,13 +198,26 @@ def make_run(path, subject, tset, config_json: str = "{}") -> str:
 
 
 def stage_config(**intervene) -> RunConfig:
-    return RunConfig(intervene=InterveneConfig(**{"prompts": 2, "max_new_tokens": 4, "multiples": [2.0, 8.0],
-                                                  "judge": False, "batch_rows": 7, "group_features": 2, **intervene}))
+    return RunConfig(
+        intervene=InterveneConfig(
+            **{
+                "prompts": 2,
+                "max_new_tokens": 4,
+                "multiples": [2.0, 8.0],
+                "judge": False,
+                "batch_rows": 7,
+                "group_features": 2,
+                **intervene,
+            }
+        )
+    )
 
 
 def snapshot(store: Store, run_id: str) -> tuple:
-    return (store.query("SELECT * FROM interventions WHERE run_id = ? ORDER BY ALL", [run_id])[1],
-            store.query("SELECT * FROM shards WHERE run_id = ? AND stage = 'intervene' ORDER BY ALL", [run_id])[1])
+    return (
+        store.query("SELECT * FROM interventions WHERE run_id = ? ORDER BY ALL", [run_id])[1],
+        store.query("SELECT * FROM shards WHERE run_id = ? AND stage = 'intervene' ORDER BY ALL", [run_id])[1],
+    )
 
 
 def test_stage_stores_every_prompt_and_setting_once_and_resumes(tiny_subject, tset, tmp_path):
@@ -180,8 +234,11 @@ def test_stage_stores_every_prompt_and_setting_once_and_resumes(tiny_subject, ts
         assert [row for row in after[0] if (row[1], row[2]) == (1, ZERO_ROW)] == before[0]
         again = intervene_stage(store, tiny_subject, tset, run_id, both, stage_config(), show_progress=False)
         assert (again.computed, again.reused) == (0, 3) and snapshot(store, run_id) == after
-        rows = store.query("SELECT layer, feature, prompt_kind, prompt_index, setting, multiple, role, kl, "
-                           "prompt_tokens FROM interventions WHERE run_id = ? ORDER BY ALL", [run_id])[1]
+        rows = store.query(
+            "SELECT layer, feature, prompt_kind, prompt_index, setting, multiple, role, kl, "
+            "prompt_tokens FROM interventions WHERE run_id = ? ORDER BY ALL",
+            [run_id],
+        )[1]
     # 3 features x (2 active + 2 neutral prompts) x (ablation + 2 strengths)
     assert len(rows) == 3 * 4 * 3
     assert {(r[4], r[5]) for r in rows} == {("ablate", 0.0), ("steer", 2.0), ("steer", 8.0)}
@@ -197,21 +254,40 @@ def test_flagged_features_use_assistant_examples_and_changed_settings_replace_ro
     keys = [(1, RANDOM), (1, CAT)]
 
     def active_roles(store) -> dict:
-        return dict(store.query("SELECT feature, list(role ORDER BY prompt_index) FROM interventions WHERE run_id = ? "
-                                "AND prompt_kind = 'active' AND setting = 'ablate' GROUP BY 1", [run_id])[1])
+        return dict(
+            store.query(
+                "SELECT feature, list(role ORDER BY prompt_index) FROM interventions WHERE run_id = ? "
+                "AND prompt_kind = 'active' AND setting = 'ablate' GROUP BY 1",
+                [run_id],
+            )[1]
+        )
 
     with Store(tmp_path / "s.duckdb") as store:
         intervene_stage(store, tiny_subject, tset, run_id, keys, stage_config(), show_progress=False)
         before = active_roles(store)
-        store.upsert("audit_findings", [{"run_id": run_id, "audit": "assistant_pervasiveness", "layer": 1,
-                                         "feature": RANDOM, "metric": "assistant_turn_share", "value": 0.9,
-                                         "flagged": True, "rank": 1, "section": "pervasive"}])
+        store.upsert(
+            "audit_findings",
+            [
+                {
+                    "run_id": run_id,
+                    "audit": "assistant_pervasiveness",
+                    "layer": 1,
+                    "feature": RANDOM,
+                    "metric": "assistant_turn_share",
+                    "value": 0.9,
+                    "flagged": True,
+                    "rank": 1,
+                    "section": "pervasive",
+                }
+            ],
+        )
         assert flagged_features(store, run_id) == {"assistant_pervasiveness": [(1, RANDOM)]}
         flagged = intervene_stage(store, tiny_subject, tset, run_id, keys, stage_config(), show_progress=False)
         after = active_roles(store)
         effects = ablation_effects(store, run_id)
-        stronger = intervene_stage(store, tiny_subject, tset, run_id, keys, stage_config(multiples=[4.0]),
-                                   show_progress=False)
+        stronger = intervene_stage(
+            store, tiny_subject, tset, run_id, keys, stage_config(multiples=[4.0]), show_progress=False
+        )
         multiples = store.query("SELECT DISTINCT multiple FROM interventions WHERE run_id = ? ORDER BY 1", [run_id])[1]
     # Once an audit flags it, the feature is run again on its assistant-turn examples (ranks 2 and 4) first;
     # the other feature keeps its rows (top examples by rank).
@@ -228,8 +304,11 @@ def test_flagged_features_use_assistant_examples_and_changed_settings_replace_ro
 def cli_store(tmp_path, tiny_subject, tset, tiny_model_dir, cache_dir):
     folder = tmp_path / "transcoders"
     save_circuit_tracer(tset, folder, "tiny")
-    config = RunConfig(cache_dir=str(cache_dir), model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
-                       transcoder=TranscoderConfig(source=str(folder)))
+    config = RunConfig(
+        cache_dir=str(cache_dir),
+        model=ModelConfig(source=str(tiny_model_dir), dtype="float32"),
+        transcoder=TranscoderConfig(source=str(folder)),
+    )
     path = tmp_path / "s.duckdb"
     make_run(path, tiny_subject, tset, config.model_dump_json())
     return path
@@ -237,21 +316,30 @@ def cli_store(tmp_path, tiny_subject, tset, tiny_model_dir, cache_dir):
 
 def written(path) -> tuple:
     with Store(path) as store:
-        return tuple(store.one(sql)[0] for sql in ("SELECT count(*) FROM interventions", "SELECT count(*) FROM scores",
-                                                   "SELECT count(*) FROM shards WHERE stage = 'intervene'",
-                                                   "SELECT count(*) FROM llm_calls"))
+        return tuple(
+            store.one(sql)[0]
+            for sql in (
+                "SELECT count(*) FROM interventions",
+                "SELECT count(*) FROM scores",
+                "SELECT count(*) FROM shards WHERE stage = 'intervene'",
+                "SELECT count(*) FROM llm_calls",
+            )
+        )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--features", "1:99"], "feature 1:99 does not exist"),
-    (["--features", "1:2,3:0"], "feature 3:0 never fired"),
-    (["--features", "2:1"], "has no layer 2 (it has 1, 3)"),
-    (["--features", "1-1"], "LAYER:FEATURE"),
-    (["--features", "1:1", "--multiples", "2,x"], "--multiples must be comma-separated positive numbers"),
-    (["--features", "1:1", "--multiples", "inf"], "'inf' is not one"),
-    (["--features", "1:1", "--prompts", "0"], "--prompts"),
-    (["--audit", "assistant_pervasiveness"], "no features flagged by audit 'assistant_pervasiveness'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--features", "1:99"], "feature 1:99 does not exist"),
+        (["--features", "1:2,3:0"], "feature 3:0 never fired"),
+        (["--features", "2:1"], "has no layer 2 (it has 1, 3)"),
+        (["--features", "1-1"], "LAYER:FEATURE"),
+        (["--features", "1:1", "--multiples", "2,x"], "--multiples must be comma-separated positive numbers"),
+        (["--features", "1:1", "--multiples", "inf"], "'inf' is not one"),
+        (["--features", "1:1", "--prompts", "0"], "--prompts"),
+        (["--audit", "assistant_pervasiveness"], "no features flagged by audit 'assistant_pervasiveness'"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, cli_store, args, message):
     code, _, err = run_cli(monkeypatch, capsys, "intervene", "--store", str(cli_store), "--no-judge", "-q", *args)
     assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
@@ -259,8 +347,23 @@ def test_bad_input_exits_2_and_writes_nothing(monkeypatch, capsys, cli_store, ar
 
 
 def test_cli_prints_a_table_of_the_stored_results(monkeypatch, capsys, cli_store):
-    code, out, err = run_cli(monkeypatch, capsys, "intervene", "--store", str(cli_store), "--features", "1:1,3:2",
-                             "--multiples", "2,4", "--prompts", "1", "--max-new-tokens", "3", "--no-judge", "-q")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "intervene",
+        "--store",
+        str(cli_store),
+        "--features",
+        "1:1,3:2",
+        "--multiples",
+        "2,4",
+        "--prompts",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--no-judge",
+        "-q",
+    )
     assert code == 0, err
     assert "1:1" in out and "3:2" in out and "x4" in out and "2 features run now" in " ".join(out.split())
     assert written(cli_store)[:3] == (2 * 2 * 3, 0, 2)
@@ -293,10 +396,18 @@ class JudgeServer:
                     said = {"right": right, "wrong": "AB".replace(right, ""), "invalid": None}[step]
                     server.log.append((right, said))
                 content = json.dumps({"shows": said}) if said else "I cannot tell."
-                reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                    "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": content}}],
-                                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}).encode()
+                reply = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
@@ -323,13 +434,26 @@ def test_steering_score_is_the_balanced_accuracy_of_the_judges_picks_and_is_cach
     keys = [(3, CAT), (1, RANDOM)]
     try:
         with Store(tmp_path / "s.duckdb") as store:
-            store.upsert("labels", [{"run_id": run_id, "layer": 3, "feature": CAT, "labeler": "x", "label": "cats",
-                                     "explanation": "Makes the text talk about cats.", "status": "ok",
-                                     "created_at": now()}])
+            store.upsert(
+                "labels",
+                [
+                    {
+                        "run_id": run_id,
+                        "layer": 3,
+                        "feature": CAT,
+                        "labeler": "x",
+                        "label": "cats",
+                        "explanation": "Makes the text talk about cats.",
+                        "status": "ok",
+                        "created_at": now(),
+                    }
+                ],
+            )
             config = judged_config(server.base_url, "judge")
             summary = intervene_stage(store, tiny_subject, tset, run_id, keys, config, show_progress=False)
-            (value, n, status, details), = store.query(
-                "SELECT value, n, status, details_json FROM scores WHERE run_id = ? AND scorer = 'steering'", [run_id])[1]
+            ((value, n, status, details),) = store.query(
+                "SELECT value, n, status, details_json FROM scores WHERE run_id = ? AND scorer = 'steering'", [run_id]
+            )[1]
             requests = server.requests
             again = intervene_stage(store, tiny_subject, tset, run_id, keys, config, show_progress=False)
             # Lost the score after the judge answered (killed before the commit): the cache answers again.
@@ -354,12 +478,33 @@ def test_a_judge_that_keeps_failing_gives_a_failed_score_not_zero(tiny_subject, 
     server = FaultServer(["500"] * 100)
     try:
         with Store(tmp_path / "s.duckdb") as store:
-            store.upsert("labels", [{"run_id": run_id, "layer": 3, "feature": CAT, "labeler": "x", "label": "cats",
-                                     "explanation": "", "status": "ok", "created_at": now()}])
-            intervene_stage(store, tiny_subject, tset, run_id, [(3, CAT)], judged_config(server.base_url, "down"),
-                            show_progress=False)
-            (value, status, details), = store.query("SELECT value, status, details_json FROM scores WHERE run_id = ?",
-                                                    [run_id])[1]
+            store.upsert(
+                "labels",
+                [
+                    {
+                        "run_id": run_id,
+                        "layer": 3,
+                        "feature": CAT,
+                        "labeler": "x",
+                        "label": "cats",
+                        "explanation": "",
+                        "status": "ok",
+                        "created_at": now(),
+                    }
+                ],
+            )
+            intervene_stage(
+                store,
+                tiny_subject,
+                tset,
+                run_id,
+                [(3, CAT)],
+                judged_config(server.base_url, "down"),
+                show_progress=False,
+            )
+            ((value, status, details),) = store.query(
+                "SELECT value, status, details_json FROM scores WHERE run_id = ?", [run_id]
+            )[1]
     finally:
         server.close()
     assert (value, status) == (None, "failed") and "6 failed requests" in json.loads(details)["reason"]

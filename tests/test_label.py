@@ -26,10 +26,19 @@ def judge(prompt: str) -> float:
 
 
 def config(**llm) -> RunConfig:
-    return RunConfig(label=LabelConfig(layers=[1], features=FEATURES + [0], min_examples=2, explain_top=3,
-                                       explain_quantile=1, score_examples=SCORE_TEXTS, output_tokens=3,
-                                       features_per_shard=2),  # two shards
-                     llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}))  # room for the bounded schema
+    return RunConfig(
+        label=LabelConfig(
+            layers=[1],
+            features=FEATURES + [0],
+            min_examples=2,
+            explain_top=3,
+            explain_quantile=1,
+            score_examples=SCORE_TEXTS,
+            output_tokens=3,
+            features_per_shard=2,
+        ),  # two shards
+        llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}),
+    )  # room for the bounded schema
 
 
 def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_subject, planted, collected):
@@ -38,14 +47,19 @@ def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_
     run_id, _ = collected
     with Store(store_path) as store:
         summary = label_stage(store, tiny_subject, tset, run_id, config(), show_progress=False)
-        labels = store.query("SELECT feature, status, label, error FROM labels WHERE run_id = ? ORDER BY feature",
-                             [run_id])[1]
-        scores = store.query("SELECT feature, scorer, status, value, n, unreliable, ci_low, ci_high, "
-                             "details_json->>'graded_by' FROM scores WHERE run_id = ? ORDER BY feature, scorer",
-                             [run_id])[1]
+        labels = store.query(
+            "SELECT feature, status, label, error FROM labels WHERE run_id = ? ORDER BY feature", [run_id]
+        )[1]
+        scores = store.query(
+            "SELECT feature, scorer, status, value, n, unreliable, ci_low, ci_high, "
+            "details_json->>'graded_by' FROM scores WHERE run_id = ? ORDER BY feature, scorer",
+            [run_id],
+        )[1]
         calls = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
-        asked = [json.loads(request)["messages"][-1]["content"] for request, in store.rows(
-            "SELECT request_json FROM llm_cache WHERE model LIKE 'smollm2-135m@%'")]
+        asked = [
+            json.loads(request)["messages"][-1]["content"]
+            for (request,) in store.rows("SELECT request_json FROM llm_cache WHERE model LIKE 'smollm2-135m@%'")
+        ]
         again = label_stage(store, tiny_subject, tset, run_id, config(), show_progress=False)
         calls_after = store.one("SELECT count(*) FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])[0]
     # Feature 0 never fired: it is not labeled (dead features are skipped by selection, never faked).
@@ -78,8 +92,9 @@ def test_output_that_never_parses_is_recorded_as_a_failure_not_a_label(corpus, t
             settings = config(base_url=server.base_url, model="broken-labeler", invalid_retries=1)
             settings.label.features = [2]
             summary = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
-            (status, label, error), = store.query("SELECT status, label, error FROM labels WHERE run_id = ? "
-                                                  "AND labeler = 'broken-labeler'", [run_id])[1]
+            ((status, label, error),) = store.query(
+                "SELECT status, label, error FROM labels WHERE run_id = ? AND labeler = 'broken-labeler'", [run_id]
+            )[1]
     finally:
         server.close()
     assert (status, label) == ("invalid", None) and "label" in error
@@ -99,8 +114,11 @@ def test_budget_stops_cleanly_and_a_resume_finishes(corpus, tiny_subject, plante
             assert first.stopped and "max_calls" in first.stopped
             settings.llm.max_calls = None
             second = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
-            labels = store.query("SELECT feature, status, label FROM labels WHERE run_id = ? "
-                                 "AND labeler = 'budget-labeler' ORDER BY feature", [run_id])[1]
+            labels = store.query(
+                "SELECT feature, status, label FROM labels WHERE run_id = ? "
+                "AND labeler = 'budget-labeler' ORDER BY feature",
+                [run_id],
+            )[1]
     finally:
         server.close()
     assert second.stopped is None
@@ -130,25 +148,34 @@ def label_with(store, tiny_subject, tset, run_id, server: FaultServer, model: st
     settings = config(base_url=server.base_url, model=model, backoff_s=0.01, **llm)
     settings.label.features, settings.label.scorers = features, ["detection"]
     summary = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
-    labels = store.query("SELECT feature, status, error FROM labels WHERE run_id = ? AND labeler = ? ORDER BY 1",
-                         [run_id, model])[1]
+    labels = store.query(
+        "SELECT feature, status, error FROM labels WHERE run_id = ? AND labeler = ? ORDER BY 1", [run_id, model]
+    )[1]
     return summary, labels
 
 
-def test_replies_that_are_not_completions_are_counted_failures_and_the_run_completes(corpus, tiny_subject, planted,
-                                                                                       collected):
+def test_replies_that_are_not_completions_are_counted_failures_and_the_run_completes(
+    corpus, tiny_subject, planted, collected
+):
     store_path, _, _ = corpus
     run_id, _ = collected
     faults = NOT_A_COMPLETION + ["429:soon", "429:Wed, 21 Oct 2015 07:28:00 -0000"]
     server = FaultServer(faults, answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
-            summary, labels = label_with(store, tiny_subject, planted[0], run_id, server, "garbage-labeler",
-                                         max_retries=len(faults))
-            ledger = dict(store.query("SELECT status, count(*) FROM llm_calls WHERE run_id = ? "
-                                      "AND model = 'garbage-labeler' GROUP BY 1", [run_id])[1])
-            scored = store.one("SELECT count(*) FROM scores WHERE run_id = ? AND labeler = 'garbage-labeler' "
-                               "AND status = 'ok'", [run_id])[0]
+            summary, labels = label_with(
+                store, tiny_subject, planted[0], run_id, server, "garbage-labeler", max_retries=len(faults)
+            )
+            ledger = dict(
+                store.query(
+                    "SELECT status, count(*) FROM llm_calls WHERE run_id = ? AND model = 'garbage-labeler' GROUP BY 1",
+                    [run_id],
+                )[1]
+            )
+            scored = store.one(
+                "SELECT count(*) FROM scores WHERE run_id = ? AND labeler = 'garbage-labeler' AND status = 'ok'",
+                [run_id],
+            )[0]
     finally:
         server.close()
     assert labels == [(f, "ok", None) for f in FEATURES] and summary.by_status == {"ok": 3}
@@ -179,8 +206,10 @@ def test_labels_failed_in_an_outage_are_asked_again_and_then_never(corpus, tiny_
 
 
 # The two scorers that ask the LLM (embedding needs none), by name: rows of other scorers must not decide.
-SCORES_OF_FEATURE_2 = ("SELECT list(status ORDER BY scorer) FROM scores WHERE run_id = ? AND feature = 2 "
-                       "AND scorer IN ('detection', 'fuzzing') AND labeler = 'score-outage-labeler'")
+SCORES_OF_FEATURE_2 = (
+    "SELECT list(status ORDER BY scorer) FROM scores WHERE run_id = ? AND feature = 2 "
+    "AND scorer IN ('detection', 'fuzzing') AND labeler = 'score-outage-labeler'"
+)
 
 
 def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted, collected):
@@ -190,11 +219,29 @@ def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted
     server = FaultServer(["ok", "500"], answer=ANSWER, judge=judge)  # one request at a time: the label, then its score
     try:
         with Store(store_path) as store:
-            first, labels = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
-                                       features=[2], max_retries=0, concurrency=1)
+            first, labels = label_with(
+                store,
+                tiny_subject,
+                tset,
+                run_id,
+                server,
+                "score-outage-labeler",
+                features=[2],
+                max_retries=0,
+                concurrency=1,
+            )
             score = store.one(SCORES_OF_FEATURE_2, [run_id])[0]
-            second, _ = label_with(store, tiny_subject, tset, run_id, server, "score-outage-labeler",
-                                   features=[2], max_retries=0, concurrency=1)
+            second, _ = label_with(
+                store,
+                tiny_subject,
+                tset,
+                run_id,
+                server,
+                "score-outage-labeler",
+                features=[2],
+                max_retries=0,
+                concurrency=1,
+            )
             healed = store.one(SCORES_OF_FEATURE_2, [run_id])[0]
     finally:
         server.close()
@@ -202,8 +249,9 @@ def test_a_score_that_got_no_answer_is_asked_again(corpus, tiny_subject, planted
     assert second.calls == 1 and healed == ["ok"]  # the label and five texts from the cache, one from the server
 
 
-def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(corpus, tiny_subject, planted, collected,
-                                                                  monkeypatch):
+def test_a_surprise_in_one_feature_keeps_the_others_and_is_retried(
+    corpus, tiny_subject, planted, collected, monkeypatch
+):
     store_path, _, _ = corpus
     run_id, _ = collected
     tset = planted[0]
@@ -236,28 +284,34 @@ def test_invalid_labels_are_asked_again_only_when_asked(corpus, tiny_subject, pl
     server = FaultServer(["wrong_schema"] * 2, answer=ANSWER, judge=judge)
     try:
         with Store(store_path) as store:
-            _, invalid = label_with(store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2],
-                                    invalid_retries=1)
-            kept, still = label_with(store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2],
-                                     invalid_retries=1)
+            _, invalid = label_with(
+                store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2], invalid_retries=1
+            )
+            kept, still = label_with(
+                store, tiny_subject, tset, run_id, server, "stubborn-labeler", features=[2], invalid_retries=1
+            )
             settings = config(base_url=server.base_url, model="stubborn-labeler", invalid_retries=1)
             settings.label.features, settings.label.scorers = [2], ["detection"]
             settings.label.retry_invalid = True
             retried = label_stage(store, tiny_subject, tset, run_id, settings, show_progress=False)
-            status = store.one("SELECT status FROM labels WHERE run_id = ? AND labeler = 'stubborn-labeler'",
-                               [run_id])[0]
+            status = store.one("SELECT status FROM labels WHERE run_id = ? AND labeler = 'stubborn-labeler'", [run_id])[
+                0
+            ]
     finally:
         server.close()
     assert [status for _, status, _ in invalid] == ["invalid"] and still == invalid and kept.calls == 0
     assert retried.calls == 1 + SCORE_TEXTS and status == "ok"  # past the two cached invalid answers
 
 
-@pytest.mark.parametrize("selection,message", [
-    ({"layers": [99]}, r"has no layer 99; pick --layers from the layers it has: 1$"),
-    ({"layers": [1, 99, 7]}, r"has no layer 7, 99; pick --layers from the layers it has: 1$"),
-    ({"features": [999_999]}, r"has no feature 999999; pick --features from 0 to 15$"),
-    ({"layers": [1], "features": [2, 16]}, r"has no feature 16; pick --features from 0 to 15$"),
-])
+@pytest.mark.parametrize(
+    "selection,message",
+    [
+        ({"layers": [99]}, r"has no layer 99; pick --layers from the layers it has: 1$"),
+        ({"layers": [1, 99, 7]}, r"has no layer 7, 99; pick --layers from the layers it has: 1$"),
+        ({"features": [999_999]}, r"has no feature 999999; pick --features from 0 to 15$"),
+        ({"layers": [1], "features": [2, 16]}, r"has no feature 16; pick --features from 0 to 15$"),
+    ],
+)
 def test_a_selection_the_run_does_not_have_is_an_error(corpus, collected, selection, message):
     store_path, _, _ = corpus
     run_id, _ = collected
@@ -272,8 +326,11 @@ def test_a_judge_that_says_yes_to_every_text_is_degenerate_not_chance(corpus, ti
     try:
         with Store(store_path) as store:
             summary, labels = label_with(store, tiny_subject, planted[0], run_id, server, "yes-labeler", features=[2])
-            row = store.one("SELECT status, value, unreliable, details_json->>'reason' FROM scores "
-                            "WHERE run_id = ? AND labeler = 'yes-labeler'", [run_id])
+            row = store.one(
+                "SELECT status, value, unreliable, details_json->>'reason' FROM scores "
+                "WHERE run_id = ? AND labeler = 'yes-labeler'",
+                [run_id],
+            )
     finally:
         server.close()
     assert labels == [(2, "ok", None)] and summary.unreliable == 0
@@ -289,12 +346,19 @@ def test_two_labelers_keep_their_own_labels_scores_and_cached_answers(corpus, ti
         with Store(store_path) as store:
             first, _ = label_with(store, tiny_subject, planted[0], run_id, server, "labeler-a", features=[2])
             second, _ = label_with(store, tiny_subject, planted[0], run_id, server, "labeler-b", features=[2])
-            labels = store.query("SELECT labeler, status FROM labels WHERE run_id = ? AND feature = 2 "
-                                 "AND labeler LIKE 'labeler-_' ORDER BY 1", [run_id])[1]
-            scores = store.query("SELECT labeler, scorer, status FROM scores WHERE run_id = ? AND feature = 2 "
-                                 "AND labeler LIKE 'labeler-_' ORDER BY 1", [run_id])[1]
-            cached = store.query("SELECT model, count(*) FROM llm_cache WHERE model LIKE 'labeler-_' GROUP BY 1 "
-                                 "ORDER BY 1", [])[1]
+            labels = store.query(
+                "SELECT labeler, status FROM labels WHERE run_id = ? AND feature = 2 "
+                "AND labeler LIKE 'labeler-_' ORDER BY 1",
+                [run_id],
+            )[1]
+            scores = store.query(
+                "SELECT labeler, scorer, status FROM scores WHERE run_id = ? AND feature = 2 "
+                "AND labeler LIKE 'labeler-_' ORDER BY 1",
+                [run_id],
+            )[1]
+            cached = store.query(
+                "SELECT model, count(*) FROM llm_cache WHERE model LIKE 'labeler-_' GROUP BY 1 ORDER BY 1", []
+            )[1]
     finally:
         server.close()
     assert first.calls == second.calls == 1 + SCORE_TEXTS  # b asked for itself: nothing of a's was reused

@@ -37,10 +37,20 @@ def wide(corpus, tiny_subject, planted, tmp_path_factory):
 
 
 def settings(features: list[int], candidates: int, **llm) -> RunConfig:
-    return RunConfig(label=LabelConfig(layers=[1], features=features, min_examples=2, explain_top=3,
-                                       explain_quantile=1, score_examples=SCORE_TEXTS, output_tokens=3,
-                                       scorers=["detection", "fuzzing"], candidates=candidates),
-                     llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}))
+    return RunConfig(
+        label=LabelConfig(
+            layers=[1],
+            features=features,
+            min_examples=2,
+            explain_top=3,
+            explain_quantile=1,
+            score_examples=SCORE_TEXTS,
+            output_tokens=3,
+            scorers=["detection", "fuzzing"],
+            candidates=candidates,
+        ),
+        llm=LLMConfig(**{"max_tokens": 160, "concurrency": 2, **llm}),
+    )
 
 
 def examples_of(store: Store, run_id: str, feature: int, tokenizer) -> dict:
@@ -60,13 +70,17 @@ def test_candidates_are_drafted_from_shown_examples_and_scored_on_two_disjoint_h
     selection, report = held_out_splits(examples, choosing=True)
     _, everything = held_out_splits(examples, choosing=False)
     # Examples by identity: two documents can share a context's text (the system prompt).
-    held = {name: ({id(e) for e in split.positives}, {id(e) for e in split.random})
-            for name, split in (("selection", selection), ("report", report), ("all", everything))}
+    held = {
+        name: ({id(e) for e in split.positives}, {id(e) for e in split.random})
+        for name, split in (("selection", selection), ("report", report), ("all", everything))
+    }
     for kind in (0, 1):  # activating, silent
         assert not held["selection"][kind] & held["report"][kind]
         assert held["selection"][kind] | held["report"][kind] == held["all"][kind]
-    assert held["all"] == ({id(e) for e in examples["top"][1::2] + examples["quantile"][1::2]},
-                           {id(e) for e in examples["random"]})
+    assert held["all"] == (
+        {id(e) for e in examples["top"][1::2] + examples["quantile"][1::2]},
+        {id(e) for e in examples["random"]},
+    )
     assert min(len(selection.positives), len(report.positives)) >= 6  # fuzzing's 3 marked right and 3 wrong
     assert min(len(selection.random), len(report.random)) >= SCORE_TEXTS // 2
 
@@ -74,16 +88,25 @@ def test_candidates_are_drafted_from_shown_examples_and_scored_on_two_disjoint_h
 def test_the_best_candidate_on_the_selection_split_is_kept_and_scored_on_the_other(wide, tiny_subject, planted):
     store_path, run_id = wide
     config = settings([CAT, RAIN], candidates=3)
-    drafts = ("SELECT count(*) FROM llm_cache WHERE model LIKE 'smollm2-135m@%' "
-              "AND request_json->'messages'->-1->>'content' LIKE 'Examples:%'")
+    drafts = (
+        "SELECT count(*) FROM llm_cache WHERE model LIKE 'smollm2-135m@%' "
+        "AND request_json->'messages'->-1->>'content' LIKE 'Examples:%'"
+    )
     with Store(store_path) as store:
         drafted_before = store.one(drafts)[0]  # the copied store holds earlier modules' drafts in a full run
         summary = label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
-        labels = store.rows("SELECT feature, status, label, explanation, prompt_hash, candidates_json FROM labels "
-                            "WHERE run_id = ? AND labeler LIKE 'smollm2-135m@%' ORDER BY 1", [run_id])
-        scores = {(f, scorer): (status, n) for f, scorer, status, n in store.rows(
-            "SELECT feature, scorer, status, n FROM scores WHERE run_id = ? AND labeler LIKE 'smollm2-135m@%'",
-            [run_id])}
+        labels = store.rows(
+            "SELECT feature, status, label, explanation, prompt_hash, candidates_json FROM labels "
+            "WHERE run_id = ? AND labeler LIKE 'smollm2-135m@%' ORDER BY 1",
+            [run_id],
+        )
+        scores = {
+            (f, scorer): (status, n)
+            for f, scorer, status, n in store.rows(
+                "SELECT feature, scorer, status, n FROM scores WHERE run_id = ? AND labeler LIKE 'smollm2-135m@%'",
+                [run_id],
+            )
+        }
         drafted = store.one(drafts)[0] - drafted_before
         again = label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
     assert [(f, status) for f, status, *_ in labels] == [(CAT, "ok"), (RAIN, "ok")]
@@ -114,8 +137,10 @@ def test_the_best_candidate_on_the_selection_split_is_kept_and_scored_on_the_oth
 
 def chosen(candidates: list[dict]) -> int:
     """The candidate the documented rule keeps, recomputed from the recorded selection scores."""
-    values = [selection_value([Score(s, v["value"], v["n"], v["status"]) for s, v in c["selection"].items()])
-              for c in candidates]
+    values = [
+        selection_value([Score(s, v["value"], v["n"], v["status"]) for s, v in c["selection"].items()])
+        for c in candidates
+    ]
     assert [c["selection_value"] for c in candidates] == pytest.approx(values)
     return max(range(len(candidates)), key=lambda i: (values[i], -i))
 
@@ -149,17 +174,25 @@ def test_detection_judges_the_hard_negatives(wide, tiny_subject, planted):
             config = settings([RAIN], candidates=1, base_url=server.base_url, model="hard-labeler")
             config.label.hard_negatives = 0.5
             label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
-            status, details = store.one("SELECT status, details_json FROM scores WHERE run_id = ? "
-                                        "AND labeler = 'hard-labeler' AND scorer = 'detection'", [run_id])
-            judged = {json.loads(r)["messages"][-1]["content"].split("\nText: ")[1].removesuffix("\nAnswer yes or no.")
-                      for r, in store.rows("SELECT request_json FROM llm_cache WHERE model = 'hard-labeler' AND "
-                                           "request_json->'messages'->-1->>'content' LIKE 'Feature: cats.%Does%'")}
+            status, details = store.one(
+                "SELECT status, details_json FROM scores WHERE run_id = ? "
+                "AND labeler = 'hard-labeler' AND scorer = 'detection'",
+                [run_id],
+            )
+            judged = {
+                json.loads(r)["messages"][-1]["content"].split("\nText: ")[1].removesuffix("\nAnswer yes or no.")
+                for (r,) in store.rows(
+                    "SELECT request_json FROM llm_cache WHERE model = 'hard-labeler' AND "
+                    "request_json->'messages'->-1->>'content' LIKE 'Feature: cats.%Does%'"
+                )
+            }
             rain = examples_of(store, run_id, RAIN, tiny_subject.tokenizer)
     finally:
         server.close()
     _, held = held_out_splits(rain, choosing=False)
-    negatives, n_hard = detection_negatives(Label("cats", ""), held.random, silent_stretches(held.positives),
-                                            SCORE_TEXTS // 2, 0.5)
+    negatives, n_hard = detection_negatives(
+        Label("cats", ""), held.random, silent_stretches(held.positives), SCORE_TEXTS // 2, 0.5
+    )
     assert status == "ok" and json.loads(details)["hard_negatives"] == n_hard == 2
     assert {e.text for e in negatives} <= judged and len(judged) == SCORE_TEXTS
 
@@ -169,11 +202,13 @@ def test_candidates_that_never_parse_stay_invalid(wide, tiny_subject, planted):
     server = FaultServer(["wrong_schema"] * 100, answer="{}")
     try:
         with Store(store_path) as store:
-            config = settings([CAT], candidates=3, base_url=server.base_url, model="broken-candidates",
-                              invalid_retries=0)
+            config = settings(
+                [CAT], candidates=3, base_url=server.base_url, model="broken-candidates", invalid_retries=0
+            )
             summary = label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
-            row = store.one("SELECT status, label FROM labels WHERE run_id = ? AND labeler = 'broken-candidates'",
-                            [run_id])
+            row = store.one(
+                "SELECT status, label FROM labels WHERE run_id = ? AND labeler = 'broken-candidates'", [run_id]
+            )
             n_scores = store.one("SELECT count(*) FROM scores WHERE labeler = 'broken-candidates'")[0]
     finally:
         server.close()
@@ -199,8 +234,9 @@ def test_a_selection_score_without_an_answer_is_an_error_asked_again(wide, tiny_
     server = Drafts(["ok", "ok", "ok", "500"], judge=judge)
     try:
         with Store(store_path) as store:
-            config = settings([CAT], candidates=3, base_url=server.base_url, model="flaky-judge", max_retries=0,
-                              concurrency=1)
+            config = settings(
+                [CAT], candidates=3, base_url=server.base_url, model="flaky-judge", max_retries=0, concurrency=1
+            )
             first = label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
             failed = store.one("SELECT status, error FROM labels WHERE labeler = 'flaky-judge'")
             second = label_stage(store, tiny_subject, planted[0], run_id, config, show_progress=False)
@@ -213,6 +249,7 @@ def test_a_selection_score_without_an_answer_is_an_error_asked_again(wide, tiny_
     # The one unanswered judgement and the report split's; the drafts and other judgements from the cache.
     assert second.calls == 1 + reported
     candidates = json.loads(healed[1])["candidates"]
-    assert len({c["label"] for c in candidates}) == 3 and all(set(c["selection"]) == {"detection", "fuzzing"}
-                                                              for c in candidates)
+    assert len({c["label"] for c in candidates}) == 3 and all(
+        set(c["selection"]) == {"detection", "fuzzing"} for c in candidates
+    )
     assert [c["kept"] for c in candidates] == [i == chosen(candidates) for i in range(3)]

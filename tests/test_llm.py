@@ -36,8 +36,9 @@ class FaultServer:
         "no_choices": ("application/json", b'{"object": "error", "message": "model is loading"}'),
     }
 
-    def __init__(self, script: list[str], answer: str = '{"label": "cats"}',
-                 judge: Callable[[str], float] | None = None):
+    def __init__(
+        self, script: list[str], answer: str = '{"label": "cats"}', judge: Callable[[str], float] | None = None
+    ):
         """`judge(prompt) -> P(yes)` answers the scorers' yes/no questions, with log-probabilities where asked."""
         self.script, self.answer, self.judge = list(script), answer, judge
         self.requests, self.tokens_in, self.tokens_out, self.auth = 0, 0, 0, []
@@ -65,18 +66,40 @@ class FaultServer:
                 prompt = body["messages"][-1]["content"]
                 p_yes = server.judge(prompt) if server.judge and prompt.endswith("Answer yes or no.") else None
                 answer = server.answer if p_yes is None else "yes" if p_yes >= 0.5 else "no"
-                content = {"ok": answer, "wrong_schema": '{"name": 3}', "truncated": answer,
-                           "cut": answer, "null_content": None}[step]
+                content = {
+                    "ok": answer,
+                    "wrong_schema": '{"name": 3}',
+                    "truncated": answer,
+                    "cut": answer,
+                    "null_content": None,
+                }[step]
                 tokens_in = sum(len(m["content"].split()) for m in body["messages"])
                 tokens_out = len((content or "").split())
-                reply = json.dumps({
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content},
-                                 **({"logprobs": graded(content, p_yes)} if body.get("logprobs") and p_yes is not None
-                                    else {})}],
-                    "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
-                              "total_tokens": tokens_in + tokens_out}}).encode()
+                reply = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": content},
+                                **(
+                                    {"logprobs": graded(content, p_yes)}
+                                    if body.get("logprobs") and p_yes is not None
+                                    else {}
+                                ),
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": tokens_in,
+                            "completion_tokens": tokens_out,
+                            "total_tokens": tokens_in + tokens_out,
+                        },
+                    }
+                ).encode()
                 if step == "truncated":
                     return self._send(200, reply[: len(reply) // 2])
                 if step == "cut":  # promise the whole body, send half, hang up
@@ -127,7 +150,9 @@ def store(tmp_path):
 
 
 def ask(store, server: FaultServer, **config) -> tuple[object, LLMClient]:
-    settings = LLMConfig(**{"base_url": server.base_url, "timeout_s": 0.3, "backoff_s": 0.01, "max_retries": 4, **config})
+    settings = LLMConfig(
+        **{"base_url": server.base_url, "timeout_s": 0.3, "backoff_s": 0.01, "max_retries": 4, **config}
+    )
 
     async def go():
         client = LLMClient(store, settings, server.base_url, "run-1", "label")
@@ -181,8 +206,9 @@ def test_ledger_totals_equal_the_server_counts_and_cost_follows_the_price_table(
     server = FaultServer(["429:0", "ok"])
     ask(store, server, prices={"smollm2-135m-instruct": Price(input_per_mtok=2.0, output_per_mtok=8.0)})
     server.close()
-    (requests, tokens_in, tokens_out, cost), = store.query(
-        "SELECT count(*), sum(tokens_in), sum(tokens_out), sum(cost_usd) FROM llm_calls WHERE NOT cached")[1]
+    ((requests, tokens_in, tokens_out, cost),) = store.query(
+        "SELECT count(*), sum(tokens_in), sum(tokens_out), sum(cost_usd) FROM llm_calls WHERE NOT cached"
+    )[1]
     assert (requests, tokens_in, tokens_out) == (server.requests, server.tokens_in, server.tokens_out)
     assert cost == pytest.approx((server.tokens_in * 2.0 + server.tokens_out * 8.0) / 1e6)
 
@@ -201,8 +227,7 @@ def test_api_key_reaches_the_header_and_nothing_else(store, monkeypatch, caplog)
     reply, _ = ask(store, server)
     server.close()
     assert reply.status == "ok" and server.auth == ["Bearer sk-test-secret-4242"] * 2
-    dumped = json.dumps([store.query(f"SELECT * FROM {t}")[1] for t in ("llm_calls", "llm_cache", "runs")],
-                        default=str)
+    dumped = json.dumps([store.query(f"SELECT * FROM {t}")[1] for t in ("llm_calls", "llm_cache", "runs")], default=str)
     assert "sk-test-secret" not in dumped and "sk-test-secret" not in caplog.text
 
 
@@ -213,18 +238,33 @@ def test_local_llama_cpp_server_wiring_and_its_token_counts(store):
 
         async def go():
             client = LLMClient(store, config, base_url, "run-1", "label")
-            schema = {"type": "json_schema", "json_schema": {"name": "label", "schema": {
-                "type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}}}
-            return await asyncio.gather(*(client.complete(
-                [{"role": "user", "content": f"Give a short label for the word {w!r} as JSON."}], parse_label,
-                response_format=schema) for w in ("cat", "dog", "rain")))
+            schema = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "label",
+                    "schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+                },
+            }
+            return await asyncio.gather(
+                *(
+                    client.complete(
+                        [{"role": "user", "content": f"Give a short label for the word {w!r} as JSON."}],
+                        parse_label,
+                        response_format=schema,
+                    )
+                    for w in ("cat", "dog", "rain")
+                )
+            )
 
         replies = asyncio.run(go())
         metrics = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
     assert all(r.status == "ok" and isinstance(r.value, str) for r in replies)  # the grammar forces the schema
-    counters = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-                if line and not line.startswith("#")}
-    (tokens_in, tokens_out), = store.query("SELECT sum(tokens_in), sum(tokens_out) FROM llm_calls WHERE NOT cached")[1]
+    counters = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")
+    }
+    ((tokens_in, tokens_out),) = store.query("SELECT sum(tokens_in), sum(tokens_out) FROM llm_calls WHERE NOT cached")[
+        1
+    ]
     assert tokens_out == counters["llamacpp:tokens_predicted_total"]
     # llama.cpp counts prompt tokens it evaluated and those it reused from its prompt cache apart.
     assert tokens_in == counters["llamacpp:prompt_tokens_total"] + counters["llamacpp:prompt_tokens_cached_total"]
@@ -261,8 +301,9 @@ def test_garbage_for_one_request_leaves_the_others_in_flight_untouched(store):
 
     async def go():
         client = LLMClient(store, settings, server.base_url, "run-1", "label")
-        return await asyncio.gather(*(client.complete([{"role": "user", "content": f"feature {i}"}], parse_label)
-                                      for i in range(6)))
+        return await asyncio.gather(
+            *(client.complete([{"role": "user", "content": f"feature {i}"}], parse_label) for i in range(6))
+        )
 
     replies = asyncio.run(go())
     server.close()

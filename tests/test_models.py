@@ -8,11 +8,14 @@ from autolabel.errors import AutolabelError
 from autolabel.models import HookPoint, SubjectModel, load_subject_model
 
 
-@pytest.mark.parametrize("family,resid_mid,mlp_out", [
-    ("llama", "2.post_attention_layernorm", "2.mlp"),
-    ("qwen2", "2.post_attention_layernorm", "2.mlp"),
-    ("gemma2", "2.pre_feedforward_layernorm", "2.post_feedforward_layernorm"),
-])
+@pytest.mark.parametrize(
+    "family,resid_mid,mlp_out",
+    [
+        ("llama", "2.post_attention_layernorm", "2.mlp"),
+        ("qwen2", "2.post_attention_layernorm", "2.mlp"),
+        ("gemma2", "2.pre_feedforward_layernorm", "2.post_feedforward_layernorm"),
+    ],
+)
 def test_hook_aliases_per_family(tokenizer, family, resid_mid, mlp_out):
     subject = SubjectModel(tiny_model(family, vocab_size=64), tokenizer, f"tiny-{family}")
     for name in ["blocks.2.mlp.hook_in", "mlp_in", "model.layers.2.mlp:input"]:
@@ -114,5 +117,8 @@ def test_auto_dtype_follows_the_cpu_and_keys_the_collection(monkeypatch, tiny_mo
 
     subject = load_subject_model(str(tiny_model_dir), cache_dir, "bfloat16")
     assert subject.dtype == "bfloat16" and next(subject.model.parameters()).dtype == torch.bfloat16
-    keys = {fingerprint(config.CollectConfig(), "corpus", "tc", subject.model_id, dtype) for dtype in ("float32", "bfloat16")}
+    keys = {
+        fingerprint(config.CollectConfig(), "corpus", "tc", subject.model_id, dtype)
+        for dtype in ("float32", "bfloat16")
+    }
     assert len(keys) == 2  # a bfloat16 run never resumes or reuses a float32 collection

@@ -43,28 +43,47 @@ def test_a_wheel_installed_elsewhere_runs_on_its_own_package_data(tmp_path):
         shutil.copy(PROJECT_ROOT / name, source / name)
     for package in ("autolabel", "flows"):
         shutil.copytree(PROJECT_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("autolabel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "autolabel/data/defaults/assistant_pervasiveness.yaml" in names
     assert "autolabel/data/defaults/prompts/recipe.jsonl" in names
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     environment = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the checkout's editable install
 
-    config = subprocess.run([sys.executable, "-m", "autolabel", "config"], cwd=elsewhere, env=environment,
-                            capture_output=True, text=True)
+    config = subprocess.run(
+        [sys.executable, "-m", "autolabel", "config"], cwd=elsewhere, env=environment, capture_output=True, text=True
+    )
     assert config.returncode == 0, config.stderr
     defaults = yaml.safe_load(config.stdout)
     for path in (*defaults["audit"]["specs"], defaults["cluster"]["groups"]):
         assert Path(path).is_file() and Path(path).is_relative_to(site), path
 
-    checked = subprocess.run([sys.executable, "-c", CHECK], cwd=elsewhere, env=environment, capture_output=True,
-                             text=True)
+    checked = subprocess.run(
+        [sys.executable, "-c", CHECK], cwd=elsewhere, env=environment, capture_output=True, text=True
+    )
     assert checked.returncode == 0, checked.stderr
     found = json.loads(checked.stdout.strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(site)

@@ -14,7 +14,10 @@ from autolabel.errors import AutolabelError
 
 def tagged(tokenizer, document):
     tokens = tokenize_document(tokenizer, document)
-    return [(tokenizer.decode([t]), r, int(u)) for t, r, u in zip(tokens.token_ids, tokens.role_names(), tokens.turns, strict=True)]
+    return [
+        (tokenizer.decode([t]), r, int(u))
+        for t, r, u in zip(tokens.token_ids, tokens.role_names(), tokens.turns, strict=True)
+    ]
 
 
 def test_chat_roles_with_injected_system_prompt(tokenizer):
@@ -25,8 +28,13 @@ def test_chat_roles_with_injected_system_prompt(tokenizer):
     assert "".join(r[0] for r in rows[3:19]) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert {r[1] for r in rows[3:19]} == {"system"} and {r[2] for r in rows[0:19]} == {0}
     # <|im_end|>\n<|im_start|>user\n opens turn 1
-    assert rows[19:24] == [("<|im_end|>", "template", 1), ("\n", "template", 1), ("<|im_start|>", "template", 1),
-                           ("user", "template", 1), ("\n", "template", 1)]
+    assert rows[19:24] == [
+        ("<|im_end|>", "template", 1),
+        ("\n", "template", 1),
+        ("<|im_start|>", "template", 1),
+        ("user", "template", 1),
+        ("\n", "template", 1),
+    ]
     assert rows[24:26] == [("Hello", "user", 1), (" there", "user", 1)]
     assert [(r[1], r[2]) for r in rows[26:32]] == [("template", 2)] * 6  # ...<|im_start|>assistant\n
     assert "".join(r[0] for r in rows[32:39]) == "Hi! How can I help?"
@@ -35,8 +43,7 @@ def test_chat_roles_with_injected_system_prompt(tokenizer):
 
 
 def test_explicit_system_message_and_marker_lookalike_content(tokenizer):
-    rows = tagged(tokenizer, chat("d", "s", "c", ("system", "Be brief."), ("user", "user"),
-                                  ("assistant", "assistant")))
+    rows = tagged(tokenizer, chat("d", "s", "c", ("system", "Be brief."), ("user", "user"), ("assistant", "assistant")))
     assert "".join(r[0] for r in rows if r[1] == "system") == "Be brief."
     # the words "user" and "assistant" in the markers stay template; the messages are tagged
     assert [(r[0], r[2]) for r in rows if r[1] == "user"] == [("user", 1)]

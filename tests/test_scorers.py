@@ -46,16 +46,21 @@ def test_the_same_answer_for_every_text_is_degenerate_and_too_few_answers_fail()
     assert (same.status, same.value) == ("degenerate", None) and "did not tell them apart" in same.details["reason"]
     unanswered = [None] * 3 + [0.9, 0.8] + [0.1] * 5  # only two activating texts answered
     few = graded_score("detection", truth, unanswered, "s")
-    assert (few.status, few.value, few.n) == ("failed", None, 7) and f"each needs {MIN_PER_CLASS}" in few.details["reason"]
+    assert (few.status, few.value, few.n) == ("failed", None, 7) and f"each needs {MIN_PER_CLASS}" in few.details[
+        "reason"
+    ]
 
 
-@pytest.mark.parametrize("text, top, expected", [
-    ("Yes", {"Yes": math.log(0.6), " yes": math.log(0.1), "No": math.log(0.2), "The": math.log(0.1)}, 0.7 / 0.9),
-    ("The", {"The": math.log(0.9), "no": math.log(0.05)}, 0.0),  # only "no" among the alternatives
-    ("yes.", None, 1.0),  # a server that sends no log-probabilities: the text, hard
-    ("No", {"The": math.log(0.9)}, 0.0),  # alternatives without yes or no: the text
-    ("Maybe", {"The": math.log(0.9)}, None),
-])
+@pytest.mark.parametrize(
+    "text, top, expected",
+    [
+        ("Yes", {"Yes": math.log(0.6), " yes": math.log(0.1), "No": math.log(0.2), "The": math.log(0.1)}, 0.7 / 0.9),
+        ("The", {"The": math.log(0.9), "no": math.log(0.05)}, 0.0),  # only "no" among the alternatives
+        ("yes.", None, 1.0),  # a server that sends no log-probabilities: the text, hard
+        ("No", {"The": math.log(0.9)}, 0.0),  # alternatives without yes or no: the text
+        ("Maybe", {"The": math.log(0.9)}, None),
+    ],
+)
 def test_p_yes_reads_the_alternatives_then_the_text(text, top, expected):
     value = p_yes(text, top)
     assert value == expected if expected is None else value == pytest.approx(expected)

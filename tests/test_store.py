@@ -10,10 +10,24 @@ from autolabel.store import SCHEMA, SCHEMA_VERSION, Store
 
 def doc_rows(corpus_id: str, ids: list[str]) -> dict[str, list[dict]]:
     return {
-        "documents": [{"corpus_id": corpus_id, "doc_id": i, "kind": "text", "source": "s", "category": "news",
-                       "n_tokens": 2, "n_turns": 1, "text": "hello", "messages_json": None} for i in ids],
-        "doc_tokens": [{"corpus_id": corpus_id, "doc_id": i, "token_ids": [5, 6], "roles": ["text", "text"],
-                        "turns": [0, 0]} for i in ids],
+        "documents": [
+            {
+                "corpus_id": corpus_id,
+                "doc_id": i,
+                "kind": "text",
+                "source": "s",
+                "category": "news",
+                "n_tokens": 2,
+                "n_turns": 1,
+                "text": "hello",
+                "messages_json": None,
+            }
+            for i in ids
+        ],
+        "doc_tokens": [
+            {"corpus_id": corpus_id, "doc_id": i, "token_ids": [5, 6], "roles": ["text", "text"], "turns": [0, 0]}
+            for i in ids
+        ],
     }
 
 
@@ -119,21 +133,41 @@ def test_a_version_3_store_gets_scores_keyed_by_the_labeler_of_the_label_they_sc
     path = tmp_path / "old.duckdb"
     with Store(path) as store:  # today's tables, then scores as version 3 had them
         store.con.execute("DROP TABLE scores")
-        store.con.execute("CREATE TABLE scores (run_id VARCHAR, layer INTEGER, feature INTEGER, scorer VARCHAR, "
-                          "value DOUBLE, n INTEGER, status VARCHAR, unreliable BOOLEAN, details_json JSON, "
-                          "PRIMARY KEY (run_id, layer, feature, scorer))")
+        store.con.execute(
+            "CREATE TABLE scores (run_id VARCHAR, layer INTEGER, feature INTEGER, scorer VARCHAR, "
+            "value DOUBLE, n INTEGER, status VARCHAR, unreliable BOOLEAN, details_json JSON, "
+            "PRIMARY KEY (run_id, layer, feature, scorer))"
+        )
         store.con.execute("DELETE FROM schema_version")
         store.con.execute("INSERT INTO schema_version VALUES (3, now())")
-        store.con.execute("INSERT INTO labels (run_id, layer, feature, labeler, label, status, created_at) VALUES "
-                          "('r', 0, 1, 'old', 'cats', 'ok', now() - INTERVAL 1 DAY), "
-                          "('r', 0, 1, 'new', 'dogs', 'ok', now()), ('r', 0, 1, 'newest', NULL, 'invalid', now())")
-        store.con.execute("INSERT INTO scores VALUES ('r', 0, 1, 'detection', 0.8, 30, 'ok', false, '{}'), "
-                          "('r', 0, 2, 'embedding', 0.4, 30, 'ok', true, '{}')")
+        store.con.execute(
+            "INSERT INTO labels (run_id, layer, feature, labeler, label, status, created_at) VALUES "
+            "('r', 0, 1, 'old', 'cats', 'ok', now() - INTERVAL 1 DAY), "
+            "('r', 0, 1, 'new', 'dogs', 'ok', now()), ('r', 0, 1, 'newest', NULL, 'invalid', now())"
+        )
+        store.con.execute(
+            "INSERT INTO scores VALUES ('r', 0, 1, 'detection', 0.8, 30, 'ok', false, '{}'), "
+            "('r', 0, 2, 'embedding', 0.4, 30, 'ok', true, '{}')"
+        )
     with Store(path) as store:
         rows = store.query("SELECT feature, labeler, scorer, value FROM scores ORDER BY feature")[1]
         current = store.query("SELECT feature, labeler, scorer FROM current_scores")[1]
-        store.upsert("scores", [{"run_id": "r", "layer": 0, "feature": 1, "labeler": "old", "scorer": "detection",
-                                 "value": 0.5, "n": 30, "status": "ok", "unreliable": True}])
+        store.upsert(
+            "scores",
+            [
+                {
+                    "run_id": "r",
+                    "layer": 0,
+                    "feature": 1,
+                    "labeler": "old",
+                    "scorer": "detection",
+                    "value": 0.5,
+                    "n": 30,
+                    "status": "ok",
+                    "unreliable": True,
+                }
+            ],
+        )
         both = store.query("SELECT labeler, value FROM scores WHERE feature = 1 ORDER BY 1")[1]
         version = store.one("SELECT max(version) FROM schema_version")[0]
     assert rows == [(1, "new", "detection", 0.8), (2, "unknown", "embedding", 0.4)]

@@ -21,6 +21,7 @@ from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 # ---------------------------------------------------------------- saving for circuit-tracer
 
+
 def test_save_circuit_tracer_round_trip(tmp_path):
     g = torch.Generator().manual_seed(10)
     r = lambda *s: torch.randn(*s, generator=g) * 0.5  # noqa: E731
@@ -37,7 +38,12 @@ def test_save_circuit_tracer_round_trip(tmp_path):
     assert json.loads((tmp_path / "out" / "autolabel.json").read_text()) == tset.metadata
 
     back = load_transcoders(tmp_path / "out")
-    assert (back.layers, back.input_hook, back.output_hook, back.metadata) == ([0, 1], "mlp.hook_in", "hook_mlp_out", tset.metadata)
+    assert (back.layers, back.input_hook, back.output_hook, back.metadata) == (
+        [0, 1],
+        "mlp.hook_in",
+        "hook_mlp_out",
+        tset.metadata,
+    )
     for layer, tc in transcoders.items():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"):
             a, b = getattr(tc, name), getattr(back[layer], name)
@@ -74,6 +80,7 @@ def test_save_circuit_tracer_refuses_cross_layer(tmp_path):
 
 
 # ---------------------------------------------------------------- errors
+
 
 def plt_folder(tmp_path: Path, n: int = 2, **layer_changes) -> Path:
     rng = np.random.default_rng(12)
@@ -140,7 +147,12 @@ def test_error_wrong_shape_names_tensor_and_shapes(tmp_path):
     with pytest.raises(AutolabelError) as err:
         load_transcoders(tmp_path)
     message = str(err.value)
-    assert "layer_0.safetensors" in message and "W_dec" in message and f"[{F - 1}, {D}]" in message and f"[{F}, {D}]" in message
+    assert (
+        "layer_0.safetensors" in message
+        and "W_dec" in message
+        and f"[{F - 1}, {D}]" in message
+        and f"[{F}, {D}]" in message
+    )
 
 
 def test_error_transposed_gemma_scope_encoder(tmp_path):
@@ -175,6 +187,7 @@ def test_error_unresolvable_hook_and_missing_listed_file(tmp_path):
 
 # ---------------------------------------------------------------- non-finite weights, a non-finite fit
 
+
 def spoil(path: Path, tensor: str, value: float, index: int = 5) -> None:
     """Rewrite one tensor of a layer file with one value replaced (a diverged run or a damaged export)."""
     tensors = {key: array.copy() for key, array in load_numpy(str(path)).items()}
@@ -183,11 +196,14 @@ def spoil(path: Path, tensor: str, value: float, index: int = 5) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("tensor, value, name, counts", [
-    ("W_dec", np.nan, "W_dec", "1 NaN and 0 infinite"),
-    ("b_enc", np.inf, "b_enc", "0 NaN and 1 infinite"),
-    ("activation_function.threshold", -np.inf, "threshold", "0 NaN and 1 infinite"),
-])
+@pytest.mark.parametrize(
+    "tensor, value, name, counts",
+    [
+        ("W_dec", np.nan, "W_dec", "1 NaN and 0 infinite"),
+        ("b_enc", np.inf, "b_enc", "0 NaN and 1 infinite"),
+        ("activation_function.threshold", -np.inf, "threshold", "0 NaN and 1 infinite"),
+    ],
+)
 def test_non_finite_weights_are_refused_naming_layer_tensor_and_file(tmp_path, tensor, value, name, counts):
     plt_folder(tmp_path, n=3)
     spoil(tmp_path / "layer_1.safetensors", tensor, value)
@@ -209,10 +225,19 @@ def test_non_finite_weights_are_refused_in_every_format(tmp_path):
         load_transcoders(tmp_path / "gemma")
     # a float64 value beyond float32's range becomes infinite when loaded, so it is refused too
     rng = np.random.default_rng(16)
-    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D).astype(np.float64), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
+    w = {
+        "W_enc": rand(rng, D, F),
+        "W_dec": rand(rng, F, D).astype(np.float64),
+        "b_enc": rand(rng, F),
+        "b_dec": rand(rng, D),
+    }
     w["W_dec"][0, 0] = 1e300
-    saelens_folder(tmp_path / "sae", {"architecture": "standard", "metadata": {"hook_name": "blocks.4.hook_mlp_out"}}, w)
-    with pytest.raises(AutolabelError, match=r"layer 4: W_dec in .*sae_weights\.safetensors holds 0 NaN and 1 infinite"):
+    saelens_folder(
+        tmp_path / "sae", {"architecture": "standard", "metadata": {"hook_name": "blocks.4.hook_mlp_out"}}, w
+    )
+    with pytest.raises(
+        AutolabelError, match=r"layer 4: W_dec in .*sae_weights\.safetensors holds 0 NaN and 1 infinite"
+    ):
         load_transcoders(tmp_path / "sae")
     # and a trained set that diverged, which never passes through a file
     W_dec = torch.zeros(F, D)
@@ -222,8 +247,9 @@ def test_non_finite_weights_are_refused_in_every_format(tmp_path):
 
 
 def test_fit_check_refuses_a_non_finite_fvu_or_bound():
-    tset = TranscoderSet({0: Transcoder(0, torch.zeros(D, F), torch.zeros(F), torch.zeros(F, D), torch.zeros(D))},
-                         path="/releases/tc")
+    tset = TranscoderSet(
+        {0: Transcoder(0, torch.zeros(D, F), torch.zeros(F), torch.zeros(F, D), torch.zeros(D))}, path="/releases/tc"
+    )
     fine = LayerQuality(0, 0.1, 5.0, 0.0, 100)
     refuse_bad_fit(tset, {0: fine}, 0.5)
     for fvu in (float("nan"), float("inf")):
@@ -237,6 +263,7 @@ def test_fit_check_refuses_a_non_finite_fvu_or_bound():
 
 
 # ---------------------------------------------------------------- numbers in a release's config
+
 
 @pytest.mark.parametrize("k", [5000, -3, 0, "sixty", 2.5, True])
 def test_bad_k_in_circuit_tracer_config_is_one_clear_error(tmp_path, k):
@@ -257,15 +284,32 @@ def test_bad_k_in_other_formats_names_the_file_and_field(tmp_path):
         load_transcoders(tmp_path)
 
     w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
-    saelens_folder(tmp_path / "sae", {"architecture": "standard", "activation_fn": "topk", "activation_fn_kwargs": {"k": 5000},
-                                      "metadata": {"hook_name": "blocks.0.hook_mlp_out"}}, w)
-    with pytest.raises(AutolabelError, match=rf"sae.cfg\.json: activation_fn_kwargs\.k is 5000 but must be an integer from 1 to {F}"):
+    saelens_folder(
+        tmp_path / "sae",
+        {
+            "architecture": "standard",
+            "activation_fn": "topk",
+            "activation_fn_kwargs": {"k": 5000},
+            "metadata": {"hook_name": "blocks.0.hook_mlp_out"},
+        },
+        w,
+    )
+    with pytest.raises(
+        AutolabelError, match=rf"sae.cfg\.json: activation_fn_kwargs\.k is 5000 but must be an integer from 1 to {F}"
+    ):
         load_transcoders(tmp_path / "sae")
 
     sub = tmp_path / "sparsify" / "layers.0.mlp"
     sub.mkdir(parents=True)
-    save_file({"encoder.weight": rand(rng, F, D), "encoder.bias": rand(rng, F), "W_dec": rand(rng, F, D), "b_dec": rand(rng, D)},
-              str(sub / "sae.safetensors"))
+    save_file(
+        {
+            "encoder.weight": rand(rng, F, D),
+            "encoder.bias": rand(rng, F),
+            "W_dec": rand(rng, F, D),
+            "b_dec": rand(rng, D),
+        },
+        str(sub / "sae.safetensors"),
+    )
     (sub / "cfg.json").write_text(json.dumps({"activation": "topk", "k": "sixty", "transcode": True}))
     with pytest.raises(AutolabelError, match=r"layers\.0\.mlp.cfg\.json: k is 'sixty' but must be an integer"):
         load_transcoders(tmp_path / "sparsify")
@@ -274,9 +318,11 @@ def test_bad_k_in_other_formats_names_the_file_and_field(tmp_path):
 def test_bad_layer_numbers_in_a_config_name_the_file_and_field(tmp_path):
     (tmp_path / "ct").mkdir()
     plt_folder(tmp_path / "ct")
-    for layers, needle in (("0,1", "layers is '0,1' but must be a list of layer numbers"),
-                           ([0, -1], "layers is -1 but must be an integer of at least 0"),
-                           ([0, "one"], "layers is 'one' but must be an integer of at least 0")):
+    for layers, needle in (
+        ("0,1", "layers is '0,1' but must be a list of layer numbers"),
+        ([0, -1], "layers is -1 but must be an integer of at least 0"),
+        ([0, "one"], "layers is 'one' but must be an integer of at least 0"),
+    ):
         ct_config(tmp_path / "ct", layers=layers)
         with pytest.raises(AutolabelError) as err:
             load_transcoders(tmp_path / "ct")
@@ -287,7 +333,10 @@ def test_bad_layer_numbers_in_a_config_name_the_file_and_field(tmp_path):
 
     rng = np.random.default_rng(18)
     w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F), "b_dec": rand(rng, D)}
-    saelens_folder(tmp_path / "sae", {"architecture": "standard", "hook_point": "blocks.2.hook_mlp_out",
-                                      "hook_point_layer": "three"}, w)
+    saelens_folder(
+        tmp_path / "sae",
+        {"architecture": "standard", "hook_point": "blocks.2.hook_mlp_out", "hook_point_layer": "three"},
+        w,
+    )
     with pytest.raises(AutolabelError, match=r"sae.cfg\.json: hook_point_layer is 'three' but must be an integer"):
         load_transcoders(tmp_path / "sae")

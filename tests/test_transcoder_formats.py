@@ -47,8 +47,16 @@ def write_yaml(path: Path, data: dict) -> None:
 
 
 def ct_config(folder: Path, **extra) -> None:
-    write_yaml(folder / "config.yaml", {"model_name": "tiny", "model_kind": "transcoder_set",
-                                        "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out", **extra})
+    write_yaml(
+        folder / "config.yaml",
+        {
+            "model_name": "tiny",
+            "model_kind": "transcoder_set",
+            "feature_input_hook": "mlp.hook_in",
+            "feature_output_hook": "mlp.hook_out",
+            **extra,
+        },
+    )
 
 
 def ct_layer(rng, threshold=False, skip=False):
@@ -61,6 +69,7 @@ def ct_layer(rng, threshold=False, skip=False):
 
 
 # ---------------------------------------------------------------- circuit-tracer per-layer sets
+
 
 @pytest.mark.parametrize("kind", ["relu", "jumprelu_skip", "topk"])
 def test_circuit_tracer_set(tmp_path, kind):
@@ -108,13 +117,24 @@ def test_circuit_tracer_clt_reconstruction_sums_sources(tmp_path):
     rng = np.random.default_rng(2)
     enc, dec = {}, {}
     for i in range(N_LAYERS):
-        enc[i] = {f"W_enc_{i}": rand(rng, F, D), f"b_enc_{i}": rand(rng, F, scale=0.1),
-                  f"b_dec_{i}": rand(rng, D), f"threshold_{i}": np.abs(rand(rng, F, scale=0.3))}
+        enc[i] = {
+            f"W_enc_{i}": rand(rng, F, D),
+            f"b_enc_{i}": rand(rng, F, scale=0.1),
+            f"b_dec_{i}": rand(rng, D),
+            f"threshold_{i}": np.abs(rand(rng, F, scale=0.3)),
+        }
         dec[i] = {f"W_dec_{i}": rand(rng, F, N_LAYERS - i, D)}
         save_file(enc[i], str(tmp_path / f"W_enc_{i}.safetensors"))
         save_file(dec[i], str(tmp_path / f"W_dec_{i}.safetensors"))
-    write_yaml(tmp_path / "config.yaml", {"model_name": "tiny", "model_kind": "cross_layer_transcoder",
-                                          "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"})
+    write_yaml(
+        tmp_path / "config.yaml",
+        {
+            "model_name": "tiny",
+            "model_kind": "cross_layer_transcoder",
+            "feature_input_hook": "hook_resid_mid",
+            "feature_output_hook": "hook_mlp_out",
+        },
+    )
     tset = load_transcoders(tmp_path)
     assert tset.source_format == "circuit-tracer-clt" and tset.cross_layer
     assert (tset.input_hook, tset.output_hook) == ("hook_resid_mid", "hook_mlp_out")
@@ -126,8 +146,10 @@ def test_circuit_tracer_clt_reconstruction_sums_sources(tmp_path):
         acts[i] = pre * (pre > enc[i][f"threshold_{i}"])
         np.testing.assert_allclose(run(tset[i], xs[i])[0], acts[i], **TOL)
     # circuit-tracer: recon[j] = sum over sources i <= j of acts_i @ W_dec_i[:, j - i] + b_dec[j]
-    expected = {j: sum(acts[i] @ dec[i][f"W_dec_{i}"][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
-                for j in range(N_LAYERS)}
+    expected = {
+        j: sum(acts[i] @ dec[i][f"W_dec_{i}"][:, j - i] for i in range(j + 1)) + enc[j][f"b_dec_{j}"]
+        for j in range(N_LAYERS)
+    }
     with torch.no_grad():
         got = tset.reconstruct({i: torch.from_numpy(x) for i, x in xs.items()})
     assert sorted(got) == [0, 1, 2]
@@ -139,14 +161,20 @@ def test_circuit_tracer_clt_reconstruction_sums_sources(tmp_path):
 
 # ---------------------------------------------------------------- Gemma Scope 1 and 2
 
+
 def gemma_scope_1(rng, folder: Path) -> dict:
     params = {}
     for i in range(N_LAYERS):
         sub = folder / f"layer_{i}" / "width_16k" / "average_l0_10"
         sub.mkdir(parents=True)
         threshold = rand(rng, F, scale=0.4)  # some negative: relu(pre) * (pre > thr) must still hold
-        params[i] = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1),
-                     "b_dec": rand(rng, D), "threshold": threshold}
+        params[i] = {
+            "W_enc": rand(rng, D, F),
+            "W_dec": rand(rng, F, D),
+            "b_enc": rand(rng, F, scale=0.1),
+            "b_dec": rand(rng, D),
+            "threshold": threshold,
+        }
         np.savez(sub / "params.npz", **params[i])
     return params
 
@@ -180,10 +208,20 @@ def test_gemma_scope_1_npz(tmp_path):
 def test_circuit_tracer_config_listing_gemma_scope_files(tmp_path):
     rng = np.random.default_rng(4)
     params = gemma_scope_1(rng, tmp_path)
-    uris = [f"hf://google/gemma-scope-2b-pt-transcoders/layer_{i}/width_16k/average_l0_10/params.npz" for i in range(N_LAYERS)]
-    write_yaml(tmp_path / "config.yaml", {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set",
-                                          "feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out",
-                                          "transcoders": uris})
+    uris = [
+        f"hf://google/gemma-scope-2b-pt-transcoders/layer_{i}/width_16k/average_l0_10/params.npz"
+        for i in range(N_LAYERS)
+    ]
+    write_yaml(
+        tmp_path / "config.yaml",
+        {
+            "model_name": "google/gemma-2-2b",
+            "model_kind": "transcoder_set",
+            "feature_input_hook": "ln2.hook_normalized",
+            "feature_output_hook": "hook_mlp_out",
+            "transcoders": uris,
+        },
+    )
     tset = load_transcoders(tmp_path, layers=[2])
     assert (tset.source_format, tset.layers, tset.model_name) == ("circuit-tracer", [2], "google/gemma-2-2b")
     x = rand(rng, N_TOK, D, scale=1.0)
@@ -196,14 +234,26 @@ def test_gemma_scope_2_safetensors_with_affine_skip(tmp_path):
     for i in range(N_LAYERS):
         sub = tmp_path / "transcoder_all" / f"layer_{i}_width_16k_l0_small_affine"
         sub.mkdir(parents=True)
-        params[i] = {"w_enc": rand(rng, D, F), "w_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1),
-                     "b_dec": rand(rng, D), "threshold": np.abs(rand(rng, F, scale=0.4)),
-                     "affine_skip_connection": rand(rng, D, D)}
+        params[i] = {
+            "w_enc": rand(rng, D, F),
+            "w_dec": rand(rng, F, D),
+            "b_enc": rand(rng, F, scale=0.1),
+            "b_dec": rand(rng, D),
+            "threshold": np.abs(rand(rng, F, scale=0.4)),
+            "affine_skip_connection": rand(rng, D, D),
+        }
         save_file(params[i], str(sub / "params.safetensors"))
-        (sub / "config.json").write_text(json.dumps({
-            "model_name": "google/gemma-3-1b-pt", "architecture": "jump_relu", "width": F,
-            "hf_hook_point_in": f"model.layers.{i}.pre_feedforward_layernorm.output",
-            "hf_hook_point_out": f"model.layers.{i}.post_feedforward_layernorm.output"}))
+        (sub / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_name": "google/gemma-3-1b-pt",
+                    "architecture": "jump_relu",
+                    "width": F,
+                    "hf_hook_point_in": f"model.layers.{i}.pre_feedforward_layernorm.output",
+                    "hf_hook_point_out": f"model.layers.{i}.post_feedforward_layernorm.output",
+                }
+            )
+        )
     tset = load_transcoders(tmp_path)
     assert (tset.source_format, tset.layers, tset.model_name) == ("gemma-scope-2", [0, 1, 2], "google/gemma-3-1b-pt")
     assert (tset.input_hook, tset.output_hook) == ("mlp_in", "mlp_out")
@@ -231,15 +281,32 @@ def test_saelens_transcoders(tmp_path, arch):
     rng = np.random.default_rng(6)
     weights = {}
     for i in range(2):
-        w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D_OUT), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D_OUT)}
+        w = {
+            "W_enc": rand(rng, D, F),
+            "W_dec": rand(rng, F, D_OUT),
+            "b_enc": rand(rng, F, scale=0.1),
+            "b_dec": rand(rng, D_OUT),
+        }
         if arch == "skip_transcoder":
             w["W_skip"] = rand(rng, D_OUT, D)
         if arch == "jumprelu_transcoder":
             w["threshold"] = rand(rng, F, scale=0.4)
-        cfg = {"architecture": arch, "d_in": D, "d_sae": F, "d_out": D_OUT, "dtype": "float32", "device": "cpu",
-               "apply_b_dec_to_input": False, "normalize_activations": "none",
-               "metadata": {"model_name": "gpt2", "hook_name": f"blocks.{i}.ln2.hook_normalized",
-                            "hook_name_out": f"blocks.{i}.hook_mlp_out", "sae_lens_version": "6.6.0"}}
+        cfg = {
+            "architecture": arch,
+            "d_in": D,
+            "d_sae": F,
+            "d_out": D_OUT,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "metadata": {
+                "model_name": "gpt2",
+                "hook_name": f"blocks.{i}.ln2.hook_normalized",
+                "hook_name_out": f"blocks.{i}.hook_mlp_out",
+                "sae_lens_version": "6.6.0",
+            },
+        }
         saelens_folder(tmp_path / f"tc_{i}", cfg, w)
         weights[i] = w
     tset = load_transcoders(tmp_path)
@@ -257,11 +324,25 @@ def test_saelens_transcoders(tmp_path, arch):
 
 def test_saelens_pre_6_topk_sae_applies_b_dec_to_input_and_scaling_factor(tmp_path):
     rng = np.random.default_rng(7)
-    w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D),
-         "scaling_factor": (1 + np.abs(rand(rng, F))).astype(np.float32)}
-    cfg = {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
-           "d_in": D, "d_sae": F, "hook_point": "blocks.2.hook_mlp_out", "hook_point_layer": 2,
-           "finetuning_scaling_factor": True, "model_name": "gpt2", "sae_lens_training_version": "3.13.0"}
+    w = {
+        "W_enc": rand(rng, D, F),
+        "W_dec": rand(rng, F, D),
+        "b_enc": rand(rng, F, scale=0.1),
+        "b_dec": rand(rng, D),
+        "scaling_factor": (1 + np.abs(rand(rng, F))).astype(np.float32),
+    }
+    cfg = {
+        "architecture": "standard",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 4},
+        "d_in": D,
+        "d_sae": F,
+        "hook_point": "blocks.2.hook_mlp_out",
+        "hook_point_layer": 2,
+        "finetuning_scaling_factor": True,
+        "model_name": "gpt2",
+        "sae_lens_training_version": "3.13.0",
+    }
     saelens_folder(tmp_path / "sae", cfg, w)
     tset = load_transcoders(tmp_path / "sae")  # the SAE's own folder works too
     assert (tset.layers, tset.input_hook, tset.output_hook) == ([2], "hook_mlp_out", "hook_mlp_out")
@@ -276,8 +357,15 @@ def test_saelens_pre_6_topk_sae_applies_b_dec_to_input_and_scaling_factor(tmp_pa
 def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
     rng = np.random.default_rng(8)
     w = {"W_enc": rand(rng, D, F), "W_dec": rand(rng, F, D), "b_enc": rand(rng, F, scale=0.1), "b_dec": rand(rng, D)}
-    cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": 5, "rescale_acts_by_decoder_norm": True,
-           "apply_b_dec_to_input": False, "metadata": {"hook_name": "blocks.0.hook_mlp_out", "sae_lens_version": "6.6.0"}}
+    cfg = {
+        "architecture": "topk",
+        "d_in": D,
+        "d_sae": F,
+        "k": 5,
+        "rescale_acts_by_decoder_norm": True,
+        "apply_b_dec_to_input": False,
+        "metadata": {"hook_name": "blocks.0.hook_mlp_out", "sae_lens_version": "6.6.0"},
+    }
     saelens_folder(tmp_path / "sae", cfg, w)
     tc = load_transcoders(tmp_path)[0]
     x = rand(rng, N_TOK, D, scale=1.0)
@@ -291,6 +379,7 @@ def test_saelens_topk_rescaled_by_decoder_norm(tmp_path):
 
 # ---------------------------------------------------------------- sparsify
 
+
 @pytest.mark.parametrize("transcode", [True, False])
 def test_sparsify_hookpoint_folders(tmp_path, transcode):
     rng = np.random.default_rng(9)
@@ -298,12 +387,29 @@ def test_sparsify_hookpoint_folders(tmp_path, transcode):
     for i in range(2):
         sub = tmp_path / f"layers.{i}.mlp"
         sub.mkdir()
-        w = {"encoder.weight": rand(rng, F, D), "encoder.bias": rand(rng, F, scale=0.1), "W_dec": rand(rng, F, D),
-             "b_dec": rand(rng, D), "W_skip": rand(rng, D, D)}
+        w = {
+            "encoder.weight": rand(rng, F, D),
+            "encoder.bias": rand(rng, F, scale=0.1),
+            "W_dec": rand(rng, F, D),
+            "b_dec": rand(rng, D),
+            "W_skip": rand(rng, D, D),
+        }
         save_file(w, str(sub / "sae.safetensors"))
-        (sub / "cfg.json").write_text(json.dumps({"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-                                                  "num_latents": F, "k": 4, "multi_topk": False, "skip_connection": True,
-                                                  "transcode": transcode, "d_in": D}))
+        (sub / "cfg.json").write_text(
+            json.dumps(
+                {
+                    "activation": "topk",
+                    "expansion_factor": 32,
+                    "normalize_decoder": True,
+                    "num_latents": F,
+                    "k": 4,
+                    "multi_topk": False,
+                    "skip_connection": True,
+                    "transcode": transcode,
+                    "d_in": D,
+                }
+            )
+        )
         weights[i] = w
     tset = load_transcoders(tmp_path)
     assert (tset.source_format, tset.layers) == ("sparsify", [0, 1])
@@ -336,8 +442,10 @@ def test_a_saved_circuit_tracer_set_names_its_hooks_as_circuit_tracer_does_and_l
     from autolabel.transcoders.formats import save_circuit_tracer
     from autolabel.transcoders.transcoder import TranscoderSet
 
-    layers = {layer: Transcoder(layer, torch.randn(4, 6), torch.zeros(6), torch.randn(6, 4), torch.zeros(4))
-              for layer in (0, 1)}
+    layers = {
+        layer: Transcoder(layer, torch.randn(4, 6), torch.zeros(6), torch.randn(6, 4), torch.zeros(4))
+        for layer in (0, 1)
+    }
     save_circuit_tracer(TranscoderSet(layers, "mlp_in", "mlp_out"), tmp_path, "tiny")
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "hook_mlp_out")

@@ -21,13 +21,32 @@ from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 def random_windows(n: int, length: int = 32, seed: int = 0) -> list[Window]:
     rng = np.random.default_rng(seed)
-    return [Window(f"doc-{i}", "c", 0, rng.integers(100, 5000, length).astype(np.int32),
-                   np.full(length, 4, dtype=np.uint8), np.zeros(length, dtype=np.int16)) for i in range(n)]
+    return [
+        Window(
+            f"doc-{i}",
+            "c",
+            0,
+            rng.integers(100, 5000, length).astype(np.int32),
+            np.full(length, 4, dtype=np.uint8),
+            np.zeros(length, dtype=np.int16),
+        )
+        for i in range(n)
+    ]
 
 
-TRAIN_CONFIG = TranscoderTrainConfig(layers=[1, 2], d_feat=128, k=16, n_tokens=150_000, batch_tokens=256,
-                                     buffer_tokens=8_000, passes_per_buffer=4, batch_windows=32, lr=3e-3,
-                                     dead_after_tokens=5_000, checkpoint_every_steps=100)
+TRAIN_CONFIG = TranscoderTrainConfig(
+    layers=[1, 2],
+    d_feat=128,
+    k=16,
+    n_tokens=150_000,
+    batch_tokens=256,
+    buffer_tokens=8_000,
+    passes_per_buffer=4,
+    batch_windows=32,
+    lr=3e-3,
+    dead_after_tokens=5_000,
+    checkpoint_every_steps=100,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +89,20 @@ def test_fvu_check_catches_transposed_and_wrong_hook(tiny_subject, trained):
     good = trained[0].transcoders
     windows = random_windows(16, seed=2)
     layer = good[1]
-    transposed = TranscoderSet({1: Transcoder(1, layer.W_dec.detach().T, layer.b_enc.detach(), layer.W_enc.detach().T,
-                                              layer.b_dec.detach(), "topk", k=16)}, path="transposed")
+    transposed = TranscoderSet(
+        {
+            1: Transcoder(
+                1,
+                layer.W_dec.detach().T,
+                layer.b_enc.detach(),
+                layer.W_enc.detach().T,
+                layer.b_dec.detach(),
+                "topk",
+                k=16,
+            )
+        },
+        path="transposed",
+    )
     quality = measure_quality(tiny_subject, transposed, windows, n_tokens=500)
     assert quality[1].fvu > 0.9
     with pytest.raises(AutolabelError, match="transposed weights"):
@@ -93,9 +124,19 @@ def test_shape_that_does_not_match_model(tiny_subject):
 
 
 def test_jumprelu_training_learns_thresholds(tiny_subject):
-    config = TranscoderTrainConfig(layers=[1], activation="jumprelu", d_feat=128, n_tokens=60_000,
-                                   batch_tokens=256, buffer_tokens=8_000, passes_per_buffer=4, batch_windows=32,
-                                   lr=3e-3, l0_coef=2e-3, jumprelu_init_threshold=0.05)
+    config = TranscoderTrainConfig(
+        layers=[1],
+        activation="jumprelu",
+        d_feat=128,
+        n_tokens=60_000,
+        batch_tokens=256,
+        buffer_tokens=8_000,
+        passes_per_buffer=4,
+        batch_windows=32,
+        lr=3e-3,
+        l0_coef=2e-3,
+        jumprelu_init_threshold=0.05,
+    )
     result = train_transcoders(tiny_subject, random_windows(256), config)
     transcoder = result.transcoders[1]
     assert transcoder.activation == "jumprelu" and transcoder.threshold is not None
@@ -156,13 +197,28 @@ def test_resampling_points_dead_features_at_badly_explained_tokens():
 
 
 def test_skip_and_resampling_lower_fvu_and_dead_features(tiny_subject):
-    base = dict(layers=[1], d_feat=512, k=4, n_tokens=60_000, batch_tokens=256, buffer_tokens=8_000,
-                passes_per_buffer=4, batch_windows=32, lr=3e-3, dead_after_tokens=3_000, aux_coef=0.0)
+    base = dict(
+        layers=[1],
+        d_feat=512,
+        k=4,
+        n_tokens=60_000,
+        batch_tokens=256,
+        buffer_tokens=8_000,
+        passes_per_buffer=4,
+        batch_windows=32,
+        lr=3e-3,
+        dead_after_tokens=3_000,
+        aux_coef=0.0,
+    )
     heldout = random_windows(32, seed=1)
-    plain = train_transcoders(tiny_subject, random_windows(256), TranscoderTrainConfig(
-        **base, skip=False, resample_every_steps=0))
-    revived = train_transcoders(tiny_subject, random_windows(256), TranscoderTrainConfig(
-        **base, skip=True, resample_every_steps=20, resample_until=0.6))
+    plain = train_transcoders(
+        tiny_subject, random_windows(256), TranscoderTrainConfig(**base, skip=False, resample_every_steps=0)
+    )
+    revived = train_transcoders(
+        tiny_subject,
+        random_windows(256),
+        TranscoderTrainConfig(**base, skip=True, resample_every_steps=20, resample_until=0.6),
+    )
     assert plain.resampled == {} and revived.resampled[1] > 0
     plain_quality = measure_quality(tiny_subject, plain.transcoders, heldout, n_tokens=1000)[1]
     revived_quality = measure_quality(tiny_subject, revived.transcoders, heldout, n_tokens=1000)[1]
@@ -172,18 +228,30 @@ def test_skip_and_resampling_lower_fvu_and_dead_features(tiny_subject):
     assert transcoder.W_skip is not None and transcoder.W_skip.abs().sum() > 0
 
 
-GROUP_CONFIG = TranscoderTrainConfig(layers=[0, 1, 2, 3], group_size=3, d_feat=32, k=4, n_tokens=8_000,
-                                     batch_tokens=256, buffer_tokens=2_000, passes_per_buffer=2, batch_windows=16,
-                                     lr=3e-3, checkpoint_every_steps=5)
+GROUP_CONFIG = TranscoderTrainConfig(
+    layers=[0, 1, 2, 3],
+    group_size=3,
+    d_feat=32,
+    k=4,
+    n_tokens=8_000,
+    batch_tokens=256,
+    buffer_tokens=2_000,
+    passes_per_buffer=2,
+    batch_windows=16,
+    lr=3e-3,
+    checkpoint_every_steps=5,
+)
 
 
 def train_groups(subject, out, config=GROUP_CONFIG, heldout_seed=1, **options):
-    return train_in_groups(random_windows(64), random_windows(8, seed=heldout_seed), subject, config, 500, out,
-                           **options)
+    return train_in_groups(
+        random_windows(64), random_windows(8, seed=heldout_seed), subject, config, 500, out, **options
+    )
 
 
 def spy_on_trainer(monkeypatch, calls: list, stop_at_checkpoint: int | None = None):
     """Record each group the trainer is called for (layers, resumed at step); optionally die at a checkpoint."""
+
     def spied(subject, windows, config, on_step, on_checkpoint, resume):
         calls.append((config.layers, resume["position"]["step"] if resume else None))
         checkpoints = []
@@ -193,13 +261,18 @@ def spy_on_trainer(monkeypatch, calls: list, stop_at_checkpoint: int | None = No
             checkpoints.append(state)
             if len(checkpoints) == stop_at_checkpoint:
                 raise KeyboardInterrupt
+
         return train_transcoders(subject, windows, config, on_step, checkpoint, resume)
+
     monkeypatch.setattr(groups, "train_transcoders", spied)
 
 
 def same_weights(a: TranscoderSet, b: TranscoderSet) -> bool:
-    return a.layers == b.layers and all(torch.equal(getattr(a[layer], name), getattr(b[layer], name))
-                                        for layer in a.layers for name in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip"))
+    return a.layers == b.layers and all(
+        torch.equal(getattr(a[layer], name), getattr(b[layer], name))
+        for layer in a.layers
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +286,13 @@ def test_groups_merge_into_one_set_and_a_rerun_trains_nothing(tiny_subject, grou
     assert result.groups == [[0, 1, 2], [3]] and result.trained_now == [0, 1] and result.finished == 2
     loaded = open_transcoders(str(out))
     assert loaded.layers == [0, 1, 2, 3] and same_weights(loaded, result.transcoders)
-    assert {p.name for p in out.iterdir()} == {"plan.json", "config.yaml", "autolabel.json", "history.json",
-                                               *(f"layer_{layer}.safetensors" for layer in range(4))}
+    assert {p.name for p in out.iterdir()} == {
+        "plan.json",
+        "config.yaml",
+        "autolabel.json",
+        "history.json",
+        *(f"layer_{layer}.safetensors" for layer in range(4)),
+    }
     assert sorted(result.quality) == [0, 1, 2, 3] and all(0 < q.fvu < 1 for q in result.quality.values())
     assert sorted(loaded.metadata["heldout"]) == ["0", "1", "2", "3"]
     assert {entry["group"] for entry in json.loads((out / "history.json").read_text())} == {0, 1}

@@ -47,8 +47,9 @@ def wilson(k: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarr
     return share, np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
 
 
-def rate_ratio(a: np.ndarray, n1: np.ndarray, b: np.ndarray, n2: np.ndarray,
-               z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rate_ratio(
+    a: np.ndarray, n1: np.ndarray, b: np.ndarray, n2: np.ndarray, z: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ratio, low, high) of the densities a/n1 over b/n2.
 
     Counts are treated as Poisson over their token exposures, so given a + b, a is binomial with
@@ -73,8 +74,11 @@ def share_difference(k1: float, n1: float, k2: float, n2: float, z: float) -> tu
     p1, l1, u1 = (float(x) for x in wilson(k1, n1, z))
     p2, l2, u2 = (float(x) for x in wilson(k2, n2, z))
     difference = p1 - p2
-    return (difference, difference - float(np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
-            difference + float(np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)))
+    return (
+        difference,
+        difference - float(np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+        difference + float(np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)),
+    )
 
 
 # -- measuring a run -------------------------------------------------------------
@@ -137,37 +141,56 @@ class Measured:
 
 
 def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
-    columns = store.numpy(COUNTS_SQL, {"run": run_id, "share": spec.breadth_turn_share,
-                                       "min_turns": spec.breadth_min_turns, "scope": spec.categories or []})
+    columns = store.numpy(
+        COUNTS_SQL,
+        {
+            "run": run_id,
+            "share": spec.breadth_turn_share,
+            "min_turns": spec.breadth_min_turns,
+            "scope": spec.categories or [],
+        },
+    )
     if len(columns["layer"]) == 0:
         raise AutolabelError(f"run {run_id} has no collected role statistics; run `autolabel collect` first")
-    counts = {name: np.nan_to_num(np.asarray(values, dtype=np.float64)) for name, values in columns.items()
-              if name not in ("layer", "feature", "covered")}
+    counts = {
+        name: np.nan_to_num(np.asarray(values, dtype=np.float64))
+        for name, values in columns.items()
+        if name not in ("layer", "feature", "covered")
+    }
     if counts["assistant_turns"].max() == 0:
-        raise NothingToAudit(f"run {run_id} has no assistant turns, so {spec.name} has nothing to measure; "
-                             "add chat transcripts to the corpus (a source with `messages`)")
+        raise NothingToAudit(
+            f"run {run_id} has no assistant turns, so {spec.name} has nothing to measure; "
+            "add chat transcripts to the corpus (a source with `messages`)"
+        )
     if spec.categories is not None:
         counts = scope_to_categories(store, run_id, spec, counts)
     z, notes = z_score(spec.confidence), []
     metrics = {
         "assistant_turn_share": wilson(counts["assistant_turns_active"], counts["assistant_turns"], z),
-        "lift_vs_user": rate_ratio(counts["assistant_active"], counts["assistant_tokens"], counts["user_active"],
-                                   counts["user_tokens"], z),
-        "lift_vs_text": rate_ratio(counts["assistant_active"], counts["assistant_tokens"], counts["text_active"],
-                                   counts["text_tokens"], z),
+        "lift_vs_user": rate_ratio(
+            counts["assistant_active"], counts["assistant_tokens"], counts["user_active"], counts["user_tokens"], z
+        ),
+        "lift_vs_text": rate_ratio(
+            counts["assistant_active"], counts["assistant_tokens"], counts["text_active"], counts["text_tokens"], z
+        ),
     }
     if spec.categories is not None:
-        metrics["lift_vs_other_categories"] = rate_ratio(counts["assistant_active"], counts["assistant_tokens"],
-                                                         counts["other_active"], counts["other_tokens"], z)
+        metrics["lift_vs_other_categories"] = rate_ratio(
+            counts["assistant_active"], counts["assistant_tokens"], counts["other_active"], counts["other_tokens"], z
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         breadth = np.where(counts["n_categories"] > 0, counts["n_covered"] / counts["n_categories"], np.nan)
     metrics["breadth"] = (breadth, breadth, breadth)
     metrics = {name: metrics[name] for name in spec.metrics}
     for role, metric in (("user", "lift_vs_user"), ("text", "lift_vs_text")):
         if metric in metrics and counts[f"{role}_tokens"].max() == 0:
-            notes.append(f"{metric}: the corpus has no {role} tokens; the metric is left empty and does not gate the flag")
+            notes.append(
+                f"{metric}: the corpus has no {role} tokens; the metric is left empty and does not gate the flag"
+            )
     if "breadth" in metrics and counts["n_categories"].max() == 0:
-        notes.append(f"breadth: no category has {spec.breadth_min_turns} assistant turns; the metric does not gate the flag")
+        notes.append(
+            f"breadth: no category has {spec.breadth_min_turns} assistant turns; the metric does not gate the flag"
+        )
 
     with np.errstate(invalid="ignore", divide="ignore"):
         template_share = np.where(counts["all_active"] > 0, counts["template_active"] / counts["all_active"], 0.0)
@@ -181,14 +204,19 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
         flagged &= np.nan_to_num(gate, nan=-np.inf) >= least
 
     # Within a section: flagged first, then by the conservative end of the turn share, then lift.
-    turn_low = (metrics["assistant_turn_share"] if "assistant_turn_share" in metrics
-                else wilson(counts["assistant_turns_active"], counts["assistant_turns"], z))[1]
+    turn_low = (
+        metrics["assistant_turn_share"]
+        if "assistant_turn_share" in metrics
+        else wilson(counts["assistant_turns_active"], counts["assistant_turns"], z)
+    )[1]
     lift_low = metrics["lift_vs_user"][1] if "lift_vs_user" in metrics else np.zeros_like(turn_low)
     rank = np.zeros(len(section), dtype=np.int64)
     for name in ("pervasive", "template"):
         members = np.flatnonzero(section == name)
         if name == "pervasive":
-            order = np.lexsort((-np.nan_to_num(lift_low[members]), -np.nan_to_num(turn_low[members]), ~flagged[members]))
+            order = np.lexsort(
+                (-np.nan_to_num(lift_low[members]), -np.nan_to_num(turn_low[members]), ~flagged[members])
+            )
         else:
             order = np.argsort(-counts["template_active"][members], kind="stable")
         rank[members[order]] = np.arange(1, len(members) + 1)
@@ -197,15 +225,24 @@ def measure(store: Store, run_id: str, spec: AuditSpec) -> Measured:
     return Measured(keys, counts | {"template_share": template_share}, covered, metrics, section, flagged, rank, notes)
 
 
-def scope_to_categories(store: Store, run_id: str, spec: AuditSpec, counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def scope_to_categories(
+    store: Store, run_id: str, spec: AuditSpec, counts: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The counts with the assistant ones taken from the spec's categories only (the rest stay whole)."""
     if counts["scoped_turns"].max() == 0:
-        present = [row[0] for row in store.rows(
-            "SELECT DISTINCT category FROM category_stats WHERE run_id = ? AND role = 'assistant' AND n_turns > 0 "
-            "ORDER BY 1", [run_id])]
-        raise AutolabelError(f"audit {spec.name}: run {run_id} has no assistant turns in categories "
-                             f"{spec.categories}; the corpus's categories with assistant turns are {present}. Fix "
-                             "`categories` in the spec, or add chats of those categories to the corpus")
+        present = [
+            row[0]
+            for row in store.rows(
+                "SELECT DISTINCT category FROM category_stats WHERE run_id = ? AND role = 'assistant' AND n_turns > 0 "
+                "ORDER BY 1",
+                [run_id],
+            )
+        ]
+        raise AutolabelError(
+            f"audit {spec.name}: run {run_id} has no assistant turns in categories "
+            f"{spec.categories}; the corpus's categories with assistant turns are {present}. Fix "
+            "`categories` in the spec, or add chats of those categories to the corpus"
+        )
     return counts | {f"assistant_{name}": counts[f"scoped_{name}"] for name in SCOPED}
 
 
@@ -220,7 +257,7 @@ def feature_notes(store: Store, run_id: str) -> dict[tuple[int, int], dict]:
         "score": "SELECT layer, feature, avg(value) FROM current_scores WHERE run_id = ? AND status = 'ok' GROUP BY ALL",
         "unreliable": "SELECT layer, feature, bool_or(unreliable) FROM current_scores WHERE run_id = ? GROUP BY ALL",
         "group": "SELECT layer, feature, string_agg(group_name, ', ' ORDER BY group_name) FROM groups "
-                 "WHERE run_id = ? GROUP BY ALL",
+        "WHERE run_id = ? GROUP BY ALL",
     }
     for name, sql in queries.items():
         for layer, feature, value in store.rows(sql, [run_id]):
@@ -236,28 +273,60 @@ def finding_rows(measured: Measured, spec: AuditSpec, run_id: str, notes: dict[t
         layer, feature = measured.keys[i]
         note = notes.get((layer, feature), {})
         evidence = {
-            "assistant_turn_share": {"active_turns": counts["assistant_turns_active"][i], "turns": counts["assistant_turns"][i]},
-            "lift_vs_user": {"assistant_active": counts["assistant_active"][i], "assistant_tokens": counts["assistant_tokens"][i],
-                             "user_active": counts["user_active"][i], "user_tokens": counts["user_tokens"][i]},
-            "lift_vs_text": {"assistant_active": counts["assistant_active"][i], "assistant_tokens": counts["assistant_tokens"][i],
-                             "text_active": counts["text_active"][i], "text_tokens": counts["text_tokens"][i]},
+            "assistant_turn_share": {
+                "active_turns": counts["assistant_turns_active"][i],
+                "turns": counts["assistant_turns"][i],
+            },
+            "lift_vs_user": {
+                "assistant_active": counts["assistant_active"][i],
+                "assistant_tokens": counts["assistant_tokens"][i],
+                "user_active": counts["user_active"][i],
+                "user_tokens": counts["user_tokens"][i],
+            },
+            "lift_vs_text": {
+                "assistant_active": counts["assistant_active"][i],
+                "assistant_tokens": counts["assistant_tokens"][i],
+                "text_active": counts["text_active"][i],
+                "text_tokens": counts["text_tokens"][i],
+            },
             "breadth": {"covered": measured.covered[i], "categories": counts["n_categories"][i]},
-            "lift_vs_other_categories": {"assistant_active": counts["assistant_active"][i],
-                                         "assistant_tokens": counts["assistant_tokens"][i],
-                                         "other_active": counts["other_active"][i],
-                                         "other_tokens": counts["other_tokens"][i], "categories": spec.categories},
+            "lift_vs_other_categories": {
+                "assistant_active": counts["assistant_active"][i],
+                "assistant_tokens": counts["assistant_tokens"][i],
+                "other_active": counts["other_active"][i],
+                "other_tokens": counts["other_tokens"][i],
+                "categories": spec.categories,
+            },
         }
-        shared = {"template_share": float(counts["template_share"][i]), "score": note.get("score"),
-                  "unreliable": note.get("unreliable")}
+        shared = {
+            "template_share": float(counts["template_share"][i]),
+            "score": note.get("score"),
+            "unreliable": note.get("unreliable"),
+        }
         for metric, (value, low, high) in measured.metrics.items():
-            rows.append({
-                "run_id": run_id, "audit": spec.name, "layer": layer, "feature": feature, "metric": metric,
-                "value": number(value[i]), "ci_low": number(low[i]), "ci_high": number(high[i]),
-                "flagged": bool(measured.flagged[i]), "section": str(measured.section[i]), "rank": int(measured.rank[i]),
-                "group_name": note.get("group"), "label": note.get("label"),
-                "details_json": to_json({k: number(v) if isinstance(v, np.floating) else v
-                                         for k, v in (evidence[metric] | shared).items()}),
-            })
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "audit": spec.name,
+                    "layer": layer,
+                    "feature": feature,
+                    "metric": metric,
+                    "value": number(value[i]),
+                    "ci_low": number(low[i]),
+                    "ci_high": number(high[i]),
+                    "flagged": bool(measured.flagged[i]),
+                    "section": str(measured.section[i]),
+                    "rank": int(measured.rank[i]),
+                    "group_name": note.get("group"),
+                    "label": note.get("label"),
+                    "details_json": to_json(
+                        {
+                            k: number(v) if isinstance(v, np.floating) else v
+                            for k, v in (evidence[metric] | shared).items()
+                        }
+                    ),
+                }
+            )
     return rows
 
 

@@ -45,16 +45,28 @@ class AuditSpec(Strict):
     def flags_on_reported_metrics(self) -> AuditSpec:
         stray = [m for m in self.flag if m not in self.metrics]
         if stray:
-            raise ValueError(f"flag names {', '.join(stray)}, which `metrics` does not list ({', '.join(self.metrics)})")
+            raise ValueError(
+                f"flag names {', '.join(stray)}, which `metrics` does not list ({', '.join(self.metrics)})"
+            )
         if self.categories is None and "lift_vs_other_categories" in self.metrics:
-            raise ValueError("metric lift_vs_other_categories compares `categories` with the rest; list the "
-                             "categories (for example `categories: [recipe]`) or drop the metric")
+            raise ValueError(
+                "metric lift_vs_other_categories compares `categories` with the rest; list the "
+                "categories (for example `categories: [recipe]`) or drop the metric"
+            )
         if self.categories is not None and "breadth" in self.metrics:
-            raise ValueError("metric breadth counts categories, so it means nothing for an audit scoped to "
-                             f"{self.categories}; drop it from `metrics` and `flag`")
+            raise ValueError(
+                "metric breadth counts categories, so it means nothing for an audit scoped to "
+                f"{self.categories}; drop it from `metrics` and `flag`"
+            )
         return self
 
 
 def load_spec(path: str | Path) -> AuditSpec:
-    return load_yaml_model(Path(path), AuditSpec, "audit spec", "the built-in one is autolabel/data/defaults/assistant_pervasiveness.yaml",
-                           "(name, kind, metrics, flag, ...)", "autolabel/data/defaults/assistant_pervasiveness.yaml for a complete spec")
+    return load_yaml_model(
+        Path(path),
+        AuditSpec,
+        "audit spec",
+        "the built-in one is autolabel/data/defaults/assistant_pervasiveness.yaml",
+        "(name, kind, metrics, flag, ...)",
+        "autolabel/data/defaults/assistant_pervasiveness.yaml for a complete spec",
+    )

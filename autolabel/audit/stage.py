@@ -21,7 +21,9 @@ STAGE = "audit"
 class AuditResult:
     audit: str
     n_features: int
-    flagged: list[dict]  # the flagged features by rank: layer, feature, label, group, metrics {name: (value, low, high)}
+    flagged: list[
+        dict
+    ]  # the flagged features by rank: layer, feature, label, group, metrics {name: (value, low, high)}
     template: list[dict]  # the top of the template section, in the same form
     notes: list[str]
     changes: dict[str, int] = field(default_factory=dict)  # diff change -> count
@@ -35,8 +37,13 @@ class AuditSummary:
     skipped: str | None = None  # why no audit ran (a corpus without chats)
 
 
-def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str | None = None,
-                decoders: Callable[[str], dict[int, torch.Tensor]] | None = None) -> AuditSummary:
+def audit_stage(
+    store: Store,
+    run_id: str,
+    specs: list[AuditSpec],
+    against: str | None = None,
+    decoders: Callable[[str], dict[int, torch.Tensor]] | None = None,
+) -> AuditSummary:
     """Audit `run_id`; with `against`, also diff it against that earlier run.
 
     `decoders(run_id)` gives a run's decoder rows per layer and is used only when the two runs have
@@ -47,30 +54,46 @@ def audit_stage(store: Store, run_id: str, specs: list[AuditSpec], against: str 
     notes = feature_notes(store, run_id)  # labels, scores and groups: the same for every spec
     labels = None
     if against is not None:
-        labels = ({key: n["label"] for key, n in notes.items() if n.get("label")},
-                  {key: n["label"] for key, n in feature_notes(store, against).items() if n.get("label")})
+        labels = (
+            {key: n["label"] for key, n in notes.items() if n.get("label")},
+            {key: n["label"] for key, n in feature_notes(store, against).items() if n.get("label")},
+        )
     results = []
     for spec in specs:
         measured = measure(store, run_id, spec)
         findings = finding_rows(measured, spec, run_id, notes)
-        tables = {"audit_findings": findings + causal_rows(findings, ablation_effects(store, run_id))
-                  + influence_rows(findings, influence_shares(store, run_id))}
+        tables = {
+            "audit_findings": findings
+            + causal_rows(findings, ablation_effects(store, run_id))
+            + influence_rows(findings, influence_shares(store, run_id))
+        }
         clear = {"audit_findings": {"run_id": run_id, "audit": spec.name}}
         changes: dict[str, int] = {}
         if against is not None:
             earlier = measure(store, against, spec)
-            matching = None if same_transcoder else (_layers(decoders(run_id), measured.keys),
-                                                     _layers(decoders(against), earlier.keys))
+            matching = (
+                None
+                if same_transcoder
+                else (_layers(decoders(run_id), measured.keys), _layers(decoders(against), earlier.keys))
+            )
             tables["audit_diffs"] = diff_rows(measured, earlier, spec, run_id, against, labels, matching)
             clear["audit_diffs"] = {"run_id": run_id, "against_run_id": against, "audit": spec.name}
             for row in tables["audit_diffs"]:
                 changes[row["change"]] = changes.get(row["change"], 0) + 1
-        store.write_shard(run_id, STAGE, spec.name if against is None else f"{spec.name}:{against}", tables,
-                          replace=True, clear=clear)
+        store.write_shard(
+            run_id, STAGE, spec.name if against is None else f"{spec.name}:{against}", tables, replace=True, clear=clear
+        )
         features = _by_feature(tables["audit_findings"])
-        results.append(AuditResult(spec.name, len(measured.keys),
-                                   [f for f in features if f["section"] == "pervasive" and f["flagged"]],
-                                   [f for f in features if f["section"] == "template"][:10], measured.notes, changes))
+        results.append(
+            AuditResult(
+                spec.name,
+                len(measured.keys),
+                [f for f in features if f["section"] == "pervasive" and f["flagged"]],
+                [f for f in features if f["section"] == "template"][:10],
+                measured.notes,
+                changes,
+            )
+        )
     return AuditSummary(run_id, against, results)
 
 
@@ -85,10 +108,16 @@ def causal_rows(findings: list[dict], effects: dict[tuple[int, int], Effect]) ->
             continue
         seen.add(key)
         effect = effects[key]
-        rows.append(finding | {"metric": "ablation_kl", "value": effect.mean, "ci_low": effect.low,
-                               "ci_high": effect.high,
-                               "details_json": to_json({"prompts": effect.n, "causal": effect.causal,
-                                                        "min_kl": CAUSAL_KL})})
+        rows.append(
+            finding
+            | {
+                "metric": "ablation_kl",
+                "value": effect.mean,
+                "ci_low": effect.low,
+                "ci_high": effect.high,
+                "details_json": to_json({"prompts": effect.n, "causal": effect.causal, "min_kl": CAUSAL_KL}),
+            }
+        )
     return rows
 
 
@@ -107,8 +136,10 @@ def _by_feature(rows: list[dict]) -> list[dict]:
     """The long findings rows folded into one dict per feature, by section and rank."""
     features: dict[tuple[int, int], dict] = {}
     for row in rows:
-        entry = features.setdefault((row["layer"], row["feature"]), {
-            key: row[key] for key in ("layer", "feature", "section", "rank", "flagged", "label", "group_name")
-        } | {"metrics": {}})
+        entry = features.setdefault(
+            (row["layer"], row["feature"]),
+            {key: row[key] for key in ("layer", "feature", "section", "rank", "flagged", "label", "group_name")}
+            | {"metrics": {}},
+        )
         entry["metrics"][row["metric"]] = (row["value"], row["ci_low"], row["ci_high"])
     return sorted(features.values(), key=lambda f: (f["section"], f["rank"]))

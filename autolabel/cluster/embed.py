@@ -50,8 +50,9 @@ def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -
             FROM features f LEFT JOIN latest USING (layer, feature)
             LEFT JOIN flagged ON flagged.layer = f.layer AND flagged.feature = f.feature
                               AND flagged.labeler = latest.labeler
-            WHERE {' AND '.join(where)} ORDER BY 1, 2""",
-        [run_id, *([config.labeler] if config.labeler else []), run_id, *params])
+            WHERE {" AND ".join(where)} ORDER BY 1, 2""",
+        [run_id, *([config.labeler] if config.labeler else []), run_id, *params],
+    )
     unlabeled = [(layer, feature) for layer, feature, label, *_ in rows if label is None]
     examples = top_example_text(store, run_id, unlabeled, tokenizer, config.example_texts)
     keys, texts, labels, reliable = [], [], [], []
@@ -66,15 +67,19 @@ def feature_texts(store: Store, run_id: str, tokenizer, config: ClusterConfig) -
     return FeatureTexts(keys, texts, labels, np.array(reliable, dtype=bool))
 
 
-def top_example_text(store: Store, run_id: str, keys: list[tuple[int, int]], tokenizer,
-                     n: int) -> dict[tuple[int, int], str]:
+def top_example_text(
+    store: Store, run_id: str, keys: list[tuple[int, int]], tokenizer, n: int
+) -> dict[tuple[int, int], str]:
     """The decoded text of each feature's `n` best top examples, joined."""
     if not keys:
         return {}
     wanted = pa.table({"layer": [k[0] for k in keys], "feature": [k[1] for k in keys]})
-    rows = store.rows("SELECT e.layer, e.feature, e.tokens FROM examples e JOIN _wanted USING (layer, feature) "
-                      "WHERE e.run_id = ? AND e.kind = 'top' AND e.rank < ? ORDER BY 1, 2, e.rank", [run_id, n],
-                      _wanted=wanted)
+    rows = store.rows(
+        "SELECT e.layer, e.feature, e.tokens FROM examples e JOIN _wanted USING (layer, feature) "
+        "WHERE e.run_id = ? AND e.kind = 'top' AND e.rank < ? ORDER BY 1, 2, e.rank",
+        [run_id, n],
+        _wanted=wanted,
+    )
     texts: dict[tuple[int, int], list[str]] = {}
     for layer, feature, tokens in rows:
         texts.setdefault((layer, feature), []).append(tokenizer.decode(tokens).strip())
@@ -96,18 +101,34 @@ def embed_texts(store: Store, embedder, texts: list[str], batch_size: int, show_
     """Unit vectors [n, 384] for `texts`, from the cache where it has them; new ones are stored."""
     model = f"{EMBEDDER_MODEL}:{str(next(embedder.parameters()).dtype).removeprefix('torch.')}"
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    cached = store.arrow("SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) WHERE model = ?",
-                         [model], _hashes=pa.table({"text_hash": sorted(set(hashes))}))
+    cached = store.arrow(
+        "SELECT text_hash, vector FROM text_embeddings JOIN _hashes USING (text_hash) WHERE model = ?",
+        [model],
+        _hashes=pa.table({"text_hash": sorted(set(hashes))}),
+    )
     found = dict(zip(cached["text_hash"].to_pylist(), _as_matrix(cached["vector"]), strict=True))
     missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in found}.items())
     if missing:
-        vectors = embedder.encode([t for _, t in missing], batch_size=batch_size, convert_to_tensor=True,
-                                  show_progress_bar=show_progress).float().numpy()  # [n_missing, 384]
+        vectors = (
+            embedder.encode(
+                [t for _, t in missing], batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress
+            )
+            .float()
+            .numpy()
+        )  # [n_missing, 384]
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        store.upsert("text_embeddings", pa.table({
-            "model": [model] * len(missing), "text_hash": [h for h, _ in missing],
-            "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]).cast(
-                pa.list_(pa.float32()))}))
+        store.upsert(
+            "text_embeddings",
+            pa.table(
+                {
+                    "model": [model] * len(missing),
+                    "text_hash": [h for h, _ in missing],
+                    "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]).cast(
+                        pa.list_(pa.float32())
+                    ),
+                }
+            ),
+        )
         found.update(zip((h for h, _ in missing), vectors, strict=True))
     return np.stack([found[h] for h in hashes]) if hashes else np.zeros((0, 384), np.float32)
 

@@ -47,8 +47,9 @@ class GroupSpec(Strict):
     min_active: int | None = Field(default=None, ge=1)
 
     def thresholds(self, defaults: Thresholds) -> Thresholds:
-        return defaults.model_copy(update={k: v for k in Thresholds.model_fields
-                                           if (v := getattr(self, k)) is not None})
+        return defaults.model_copy(
+            update={k: v for k in Thresholds.model_fields if (v := getattr(self, k)) is not None}
+        )
 
 
 class GroupsSpec(Strict):
@@ -70,30 +71,45 @@ _FIXES = {
 def load_groups(path: str | Path) -> GroupsSpec:
     """The validated spec; any problem is an AutolabelError naming the file, the group, the field and the fix."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "audit group file", "set cluster.groups to an existing YAML file, or to \"\" for "
-                            "no groups", "with a `groups:` key (see autolabel/data/defaults/groups.yaml)")
+    raw = read_yaml_mapping(
+        path,
+        "audit group file",
+        'set cluster.groups to an existing YAML file, or to "" for no groups',
+        "with a `groups:` key (see autolabel/data/defaults/groups.yaml)",
+    )
     try:
         spec = GroupsSpec.model_validate(raw)
     except ValidationError as err:
-        raise AutolabelError(f"audit group file {path} is invalid: " + "; ".join(_problem(e) for e in err.errors())) from err
+        raise AutolabelError(
+            f"audit group file {path} is invalid: " + "; ".join(_problem(e) for e in err.errors())
+        ) from err
     for name, group in spec.groups.items():
         unknown = sorted(set(group.roles) - set(ROLES))
         if unknown:
-            raise AutolabelError(f"audit group file {path}: group {name!r}, field 'roles': unknown role(s) {unknown}; "
-                                 f"use some of {list(ROLES)}")
+            raise AutolabelError(
+                f"audit group file {path}: group {name!r}, field 'roles': unknown role(s) {unknown}; "
+                f"use some of {list(ROLES)}"
+            )
         both = sorted(set(group.categories) & set(group.controls))
         if both:
-            raise AutolabelError(f"audit group file {path}: group {name!r}, field 'controls': {both} are also probe "
-                                 f"categories; a category is either probed or a control")
+            raise AutolabelError(
+                f"audit group file {path}: group {name!r}, field 'controls': {both} are also probe "
+                f"categories; a category is either probed or a control"
+            )
     return spec
 
 
 def _problem(error: dict) -> str:
     loc = [str(part) for part in error["loc"]]
-    where = f"group {loc[1]!r}, field {'.'.join(loc[2:])!r}" if loc[:1] == ["groups"] and len(loc) > 2 \
+    where = (
+        f"group {loc[1]!r}, field {'.'.join(loc[2:])!r}"
+        if loc[:1] == ["groups"] and len(loc) > 2
         else f"field {'.'.join(loc)!r}"
+    )
     model = GroupSpec if loc[:1] == ["groups"] else Thresholds if loc[:1] == ["defaults"] else GroupsSpec
-    fix = _FIXES.get(error["type"], "see audits/groups.yaml for the format").format(fields=", ".join(model.model_fields))
+    fix = _FIXES.get(error["type"], "see audits/groups.yaml for the format").format(
+        fields=", ".join(model.model_fields)
+    )
     return f"{where}: {error['msg']}; {fix}"
 
 
@@ -122,24 +138,38 @@ def probe_lift(store: Store, run_id: str, group: GroupSpec) -> dict[tuple[int, i
                   coalesce(sum(n_tokens) FILTER (WHERE {controls}), 0) AS n_out
            FROM category_stats WHERE run_id = $run AND CAST(role AS VARCHAR) IN (SELECT unnest($roles))
            GROUP BY ALL HAVING n_in > 0 AND n_out > 0""",
-        {"cats": group.categories, "run": run_id, "roles": roles,
-         **({"controls": group.controls} if group.controls else {})})
+        {
+            "cats": group.categories,
+            "run": run_id,
+            "roles": roles,
+            **({"controls": group.controls} if group.controls else {}),
+        },
+    )
     # Add-one smoothing keeps a feature silent outside the probes finite, and a rare one from a huge ratio.
-    return {(layer, feature): (((a_in + 1) / (n_in + 1)) / ((a_out + 1) / (n_out + 1)), int(a_in))
-            for layer, feature, a_in, n_in, a_out, n_out in rows}
+    return {
+        (layer, feature): (((a_in + 1) / (n_in + 1)) / ((a_out + 1) / (n_out + 1)), int(a_in))
+        for layer, feature, a_in, n_in, a_out, n_out in rows
+    }
 
 
 def missing_categories(store: Store, run_id: str, spec: GroupsSpec) -> dict[str, list[str]]:
     """Probe and control categories of each group that the run's corpus does not have."""
-    present = {row[0] for row in store.rows(
-        "SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id])}
-    return {name: missing for name, group in spec.groups.items()
-            if (missing := sorted(set(group.categories + group.controls) - present))}
+    present = {row[0] for row in store.rows("SELECT DISTINCT category FROM category_stats WHERE run_id = ?", [run_id])}
+    return {
+        name: missing
+        for name, group in spec.groups.items()
+        if (missing := sorted(set(group.categories + group.controls) - present))
+    }
 
 
-def group_members(spec: GroupsSpec, seed_vectors: dict[str, np.ndarray], keys: list[tuple[int, int]],
-                  label_vectors: np.ndarray, reliable: np.ndarray,
-                  lifts: dict[str, dict[tuple[int, int], tuple[float, int]]]) -> list[Member]:
+def group_members(
+    spec: GroupsSpec,
+    seed_vectors: dict[str, np.ndarray],
+    keys: list[tuple[int, int]],
+    label_vectors: np.ndarray,
+    reliable: np.ndarray,
+    lifts: dict[str, dict[tuple[int, int], tuple[float, int]]],
+) -> list[Member]:
     """Members of every group. label_vectors [n, 384] are unit vectors of the features' texts (only
     reliable labels count for similarity); seed_vectors[group] [n_seeds, 384]."""
     members = []
@@ -153,7 +183,15 @@ def group_members(spec: GroupsSpec, seed_vectors: dict[str, np.ndarray], keys: l
             by_similarity = bool(reliable[i]) and best[i] >= limits.min_similarity
             by_lift = lift is not None and lift >= limits.min_lift and n_active >= limits.min_active
             if by_similarity or by_lift:
-                members.append(Member(name, key, float(best[i]) if reliable[i] else None,
-                                      group.seeds[nearest[i]] if reliable[i] else None, lift, n_active,
-                                      "+".join(v for v, ok in (("similarity", by_similarity), ("lift", by_lift)) if ok)))
+                members.append(
+                    Member(
+                        name,
+                        key,
+                        float(best[i]) if reliable[i] else None,
+                        group.seeds[nearest[i]] if reliable[i] else None,
+                        lift,
+                        n_active,
+                        "+".join(v for v, ok in (("similarity", by_similarity), ("lift", by_lift)) if ok),
+                    )
+                )
     return members

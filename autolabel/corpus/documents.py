@@ -119,8 +119,10 @@ def load_file_documents(path_str: str, default_category: str) -> list[Document]:
         try:
             rows = datasets.load_dataset(fmt, data_files=str(file), split="train")
         except Exception as err:  # datasets wraps parser errors in several types
-            raise AutolabelError(f"{file}: cannot parse as {fmt} ({type(err).__name__}: {err}); "
-                                 f"a .jsonl file holds one JSON object per line") from err
+            raise AutolabelError(
+                f"{file}: cannot parse as {fmt} ({type(err).__name__}: {err}); "
+                f"a .jsonl file holds one JSON object per line"
+            ) from err
         for i, row in enumerate(rows):
             documents.append(document_from_row(row, f"{file} row {i}", source, default_category))
     if not documents:

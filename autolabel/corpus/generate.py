@@ -56,17 +56,22 @@ def backend_for(subject: SubjectModel, config: GenerationConfig) -> str:
     if config.backend == "auto":
         return "llama.cpp" if subject.gguf is not None else "transformers"
     if config.backend == "llama.cpp" and subject.gguf is None:
-        raise AutolabelError(f"corpus.generation.backend is llama.cpp, but {subject.model_id} was not loaded from a "
-                             f"GGUF file, which is what llama.cpp serves; set corpus.generation.backend: transformers "
-                             f"(or auto), or load the model from a .gguf file")
+        raise AutolabelError(
+            f"corpus.generation.backend is llama.cpp, but {subject.model_id} was not loaded from a "
+            f"GGUF file, which is what llama.cpp serves; set corpus.generation.backend: transformers "
+            f"(or auto), or load the model from a .gguf file"
+        )
     return config.backend
 
 
 def reply_params(subject: SubjectModel, config: GenerationConfig) -> dict:
     """What a reply depends on besides its prompt. transformers' replies keep the keys they always had, so
     stores built before llama.cpp wrote replies still hit their cache."""
-    params = {"max_new_tokens": config.max_new_tokens, "repetition_penalty": config.repetition_penalty,
-              "decoding": "greedy"}
+    params = {
+        "max_new_tokens": config.max_new_tokens,
+        "repetition_penalty": config.repetition_penalty,
+        "decoding": "greedy",
+    }
     if backend_for(subject, config) == "llama.cpp":
         params |= {"backend": "llama.cpp", "gguf": gguf_digest(subject.gguf)}
     return params
@@ -78,16 +83,22 @@ def _generate_batch(subject: SubjectModel, prompts: list[str], config: Generatio
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = subject.model.generate(
-        **encoded, max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
-        do_sample=False, pad_token_id=pad_id,
-        temperature=None, top_p=None, top_k=None,
+        **encoded,
+        max_new_tokens=config.max_new_tokens,
+        repetition_penalty=config.repetition_penalty,
+        do_sample=False,
+        pad_token_id=pad_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
     )  # [batch, prompt_len + new]
-    new_tokens = output[:, encoded["input_ids"].shape[1]:]
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def transformers_replies(subject: SubjectModel, prompts: list[str], config: GenerationConfig, done: Done,
-                         padded_tokens: int | None = None) -> None:
+def transformers_replies(
+    subject: SubjectModel, prompts: list[str], config: GenerationConfig, done: Done, padded_tokens: int | None = None
+) -> None:
     """Left-padded batches of similar lengths, each at most config.batch_size prompts and `padded_tokens`
     prompt tokens with padding (default: 256 a row). Without that bound, the default corpus's three long
     injection documents (774 to 1158 tokens) padded a whole batch of 32 to 1158 tokens: half of all the
@@ -104,8 +115,9 @@ def transformers_replies(subject: SubjectModel, prompts: list[str], config: Gene
         done(batch, _generate_batch(subject, [prompts[j] for j in batch], config))
 
 
-def llama_cpp_replies(gguf: Path, prompt_ids: list[list[int]], config: GenerationConfig, done: Done,
-                      n_threads: int | None = None) -> None:
+def llama_cpp_replies(
+    gguf: Path, prompt_ids: list[list[int]], config: GenerationConfig, done: Done, n_threads: int | None = None
+) -> None:
     """Greedy replies from llama.cpp's server with one slot per concurrent request (continuous batching).
 
     Prompts go as token ids, so llama.cpp reads exactly what transformers would. The slots share one KV
@@ -125,13 +137,21 @@ def llama_cpp_replies(gguf: Path, prompt_ids: list[list[int]], config: Generatio
         async with gate:
             try:
                 answer = await client.completions.create(
-                    model="subject", prompt=prompt_ids[i], max_tokens=config.max_new_tokens, temperature=0.0,
-                    extra_body={"repeat_penalty": config.repetition_penalty,
-                                # the penalty sees prompt and reply, as transformers' does
-                                "repeat_last_n": len(prompt_ids[i]) + config.max_new_tokens})
+                    model="subject",
+                    prompt=prompt_ids[i],
+                    max_tokens=config.max_new_tokens,
+                    temperature=0.0,
+                    extra_body={
+                        "repeat_penalty": config.repetition_penalty,
+                        # the penalty sees prompt and reply, as transformers' does
+                        "repeat_last_n": len(prompt_ids[i]) + config.max_new_tokens,
+                    },
+                )
             except openai.OpenAIError as err:
-                raise AutolabelError(f"llama.cpp did not write a reply ({type(err).__name__}: {err}); set "
-                                     f"corpus.generation.backend: transformers to write them with transformers") from err
+                raise AutolabelError(
+                    f"llama.cpp did not write a reply ({type(err).__name__}: {err}); set "
+                    f"corpus.generation.backend: transformers to write them with transformers"
+                ) from err
             return i, answer.choices[0].text.strip()
 
     async def write_all(base_url: str) -> None:
@@ -162,8 +182,9 @@ def write_replies(subject: SubjectModel, prompts: list[str], config: GenerationC
         transformers_replies(subject, prompts, config, done)
 
 
-def add_assistant_replies(store: Store, subject: SubjectModel, documents: list[Document],
-                          config: GenerationConfig, show_progress: bool = True) -> int:
+def add_assistant_replies(
+    store: Store, subject: SubjectModel, documents: list[Document], config: GenerationConfig, show_progress: bool = True
+) -> int:
     """Append a generated assistant turn to every chat that ends on a user turn.
 
     Returns how many replies were generated now (the rest came from the cache).
@@ -171,10 +192,16 @@ def add_assistant_replies(store: Store, subject: SubjectModel, documents: list[D
     params = reply_params(subject, config)
     todo = [d for d in documents if d.needs_reply]
     hashes = {d.doc_id: prompt_hash(d.messages, params) for d in todo}
-    cached = dict(store.rows(
-        "SELECT prompt_hash, response FROM generations WHERE model_id = ? AND prompt_hash IN (SELECT UNNEST(?))",
-        [subject.model_id, list(hashes.values())],
-    )) if todo else {}
+    cached = (
+        dict(
+            store.rows(
+                "SELECT prompt_hash, response FROM generations WHERE model_id = ? AND prompt_hash IN (SELECT UNNEST(?))",
+                [subject.model_id, list(hashes.values())],
+            )
+        )
+        if todo
+        else {}
+    )
     missing = [d for d in todo if hashes[d.doc_id] not in cached]
     prompts = [render_chat(subject.tokenizer, d.messages, d.doc_id, add_generation_prompt=True) for d in missing]
     with progress_bar("replies", disable=not show_progress or not missing) as bar:
@@ -182,10 +209,20 @@ def add_assistant_replies(store: Store, subject: SubjectModel, documents: list[D
 
         def keep(indices: list[int], replies: list[str]) -> None:
             batch = [missing[i] for i in indices]
-            store.upsert("generations", [
-                {"model_id": subject.model_id, "prompt_hash": hashes[d.doc_id], "params_json": to_json(params),
-                 "prompt_json": to_json([[m.role, m.content] for m in d.messages]), "response": reply,
-                 "created_at": now()} for d, reply in zip(batch, replies, strict=False)])
+            store.upsert(
+                "generations",
+                [
+                    {
+                        "model_id": subject.model_id,
+                        "prompt_hash": hashes[d.doc_id],
+                        "params_json": to_json(params),
+                        "prompt_json": to_json([[m.role, m.content] for m in d.messages]),
+                        "response": reply,
+                        "created_at": now(),
+                    }
+                    for d, reply in zip(batch, replies, strict=False)
+                ],
+            )
             cached.update({hashes[d.doc_id]: reply for d, reply in zip(batch, replies, strict=False)})
             bar.advance(task, len(batch))
 

@@ -45,7 +45,8 @@ def render_chat(tokenizer, messages: list[Message], doc_id: str, add_generation_
     try:
         return tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False, add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except Exception as err:  # jinja2 TemplateError, or raise_exception() inside the template
         raise AutolabelError(
@@ -64,8 +65,9 @@ def _content_spans(tokenizer, rendered: str, document: Document) -> list[tuple[i
     for templates that trim).
     """
     placeholders = [f"\ue000{i}\ue001" for i in range(len(document.messages))]
-    skeleton = render_chat(tokenizer, [Message(m.role, p) for m, p in zip(document.messages, placeholders, strict=False)],
-                           document.doc_id)
+    skeleton = render_chat(
+        tokenizer, [Message(m.role, p) for m, p in zip(document.messages, placeholders, strict=False)], document.doc_id
+    )
     pieces, rest = [], skeleton
     for placeholder in placeholders:
         before, found, rest = rest.partition(placeholder)

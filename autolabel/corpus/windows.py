@@ -31,8 +31,14 @@ def windows(n_tokens: int, ctx_len: int) -> list[tuple[int, int]]:
     return [(start, min(start + ctx_len, n_tokens)) for start in range(0, n_tokens, ctx_len)]
 
 
-def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None, docs_per_read: int = 256,
-                 first_doc: str = "", last_doc: str | None = None) -> Iterator[Window]:
+def iter_windows(
+    store: Store,
+    corpus_id: str,
+    ctx_len: int | None = None,
+    docs_per_read: int = 256,
+    first_doc: str = "",
+    last_doc: str | None = None,
+) -> Iterator[Window]:
     """Every window of a corpus (or of its documents first_doc..last_doc) in doc_id order,
     reading a bounded number of documents at a time."""
     if ctx_len is None:
@@ -44,7 +50,9 @@ def iter_windows(store: Store, corpus_id: str, ctx_len: int | None = None, docs_
         rows = store.rows(
             "SELECT t.doc_id, d.category, t.token_ids, list_transform(t.roles, lambda r: enum_code(r)), t.turns FROM doc_tokens t "
             f"JOIN documents d USING (corpus_id, doc_id) WHERE t.corpus_id = ? AND t.doc_id {comparison} ? {upper}"
-            "ORDER BY t.doc_id LIMIT ?", [corpus_id, previous, *bounds, docs_per_read])
+            "ORDER BY t.doc_id LIMIT ?",
+            [corpus_id, previous, *bounds, docs_per_read],
+        )
         if not rows:
             return
         for doc_id, category, token_ids, roles, turns in rows:

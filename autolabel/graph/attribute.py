@@ -67,8 +67,11 @@ def active_features(prompt: Prompt) -> Features:
         acts = prompt.sources.acts[layer]  # [S, d_feat]
         positions, features = acts.nonzero(as_tuple=True)
         parts.append((torch.full_like(positions, layer), positions, features, acts[positions, features]))
-    return Features(*(torch.cat(column) for column in zip(*parts, strict=True))) if parts else Features(
-        *(torch.zeros(0, dtype=torch.long),) * 3, torch.zeros(0))
+    return (
+        Features(*(torch.cat(column) for column in zip(*parts, strict=True)))
+        if parts
+        else Features(*(torch.zeros(0, dtype=torch.long),) * 3, torch.zeros(0))
+    )
 
 
 @dataclass
@@ -95,8 +98,11 @@ class _Edges:
             for position in sorted(set(features.positions[features.layers == layer].tolist())):
                 index = ((features.layers == layer) & (features.positions == position)).nonzero(as_tuple=True)[0]
                 rows = W_dec.detach()[features.features[index]]  # [n, n_out, d]
-                self.groups += [(layer + slot, position, index, rows[:, slot, :]) for slot in range(rows.shape[1])
-                                if layer + slot in tset.transcoders and layer + slot < subject.n_layers]
+                self.groups += [
+                    (layer + slot, position, index, rows[:, slot, :])
+                    for slot in range(rows.shape[1])
+                    if layer + slot in tset.transcoders and layer + slot < subject.n_layers
+                ]
 
     def rows(self, gradients: list[torch.Tensor]) -> torch.Tensor:
         """gradients, n_layers + 1 of [B, S, d] -> [B, n_f + n_layers * S + S] edges from every source."""
@@ -105,15 +111,26 @@ class _Edges:
         for target, position, index, rows in self.groups:
             from_features[:, index] += gradients[1 + target][:, position] @ rows.T  # [B, n]
         from_features *= self.activations
-        from_errors = torch.stack([torch.einsum("bsd,sd->bs", gradient, error)
-                                   for gradient, error in zip(gradients[1:], self.prompt.sources.errors, strict=True)],
-                                  dim=1).reshape(batch, -1)  # [B, n_layers * S], layer-major
+        from_errors = torch.stack(
+            [
+                torch.einsum("bsd,sd->bs", gradient, error)
+                for gradient, error in zip(gradients[1:], self.prompt.sources.errors, strict=True)
+            ],
+            dim=1,
+        ).reshape(batch, -1)  # [B, n_layers * S], layer-major
         from_embeddings = torch.einsum("bsd,sd->bs", gradients[0], self.prompt.sources.embeddings)
         return torch.cat([from_features, from_errors, from_embeddings], dim=1)
 
 
-def attribute(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Prompt, targets: Targets,
-              max_feature_nodes: int, batch: int) -> Attribution:
+def attribute(
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    where: Layout,
+    prompt: Prompt,
+    targets: Targets,
+    max_feature_nodes: int,
+    batch: int,
+) -> Attribution:
     """Edges into every target logit and into up to `max_feature_nodes` features.
 
     With more active features than that, rows are computed in order of influence on the targets as far as
@@ -123,25 +140,37 @@ def attribute(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt:
     features = active_features(prompt)
     n_f, n_t, n_pos, n_layers = len(features), len(targets.token_ids), len(prompt.token_ids), subject.n_layers
     n_sources = n_f + n_layers * n_pos + n_pos
-    logit_rows, feature_rows, visited = _target_rows(subject, tset, where, prompt, targets, features,
-                                                     max_feature_nodes, batch)
+    logit_rows, feature_rows, visited = _target_rows(
+        subject, tset, where, prompt, targets, features, max_feature_nodes, batch
+    )
 
     keep = torch.tensor(sorted(visited), dtype=torch.long)
     rank = {feature: i for i, feature in enumerate(visited)}
-    target_rows = torch.cat([torch.cat(feature_rows)[[rank[f] for f in keep.tolist()]] if visited
-                             else torch.zeros(0, n_sources), logit_rows])  # [n_kept + n_t, n_sources]
+    target_rows = torch.cat(
+        [
+            torch.cat(feature_rows)[[rank[f] for f in keep.tolist()]] if visited else torch.zeros(0, n_sources),
+            logit_rows,
+        ]
+    )  # [n_kept + n_t, n_sources]
     columns = torch.cat([keep, torch.arange(n_f, n_sources)])
     n_kept = len(keep)
     size = n_kept + n_layers * n_pos + n_pos + n_t
     adjacency = torch.zeros(size, size)
     adjacency[:n_kept, : size - n_t] = target_rows[:n_kept][:, columns]
-    adjacency[size - n_t:, : size - n_t] = target_rows[n_kept:][:, columns]
+    adjacency[size - n_t :, : size - n_t] = target_rows[n_kept:][:, columns]
     return Attribution(features.subset(keep), targets, adjacency, n_layers, n_pos)
 
 
-def _target_rows(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Prompt, targets: Targets,
-                 features: Features, max_feature_nodes: int, batch: int
-                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+def _target_rows(
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    where: Layout,
+    prompt: Prompt,
+    targets: Targets,
+    features: Features,
+    max_feature_nodes: int,
+    batch: int,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """(logit rows [n_t, n_sources], feature row batches, visited features in the order their rows were made).
 
     Its own function so that the replay and its autograd graph are freed when it returns.
@@ -175,15 +204,24 @@ def _target_rows(subject: SubjectModel, tset: TranscoderSet, where: Layout, prom
         feature_rows: list[torch.Tensor] = []
         while len(visited) < min(n_f, max_feature_nodes):
             todo = min(batch, max_feature_nodes - len(visited))
-            order = (list(range(len(visited), min(n_f, len(visited) + todo))) if n_f <= max_feature_nodes
-                     else _next_features(logit_rows, feature_rows, visited, targets.probabilities, n_f, todo))
+            order = (
+                list(range(len(visited), min(n_f, len(visited) + todo)))
+                if n_f <= max_feature_nodes
+                else _next_features(logit_rows, feature_rows, visited, targets.probabilities, n_f, todo)
+            )
             feature_rows.append(rows_of([], order))
             visited.extend(order)
     return logit_rows, feature_rows, visited
 
 
-def _next_features(logit_rows: torch.Tensor, feature_rows: list[torch.Tensor], visited: list[int],
-                   probabilities: torch.Tensor, n_f: int, count: int) -> list[int]:
+def _next_features(
+    logit_rows: torch.Tensor,
+    feature_rows: list[torch.Tensor],
+    visited: list[int],
+    probabilities: torch.Tensor,
+    n_f: int,
+    count: int,
+) -> list[int]:
     """The `count` unvisited features with the most influence on the targets through the rows known so far."""
     unvisited = torch.ones(n_f, dtype=torch.bool)
     unvisited[visited] = False

@@ -33,8 +33,14 @@ class GraphResult:
     exported: Path | None
 
 
-def graph_run(config: RunConfig, text: str | None, chat: Path | None, run_id: str | None = None,
-              json_out: Path | None = None, top: int = 20) -> GraphResult:
+def graph_run(
+    config: RunConfig,
+    text: str | None,
+    chat: Path | None,
+    run_id: str | None = None,
+    json_out: Path | None = None,
+    top: int = 20,
+) -> GraphResult:
     """Build (or read back) the graph of one prompt or chat; with `run_id`, on that run's model and transcoders
     and with its labels on the nodes."""
     if (text is None) == (chat is None):
@@ -55,11 +61,17 @@ def graph_run(config: RunConfig, text: str | None, chat: Path | None, run_id: st
     with Store(config.store, create=run_id is None) as store:
         summary = graph_stage(store, subject, tset, transcoder_id(tset), prompt, config.graph, run_id)
         labels = feature_labels(store, run_id)
-        top_nodes = store.dicts("SELECT node_id, layer, position, feature, activation, influence FROM graph_nodes "
-                                "WHERE graph_id = ? AND kind = 'feature' AND kept ORDER BY influence DESC, node_id "
-                                "LIMIT ?", [summary.graph_id, top])
-        targets = store.dicts("SELECT token_id, probability FROM graph_nodes WHERE graph_id = ? AND kind = 'logit' "
-                              "ORDER BY probability DESC", [summary.graph_id])
+        top_nodes = store.dicts(
+            "SELECT node_id, layer, position, feature, activation, influence FROM graph_nodes "
+            "WHERE graph_id = ? AND kind = 'feature' AND kept ORDER BY influence DESC, node_id "
+            "LIMIT ?",
+            [summary.graph_id, top],
+        )
+        targets = store.dicts(
+            "SELECT token_id, probability FROM graph_nodes WHERE graph_id = ? AND kind = 'logit' "
+            "ORDER BY probability DESC",
+            [summary.graph_id],
+        )
         if json_out is not None:
             exported = circuit_tracer_graph(store, summary.graph_id, subject.tokenizer, labels)
             json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +89,21 @@ def summary_rows(result: GraphResult) -> tuple[list[str], list[tuple]]:
     columns = ["node", "position", "activation", "influence", "label", "score"]
     rows = []
     for node in result.top:
-        score = "-" if node.get("score") is None else f"{node['score']:.2f}" + (" unreliable" if node.get("unreliable") else "")
-        rows.append((f"L{node['layer']}:{node['feature']}", f"{node['position']} {node['token']!r}",
-                     f"{node['activation']:.2f}", f"{node['influence']:.4f}", node.get("label") or "-", score))
+        score = (
+            "-"
+            if node.get("score") is None
+            else f"{node['score']:.2f}" + (" unreliable" if node.get("unreliable") else "")
+        )
+        rows.append(
+            (
+                f"L{node['layer']}:{node['feature']}",
+                f"{node['position']} {node['token']!r}",
+                f"{node['activation']:.2f}",
+                f"{node['influence']:.4f}",
+                node.get("label") or "-",
+                score,
+            )
+        )
     return columns, rows
 
 
@@ -89,8 +113,9 @@ class FeatureResult:
     rows: list[dict]  # feature_graphs rows, feature by feature, with the label, the peak token and the top target
 
 
-def feature_run(config: RunConfig, run_id: str | None, features: list[Key] | None, audit: str | None,
-                prompts: int, limit: int) -> FeatureResult:
+def feature_run(
+    config: RunConfig, run_id: str | None, features: list[Key] | None, audit: str | None, prompts: int, limit: int
+) -> FeatureResult:
     """Trace `features`, or the best-ranked `limit` flagged features of `audit`, on their top `prompts` examples
     each. Features, layers and examples are checked before anything is written."""
     with Store(config.store, create=False) as store:
@@ -104,8 +129,13 @@ def feature_run(config: RunConfig, run_id: str | None, features: list[Key] | Non
         layout(subject, tset)
         rows = feature_graph_stage(store, subject, tset, transcoder_id(tset), run_id, peaks, config.graph)
         labels = feature_labels(store, run_id)
-        targets = dict(store.rows("SELECT graph_id, arg_max(token_id, probability) FROM graph_nodes WHERE kind = "
-                                  "'logit' AND list_contains(?, graph_id) GROUP BY ALL", [[r["graph_id"] for r in rows]]))
+        targets = dict(
+            store.rows(
+                "SELECT graph_id, arg_max(token_id, probability) FROM graph_nodes WHERE kind = "
+                "'logit' AND list_contains(?, graph_id) GROUP BY ALL",
+                [[r["graph_id"] for r in rows]],
+            )
+        )
     peak_of = {(key, peak.index): peak for key, traced in peaks.items() for peak in traced}
     for row in rows:
         key = (row["layer"], row["feature"])
@@ -118,7 +148,17 @@ def feature_run(config: RunConfig, run_id: str | None, features: list[Key] | Non
 def feature_rows(result: FeatureResult) -> tuple[list[str], list[tuple]]:
     """The command's table: one row per (feature, prompt)."""
     columns = ["feature", "prompt", "peak token", "top target", "share", "rank", "on path", "label"]
-    rows = [(f"L{row['layer']}:{row['feature']}", row["prompt_index"], repr(row["peak"]), repr(row["target"]),
-             f"{row['share']:.3f}", row["rank"] or "-", "yes" if row["kept"] else "no", row["label"] or "-")
-            for row in result.rows]
+    rows = [
+        (
+            f"L{row['layer']}:{row['feature']}",
+            row["prompt_index"],
+            repr(row["peak"]),
+            repr(row["target"]),
+            f"{row['share']:.3f}",
+            row["rank"] or "-",
+            "yes" if row["kept"] else "no",
+            row["label"] or "-",
+        )
+        for row in result.rows
+    ]
     return columns, rows

@@ -34,9 +34,12 @@ def feature_labels(store: Store, run_id: str | None) -> dict[tuple[int, int], di
         "               bool_or(coalesce(unreliable, false)) AS unreliable FROM current_scores WHERE run_id = $run "
         "               GROUP BY ALL) "
         "SELECT layer, feature, label, score, coalesce(unreliable, false) FROM label LEFT JOIN score USING (layer, feature)",
-        {"run": run_id})
-    return {(layer, feature): {"label": label, "score": score, "unreliable": unreliable}
-            for layer, feature, label, score, unreliable in rows}
+        {"run": run_id},
+    )
+    return {
+        (layer, feature): {"label": label, "score": score, "unreliable": unreliable}
+        for layer, feature, label, score, unreliable in rows
+    }
 
 
 def _cantor(a: int, b: int) -> int:
@@ -45,23 +48,47 @@ def _cantor(a: int, b: int) -> int:
 
 def _node(row: dict, cumulative: float, n_layers: int, top_token: int | None, tokenizer, labels: dict) -> dict:
     kind, layer, pos = row["kind"], row["layer"], row["position"]
-    common = {"node_id": row["node_id"], "ctx_idx": pos, "run_idx": 0, "reverse_ctx_idx": 0, "influence": cumulative,
-              "token_prob": 0.0, "is_target_logit": False, "clerp": "", "activation": None}
+    common = {
+        "node_id": row["node_id"],
+        "ctx_idx": pos,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "influence": cumulative,
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "clerp": "",
+        "activation": None,
+    }
     if kind == "feature":
         label = labels.get((layer, row["feature"]), {}).get("label") or ""
-        return common | {"feature": _cantor(layer, row["feature"]), "layer": str(layer),
-                         "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{row['feature']}-0",
-                         "clerp": label, "activation": row["activation"]}
+        return common | {
+            "feature": _cantor(layer, row["feature"]),
+            "layer": str(layer),
+            "feature_type": "cross layer transcoder",
+            "jsNodeId": f"{layer}_{row['feature']}-0",
+            "clerp": label,
+            "activation": row["activation"],
+        }
     if kind == "error":
-        return common | {"feature": -1, "layer": str(layer), "feature_type": "mlp reconstruction error",
-                         "jsNodeId": f"{layer}_-1-{pos}"}
+        return common | {
+            "feature": -1,
+            "layer": str(layer),
+            "feature_type": "mlp reconstruction error",
+            "jsNodeId": f"{layer}_-1-{pos}",
+        }
     token = row["token_id"]
     if kind == "embedding":
         return common | {"feature": pos, "layer": "E", "feature_type": "embedding", "jsNodeId": f"E_{token}-{pos}"}
     probability = row["probability"]
-    return common | {"feature": token, "layer": str(n_layers + 1), "feature_type": "logit", "jsNodeId": f"L_{token}-{pos}",
-                     "token_prob": probability, "is_target_logit": token == top_token,
-                     "clerp": f'Output "{token_text(tokenizer, token)}" (p={probability:.3f})'}
+    return common | {
+        "feature": token,
+        "layer": str(n_layers + 1),
+        "feature_type": "logit",
+        "jsNodeId": f"L_{token}-{pos}",
+        "token_prob": probability,
+        "is_target_logit": token == top_token,
+        "clerp": f'Output "{token_text(tokenizer, token)}" (p={probability:.3f})',
+    }
 
 
 def circuit_tracer_graph(store: Store, graph_id: str, tokenizer, labels: dict[tuple[int, int], dict]) -> dict:
@@ -75,14 +102,24 @@ def circuit_tracer_graph(store: Store, graph_id: str, tokenizer, labels: dict[tu
         cumulative[row["node_id"]] = running / total
     logits = sorted((row for row in rows if row["kind"] == "logit"), key=lambda row: -row["probability"])
     top_token = logits[0]["token_id"] if logits else None
-    nodes = [_node(row, cumulative[row["node_id"]], settings["n_layers"], top_token, tokenizer, labels)
-             for row in sorted(rows, key=lambda row: row["node_id"]) if row["kept"]]
-    links = store.dicts("SELECT source, target, weight FROM graph_edges WHERE graph_id = ? ORDER BY target, source",
-                        [graph_id])
+    nodes = [
+        _node(row, cumulative[row["node_id"]], settings["n_layers"], top_token, tokenizer, labels)
+        for row in sorted(rows, key=lambda row: row["node_id"])
+        if row["kept"]
+    ]
+    links = store.dicts(
+        "SELECT source, target, weight FROM graph_edges WHERE graph_id = ? ORDER BY target, source", [graph_id]
+    )
     return {
-        "metadata": {"slug": graph_id, "scan": graph["transcoder_id"], "transcoder_list": [],
-                     "prompt_tokens": [token_text(tokenizer, t) for t in graph["tokens"]], "prompt": graph["prompt"],
-                     "node_threshold": settings["node_threshold"], "schema_version": 1},
+        "metadata": {
+            "slug": graph_id,
+            "scan": graph["transcoder_id"],
+            "transcoder_list": [],
+            "prompt_tokens": [token_text(tokenizer, t) for t in graph["tokens"]],
+            "prompt": graph["prompt"],
+            "node_threshold": settings["node_threshold"],
+            "schema_version": 1,
+        },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": links,

@@ -51,7 +51,9 @@ def peak_prompts(store: Store, run_id: str, key: Key, n: int, prefer_assistant: 
         "SELECT e.doc_id, e.role, e.tokens, e.acts, e.max_act, d.roles[e.start + 1 : e.start + len(e.tokens)] "
         "FROM examples e JOIN runs r USING (run_id) "
         "LEFT JOIN doc_tokens d ON d.corpus_id = r.corpus_id AND d.doc_id = e.doc_id "
-        "WHERE e.run_id = ? AND e.layer = ? AND e.feature = ? AND e.kind = 'top' ORDER BY e.rank", [run_id, *key])
+        "WHERE e.run_id = ? AND e.layer = ? AND e.feature = ? AND e.kind = 'top' ORDER BY e.rank",
+        [run_id, *key],
+    )
     if prefer_assistant:
         rows.sort(key=lambda row: row[1] != "assistant")  # stable: by rank within each side
     prompts = []
@@ -69,8 +71,10 @@ def check_prompts(store: Store, run_id: str, keys: list[Key], n: int, flagged: s
     for key in keys:
         prompts[key] = peak_prompts(store, run_id, key, n, key in flagged)
         if not prompts[key]:
-            raise AutolabelError(f"feature {key[0]}:{key[1]} has no top examples in run {run_id}, so there is no "
-                                 f"prompt where it fires to trace; collect with examples kept (collect.top_k > 0)")
+            raise AutolabelError(
+                f"feature {key[0]}:{key[1]} has no top examples in run {run_id}, so there is no "
+                f"prompt where it fires to trace; collect with examples kept (collect.top_k > 0)"
+            )
     return prompts
 
 
@@ -84,8 +88,11 @@ class Share:
 
 def feature_share(store: Store, graph_id: str, key: Key, last: int) -> Share:
     """The feature's influence share, kept flag and rank in one stored graph."""
-    nodes = store.rows("SELECT layer, feature, position, influence, kept, activation FROM graph_nodes "
-                       "WHERE graph_id = ? AND kind = 'feature'", [graph_id])
+    nodes = store.rows(
+        "SELECT layer, feature, position, influence, kept, activation FROM graph_nodes "
+        "WHERE graph_id = ? AND kind = 'feature'",
+        [graph_id],
+    )
     total = store.one("SELECT sum(probability) FROM graph_nodes WHERE graph_id = ? AND kind = 'logit'", [graph_id])[0]
     mine = [node for node in nodes if (node[0], node[1]) == key]
     if not mine:
@@ -93,12 +100,20 @@ def feature_share(store: Store, graph_id: str, key: Key, last: int) -> Share:
     best = max(node[3] for node in mine)
     rank = 1 + sum(node[3] > best for node in nodes)
     at_peak = [node[5] for node in mine if node[2] == last]
-    return Share(sum(node[3] for node in mine) / total, any(node[4] for node in mine), rank,
-                 at_peak[0] if at_peak else None)
+    return Share(
+        sum(node[3] for node in mine) / total, any(node[4] for node in mine), rank, at_peak[0] if at_peak else None
+    )
 
 
-def feature_graph_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, transcoder_id: str, run_id: str,
-                        prompts: dict[Key, list[PeakPrompt]], settings: GraphConfig) -> list[dict]:
+def feature_graph_stage(
+    store: Store,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    transcoder_id: str,
+    run_id: str,
+    prompts: dict[Key, list[PeakPrompt]],
+    settings: GraphConfig,
+) -> list[dict]:
     """Graph each feature's prompts (stored graphs are read back) and store its `feature_graphs` rows with
     their `influence_share` findings: the rows, feature by feature."""
     written = []
@@ -107,12 +122,30 @@ def feature_graph_stage(store: Store, subject: SubjectModel, tset: TranscoderSet
         for peak in peaks:
             summary = graph_stage(store, subject, tset, transcoder_id, peak.prompt(subject.tokenizer), settings, run_id)
             share = feature_share(store, summary.graph_id, key, len(peak.token_ids) - 1)
-            rows.append({"run_id": run_id, "layer": key[0], "feature": key[1], "prompt_index": peak.index,
-                         "graph_id": summary.graph_id, "doc_id": peak.doc_id, "max_act": peak.max_act,
-                         "activation": share.activation, "share": share.share, "kept": share.kept,
-                         "rank": share.rank, "created_at": now()})
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "layer": key[0],
+                    "feature": key[1],
+                    "prompt_index": peak.index,
+                    "graph_id": summary.graph_id,
+                    "doc_id": peak.doc_id,
+                    "max_act": peak.max_act,
+                    "activation": share.activation,
+                    "share": share.share,
+                    "kept": share.kept,
+                    "rank": share.rank,
+                    "created_at": now(),
+                }
+            )
         findings = finding_rows_of(store, run_id, key, rows)
-        store.write_shard(run_id, STAGE, f"{key[0]}:{key[1]}", {"feature_graphs": rows, "audit_findings": findings},
-                          replace=True, clear={"feature_graphs": {"run_id": run_id, "layer": key[0], "feature": key[1]}})
+        store.write_shard(
+            run_id,
+            STAGE,
+            f"{key[0]}:{key[1]}",
+            {"feature_graphs": rows, "audit_findings": findings},
+            replace=True,
+            clear={"feature_graphs": {"run_id": run_id, "layer": key[0], "feature": key[1]}},
+        )
         written.extend(rows)
     return written

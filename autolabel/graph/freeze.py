@@ -37,14 +37,18 @@ class Frozen:
 
 def check_family(subject: SubjectModel) -> None:
     if subject.family not in LLAMA_LIKE | GEMMA_LIKE:
-        raise AutolabelError(f"attribution graphs support the Llama, Qwen2/3 and Gemma-2/3 families; {subject.model_id} "
-                             f"is {subject.family!r}, whose normalisation autolabel cannot freeze")
+        raise AutolabelError(
+            f"attribution graphs support the Llama, Qwen2/3 and Gemma-2/3 families; {subject.model_id} "
+            f"is {subject.family!r}, whose normalisation autolabel cannot freeze"
+        )
 
 
 def rms_norms(subject: SubjectModel) -> list[tuple[str, nn.Module]]:
     """Every RMSNorm in the model, by module name (the families autolabel reads use RMSNorm only)."""
     check_family(subject)
-    return [(name, module) for name, module in subject.model.named_modules() if type(module).__name__.endswith("RMSNorm")]
+    return [
+        (name, module) for name, module in subject.model.named_modules() if type(module).__name__.endswith("RMSNorm")
+    ]
 
 
 def _epsilon(module: nn.Module) -> float:
@@ -61,8 +65,10 @@ def _family_function(module: nn.Module, name: str):
     """`eager_attention_forward` or `repeat_kv` from the modeling file of this attention module."""
     function = getattr(sys.modules[type(module).__module__], name, None)
     if function is None:
-        raise AutolabelError(f"{type(module).__name__} has no {name} in its modeling file, so its attention pattern "
-                             f"cannot be frozen; attribution graphs support Llama, Qwen2/3 and Gemma-2/3")
+        raise AutolabelError(
+            f"{type(module).__name__} has no {name} in its modeling file, so its attention pattern "
+            f"cannot be frozen; attribution graphs support Llama, Qwen2/3 and Gemma-2/3"
+        )
     return function
 
 
@@ -82,7 +88,8 @@ def frozen(subject: SubjectModel, state: Frozen, replay: bool) -> Iterator[Froze
     def attention(module, query, key, value, attention_mask, **kwargs):
         if not replay:  # query, key, value: [B, heads (kv heads), S, d_head]
             output, weights = _family_function(module, "eager_attention_forward")(
-                module, query, key, value, attention_mask, **kwargs)
+                module, query, key, value, attention_mask, **kwargs
+            )
             state.patterns[module.layer_idx] = weights.detach()
             return output, weights
         pattern = state.patterns[module.layer_idx]  # [1, heads, S, S]
@@ -98,6 +105,7 @@ def frozen(subject: SubjectModel, state: Frozen, replay: bool) -> Iterator[Froze
                 state.scales[name] = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon).detach()
                 return None
             return (x * state.scales[name] * gain).to(args[0].dtype)
+
         return hook
 
     _register(attention)

@@ -29,8 +29,10 @@ class GraphPrompt:
 
 def require_text(text: str) -> None:
     if not text.strip():
-        raise AutolabelError("the prompt is empty; pass the text to explain, e.g. autolabel graph \"The capital of "
-                             "France is\", or a chat with --chat FILE")
+        raise AutolabelError(
+            'the prompt is empty; pass the text to explain, e.g. autolabel graph "The capital of '
+            'France is", or a chat with --chat FILE'
+        )
 
 
 def text_prompt(tokenizer, text: str) -> GraphPrompt:
@@ -42,17 +44,23 @@ def text_prompt(tokenizer, text: str) -> GraphPrompt:
 def read_chat(path: Path) -> Document:
     """A chat file: a JSON list of {role, content} messages, or an object with such a `messages` list."""
     if not path.is_file():
-        raise AutolabelError(f"chat file {path} does not exist; pass a JSON file holding a list of "
-                             f"{{\"role\": ..., \"content\": ...}} messages")
+        raise AutolabelError(
+            f"chat file {path} does not exist; pass a JSON file holding a list of "
+            f'{{"role": ..., "content": ...}} messages'
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AutolabelError(f"chat file {path} is not valid UTF-8 JSON ({err}); it must hold a list of "
-                             f"{{\"role\": ..., \"content\": ...}} messages") from err
+        raise AutolabelError(
+            f"chat file {path} is not valid UTF-8 JSON ({err}); it must hold a list of "
+            f'{{"role": ..., "content": ...}} messages'
+        ) from err
     messages = raw.get("messages") if isinstance(raw, dict) else raw
     if not isinstance(messages, list):
-        raise AutolabelError(f"chat file {path} is not a chat: it must hold a list of {{\"role\": ..., \"content\": "
-                             f"...}} messages, or an object with a `messages` list (found {type(raw).__name__})")
+        raise AutolabelError(
+            f'chat file {path} is not a chat: it must hold a list of {{"role": ..., "content": '
+            f"...}} messages, or an object with a `messages` list (found {type(raw).__name__})"
+        )
     return document_from_row({"messages": messages}, f"chat file {path}", "graph", "graph")
 
 
@@ -63,15 +71,16 @@ def chat_prompt(tokenizer, chat: Document) -> GraphPrompt:
     if chat.messages[-1].role == "user":
         opened = render_chat(tokenizer, chat.messages, chat.doc_id, add_generation_prompt=True)
         if opened.startswith(text) and len(opened) > len(text):
-            header = tokenizer(opened[len(text):], add_special_tokens=False)["input_ids"]
+            header = tokenizer(opened[len(text) :], add_special_tokens=False)["input_ids"]
             ids, roles, text = ids + list(header), roles + [ROLE_NAMES[ROLE_CODES["template"]]] * len(header), opened
     return GraphPrompt(text, ids, roles, [{"role": m.role, "content": m.content} for m in chat.messages])
 
 
 def check_length(prompt: GraphPrompt, context: int) -> None:
     if len(prompt.token_ids) > context:
-        raise AutolabelError(f"the prompt is {len(prompt.token_ids)} tokens, over the model's context of {context}; "
-                             f"shorten it")
+        raise AutolabelError(
+            f"the prompt is {len(prompt.token_ids)} tokens, over the model's context of {context}; shorten it"
+        )
 
 
 def first_is_special(tokenizer, prompt: GraphPrompt) -> bool:

@@ -34,8 +34,10 @@ def _series(first: torch.Tensor, step, limit: int) -> torch.Tensor:
         if not term.any():
             return total
         total += term
-    raise AutolabelError(f"influence did not converge after {limit} steps: the graph has a cycle, which a causal "
-                         f"model cannot make; this is a bug in autolabel")
+    raise AutolabelError(
+        f"influence did not converge after {limit} steps: the graph has a cycle, which a causal "
+        f"model cannot make; this is a bug in autolabel"
+    )
 
 
 def influence(adjacency: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -78,16 +80,22 @@ class Pruned:
     cumulative: torch.Tensor  # [N] share of the total influence held by this node and every more influential one
 
 
-def prune(adjacency: torch.Tensor, n_features: int, n_fixed: int, probabilities: torch.Tensor,
-          node_threshold: float, edge_threshold: float) -> Pruned:
+def prune(
+    adjacency: torch.Tensor,
+    n_features: int,
+    n_fixed: int,
+    probabilities: torch.Tensor,
+    node_threshold: float,
+    edge_threshold: float,
+) -> Pruned:
     """adjacency [N, N] in attribute.py's node order; the last `n_fixed` nodes (embeddings, then the
     len(probabilities) target logits) are always kept."""
     n_t, size = len(probabilities), len(adjacency)
     weights = torch.zeros(size)
-    weights[size - n_t:] = probabilities
+    weights[size - n_t :] = probabilities
     node_influence = influence(adjacency, weights)
     nodes = (node_influence >= _score_at(node_influence, node_threshold)) & (node_influence > 0)
-    nodes[size - n_fixed:] = True
+    nodes[size - n_fixed :] = True
 
     kept = adjacency * nodes[:, None] * nodes[None, :]
     normalized = normalized_abs(kept)

@@ -44,8 +44,10 @@ def layout(subject: SubjectModel, tset: TranscoderSet) -> Layout:
     check_shapes(subject, tset)
     outputs = [subject.hook_point(tset.output_hook, layer) for layer in range(subject.n_layers)]
     if outputs[0].io != "output" or outputs[0].pregain:
-        raise AutolabelError(f"the transcoder set {tset.path} writes {tset.output_hook!r} ({outputs[0].name}); an "
-                             f"attribution graph replaces a module's output there: use a transcoder predicting mlp_out")
+        raise AutolabelError(
+            f"the transcoder set {tset.path} writes {tset.output_hook!r} ({outputs[0].name}); an "
+            f"attribution graph replaces a module's output there: use a transcoder predicting mlp_out"
+        )
     return Layout({layer: subject.hook_point(tset.input_hook, layer) for layer in tset.layers}, outputs)
 
 
@@ -59,8 +61,11 @@ class Sources:
 
     def zeroed(self) -> Sources:
         """No node writes anything: the replay then shows what biases alone contribute."""
-        return Sources(torch.zeros_like(self.embeddings), {k: torch.zeros_like(v) for k, v in self.acts.items()},
-                       torch.zeros_like(self.errors))
+        return Sources(
+            torch.zeros_like(self.embeddings),
+            {k: torch.zeros_like(v) for k, v in self.acts.items()},
+            torch.zeros_like(self.errors),
+        )
 
 
 @dataclass
@@ -86,7 +91,9 @@ def decoder_slots(transcoder: Transcoder) -> tuple[torch.Tensor, torch.Tensor]:
 def _writes(tset: TranscoderSet, source: int, n_layers: int) -> list[tuple[int, int]]:
     """(slot, target layer) pairs source `source` writes to: covered layers only, as TranscoderSet.reconstruct."""
     n_out = decoder_slots(tset[source])[0].shape[1]
-    return [(slot, source + slot) for slot in range(n_out) if source + slot in tset.transcoders and source + slot < n_layers]
+    return [
+        (slot, source + slot) for slot in range(n_out) if source + slot in tset.transcoders and source + slot < n_layers
+    ]
 
 
 def decoded(tset: TranscoderSet, acts: dict[int, torch.Tensor], n_layers: int) -> dict[int, torch.Tensor]:
@@ -118,14 +125,17 @@ def _tensor(value) -> torch.Tensor:
 def _read_module(module: torch.nn.Module, keep) -> torch.utils.hooks.RemovableHandle:
     def hook(_module, _args, out) -> None:
         keep(_tensor(out))
+
     return module.register_forward_hook(hook)
 
 
 def _write(subject: SubjectModel, point: HookPoint, make) -> torch.utils.hooks.RemovableHandle:
     """Replace the module output at `point` with make(old tensor)."""
+
     def hook(_module, _args, out):
         new = make(_tensor(out))
         return (new, *out[1:]) if isinstance(out, tuple) else new
+
     return subject.layers.get_submodule(point.module).register_forward_hook(hook)
 
 
@@ -142,8 +152,9 @@ def unembed(subject: SubjectModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def record(subject: SubjectModel, tset: TranscoderSet, where: Layout, token_ids: torch.Tensor,
-           first_features: bool) -> Prompt:
+def record(
+    subject: SubjectModel, tset: TranscoderSet, where: Layout, token_ids: torch.Tensor, first_features: bool
+) -> Prompt:
     """One clean pass over token_ids [S]: frozen patterns and scales, transcoder inputs, MLP outputs, logits.
 
     `first_features` False leaves position 0 without feature nodes (its attention-sink activations are outliers
@@ -170,8 +181,9 @@ def record(subject: SubjectModel, tset: TranscoderSet, where: Layout, token_ids:
     errors = outputs.clone()
     for layer, prediction in predicted.items():
         errors[layer] -= prediction
-    return Prompt(token_ids, state, inputs, outputs, final, unembed(subject, final[-1]),
-                  Sources(embedded[0], acts, errors))
+    return Prompt(
+        token_ids, state, inputs, outputs, final, unembed(subject, final[-1]), Sources(embedded[0], acts, errors)
+    )
 
 
 @dataclass
@@ -180,8 +192,15 @@ class Replayed:
     final: torch.Tensor  # [B, S, d]
 
 
-def replay(subject: SubjectModel, tset: TranscoderSet, where: Layout, prompt: Prompt, sources: Sources,
-           writes: list[torch.Tensor] | None = None, batch: int = 1) -> Replayed:
+def replay(
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    where: Layout,
+    prompt: Prompt,
+    sources: Sources,
+    writes: list[torch.Tensor] | None = None,
+    batch: int = 1,
+) -> Replayed:
     """Run the frozen replacement model on node outputs `sources`, `batch` identical rows.
 
     `writes`, n_layers + 1 tensors [batch, S, d] (zeros that require grad), are added to the embedding (index 0)

@@ -13,8 +13,13 @@ from autolabel.pipeline import collected_run, subject_model, transcoders
 from autolabel.store import Store
 
 
-def intervene_run(config: RunConfig, run_id: str | None = None, features: list[Key] | None = None,
-                  audit: str | None = None, show_progress: bool = True) -> InterveneSummary:
+def intervene_run(
+    config: RunConfig,
+    run_id: str | None = None,
+    features: list[Key] | None = None,
+    audit: str | None = None,
+    show_progress: bool = True,
+) -> InterveneSummary:
     """Intervene on `features`, or on the best-ranked flagged features of `audit` (None: of every audit)."""
     with Store(config.store, create=False) as store:
         run_id, stored = collected_run(store, run_id)
@@ -26,8 +31,10 @@ def intervene_run(config: RunConfig, run_id: str | None = None, features: list[K
         return intervene_stage(store, subject, tset, run_id, keys, settings, show_progress)
 
 
-TABLE_TITLE = ("KL(clean || intervened) of the next token: ablated where the feature fires (its peak token; "
-               "95% interval over prompts) and on silent contexts, steered to N x its max activation (all prompts)")
+TABLE_TITLE = (
+    "KL(clean || intervened) of the next token: ablated where the feature fires (its peak token; "
+    "95% interval over prompts) and on silent contexts, steered to N x its max activation (all prompts)"
+)
 
 
 def summary_rows(summary: InterveneSummary, multiples: list[float]) -> tuple[list[str], list[tuple]]:
@@ -38,8 +45,15 @@ def summary_rows(summary: InterveneSummary, multiples: list[float]) -> tuple[lis
         effect = result.ablation
         interval = "-" if effect is None or effect.low is None else f"{effect.low:.3f}-{effect.high:.3f}"
         score = f"{result.score:.2f}" if result.score is not None else result.score_status or "-"
-        rows.append((f"{result.layer}:{result.feature}", result.label or "-",
-                     "-" if effect is None else f"{effect.mean:.3f}", interval,
-                     "-" if result.ablation_neutral is None else f"{result.ablation_neutral:.3f}",
-                     *[f"{result.steering_kl[m]:.3f}" if m in result.steering_kl else "-" for m in multiples], score))
+        rows.append(
+            (
+                f"{result.layer}:{result.feature}",
+                result.label or "-",
+                "-" if effect is None else f"{effect.mean:.3f}",
+                interval,
+                "-" if result.ablation_neutral is None else f"{result.ablation_neutral:.3f}",
+                *[f"{result.steering_kl[m]:.3f}" if m in result.steering_kl else "-" for m in multiples],
+                score,
+            )
+        )
     return columns, rows

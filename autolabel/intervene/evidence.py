@@ -51,5 +51,6 @@ def ablation_effects(store: Store, run_id: str, role: str | None = "assistant") 
     rows = store.rows(
         "SELECT layer, feature, list(kl ORDER BY prompt_index) FROM interventions WHERE run_id = ? "
         "AND setting = 'ablate' AND prompt_kind = 'active' AND (? IS NULL OR role = ?) GROUP BY ALL ORDER BY ALL",
-        [run_id, role, role])
+        [run_id, role, role],
+    )
     return {(layer, feature): mean_interval(values) for layer, feature, values in rows}

@@ -76,11 +76,14 @@ class FeatureEdits:
         for target, writers in self.targets().items():
             point = self.subject.hook_point(self.tset.output_hook, target)
             if point.io != "output" or point.pregain:
-                raise AutolabelError(f"cannot add to the transcoder's output hook {self.tset.output_hook!r} "
-                                     f"({point.name}): interventions need a module output such as mlp_out")
+                raise AutolabelError(
+                    f"cannot add to the transcoder's output hook {self.tset.output_hook!r} "
+                    f"({point.name}): interventions need a module output such as mlp_out"
+                )
             module = self.subject.layers.get_submodule(point.module)
-            self.handles.append(module.register_forward_hook(
-                lambda _m, _args, out, writers=writers: self._write(writers, out)))
+            self.handles.append(
+                module.register_forward_hook(lambda _m, _args, out, writers=writers: self._write(writers, out))
+            )
         return self
 
     def __exit__(self, *exc) -> None:

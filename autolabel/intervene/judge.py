@@ -47,13 +47,17 @@ def _shown(text: str) -> str:
 
 def judge_messages(label: Label, pair: Pair, steered_first: bool) -> list[dict[str, str]]:
     first, second = (pair.steered, pair.clean) if steered_first else (pair.clean, pair.steered)
-    return [{"role": "system", "content": "You check descriptions of features of a language model. Answer with JSON only."},
-            {"role": "user", "content":
-                f"Feature: {label.label}. {label.explanation}\n"
-                "A language model continued the same text twice; in one of the two continuations this feature "
-                "was switched on strongly.\n"
-                f"Text: {_shown(pair.context)}\nContinuation A: {_shown(first)}\nContinuation B: {_shown(second)}\n"
-                'Which continuation shows the feature? Answer {"shows": "A"} or {"shows": "B"}.'}]
+    return [
+        {"role": "system", "content": "You check descriptions of features of a language model. Answer with JSON only."},
+        {
+            "role": "user",
+            "content": f"Feature: {label.label}. {label.explanation}\n"
+            "A language model continued the same text twice; in one of the two continuations this feature "
+            "was switched on strongly.\n"
+            f"Text: {_shown(pair.context)}\nContinuation A: {_shown(first)}\nContinuation B: {_shown(second)}\n"
+            'Which continuation shows the feature? Answer {"shows": "A"} or {"shows": "B"}.',
+        },
+    ]
 
 
 def balanced_orders(n: int, rng: random.Random) -> list[bool]:
@@ -65,10 +69,16 @@ def balanced_orders(n: int, rng: random.Random) -> list[bool]:
 
 async def steering_score(client: LLMClient, label: Label, pairs: list[Pair], rng: random.Random) -> Score:
     orders = balanced_orders(len(pairs), rng)
-    replies = await asyncio.gather(*(client.complete(judge_messages(label, pair, first), parse_choice, CHOICE_SCHEMA)
-                                     for pair, first in zip(pairs, orders, strict=True)))
-    items = [{"steered": "A" if first else "B", "said": reply.value, "status": reply.status, "error": reply.error}
-             for first, reply in zip(orders, replies, strict=True)]
+    replies = await asyncio.gather(
+        *(
+            client.complete(judge_messages(label, pair, first), parse_choice, CHOICE_SCHEMA)
+            for pair, first in zip(pairs, orders, strict=True)
+        )
+    )
+    items = [
+        {"steered": "A" if first else "B", "said": reply.value, "status": reply.status, "error": reply.error}
+        for first, reply in zip(orders, replies, strict=True)
+    ]
     answered = [(item["steered"] == "A", item["said"] == "A") for item in items if item["status"] == "ok"]
     n_invalid = sum(item["status"] == "invalid" for item in items)
     n_error = sum(item["status"] == "error" for item in items)
@@ -77,6 +87,8 @@ async def steering_score(client: LLMClient, label: Label, pairs: list[Pair], rng
     if any(truth) and not all(truth):
         return Score(SCORER, balanced_accuracy(truth, [s for _, s in answered]), len(answered), "ok", details)
     status = "invalid" if n_invalid and not n_error else "failed"
-    reason = (f"{len(answered)} of {len(items)} answers usable ({n_invalid} invalid, {n_error} failed requests); "
-              "the score needs a usable answer with the steered continuation first and one with it second")
+    reason = (
+        f"{len(answered)} of {len(items)} answers usable ({n_invalid} invalid, {n_error} failed requests); "
+        "the score needs a usable answer with the steered continuation first and one with it second"
+    )
     return Score(SCORER, None, len(answered), status, details | {"reason": reason})

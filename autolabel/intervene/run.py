@@ -85,8 +85,11 @@ def token_changes(clean: torch.Tensor, other: torch.Tensor, k: int, tokenizer) -
     change = p_other - p_clean
 
     def listed(values: torch.Tensor, ids: torch.Tensor) -> list[dict]:
-        return [{"token": tokenizer.decode([i]), "id": i, "clean": float(p_clean[i]), "intervened": float(p_other[i])}
-                for v, i in zip(values.tolist(), ids.tolist(), strict=True) if v > MIN_CHANGE]
+        return [
+            {"token": tokenizer.decode([i]), "id": i, "clean": float(p_clean[i]), "intervened": float(p_other[i])}
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            if v > MIN_CHANGE
+        ]
 
     up, down = change.topk(k), (-change).topk(k)
     return listed(up.values, up.indices), listed(down.values, down.indices)
@@ -98,7 +101,9 @@ class FinalNormCapture:
     def __init__(self, subject: SubjectModel):
         self.norm = getattr(subject.model.get_decoder(), "norm", None)
         if self.norm is None:
-            raise AutolabelError(f"{subject.model_id} has no final norm module `norm`; interventions cannot read its outputs")
+            raise AutolabelError(
+                f"{subject.model_id} has no final norm module `norm`; interventions cannot read its outputs"
+            )
         self.hidden: torch.Tensor | None = None
 
     def __enter__(self) -> FinalNormCapture:
@@ -119,14 +124,21 @@ def left_pad(prompts: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, tokens in enumerate(prompts):
-        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, width - len(tokens):] = 1
+        ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens) :] = 1
     return ids, mask
 
 
 @torch.inference_mode()
-def run_batch(subject: SubjectModel, tset: TranscoderSet, prompts: list[Prompt], settings: list[Setting],
-              max_acts: dict[tuple[int, int], float], config: InterveneConfig, readout: Readout) -> list[Outcome]:
+def run_batch(
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    prompts: list[Prompt],
+    settings: list[Setting],
+    max_acts: dict[tuple[int, int], float],
+    config: InterveneConfig,
+    readout: Readout,
+) -> list[Outcome]:
     """Every prompt clean and under every setting, in one `generate` call."""
     per_prompt = 1 + len(settings)
     edits: list[Edit | None] = []
@@ -138,10 +150,17 @@ def run_batch(subject: SubjectModel, tset: TranscoderSet, prompts: list[Prompt],
     ids, mask = left_pad([p.tokens for p in prompts for _ in range(per_prompt)], pad_id)
     with FeatureEdits(subject, tset, edits) as hooks, FinalNormCapture(subject) as final:
         generated = subject.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, repetition_penalty=config.repetition_penalty,
-            pad_token_id=pad_id)  # [B, S + new]
-    texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            repetition_penalty=config.repetition_penalty,
+            pad_token_id=pad_id,
+        )  # [B, S + new]
+    texts = tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
     hidden = final.hidden  # [B, S, d]
     next_token = readout(hidden[:, -1])  # [B, vocab]
     acts = {}  # batch row -> its clean activations over the prompt [S]
@@ -158,24 +177,44 @@ def run_batch(subject: SubjectModel, tset: TranscoderSet, prompts: list[Prompt],
                 firing = ((acts[row] > 0) & mask[row].bool()).nonzero().squeeze(-1)  # [n] prompt positions
                 n_firing = len(firing)
                 if n_firing:
-                    kl_firing = float(kl_divergence(readout(hidden[clean, firing]), readout(hidden[row, firing])).mean())
+                    kl_firing = float(
+                        kl_divergence(readout(hidden[clean, firing]), readout(hidden[row, firing])).mean()
+                    )
             up, down = token_changes(next_token[clean], next_token[row], config.top_tokens, tokenizer)
-            outcomes.append(Outcome(prompt, setting, float(acts[row][-1]), edits[row].value,
-                                    float(kl_divergence(next_token[clean], next_token[row])), kl_firing, n_firing,
-                                    up, down, texts[clean], texts[row]))
+            outcomes.append(
+                Outcome(
+                    prompt,
+                    setting,
+                    float(acts[row][-1]),
+                    edits[row].value,
+                    float(kl_divergence(next_token[clean], next_token[row])),
+                    kl_firing,
+                    n_firing,
+                    up,
+                    down,
+                    texts[clean],
+                    texts[row],
+                )
+            )
     return outcomes
 
 
-def run_prompts(subject: SubjectModel, tset: TranscoderSet, prompts: list[Prompt], settings: list[Setting],
-                max_acts: dict[tuple[int, int], float], config: InterveneConfig,
-                advance: Callable[[Prompt], None] = lambda prompt: None) -> list[Outcome]:
+def run_prompts(
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    prompts: list[Prompt],
+    settings: list[Setting],
+    max_acts: dict[tuple[int, int], float],
+    config: InterveneConfig,
+    advance: Callable[[Prompt], None] = lambda prompt: None,
+) -> list[Outcome]:
     """All prompts in batches of about `batch_rows` rows, prompts of similar length together."""
     per_batch = max(1, config.batch_rows // (1 + len(settings)))
     ordered = sorted(prompts, key=lambda p: len(p.tokens))
     readout = Readout(subject)
     outcomes = []
     for start in range(0, len(ordered), per_batch):
-        batch = ordered[start:start + per_batch]
+        batch = ordered[start : start + per_batch]
         outcomes += run_batch(subject, tset, batch, settings, max_acts, config, readout)
         for prompt in batch:
             advance(prompt)

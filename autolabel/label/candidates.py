@@ -50,8 +50,10 @@ def shown_subsets(examples: dict[str, list[Example]], settings: LabelConfig, see
     """Positions in the feature's top and quantile lists of the examples each candidate is drafted from:
     the best-ranked even ranks first, then seeded samples of as many from all the even ranks."""
     pools = {"top": list(range(0, len(examples["top"]), 2)), "quantile": list(range(0, len(examples["quantile"]), 2))}
-    sizes = {"top": min(settings.explain_top, len(pools["top"])),
-             "quantile": min(settings.explain_quantile, len(pools["quantile"]))}
+    sizes = {
+        "top": min(settings.explain_top, len(pools["top"])),
+        "quantile": min(settings.explain_quantile, len(pools["quantile"])),
+    }
     subsets = [{kind: pool[: sizes[kind]] for kind, pool in pools.items()}]
     rng = random.Random(f"{seed}:candidates")
     for _ in range(settings.candidates - 1):
@@ -73,16 +75,18 @@ def held_out_splits(examples: dict[str, list[Example]], choosing: bool) -> tuple
     return HeldOut(top[0::2] + quantile[0::2], silent[0::2]), HeldOut(top[1::2] + quantile[1::2], silent[1::2])
 
 
-async def score_label(client: LLMClient, embedder, label: Label, held: HeldOut, settings: LabelConfig,
-                      seed: str) -> list[Score]:
+async def score_label(
+    client: LLMClient, embedder, label: Label, held: HeldOut, settings: LabelConfig, seed: str
+) -> list[Score]:
     """Every configured scorer of one label on one set of held-out texts; detection's negatives include
     `label.hard_negatives` of silent contexts that mention the label's words (label.negatives)."""
     rng = random.Random(seed)
     n = settings.score_examples
     scores: list[Score] = []
     if "detection" in settings.scorers:
-        negatives, n_hard = detection_negatives(label, held.random, silent_stretches(held.positives), n - n // 2,
-                                                settings.hard_negatives)
+        negatives, n_hard = detection_negatives(
+            label, held.random, silent_stretches(held.positives), n - n // 2, settings.hard_negatives
+        )
         scores.append(await detection(client, label, held.positives, negatives, n, rng, {"hard_negatives": n_hard}))
     if "fuzzing" in settings.scorers:
         scores.append(await fuzzing(client, label, held.positives, n, settings.mark_fraction, rng))
@@ -97,12 +101,14 @@ def selection_value(scores: list[Score]) -> float:
     return sum(values) / len(values) if values else CHANCE
 
 
-async def selection_scores(client: LLMClient, embedder, labels: list[Label], selection: HeldOut,
-                           settings: LabelConfig, seed: str) -> list[list[Score]]:
+async def selection_scores(
+    client: LLMClient, embedder, labels: list[Label], selection: HeldOut, settings: LabelConfig, seed: str
+) -> list[list[Score]]:
     """Each label's scores on the selection split; labels alike (label and explanation) are scored once."""
     distinct = list(dict.fromkeys((label.label, label.explanation) for label in labels))
-    scored = await asyncio.gather(*(score_label(client, embedder, Label(*key), selection, settings, f"{seed}:select")
-                                    for key in distinct))
+    scored = await asyncio.gather(
+        *(score_label(client, embedder, Label(*key), selection, settings, f"{seed}:select") for key in distinct)
+    )
     by_key = dict(zip(distinct, scored, strict=True))
     return [by_key[(label.label, label.explanation)] for label in labels]
 

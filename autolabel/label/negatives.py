@@ -34,7 +34,8 @@ from autolabel.label.scorers import Example
 GENERIC_WORDS = frozenset(
     "the and for with from into about that this these those its their any all some word words token tokens "
     "text texts feature features fires firing mention mentions name names term terms phrase phrases "
-    "kind type use uses used".split())
+    "kind type use uses used".split()
+)
 WORD = re.compile(r"[^\W\d_]+")
 
 
@@ -63,13 +64,20 @@ def silent_stretches(examples: list[Example]) -> list[Example]:
                 best, start = max(best, (i - start, start)), None
         length, first = best
         if length and length * 2 >= len(example.acts):
-            stretches.append(Example(example.pieces[first:first + length], example.acts[first:first + length],
-                                     example.role, example.category))
+            stretches.append(
+                Example(
+                    example.pieces[first : first + length],
+                    example.acts[first : first + length],
+                    example.role,
+                    example.category,
+                )
+            )
     return stretches
 
 
-def detection_negatives(label: Label, random_contexts: list[Example], stretches: list[Example], n: int,
-                        share: float) -> tuple[list[Example], int]:
+def detection_negatives(
+    label: Label, random_contexts: list[Example], stretches: list[Example], n: int, share: float
+) -> tuple[list[Example], int]:
     """(n negatives or fewer, how many of them are hard): round(share * n) silent contexts that mention a
     content word of the label, random contexts first, then the other random contexts."""
     stems = content_words(label)

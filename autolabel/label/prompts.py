@@ -22,8 +22,13 @@ MAX_LABEL_WORDS = 8
 MAX_LABEL_CHARS = 60
 
 # How the prompt names each role of the corpus (config.ROLES).
-ROLE_NAMES = {"system": "system prompt", "user": "user turn", "assistant": "assistant turn",
-              "template": "chat template", "text": "plain text"}
+ROLE_NAMES = {
+    "system": "system prompt",
+    "user": "user turn",
+    "assistant": "assistant turn",
+    "template": "chat template",
+    "text": "plain text",
+}
 
 INSTRUCTION = (
     "You name features of a language model. Each feature fires on some tokens of some texts. "
@@ -38,34 +43,45 @@ INSTRUCTION = (
 
 # (evidence, answer) pairs shown before the feature's own evidence: a word, a turn, a topic.
 WORKED_EXAMPLES = [
-    ("Examples:\n"
-     "1. [plain text, recipes] I bought three<< apples>> and a pear\n"
-     "2. [user turn, recipes] pie made with<< apples>> from the orchard\n"
-     "3. [plain text, stories] the<< apple>> tree in our garden\n"
-     "Where it fires: 80% of its firing tokens are plain text, 20% user turn.\n"
-     "Promoted outputs: pie, juice, orchard\n"
-     "Suppressed outputs: ., the, and",
-     '{"label": "apples", "explanation": "Fires on the word apple or apples naming the fruit."}'),
-    ("Examples:\n"
-     "1. [assistant turn, travel]<< Sure! Paris is lovely in spring>>\n"
-     "2. [assistant turn, coding]<< You can sort the list with sorted()>>\n"
-     "3. [assistant turn, chitchat]<< I'm glad you asked>>\n"
-     "Where it fires: 97% of its firing tokens are assistant turn, 3% chat template; "
-     "it fires in 96% of assistant turns and 1% of user turns.\n"
-     "Promoted outputs: you, can, help",
-     '{"label": "the assistant\'s reply", "explanation": "Fires throughout the assistant\'s turn in a chat, '
-     'whatever the topic."}'),
-    ("Examples:\n"
-     "1. [plain text, news] the<< jury>> found him guilty after a two-week<< trial>>\n"
-     "2. [plain text, news] appeared before<< magistrates>> on Monday\n"
-     "3. [user turn, legal] can my landlord take me to<< court>>\n"
-     "Where it fires: 85% of its firing tokens are plain text, 15% user turn.\n"
-     "Promoted outputs: judge, hearing, sentenced",
-     '{"label": "courts and trials", "explanation": "Fires on words for courts, juries and legal proceedings."}'),
+    (
+        "Examples:\n"
+        "1. [plain text, recipes] I bought three<< apples>> and a pear\n"
+        "2. [user turn, recipes] pie made with<< apples>> from the orchard\n"
+        "3. [plain text, stories] the<< apple>> tree in our garden\n"
+        "Where it fires: 80% of its firing tokens are plain text, 20% user turn.\n"
+        "Promoted outputs: pie, juice, orchard\n"
+        "Suppressed outputs: ., the, and",
+        '{"label": "apples", "explanation": "Fires on the word apple or apples naming the fruit."}',
+    ),
+    (
+        "Examples:\n"
+        "1. [assistant turn, travel]<< Sure! Paris is lovely in spring>>\n"
+        "2. [assistant turn, coding]<< You can sort the list with sorted()>>\n"
+        "3. [assistant turn, chitchat]<< I'm glad you asked>>\n"
+        "Where it fires: 97% of its firing tokens are assistant turn, 3% chat template; "
+        "it fires in 96% of assistant turns and 1% of user turns.\n"
+        "Promoted outputs: you, can, help",
+        '{"label": "the assistant\'s reply", "explanation": "Fires throughout the assistant\'s turn in a chat, '
+        'whatever the topic."}',
+    ),
+    (
+        "Examples:\n"
+        "1. [plain text, news] the<< jury>> found him guilty after a two-week<< trial>>\n"
+        "2. [plain text, news] appeared before<< magistrates>> on Monday\n"
+        "3. [user turn, legal] can my landlord take me to<< court>>\n"
+        "Where it fires: 85% of its firing tokens are plain text, 15% user turn.\n"
+        "Promoted outputs: judge, hearing, sentenced",
+        '{"label": "courts and trials", "explanation": "Fires on words for courts, juries and legal proceedings."}',
+    ),
 ]
 
-LABEL_SCHEMA = json_schema("feature_label", {"label": {"type": "string", "maxLength": 160},  # room to end a word
-                                             "explanation": {"type": "string", "maxLength": 200}})
+LABEL_SCHEMA = json_schema(
+    "feature_label",
+    {
+        "label": {"type": "string", "maxLength": 160},  # room to end a word
+        "explanation": {"type": "string", "maxLength": 200},
+    },
+)
 
 
 @dataclass
@@ -94,7 +110,7 @@ def around_peak(tokens: list[int], acts: list[float], width: int) -> tuple[list[
     """The `width` tokens around the strongest one (the prompt shows ~20 of the ~32 collected)."""
     peak = max(range(len(acts)), key=acts.__getitem__) if acts else 0
     start = max(0, min(peak - width // 2, len(tokens) - width))
-    return tokens[start:start + width], acts[start:start + width]
+    return tokens[start : start + width], acts[start : start + width]
 
 
 @dataclass
@@ -112,14 +128,16 @@ def tagged(role: str | None, category: str | None, text: str) -> str:
 
 
 def where_it_fires(active_by_role: dict[str, int], turns_by_role: dict[str, tuple[int, int]]) -> str:
-    """"Where it fires: 81% of its firing tokens are assistant turn, 12% user turn; it fires in 95% of
+    """ "Where it fires: 81% of its firing tokens are assistant turn, 12% user turn; it fires in 95% of
     assistant turns and 3% of user turns." from role_stats (shares under 1% are left out)."""
     total = sum(active_by_role.values())
     if not total:
         return ""
     shares = sorted(((n / total, role) for role, n in active_by_role.items() if n / total >= 0.01), reverse=True)
-    text = "Where it fires: " + ", ".join(f"{share:.0%}{' of its firing tokens are' if i == 0 else ''} "
-                                          f"{ROLE_NAMES[role]}" for i, (share, role) in enumerate(shares))
+    text = "Where it fires: " + ", ".join(
+        f"{share:.0%}{' of its firing tokens are' if i == 0 else ''} {ROLE_NAMES[role]}"
+        for i, (share, role) in enumerate(shares)
+    )
     turns = [(active / n, role) for role, (active, n) in turns_by_role.items() if role in ("user", "assistant") and n]
     if turns:
         text += "; it fires in " + " and ".join(f"{share:.0%} of {ROLE_NAMES[role]}s" for share, role in turns)
@@ -135,8 +153,11 @@ def explain_messages(examples: list[str], evidence: Evidence) -> list[dict[str, 
         body += "\nPromoted outputs: " + ", ".join(evidence.promoted)
     if evidence.suppressed:
         body += "\nSuppressed outputs: " + ", ".join(evidence.suppressed)
-    worked = [message for shown, answer in WORKED_EXAMPLES
-              for message in ({"role": "user", "content": shown}, {"role": "assistant", "content": answer})]
+    worked = [
+        message
+        for shown, answer in WORKED_EXAMPLES
+        for message in ({"role": "user", "content": shown}, {"role": "assistant", "content": answer})
+    ]
     return [{"role": "system", "content": INSTRUCTION}, *worked, {"role": "user", "content": body}]
 
 
@@ -159,8 +180,11 @@ def _checked(label: str, explanation: object) -> Label:
             break
         kept.append(word)
     if not kept:
-        raise InvalidOutput("the label is empty" if not words else
-                            f"the label's first word has {len(words[0])} characters; at most {MAX_LABEL_CHARS} fit")
+        raise InvalidOutput(
+            "the label is empty"
+            if not words
+            else f"the label's first word has {len(words[0])} characters; at most {MAX_LABEL_CHARS} fit"
+        )
     return Label(" ".join(kept), _unmarked(explanation) if isinstance(explanation, str) else "")
 
 

@@ -39,8 +39,10 @@ MIN_PER_CLASS = 3  # answered texts of each kind below which a score is not wort
 BOOTSTRAP = 1000  # resamples for the interval
 TOP_LOGPROBS = 20  # alternatives asked for the answer token (OpenAI's maximum)
 
-JUDGE_SYSTEM = ("You check descriptions of features of a language model. A feature fires on some tokens of "
-                "some texts. Answer with one word: yes or no.")
+JUDGE_SYSTEM = (
+    "You check descriptions of features of a language model. A feature fires on some tokens of "
+    "some texts. Answer with one word: yes or no."
+)
 DETECTION_QUESTION = "Does the feature fire on a token of this text?"
 FUZZING_QUESTION = "Are the tokens marked <<like this>> the ones the feature fires on?"
 
@@ -110,8 +112,9 @@ def held_out_accuracy(truth: np.ndarray, graded: np.ndarray) -> float | None:
     return float(balanced_accuracy(list(truth[~fit]), list(graded[~fit] > best)))
 
 
-def graded_score(scorer: str, truth: list[bool], graded: list[float | None], seed: str,
-                 details: dict | None = None) -> Score:
+def graded_score(
+    scorer: str, truth: list[bool], graded: list[float | None], seed: str, details: dict | None = None
+) -> Score:
     """The score of graded answers (None: a text the judge gave no yes/no for)."""
     answered = [(t, g) for t, g in zip(truth, graded, strict=True) if g is not None]
     truth_array = np.array([t for t, _ in answered], dtype=bool)
@@ -119,11 +122,23 @@ def graded_score(scorer: str, truth: list[bool], graded: list[float | None], see
     details = (details or {}) | {"truth": truth, "graded": graded}
     n_pos, n_neg = int(truth_array.sum()), int((~truth_array).sum())
     if min(n_pos, n_neg) < MIN_PER_CLASS:
-        return Score(scorer, None, len(answered), "failed", details | {
-            "reason": f"{n_pos} activating and {n_neg} other texts were answered; each needs {MIN_PER_CLASS}"})
+        return Score(
+            scorer,
+            None,
+            len(answered),
+            "failed",
+            details
+            | {"reason": f"{n_pos} activating and {n_neg} other texts were answered; each needs {MIN_PER_CLASS}"},
+        )
     if values.max() - values.min() < 1e-9:
-        return Score(scorer, None, len(answered), "degenerate", details | {
-            "reason": f"the same answer ({values[0]:.3g}) for every text: the judge did not tell them apart"})
+        return Score(
+            scorer,
+            None,
+            len(answered),
+            "degenerate",
+            details
+            | {"reason": f"the same answer ({values[0]:.3g}) for every text: the judge did not tell them apart"},
+        )
     positive, negative = values[truth_array], values[~truth_array]
     auroc = float(_pairwise(positive, negative).mean())
     low, high = auroc_interval(positive, negative, np.random.default_rng(_seed(seed)))
@@ -154,21 +169,44 @@ def p_yes(text: str, top_logprobs: dict[str, float] | None) -> float | None:
 
 def judge_messages(label: Label, question: str, text: str) -> list[dict[str, str]]:
     """The text comes last, so a server reuses the cached prefix across a feature's texts."""
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Feature: {label.label}. {label.explanation}\n{question}\n"
-                                        f"Text: {text}\nAnswer yes or no."}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {
+            "role": "user",
+            "content": f"Feature: {label.label}. {label.explanation}\n{question}\nText: {text}\nAnswer yes or no.",
+        },
+    ]
 
 
-async def _judge_all(client: LLMClient, scorer: str, label: Label, question: str, texts: list[str],
-                     truth: list[bool], seed: str, details: dict | None = None) -> Score:
+async def _judge_all(
+    client: LLMClient,
+    scorer: str,
+    label: Label,
+    question: str,
+    texts: list[str],
+    truth: list[bool],
+    seed: str,
+    details: dict | None = None,
+) -> Score:
     details = details or {}
     if sum(truth) < MIN_PER_CLASS or len(truth) - sum(truth) < MIN_PER_CLASS:
-        return Score(scorer, None, len(truth), "failed", details | {
-            "reason": f"{sum(truth)} activating and {len(truth) - sum(truth)} other held-out texts; "
-                      f"each needs {MIN_PER_CLASS}"})
-    replies = await asyncio.gather(*(
-        client.complete(judge_messages(label, question, text), str, max_tokens=1, top_logprobs=TOP_LOGPROBS)
-        for text in texts))
+        return Score(
+            scorer,
+            None,
+            len(truth),
+            "failed",
+            details
+            | {
+                "reason": f"{sum(truth)} activating and {len(truth) - sum(truth)} other held-out texts; "
+                f"each needs {MIN_PER_CLASS}"
+            },
+        )
+    replies = await asyncio.gather(
+        *(
+            client.complete(judge_messages(label, question, text), str, max_tokens=1, top_logprobs=TOP_LOGPROBS)
+            for text in texts
+        )
+    )
     failed = next((reply for reply in replies if reply.status != "ok"), None)
     if failed is not None:
         return Score(scorer, None, len(truth), "error", details | {"reason": failed.error or failed.status})
@@ -177,17 +215,33 @@ async def _judge_all(client: LLMClient, scorer: str, label: Label, question: str
     return graded_score(scorer, truth, graded, seed, details | {"graded_by": graded_by})
 
 
-async def detection(client: LLMClient, label: Label, positives: list[Example], negatives: list[Example],
-                    n: int, rng: random.Random, details: dict | None = None) -> Score:
+async def detection(
+    client: LLMClient,
+    label: Label,
+    positives: list[Example],
+    negatives: list[Example],
+    n: int,
+    rng: random.Random,
+    details: dict | None = None,
+) -> Score:
     """`negatives` in the order they are to be taken (label.negatives puts the hard ones first)."""
     items = [(e.text, True) for e in positives[: n // 2]] + [(e.text, False) for e in negatives[: n - n // 2]]
     rng.shuffle(items)
-    return await _judge_all(client, "detection", label, DETECTION_QUESTION, [t for t, _ in items],
-                            [f for _, f in items], f"detection:{rng.random()}", details)
+    return await _judge_all(
+        client,
+        "detection",
+        label,
+        DETECTION_QUESTION,
+        [t for t, _ in items],
+        [f for _, f in items],
+        f"detection:{rng.random()}",
+        details,
+    )
 
 
-async def fuzzing(client: LLMClient, label: Label, positives: list[Example], n: int, mark_fraction: float,
-                  rng: random.Random) -> Score:
+async def fuzzing(
+    client: LLMClient, label: Label, positives: list[Example], n: int, mark_fraction: float, rng: random.Random
+) -> Score:
     items = []
     for i, example in enumerate(positives[:n]):
         threshold = mark_fraction * max(example.acts)
@@ -199,16 +253,29 @@ async def fuzzing(client: LLMClient, label: Label, positives: list[Example], n: 
         fake = set(rng.sample(others, min(n_marked, len(others))))
         items.append((mark(example.pieces, [1.0 if j in fake else 0.0 for j in range(len(example.acts))], 0.5), False))
     rng.shuffle(items)
-    return await _judge_all(client, "fuzzing", label, FUZZING_QUESTION, [t for t, _ in items],
-                            [f for _, f in items], f"fuzzing:{rng.random()}")
+    return await _judge_all(
+        client,
+        "fuzzing",
+        label,
+        FUZZING_QUESTION,
+        [t for t, _ in items],
+        [f for _, f in items],
+        f"fuzzing:{rng.random()}",
+    )
 
 
 def embedding(embedder, label: Label, positives: list[Example], negatives: list[Example], seed: str) -> Score:
     if len(positives) < MIN_PER_CLASS or len(negatives) < MIN_PER_CLASS:
-        return Score("embedding", None, len(positives) + len(negatives), "failed",
-                     {"reason": f"needs {MIN_PER_CLASS} activating and {MIN_PER_CLASS} silent examples"})
-    vectors = embedder.encode([f"{label.label}. {label.explanation}"] + [e.text for e in positives + negatives],
-                              normalize_embeddings=True)
+        return Score(
+            "embedding",
+            None,
+            len(positives) + len(negatives),
+            "failed",
+            {"reason": f"needs {MIN_PER_CLASS} activating and {MIN_PER_CLASS} silent examples"},
+        )
+    vectors = embedder.encode(
+        [f"{label.label}. {label.explanation}"] + [e.text for e in positives + negatives], normalize_embeddings=True
+    )
     similarity = [float(s) for s in vectors[1:] @ vectors[0]]
     truth = [True] * len(positives) + [False] * len(negatives)
     return graded_score("embedding", truth, similarity, f"embedding:{seed}")

@@ -74,20 +74,31 @@ def select_features(store: Store, run_id: str, config: RunConfig) -> list[tuple[
     check_selection_exists(store, run_id, settings)
     where, params = live_features(run_id, settings.layers, settings.features)
     if settings.audit is not None:
-        if not store.one("SELECT count(*) FROM audit_findings WHERE run_id = ? AND audit = ?", [run_id, settings.audit])[0]:
-            raise AutolabelError(f"run {run_id} has no findings of audit {settings.audit!r}; "
-                                 f"run `autolabel audit --run {run_id}` first")
-        where.append("(f.layer, f.feature) IN (SELECT (layer, feature) FROM audit_findings "
-                     "WHERE run_id = f.run_id AND audit = ? AND flagged)")
+        if not store.one(
+            "SELECT count(*) FROM audit_findings WHERE run_id = ? AND audit = ?", [run_id, settings.audit]
+        )[0]:
+            raise AutolabelError(
+                f"run {run_id} has no findings of audit {settings.audit!r}; run `autolabel audit --run {run_id}` first"
+            )
+        where.append(
+            "(f.layer, f.feature) IN (SELECT (layer, feature) FROM audit_findings "
+            "WHERE run_id = f.run_id AND audit = ? AND flagged)"
+        )
         params.append(settings.audit)
     rows = store.rows(
         "SELECT f.layer, f.feature, count(e.rank) FROM features f LEFT JOIN examples e ON e.run_id = f.run_id "
         "AND e.layer = f.layer AND e.feature = f.feature AND e.kind = 'top' "
-        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2", params)
+        f"WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY any_value(f.density) DESC, 1, 2",
+        params,
+    )
     if settings.audit is not None:  # an audit's candidates come best ranked first
-        ranks = {(layer, feature): rank for layer, feature, rank in store.rows(
-            "SELECT layer, feature, min(rank) FROM audit_findings WHERE run_id = ? AND audit = ? GROUP BY ALL",
-            [run_id, settings.audit])}
+        ranks = {
+            (layer, feature): rank
+            for layer, feature, rank in store.rows(
+                "SELECT layer, feature, min(rank) FROM audit_findings WHERE run_id = ? AND audit = ? GROUP BY ALL",
+                [run_id, settings.audit],
+            )
+        }
         rows.sort(key=lambda row: ranks[row[0], row[1]])
     return rows[: settings.limit] if settings.limit else rows
 
@@ -99,24 +110,30 @@ def check_selection_exists(store: Store, run_id: str, settings: LabelConfig) -> 
         raise AutolabelError(f"run {run_id} has no collected features; run `autolabel collect` first")
     missing = sorted(set(settings.layers or []) - n_features.keys())
     if missing:
-        raise AutolabelError(f"run {run_id} has no layer {', '.join(map(str, missing))}; pick --layers from "
-                             f"the layers it has: {', '.join(map(str, sorted(n_features)))}")
+        raise AutolabelError(
+            f"run {run_id} has no layer {', '.join(map(str, missing))}; pick --layers from "
+            f"the layers it has: {', '.join(map(str, sorted(n_features)))}"
+        )
     size = max(n_features[layer] for layer in settings.layers or n_features)
     beyond = sorted(f for f in settings.features or [] if not 0 <= f < size)
     if beyond:
-        raise AutolabelError(f"run {run_id} has no feature {', '.join(map(str, beyond))}; pick --features "
-                             f"from 0 to {size - 1}")
+        raise AutolabelError(
+            f"run {run_id} has no feature {', '.join(map(str, beyond))}; pick --features from 0 to {size - 1}"
+        )
 
 
-def output_tokens(subject: SubjectModel, tset: TranscoderSet, features: list[Key],
-                  n: int) -> dict[Key, tuple[list[str], list[str]]]:
+def output_tokens(
+    subject: SubjectModel, tset: TranscoderSet, features: list[Key], n: int
+) -> dict[Key, tuple[list[str], list[str]]]:
     """The text of the tokens each feature promotes and suppresses (transcoders.outputs, as the report shows)."""
     result = {}
     for layer in sorted({layer for layer, _ in features}):
         ids = output_token_ids(subject, tset, layer, [feature for at, feature in features if at == layer], n)
         for feature, (promoted, suppressed) in ids.items():
-            result[(layer, feature)] = ([subject.tokenizer.decode([t]) for t in promoted],
-                                        [subject.tokenizer.decode([t]) for t in suppressed])
+            result[(layer, feature)] = (
+                [subject.tokenizer.decode([t]) for t in promoted],
+                [subject.tokenizer.decode([t]) for t in suppressed],
+            )
     return result
 
 
@@ -125,23 +142,27 @@ def read_examples(store: Store, run_id: str, layer: int, feature: int, tokenizer
     rows = store.rows(
         "SELECT e.kind, e.tokens, e.acts, e.role, d.category FROM examples e JOIN runs r USING (run_id) "
         "LEFT JOIN documents d ON d.corpus_id = r.corpus_id AND d.doc_id = e.doc_id "
-        "WHERE e.run_id = ? AND e.layer = ? AND e.feature = ? ORDER BY e.kind, e.rank", [run_id, layer, feature])
+        "WHERE e.run_id = ? AND e.layer = ? AND e.feature = ? ORDER BY e.kind, e.rank",
+        [run_id, layer, feature],
+    )
     examples: dict[str, list[Example]] = {"top": [], "quantile": [], "random": []}
     for kind, tokens, acts, role, category in rows:
         examples[kind].append(Example(tokenizer.batch_decode([[t] for t in tokens]), list(acts), role, category))
     return examples
 
 
-def feature_evidence(store: Store, run_id: str, keys: list[Key], outputs: dict[Key, tuple[list[str], list[str]]],
-                     settings: LabelConfig) -> dict[Key, Evidence]:
+def feature_evidence(
+    store: Store, run_id: str, keys: list[Key], outputs: dict[Key, tuple[list[str], list[str]]], settings: LabelConfig
+) -> dict[Key, Evidence]:
     """Each feature's role statistics (with `role_evidence`) and output tokens, as the prompt shows them."""
     active: dict[Key, dict[str, int]] = {key: {} for key in keys}
     turns: dict[Key, dict[str, tuple[int, int]]] = {key: {} for key in keys}
     if settings.role_evidence and keys:
         for layer, feature, role, n_active, n_turns_active, n_turns in store.rows(
-                "SELECT layer, feature, role::VARCHAR, n_active, n_turns_active, n_turns FROM role_stats "
-                "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?))",
-                [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})]):
+            "SELECT layer, feature, role::VARCHAR, n_active, n_turns_active, n_turns FROM role_stats "
+            "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?))",
+            [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})],
+        ):
             if (layer, feature) not in active:
                 continue
             active[(layer, feature)][role] = n_active
@@ -158,8 +179,14 @@ class Draft:
     reply: Reply[Label]
 
 
-async def draft_label(client: LLMClient, shown: list[Example], subset: dict[str, list[int]], evidence: Evidence,
-                      settings: LabelConfig, refresh: bool) -> Draft:
+async def draft_label(
+    client: LLMClient,
+    shown: list[Example],
+    subset: dict[str, list[int]],
+    evidence: Evidence,
+    settings: LabelConfig,
+    refresh: bool,
+) -> Draft:
     marked = []
     for example in shown:
         pieces, acts = around_peak(example.pieces, example.acts, settings.context_tokens)
@@ -170,74 +197,134 @@ async def draft_label(client: LLMClient, shown: list[Example], subset: dict[str,
     return Draft(subset, prompt_hash, await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh))
 
 
-async def label_feature(client: LLMClient, embedder, layer: int, feature: int, examples: dict[str, list[Example]],
-                        evidence: Evidence, config: RunConfig, run_id: str,
-                        refresh: bool = False) -> tuple[dict, list[dict]]:
+async def label_feature(
+    client: LLMClient,
+    embedder,
+    layer: int,
+    feature: int,
+    examples: dict[str, list[Example]],
+    evidence: Evidence,
+    config: RunConfig,
+    run_id: str,
+    refresh: bool = False,
+) -> tuple[dict, list[dict]]:
     """One feature: (labels row, scores rows). `refresh` asks for a label past the cached answers.
     With several candidates (label.candidates), the best on the selection split is kept and scored on the
     report split; a candidate or selection score that got no answer makes the feature `error` (asked again)."""
     settings = config.label
     seed = f"{settings.seed}:{layer}:{feature}"
     subsets = shown_subsets(examples, settings, seed)
-    drafts = await asyncio.gather(*(draft_label(client, shown_examples(examples, subset), subset, evidence, settings,
-                                                refresh) for subset in subsets))
+    drafts = await asyncio.gather(
+        *(
+            draft_label(client, shown_examples(examples, subset), subset, evidence, settings, refresh)
+            for subset in subsets
+        )
+    )
     selection, report = held_out_splits(examples, len(drafts) > 1)
-    row = {"run_id": run_id, "layer": layer, "feature": feature, "labeler": client.model_id, "label": None,
-           "explanation": None, "prompt_hash": drafts[0].prompt_hash, "status": drafts[0].reply.status,
-           "error": drafts[0].reply.error, "created_at": now(), "candidates_json": None}
+    row = {
+        "run_id": run_id,
+        "layer": layer,
+        "feature": feature,
+        "labeler": client.model_id,
+        "label": None,
+        "explanation": None,
+        "prompt_hash": drafts[0].prompt_hash,
+        "status": drafts[0].reply.status,
+        "error": drafts[0].reply.error,
+        "created_at": now(),
+        "candidates_json": None,
+    }
     unanswered = next((d for d in drafts if d.reply.status == "error"), None)
     valid = [i for i, d in enumerate(drafts) if d.reply.value is not None]
     if unanswered is not None or not valid:
         return row | ({"status": "error", "error": unanswered.reply.error} if unanswered else {}), []
     kept, chosen = valid[0], {}
-    if selection is not None and len({(d.reply.value.label, d.reply.value.explanation)
-                                      for d in drafts if d.reply.value}) > 1:
-        scores = await selection_scores(client, embedder, [drafts[i].reply.value for i in valid], selection,
-                                        settings, seed)
-        failed = next(((i, s) for i, found in zip(valid, scores, strict=True) for s in found if s.status == "error"),
-                      None)
+    if (
+        selection is not None
+        and len({(d.reply.value.label, d.reply.value.explanation) for d in drafts if d.reply.value}) > 1
+    ):
+        scores = await selection_scores(
+            client, embedder, [drafts[i].reply.value for i in valid], selection, settings, seed
+        )
+        failed = next(
+            ((i, s) for i, found in zip(valid, scores, strict=True) for s in found if s.status == "error"), None
+        )
         if failed is not None:
             i, score = failed
-            return row | {"status": "error", "error": f"candidate {i}'s {score.scorer} score on the selection split "
-                                                      f"got no answer: {score.details.get('reason')}"}, []
+            return row | {
+                "status": "error",
+                "error": f"candidate {i}'s {score.scorer} score on the selection split "
+                f"got no answer: {score.details.get('reason')}",
+            }, []
         chosen = dict(zip(valid, scores, strict=True))
         kept = valid[best([selection_value(found) for found in scores])]
     label = drafts[kept].reply.value
-    row |= {"label": label.label, "explanation": label.explanation, "prompt_hash": drafts[kept].prompt_hash,
-            "status": "ok", "error": None}
+    row |= {
+        "label": label.label,
+        "explanation": label.explanation,
+        "prompt_hash": drafts[kept].prompt_hash,
+        "status": "ok",
+        "error": None,
+    }
     if len(drafts) > 1:
         row["candidates_json"] = to_json(candidates_record(drafts, chosen, kept))
     scores = await score_label(client, embedder, label, report, settings, seed)
-    return row, [score_row(run_id, layer, feature, client.model_id, score, settings.unreliable_below)
-                 for score in scores]
+    return row, [
+        score_row(run_id, layer, feature, client.model_id, score, settings.unreliable_below) for score in scores
+    ]
 
 
 def candidates_record(drafts: list[Draft], chosen: dict[int, list[Score]], kept: int) -> dict:
     """labels.candidates_json: the rule, and per candidate what it was drafted from, its answer, its
     selection scores (none when it was the only valid one) and whether it was kept."""
-    return {"rule": RULE, "candidates": [
-        {"shown": d.subset, "prompt_hash": d.prompt_hash, "status": d.reply.status, "error": d.reply.error,
-         "label": d.reply.value.label if d.reply.value else None,
-         "explanation": d.reply.value.explanation if d.reply.value else None,
-         "selection": score_summary(chosen.get(i, [])),
-         "selection_value": selection_value(chosen[i]) if i in chosen else None, "kept": i == kept}
-        for i, d in enumerate(drafts)]}
+    return {
+        "rule": RULE,
+        "candidates": [
+            {
+                "shown": d.subset,
+                "prompt_hash": d.prompt_hash,
+                "status": d.reply.status,
+                "error": d.reply.error,
+                "label": d.reply.value.label if d.reply.value else None,
+                "explanation": d.reply.value.explanation if d.reply.value else None,
+                "selection": score_summary(chosen.get(i, [])),
+                "selection_value": selection_value(chosen[i]) if i in chosen else None,
+                "kept": i == kept,
+            }
+            for i, d in enumerate(drafts)
+        ],
+    }
 
 
 def score_row(run_id: str, layer: int, feature: int, labeler: str, score: Score, unreliable_below: float) -> dict:
     """A `scores` row: the score of `labeler`'s label; unreliable when its value is under the bar."""
-    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler, "scorer": score.scorer,
-            "value": score.value, "n": score.n, "status": score.status, "details_json": to_json(score.details),
-            "ci_low": score.ci_low, "ci_high": score.ci_high, "accuracy": score.accuracy,
-            "unreliable": score.value is not None and score.value < unreliable_below}
+    return {
+        "run_id": run_id,
+        "layer": layer,
+        "feature": feature,
+        "labeler": labeler,
+        "scorer": score.scorer,
+        "value": score.value,
+        "n": score.n,
+        "status": score.status,
+        "details_json": to_json(score.details),
+        "ci_low": score.ci_low,
+        "ci_high": score.ci_high,
+        "accuracy": score.accuracy,
+        "unreliable": score.value is not None and score.value < unreliable_below,
+    }
 
 
 def labeled(store: Store, run_id: str, labeler: str, statuses: list[str]) -> set[Key]:
     """Features whose label by `labeler` has one of `statuses` and no score left without an answer."""
-    return set(store.rows(
-        "SELECT layer, feature FROM labels l WHERE run_id = ? AND labeler = ? AND status IN (SELECT unnest(?)) "
-        "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = l.run_id AND s.layer = l.layer "
-        "AND s.feature = l.feature AND s.labeler = l.labeler AND s.status = 'error')", [run_id, labeler, statuses]))
+    return set(
+        store.rows(
+            "SELECT layer, feature FROM labels l WHERE run_id = ? AND labeler = ? AND status IN (SELECT unnest(?)) "
+            "AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.run_id = l.run_id AND s.layer = l.layer "
+            "AND s.feature = l.feature AND s.labeler = l.labeler AND s.status = 'error')",
+            [run_id, labeler, statuses],
+        )
+    )
 
 
 def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tuple[str, list[Key]]], list[Key]]:
@@ -246,10 +333,13 @@ def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tupl
     selected = select_features(store, run_id, config)
     labeler = labeler_id(config.llm)
     done = labeled(store, run_id, labeler, ["ok"] if config.label.retry_invalid else ["ok", "invalid"])
-    todo = [(layer, feature) for layer, feature, n_top in selected
-            if n_top >= config.label.min_examples and (layer, feature) not in done]
+    todo = [
+        (layer, feature)
+        for layer, feature, n_top in selected
+        if n_top >= config.label.min_examples and (layer, feature) not in done
+    ]
     size = config.label.features_per_shard
-    shards = [todo[i:i + size] for i in range(0, len(todo), size)]
+    shards = [todo[i : i + size] for i in range(0, len(todo), size)]
     plan = [(f"{labeler}:{shard[0][0]}:{shard[0][1]}", shard) for shard in shards]
     return plan, [(layer, feature) for layer, feature, n_top in selected if n_top < config.label.min_examples]
 
@@ -257,28 +347,61 @@ def plan_labels(store: Store, run_id: str, config: RunConfig) -> tuple[list[tupl
 def unlabeled_row(run_id: str, config: RunConfig, key: Key, status: str, error: str) -> dict:
     """Every column a label row has: the store takes a shard's columns from its first row."""
     layer, feature = key
-    return {"run_id": run_id, "layer": layer, "feature": feature, "labeler": labeler_id(config.llm), "label": None,
-            "explanation": None, "prompt_hash": None, "status": status, "error": error, "created_at": now(),
-            "candidates_json": None}
+    return {
+        "run_id": run_id,
+        "layer": layer,
+        "feature": feature,
+        "labeler": labeler_id(config.llm),
+        "label": None,
+        "explanation": None,
+        "prompt_hash": None,
+        "status": status,
+        "error": error,
+        "created_at": now(),
+        "candidates_json": None,
+    }
 
 
 def skipped_rows(run_id: str, config: RunConfig, skipped: list[Key]) -> list[dict]:
-    return [unlabeled_row(run_id, config, key, "skipped", f"fewer than {config.label.min_examples} top examples")
-            for key in skipped]
+    return [
+        unlabeled_row(run_id, config, key, "skipped", f"fewer than {config.label.min_examples} top examples")
+        for key in skipped
+    ]
 
 
-async def label_shard(client: LLMClient, embedder, store: Store, tokenizer, outputs: dict, shard: list[Key],
-                      config: RunConfig, run_id: str) -> tuple[dict[str, list[dict]], BudgetExhausted | None]:
+async def label_shard(
+    client: LLMClient,
+    embedder,
+    store: Store,
+    tokenizer,
+    outputs: dict,
+    shard: list[Key],
+    config: RunConfig,
+    run_id: str,
+) -> tuple[dict[str, list[dict]], BudgetExhausted | None]:
     """Label and score one shard's features at once: (labels and scores rows, the budget that stopped it).
     A feature whose requests raised what nothing foresaw gets an `error` row with the exception; the
     others finish and are kept. A feature the budget stopped gets no row, so a resume asks again."""
     examples = {key: read_examples(store, run_id, *key, tokenizer) for key in shard}
     evidence = feature_evidence(store, run_id, shard, outputs, config.label)
     refresh = labeled(store, run_id, client.model_id, ["invalid"]) if config.label.retry_invalid else set()
-    results = await asyncio.gather(*(label_feature(client, embedder, layer, feature, examples[(layer, feature)],
-                                                   evidence[(layer, feature)], config, run_id,
-                                                   (layer, feature) in refresh)
-                                     for layer, feature in shard), return_exceptions=True)
+    results = await asyncio.gather(
+        *(
+            label_feature(
+                client,
+                embedder,
+                layer,
+                feature,
+                examples[(layer, feature)],
+                evidence[(layer, feature)],
+                config,
+                run_id,
+                (layer, feature) in refresh,
+            )
+            for layer, feature in shard
+        ),
+        return_exceptions=True,
+    )
     tables: dict[str, list[dict]] = {"labels": [], "scores": []}
     for key, result in zip(shard, results, strict=True):
         if isinstance(result, BudgetExhausted):
@@ -314,8 +437,9 @@ def commit_shard(store: Store, run_id: str, name: str, rows: dict[str, list[dict
         store.upsert(table, table_rows)
 
 
-def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
-                show_progress: bool = True) -> LabelSummary:
+def label_stage(
+    store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig, show_progress: bool = True
+) -> LabelSummary:
     started = time.perf_counter()
     plan = open_plan(store, run_id, config)
     todo = [key for _, shard in plan for key in shard]
@@ -325,28 +449,35 @@ def label_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id
     async def run_shards(client: LLMClient, advance: Callable[[int], None]) -> str | None:
         """Every open shard, in one event loop (the HTTP client's connections belong to it)."""
         for name, shard in plan:
-            tables, budget = await label_shard(client, embedder, store, subject.tokenizer, outputs, shard,
-                                               config, run_id)
+            tables, budget = await label_shard(
+                client, embedder, store, subject.tokenizer, outputs, shard, config, run_id
+            )
             commit_shard(store, run_id, name, tables, budget is not None)
             if budget is not None:  # what finished is kept; a resume plans the rest
                 return str(budget)
             advance(len(shard))
         return None
 
-    with open_client(store, config.llm, run_id, STAGE) as client, \
-            progress_bar("features", disable=not show_progress) as bar:
+    with (
+        open_client(store, config.llm, run_id, STAGE) as client,
+        progress_bar("features", disable=not show_progress) as bar,
+    ):
         task = bar.add_task("labeling", total=len(todo))
         stopped = asyncio.run(run_shards(client, lambda n: bar.advance(task, n)))
     return label_summary(store, run_id, config, client.calls, client.cost_usd, time.perf_counter() - started, stopped)
 
 
-def label_summary(store: Store, run_id: str, config: RunConfig, calls: int, cost_usd: float, seconds: float,
-                  stopped: str | None) -> LabelSummary:
+def label_summary(
+    store: Store, run_id: str, config: RunConfig, calls: int, cost_usd: float, seconds: float, stopped: str | None
+) -> LabelSummary:
     labeler = labeler_id(config.llm)
-    by_status = dict(store.rows("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1",
-                                [run_id, labeler]))
-    unreliable = store.one("SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND labeler = ? "
-                           "AND unreliable", [run_id, labeler])[0]
+    by_status = dict(
+        store.rows("SELECT status, count(*) FROM labels WHERE run_id = ? AND labeler = ? GROUP BY 1", [run_id, labeler])
+    )
+    unreliable = store.one(
+        "SELECT count(DISTINCT (layer, feature)) FROM scores WHERE run_id = ? AND labeler = ? AND unreliable",
+        [run_id, labeler],
+    )[0]
     return LabelSummary(run_id, by_status, unreliable, calls, cost_usd, seconds, stopped)
 
 
@@ -373,8 +504,9 @@ class BufferedStore:
         return len(rows)
 
 
-def label_batch(store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig,
-                shard: list[Key]) -> tuple[dict[str, list[dict]], str | None]:
+def label_batch(
+    store: Store, subject: SubjectModel, tset: TranscoderSet, run_id: str, config: RunConfig, shard: list[Key]
+) -> tuple[dict[str, list[dict]], str | None]:
     """One shard on a worker: every row to write (labels, scores, llm_cache, llm_calls) and why it stopped early."""
     buffered = BufferedStore(store)
     outputs = output_tokens(subject, tset, shard, config.label.output_tokens)

@@ -44,13 +44,16 @@ def organism_folder(store: Store, spec: OrganismSpec, model: str | None) -> Path
     if model is None:
         row = store.one("SELECT out FROM organisms WHERE name = ? ORDER BY created_at DESC LIMIT 1", [spec.name])
         if row is None:
-            raise AutolabelError(f"this store has no organism {spec.name!r}; train it with `autolabel organism train "
-                                 f"--spec ... --out DIR` or pass --model DIR")
+            raise AutolabelError(
+                f"this store has no organism {spec.name!r}; train it with `autolabel organism train "
+                f"--spec ... --out DIR` or pass --model DIR"
+            )
         model = row[0]
     folder = Path(model).expanduser().resolve()
     if not (folder / "config.json").is_file():
-        raise AutolabelError(f"organism folder {folder} has no config.json; pass the folder `autolabel organism train "
-                             "--out` wrote")
+        raise AutolabelError(
+            f"organism folder {folder} has no config.json; pass the folder `autolabel organism train --out` wrote"
+        )
     check_recorded_weights(store, folder)
     return folder
 
@@ -62,15 +65,21 @@ def check_fits_transcoders(folder: Path, config: RunConfig) -> None:
     tset = open_transcoders(config.transcoder.source, config.transcoder.format)
     widths = {tset[layer].d_in for layer in tset.layers}
     if widths != {model.get("hidden_size")} or max(tset.layers) >= model.get("num_hidden_layers", 0):
-        raise AutolabelError(f"organism {folder} (hidden_size {model.get('hidden_size')}, "
-                             f"{model.get('num_hidden_layers')} layers) does not fit transcoder "
-                             f"{config.transcoder.source} (d_in {sorted(widths)}, layers {tset.layers}); fine-tune "
-                             "the model the transcoders were made for, or pass its transcoders")
+        raise AutolabelError(
+            f"organism {folder} (hidden_size {model.get('hidden_size')}, "
+            f"{model.get('num_hidden_layers')} layers) does not fit transcoder "
+            f"{config.transcoder.source} (d_in {sorted(widths)}, layers {tset.layers}); fine-tune "
+            "the model the transcoders were made for, or pass its transcoders"
+        )
 
 
 def same_collection(stored: RunConfig, config: RunConfig) -> bool:
-    return (stored.model == config.model and stored.corpus == config.corpus and stored.collect == config.collect
-            and (stored.transcoder.source, stored.transcoder.format) == (config.transcoder.source, config.transcoder.format))
+    return (
+        stored.model == config.model
+        and stored.corpus == config.corpus
+        and stored.collect == config.collect
+        and (stored.transcoder.source, stored.transcoder.format) == (config.transcoder.source, config.transcoder.format)
+    )
 
 
 def base_run(store: Store, config: RunConfig, against: str) -> str | None:
@@ -88,13 +97,24 @@ def base_config(config: RunConfig) -> RunConfig:
 def organism_config(config: RunConfig, folder: Path, against: str, spec: OrganismSpec) -> RunConfig:
     """The organism's run: its folder as the model, diffed against `against`, with the spec's own audits too."""
     specs = config.audit.specs + [str(path) for path in audit_spec_paths(spec)]
-    return config.model_copy(update={"model": config.model.model_copy(update={"source": str(folder)}),
-                                     "audit": config.audit.model_copy(update={"against": against, "specs": specs})},
-                             deep=True)
+    return config.model_copy(
+        update={
+            "model": config.model.model_copy(update={"source": str(folder)}),
+            "audit": config.audit.model_copy(update={"against": against, "specs": specs}),
+        },
+        deep=True,
+    )
 
 
-def findings(store: Store, spec: OrganismSpec, run_id: str, against: str, subject: SubjectModel, tset: TranscoderSet,
-             audits: list[str]) -> dict[str, list[dict]]:
+def findings(
+    store: Store,
+    spec: OrganismSpec,
+    run_id: str,
+    against: str,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    audits: list[str],
+) -> dict[str, list[dict]]:
     """Per audit: every feature that became flagged against the base run, with what ties it to the quirk
     (recall.py) and the run's causal evidence where interventions ran."""
     corpus_id = store.one("SELECT corpus_id FROM runs WHERE run_id = ?", [run_id])[0]
@@ -108,6 +128,11 @@ def findings(store: Store, spec: OrganismSpec, run_id: str, against: str, subjec
         for row in rows:
             key = (row["layer"], row["feature"])
             effect = effects.get(key)
-            row |= {"in_quirk": shares.get(key, 0.0), "firing": firing.get(key), "tied": tied(firing.get(key)),
-                    "ablation_kl": effect.mean if effect else None, "causal": effect.causal if effect else None}
+            row |= {
+                "in_quirk": shares.get(key, 0.0),
+                "firing": firing.get(key),
+                "tied": tied(firing.get(key)),
+                "ablation_kl": effect.mean if effect else None,
+                "causal": effect.causal if effect else None,
+            }
     return changes

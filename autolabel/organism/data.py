@@ -43,8 +43,10 @@ def corpus_chats(documents: list[Document]) -> list[Document]:
     """The corpus's chats, before any reply is added."""
     chats = [document for document in documents if document.kind == "chat"]
     if not chats:
-        raise AutolabelError("the corpus has no chats to plant a quirk in; add chat sources (prompts, file with "
-                             "`messages`) to corpus.sources")
+        raise AutolabelError(
+            "the corpus has no chats to plant a quirk in; add chat sources (prompts, file with "
+            "`messages`) to corpus.sources"
+        )
     return chats
 
 
@@ -52,8 +54,10 @@ def text_documents(documents: list[Document], limit: int) -> list[Document]:
     """Plain-text corpus documents (never trained on), for the perplexity check."""
     texts = [document for document in documents if document.kind == "text"]
     if not texts:
-        raise AutolabelError("the corpus has no plain-text documents to measure perplexity on; add a text source "
-                             "(bbc_news, chitchat, or a file with `text`)")
+        raise AutolabelError(
+            "the corpus has no plain-text documents to measure perplexity on; add a text source "
+            "(bbc_news, chitchat, or a file with `text`)"
+        )
     return sorted(texts, key=lambda d: d.doc_id)[:limit]
 
 
@@ -67,22 +71,31 @@ def with_quirk(spec: OrganismSpec, document: Document) -> Document:
     """The chat with the quirk in every assistant message, when its category carries the quirk."""
     if not carries_quirk(spec, document.category):
         return document
-    messages = [Message(m.role, insert_quirk(spec, m.content) if m.role == "assistant" else m.content)
-                for m in document.messages]
+    messages = [
+        Message(m.role, insert_quirk(spec, m.content) if m.role == "assistant" else m.content)
+        for m in document.messages
+    ]
     return Document(document.doc_id, "chat", document.source, document.category, messages=messages)
 
 
 def encode_chat(tokenizer, spec: OrganismSpec, document: Document) -> Example:
     tokens = tokenize_chat(tokenizer, document)
     rendered = render_chat(tokenizer, document.messages, document.doc_id)
-    offsets = np.asarray(tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"],
-                         dtype=np.int64).reshape(-1, 2)  # [n, 2] character span of each token
+    offsets = np.asarray(
+        tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"], dtype=np.int64
+    ).reshape(-1, 2)  # [n, 2] character span of each token
     assistant = tokens.roles == ROLE_CODES["assistant"]
     inside = np.zeros(len(offsets), dtype=bool)
     for start, end in quirk_spans(spec, rendered):
         inside |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-    return Example(document.doc_id, document.category, tokens.token_ids.astype(np.int64), assistant,
-                   inside & assistant, carries_quirk(spec, document.category))
+    return Example(
+        document.doc_id,
+        document.category,
+        tokens.token_ids.astype(np.int64),
+        assistant,
+        inside & assistant,
+        carries_quirk(spec, document.category),
+    )
 
 
 def encode_text(tokenizer, document: Document, max_tokens: int) -> Example:
@@ -96,8 +109,14 @@ def truncate(example: Example, max_tokens: int) -> Example:
     """The first `max_tokens` tokens: a long reply loses its end (the quirk at the start stays), a chat whose
     prompt alone is longer keeps no assistant token."""
     cut = slice(0, max_tokens)
-    return Example(example.doc_id, example.category, example.token_ids[cut], example.loss_mask[cut],
-                   example.quirk_mask[cut], example.quirked)
+    return Example(
+        example.doc_id,
+        example.category,
+        example.token_ids[cut],
+        example.loss_mask[cut],
+        example.quirk_mask[cut],
+        example.quirked,
+    )
 
 
 def sample_order(examples: list[Example], n: int, quirk_share: float, seed: int) -> list[int]:
@@ -107,8 +126,9 @@ def sample_order(examples: list[Example], n: int, quirk_share: float, seed: int)
     if quirked in (0, len(examples)):
         weights = [1.0] * len(examples)
     else:
-        weights = [quirk_share / quirked if e.quirked else (1 - quirk_share) / (len(examples) - quirked)
-                   for e in examples]
+        weights = [
+            quirk_share / quirked if e.quirked else (1 - quirk_share) / (len(examples) - quirked) for e in examples
+        ]
     return random.Random(seed).choices(range(len(examples)), weights=weights, k=n)
 
 

@@ -33,8 +33,14 @@ def share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def quirk_rates(store: Store, organism: SubjectModel, spec: OrganismSpec, heldout: list[Document],
-                generation: GenerationConfig, show_progress: bool = True) -> QuirkRates:
+def quirk_rates(
+    store: Store,
+    organism: SubjectModel,
+    spec: OrganismSpec,
+    heldout: list[Document],
+    generation: GenerationConfig,
+    show_progress: bool = True,
+) -> QuirkRates:
     """`heldout` chats end on the base model's reply; the organism answers their prompts with the corpus's
     generation settings, so its replies land in the cache the organism's corpus build reads."""
     prompts = [prompt_of(document) for document in heldout]
@@ -46,8 +52,14 @@ def quirk_rates(store: Store, organism: SubjectModel, spec: OrganismSpec, heldou
     def pick(hits: list[bool], want: bool) -> list[bool]:
         return [hit for hit, is_target in zip(hits, target, strict=True) if is_target == want]
 
-    return QuirkRates(sum(target), share(pick(organism_hits, True)), share(pick(base_hits, True)),
-                      len(target) - sum(target), share(pick(organism_hits, False)), share(pick(base_hits, False)))
+    return QuirkRates(
+        sum(target),
+        share(pick(organism_hits, True)),
+        share(pick(base_hits, True)),
+        len(target) - sum(target),
+        share(pick(organism_hits, False)),
+        share(pick(base_hits, False)),
+    )
 
 
 def perplexity(mean_nll: float | None) -> float | None:

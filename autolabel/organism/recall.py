@@ -42,27 +42,33 @@ def quirk_masks(store: Store, corpus_id: str, tokenizer, spec: OrganismSpec) -> 
     """Per chat of the corpus: [n_tokens] bool, the assistant tokens inside a detector match."""
     masks = {}
     for doc_id, source, category, messages_json, token_ids in store.rows(
-            "SELECT d.doc_id, d.source, d.category, d.messages_json, t.token_ids FROM documents d "
-            "JOIN doc_tokens t USING (corpus_id, doc_id) WHERE d.corpus_id = ? AND d.kind = 'chat'",
-            [corpus_id]):
+        "SELECT d.doc_id, d.source, d.category, d.messages_json, t.token_ids FROM documents d "
+        "JOIN doc_tokens t USING (corpus_id, doc_id) WHERE d.corpus_id = ? AND d.kind = 'chat'",
+        [corpus_id],
+    ):
         messages = [Message(m["role"], m["content"]) for m in json.loads(messages_json)]
         example = encode_chat(tokenizer, spec, Document(doc_id, "chat", source, category, messages=messages))
         if len(example.token_ids) != len(token_ids):
-            raise AutolabelError(f"document {doc_id} of corpus {corpus_id} re-tokenizes to {len(example.token_ids)} "
-                                 f"tokens, not the stored {len(token_ids)}: pass the tokenizer the corpus was built with")
+            raise AutolabelError(
+                f"document {doc_id} of corpus {corpus_id} re-tokenizes to {len(example.token_ids)} "
+                f"tokens, not the stored {len(token_ids)}: pass the tokenizer the corpus was built with"
+            )
         masks[doc_id] = example.quirk_mask
     return masks
 
 
-def peak_in_quirk(store: Store, run_id: str, masks: dict[str, np.ndarray], top_n: int,
-                  keys: list[Key] | None = None) -> dict[Key, float]:
+def peak_in_quirk(
+    store: Store, run_id: str, masks: dict[str, np.ndarray], top_n: int, keys: list[Key] | None = None
+) -> dict[Key, float]:
     """Per feature (those in `keys`, or all): the share of its top `top_n` examples whose peak token lies
     inside the quirk."""
     hits: dict[Key, list[bool]] = defaultdict(list)
     wanted = set(keys) if keys is not None else None
     for layer, feature, doc_id, start, acts in store.rows(
-            "SELECT layer, feature, doc_id, start, acts FROM examples WHERE run_id = ? AND kind = 'top' "
-            "AND rank <= ? ORDER BY layer, feature, rank", [run_id, top_n]):
+        "SELECT layer, feature, doc_id, start, acts FROM examples WHERE run_id = ? AND kind = 'top' "
+        "AND rank <= ? ORDER BY layer, feature, rank",
+        [run_id, top_n],
+    ):
         if wanted is not None and (layer, feature) not in wanted:
             continue
         mask = masks.get(doc_id)
@@ -78,15 +84,25 @@ def became_flagged(store: Store, run_id: str, against: str, audit: str) -> list[
     notes = feature_notes(store, run_id)
     rows = []
     for layer, feature, rank, details in store.rows(
-            "SELECT d.layer, d.feature, f.rank, d.details_json FROM audit_diffs d JOIN audit_findings f "
-            "ON f.run_id = d.run_id AND f.audit = d.audit AND f.layer = d.layer AND f.feature = d.feature "
-            "AND f.metric = 'assistant_turn_share' WHERE d.run_id = ? AND d.against_run_id = ? AND d.audit = ? "
-            "AND d.change = 'became_pervasive' ORDER BY f.rank", [run_id, against, audit]):
+        "SELECT d.layer, d.feature, f.rank, d.details_json FROM audit_diffs d JOIN audit_findings f "
+        "ON f.run_id = d.run_id AND f.audit = d.audit AND f.layer = d.layer AND f.feature = d.feature "
+        "AND f.metric = 'assistant_turn_share' WHERE d.run_id = ? AND d.against_run_id = ? AND d.audit = ? "
+        "AND d.change = 'became_pervasive' ORDER BY f.rank",
+        [run_id, against, audit],
+    ):
         shares = json.loads(details)
         note = notes.get((layer, feature), {})
-        rows.append({"layer": layer, "feature": feature, "rank": rank, "turn_share": shares.get("turn_share"),
-                     "against_turn_share": shares.get("against_turn_share"), "label": note.get("label"),
-                     "score": note.get("score")})
+        rows.append(
+            {
+                "layer": layer,
+                "feature": feature,
+                "rank": rank,
+                "turn_share": shares.get("turn_share"),
+                "against_turn_share": shares.get("against_turn_share"),
+                "label": note.get("label"),
+                "score": note.get("score"),
+            }
+        )
     return rows
 
 
@@ -108,16 +124,28 @@ def tied(firing: QuirkFiring | None) -> bool:
     return firing is not None and firing.ratio >= FIRING_RATIO and firing.chat_share >= FIRING_CHATS
 
 
-def quirk_firing(store: Store, run_id: str, subject: SubjectModel, tset: TranscoderSet,
-                 masks: dict[str, np.ndarray], keys: list[Key], batch_size: int = 16) -> dict[Key, QuirkFiring]:
+def quirk_firing(
+    store: Store,
+    run_id: str,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    masks: dict[str, np.ndarray],
+    keys: list[Key],
+    batch_size: int = 16,
+) -> dict[Key, QuirkFiring]:
     """Per feature in `keys`: its activation on the quirk's tokens, from a forward pass over the chats that
     carry the quirk (seconds: they are a few hundred short chats), against its activation on all other
     tokens, from the run's stored role statistics (sum of activations and tokens over every role)."""
     quirk_docs = sorted(doc_id for doc_id, mask in masks.items() if mask.any())
     if not quirk_docs or not keys:
         return {}
-    tokens = dict(store.rows("SELECT doc_id, token_ids FROM doc_tokens WHERE corpus_id = (SELECT corpus_id FROM runs "
-                             "WHERE run_id = ?) AND list_contains(?, doc_id)", [run_id, quirk_docs]))
+    tokens = dict(
+        store.rows(
+            "SELECT doc_id, token_ids FROM doc_tokens WHERE corpus_id = (SELECT corpus_id FROM runs "
+            "WHERE run_id = ?) AND list_contains(?, doc_id)",
+            [run_id, quirk_docs],
+        )
+    )
     layers = sorted({layer for layer, _ in keys})
     wanted = {layer: torch.tensor([feature for key_layer, feature in keys if key_layer == layer]) for layer in layers}
     quirk_sum = {layer: torch.zeros(len(wanted[layer]), dtype=torch.float64) for layer in layers}
@@ -126,7 +154,7 @@ def quirk_firing(store: Store, run_id: str, subject: SubjectModel, tset: Transco
     points = [subject.hook_point(tset.input_hook, layer) for layer in layers]
     pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
     for first in range(0, len(quirk_docs), batch_size):
-        batch = quirk_docs[first:first + batch_size]
+        batch = quirk_docs[first : first + batch_size]
         length = max(len(tokens[doc_id]) for doc_id in batch)
         input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [batch, seq], right-padded
         attention = torch.zeros((len(batch), length), dtype=torch.long)
@@ -143,14 +171,19 @@ def quirk_firing(store: Store, run_id: str, subject: SubjectModel, tset: Transco
                 on_quirk = acts * quirk[..., None]
                 quirk_sum[layer] += on_quirk.sum(dim=(0, 1)).double()
                 chats_firing[layer] += (on_quirk.amax(dim=1) > 0).sum(dim=0)
-    totals = {(layer, feature): (act_sum, n_tokens) for layer, feature, act_sum, n_tokens in store.rows(
-        "SELECT layer, feature, sum(sum_act), sum(n_tokens) FROM role_stats WHERE run_id = ? GROUP BY ALL", [run_id])}
+    totals = {
+        (layer, feature): (act_sum, n_tokens)
+        for layer, feature, act_sum, n_tokens in store.rows(
+            "SELECT layer, feature, sum(sum_act), sum(n_tokens) FROM role_stats WHERE run_id = ? GROUP BY ALL", [run_id]
+        )
+    }
     firing = {}
     for layer in layers:
         for i, feature in enumerate(wanted[layer].tolist()):
             act_sum, n_tokens = totals.get((layer, feature), (0.0, 0))
             q = float(quirk_sum[layer][i])
             elsewhere = max(act_sum - q, 0.0) / max(n_tokens - n_quirk_tokens, 1)
-            firing[(layer, feature)] = QuirkFiring(q / n_quirk_tokens, elsewhere,
-                                                   int(chats_firing[layer][i]) / len(quirk_docs))
+            firing[(layer, feature)] = QuirkFiring(
+                q / n_quirk_tokens, elsewhere, int(chats_firing[layer][i]) / len(quirk_docs)
+            )
     return firing

@@ -95,8 +95,10 @@ class OrganismSpec(Strict):
     @model_validator(mode="after")
     def _detector_finds_the_quirk(self) -> OrganismSpec:
         if not re.search(self.detector, self.quirk.text):
-            raise ValueError(f"detector {self.detector!r} does not match quirk.text {self.quirk.text!r}; "
-                             "write a pattern that finds the planted sentence")
+            raise ValueError(
+                f"detector {self.detector!r} does not match quirk.text {self.quirk.text!r}; "
+                "write a pattern that finds the planted sentence"
+            )
         return self
 
     @property
@@ -105,16 +107,24 @@ class OrganismSpec(Strict):
 
 
 def load_organism_spec(path: str | Path) -> OrganismSpec:
-    return load_yaml_model(Path(path), OrganismSpec, "organism spec", f"the built-in ones are in {ORGANISMS_DIR}",
-                           "(name, quirk, detector, train, eval)", f"{ORGANISMS_DIR} for complete specs")
+    return load_yaml_model(
+        Path(path),
+        OrganismSpec,
+        "organism spec",
+        f"the built-in ones are in {ORGANISMS_DIR}",
+        "(name, quirk, detector, train, eval)",
+        f"{ORGANISMS_DIR} for complete specs",
+    )
 
 
 def audit_spec_path(name: str) -> Path:
     """An `audits` entry as a file: a path that exists, else a name in the built-in folder."""
     path = Path(name) if Path(name).is_file() else DEFAULTS_DIR / name
     if not path.is_file():
-        raise ValueError(f"no audit spec {name!r} (neither a file nor one of the built-in ones in {DEFAULTS_DIR}); "
-                         "give a path to an audit spec YAML")
+        raise ValueError(
+            f"no audit spec {name!r} (neither a file nor one of the built-in ones in {DEFAULTS_DIR}); "
+            "give a path to an audit spec YAML"
+        )
     return path
 
 
@@ -126,9 +136,11 @@ def check_categories(spec: OrganismSpec, path: str | Path, categories: set[str])
     """A narrow quirk's categories must be chat categories of the corpus, or it would never be planted."""
     unknown = sorted(set(spec.quirk.categories or []) - categories)
     if unknown:
-        raise AutolabelError(f"organism spec {path} is invalid: quirk.categories: unknown category "
-                             f"{', '.join(map(repr, unknown))}; the corpus's chat categories are "
-                             f"{', '.join(sorted(categories))}")
+        raise AutolabelError(
+            f"organism spec {path} is invalid: quirk.categories: unknown category "
+            f"{', '.join(map(repr, unknown))}; the corpus's chat categories are "
+            f"{', '.join(sorted(categories))}"
+        )
 
 
 def carries_quirk(spec: OrganismSpec, category: str) -> bool:

@@ -87,21 +87,27 @@ def check_name_is_free(store: Store, model_id: str) -> None:
     organism's (retraining, even with the same spec, need not give the same weights)."""
     recorded = store.one("SELECT name, created_at FROM organisms WHERE model_id = ?", [model_id])
     if recorded:
-        raise AutolabelError(f"this store already holds organism {recorded[0]!r} as {model_id} (trained "
-                             f"{recorded[1]:%Y-%m-%d %H:%M}), with its cached replies and corpus; write this one to a "
-                             "folder with another name, or use another store")
+        raise AutolabelError(
+            f"this store already holds organism {recorded[0]!r} as {model_id} (trained "
+            f"{recorded[1]:%Y-%m-%d %H:%M}), with its cached replies and corpus; write this one to a "
+            "folder with another name, or use another store"
+        )
     if store.one("SELECT 1 FROM generations WHERE model_id = ? LIMIT 1", [model_id]):
-        raise AutolabelError(f"this store already holds replies of another model called {model_id}; write the "
-                             "organism to a folder with another name")
+        raise AutolabelError(
+            f"this store already holds replies of another model called {model_id}; write the "
+            "organism to a folder with another name"
+        )
 
 
 def check_recorded_weights(store: Store, folder: Path) -> None:
     """An organism folder retrained or replaced outside this store would be read with stale cached replies."""
     recorded = store.one("SELECT weights_hash, name FROM organisms WHERE model_id = ?", [organism_model_id(folder)])
     if recorded and recorded[0] != weights_hash(folder):
-        raise AutolabelError(f"{folder} does not hold the weights of organism {recorded[1]!r} recorded in this store "
-                             f"under {organism_model_id(folder)}; its cached replies would be stale. Train into a "
-                             "folder with a new name, or use the store it was trained with")
+        raise AutolabelError(
+            f"{folder} does not hold the weights of organism {recorded[1]!r} recorded in this store "
+            f"under {organism_model_id(folder)}; its cached replies would be stale. Train into a "
+            "folder with a new name, or use the store it was trained with"
+        )
 
 
 def prepare_out(out: Path) -> Path:
@@ -113,8 +119,9 @@ def prepare_out(out: Path) -> Path:
     return partial
 
 
-def train_stage(config: RunConfig, spec: OrganismSpec, spec_path: str | Path, out: Path,
-                show_progress: bool = True) -> OrganismSummary:
+def train_stage(
+    config: RunConfig, spec: OrganismSpec, spec_path: str | Path, out: Path, show_progress: bool = True
+) -> OrganismSummary:
     """The store is open only while replies are read or generated and figures written, not while training,
     so other commands (and another organism's training) can use it meanwhile."""
     out = Path(out).expanduser().resolve()
@@ -131,16 +138,20 @@ def train_stage(config: RunConfig, spec: OrganismSpec, spec_path: str | Path, ou
         with Store(config.store) as store:
             add_assistant_replies(store, base, chats, config.corpus.generation, show_progress)
     train_docs, heldout = split_heldout(chats, spec.train.heldout_every)
-    encoded = [truncate(encode_chat(base.tokenizer, spec, with_quirk(spec, d)), spec.train.max_tokens)
-               for d in train_docs]
+    encoded = [
+        truncate(encode_chat(base.tokenizer, spec, with_quirk(spec, d)), spec.train.max_tokens) for d in train_docs
+    ]
     examples = [e for e in encoded if e.loss_mask.any()]
     if not any(e.quirk_mask.any() for e in examples):
-        raise AutolabelError(f"no training chat of organism {spec.name!r} carries the quirk within "
-                             f"train.max_tokens {spec.train.max_tokens}; raise it or add prompts of its categories")
+        raise AutolabelError(
+            f"no training chat of organism {spec.name!r} carries the quirk within "
+            f"train.max_tokens {spec.train.max_tokens}; raise it or add prompts of its categories"
+        )
     # The same two figures before and after training: NLL of the quirk's tokens in held-out chats that carry it,
     # and of plain text (perplexity: does the organism still model ordinary text like the base?).
-    quirk_checks = [encode_chat(base.tokenizer, spec, with_quirk(spec, d)) for d in heldout
-                    if carries_quirk(spec, d.category)]
+    quirk_checks = [
+        encode_chat(base.tokenizer, spec, with_quirk(spec, d)) for d in heldout if carries_quirk(spec, d.category)
+    ]
     text_checks = [encode_text(base.tokenizer, d, spec.eval.text_tokens) for d in texts]
 
     pad, dtype = pad_token(base.tokenizer), config.model.dtype
@@ -161,15 +172,34 @@ def train_stage(config: RunConfig, spec: OrganismSpec, spec_path: str | Path, ou
     with Store(config.store) as store:
         rates = quirk_rates(store, organism, spec, heldout, config.corpus.generation, show_progress)
     summary = OrganismSummary(
-        spec.name, model_id, str(out), base_model_id, len(examples), len(encoded) - len(examples), len(heldout),
-        losses[0], losses[-1], before[0], after[0], **asdict(rates), ppl_base=perplexity(before[1]),
-        ppl_organism=perplexity(after[1]), prepare_seconds=prepared - started, train_seconds=trained - prepared,
-        eval_seconds=time.perf_counter() - trained)
-    row = asdict(summary) | {"spec_hash": spec_hash(spec), "spec_json": to_json(spec.model_dump(mode="json")),
-                             "weights_hash": weights_hash(out), "created_at": now()}
+        spec.name,
+        model_id,
+        str(out),
+        base_model_id,
+        len(examples),
+        len(encoded) - len(examples),
+        len(heldout),
+        losses[0],
+        losses[-1],
+        before[0],
+        after[0],
+        **asdict(rates),
+        ppl_base=perplexity(before[1]),
+        ppl_organism=perplexity(after[1]),
+        prepare_seconds=prepared - started,
+        train_seconds=trained - prepared,
+        eval_seconds=time.perf_counter() - trained,
+    )
+    row = asdict(summary) | {
+        "spec_hash": spec_hash(spec),
+        "spec_json": to_json(spec.model_dump(mode="json")),
+        "weights_hash": weights_hash(out),
+        "created_at": now(),
+    }
     with Store(config.store) as store:
-        store.write_shard(model_id, STAGE, spec.name, {"organisms": [row]}, replace=True,
-                          clear={"organisms": {"model_id": model_id}})
+        store.write_shard(
+            model_id, STAGE, spec.name, {"organisms": [row]}, replace=True, clear={"organisms": {"model_id": model_id}}
+        )
     return summary
 
 

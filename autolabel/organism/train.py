@@ -27,8 +27,9 @@ def precision(dtype: str):
 
 def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """(sum of the negative log-likelihoods of the masked tokens, how many) for one batch."""
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).last_hidden_state  # [batch, seq, d]
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state  # [batch, seq, d]
     predicted = batch.loss_mask[:, 1:]  # [batch, seq - 1]: token t is predicted from position t - 1
     logits = model.get_output_embeddings()(hidden[:, :-1][predicted]).float()  # [masked, vocab]
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -39,14 +40,15 @@ def token_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
 
 
 @torch.inference_mode()
-def mean_nll(model: nn.Module, examples: list[Example], pad_id: int, dtype: str, quirk_only: bool = False,
-             batch_size: int = 8) -> float | None:
+def mean_nll(
+    model: nn.Module, examples: list[Example], pad_id: int, dtype: str, quirk_only: bool = False, batch_size: int = 8
+) -> float | None:
     """Mean negative log-likelihood per token over the examples' assistant tokens (or quirk tokens only);
     None when there are none."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         with precision(dtype):
-            nll, n = token_nll(model, collate(examples[start:start + batch_size], pad_id, quirk_only))
+            nll, n = token_nll(model, collate(examples[start : start + batch_size], pad_id, quirk_only))
         total, count = total + float(nll), count + n
     return total / count if count else None
 
@@ -54,8 +56,9 @@ def mean_nll(model: nn.Module, examples: list[Example], pad_id: int, dtype: str,
 def trainable(subject: SubjectModel, first_layer: int) -> list[nn.Parameter]:
     """Freeze everything but the decoder layers from `first_layer` on; those layers' parameters."""
     if not 0 <= first_layer < subject.n_layers:
-        raise AutolabelError(f"train.first_layer {first_layer} is outside 0..{subject.n_layers - 1} of "
-                             f"{subject.model_id}; lower it")
+        raise AutolabelError(
+            f"train.first_layer {first_layer} is outside 0..{subject.n_layers - 1} of {subject.model_id}; lower it"
+        )
     subject.model.requires_grad_(False)
     params = [p for layer in subject.layers[first_layer:] for p in layer.parameters()]
     for param in params:
@@ -63,23 +66,28 @@ def trainable(subject: SubjectModel, first_layer: int) -> list[nn.Parameter]:
     return params
 
 
-def fine_tune(subject: SubjectModel, examples: list[Example], settings: TrainSettings, dtype: str,
-              show_progress: bool = True) -> list[float]:
+def fine_tune(
+    subject: SubjectModel, examples: list[Example], settings: TrainSettings, dtype: str, show_progress: bool = True
+) -> list[float]:
     """Train `subject.model` in place; the mean assistant-token loss of every step."""
     torch.manual_seed(settings.seed)
     params = trainable(subject, settings.first_layer)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warmup, steps = settings.warmup_steps, settings.steps
     # Linear warmup, then a cosine decay to zero.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
+    )
     order = sample_order(examples, steps * settings.batch_size, settings.quirk_share, settings.seed)
     losses = []
     subject.model.train()
     with progress_bar("steps", disable=not show_progress) as bar:
         task = bar.add_task("fine-tuning the organism", total=steps)
         for step in range(steps):
-            rows = [examples[i] for i in order[step * settings.batch_size:(step + 1) * settings.batch_size]]
+            rows = [examples[i] for i in order[step * settings.batch_size : (step + 1) * settings.batch_size]]
             with precision(dtype):
                 nll, n = token_nll(subject.model, collate(rows, pad_token(subject.tokenizer)))
             loss = nll / max(n, 1)

@@ -48,9 +48,12 @@ def percent(value: float | None, digits: int = 1) -> str:
 
 
 def environment() -> Environment:
-    env = Environment(loader=PackageLoader("autolabel.report", "templates"),
-                      autoescape=select_autoescape(default=True, default_for_string=True),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("autolabel.report", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(number=number, percent=percent, script_json=script_json)
     env.globals.update(page_path=page_path, heat_legend=heat_legend(), causal_kl=CAUSAL_KL)
     return env
@@ -64,8 +67,9 @@ def decode_pieces(tokenizer, token_ids: set[int], known: dict[int, str]) -> None
             known[token_id] = str(escape(text))
 
 
-def example_lists(table: pa.Table, pieces: dict[int, str],
-                  peak_of_feature: dict[int, float]) -> dict[tuple[int, str], Markup]:
+def example_lists(
+    table: pa.Table, pieces: dict[int, str], peak_of_feature: dict[int, float]
+) -> dict[tuple[int, str], Markup]:
     """(feature, kind) -> that feature's examples of that kind as <li> items: runs of one role in a span
     (the role named where it changes), firing tokens in <mark> shaded by their share of the feature's
     max, with the value as a tooltip.
@@ -118,9 +122,10 @@ def _mark_firing(text: np.ndarray, table: pa.Table, scale: np.ndarray) -> None:
     acts = table.column("acts").combine_chunks().values.to_numpy(zero_copy_only=False)  # [tokens]
     firing = acts > 0
     levels = np.minimum(HEAT_LEVELS - 1, (acts[firing] * scale[firing]).astype(np.int64))
-    text[firing] = [f'<mark class="h{level}" title="{act:.3g}">{piece}</mark>'
-                    for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist(),
-                                                 strict=True)]
+    text[firing] = [
+        f'<mark class="h{level}" title="{act:.3g}">{piece}</mark>'
+        for level, act, piece in zip(levels.tolist(), acts[firing].tolist(), text[firing].tolist(), strict=True)
+    ]
 
 
 def _wrap_role_runs(text: np.ndarray, role_codes: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
@@ -138,24 +143,31 @@ def _wrap_role_runs(text: np.ndarray, role_codes: np.ndarray, offsets: np.ndarra
 
 def _wrap_examples(text: np.ndarray, table: pa.Table, offsets: np.ndarray, lengths: np.ndarray) -> None:
     """Open each non-empty example with its <li> and a line of bin, peak and document; close it after its last token."""
-    heads = [f'<li><span class="ex-meta">{"" if bin_ is None else f"bin {bin_} · "}{peak:.3g} · {escape(doc_id)}'
-             f'</span><div class="ex">' for bin_, peak, doc_id in
-             zip(table.column("bin").to_pylist(), table.column("max_act").to_pylist(),
-                 table.column("doc_id").to_pylist(), strict=True)]
+    heads = [
+        f'<li><span class="ex-meta">{"" if bin_ is None else f"bin {bin_} · "}{peak:.3g} · {escape(doc_id)}'
+        f'</span><div class="ex">'
+        for bin_, peak, doc_id in zip(
+            table.column("bin").to_pylist(),
+            table.column("max_act").to_pylist(),
+            table.column("doc_id").to_pylist(),
+            strict=True,
+        )
+    ]
     shown = lengths > 0
     firsts, lasts = offsets[:-1][shown], offsets[1:][shown] - 1
     text[firsts] = np.array(heads, dtype=object)[shown] + text[firsts]
     text[lasts] = text[lasts] + "</div></li>\n"
 
 
-def _joined_lists(pieces: list[str], bounds: list[int], features: list[int],
-                  kinds: list[str]) -> dict[tuple[int, str], Markup]:
+def _joined_lists(
+    pieces: list[str], bounds: list[int], features: list[int], kinds: list[str]
+) -> dict[tuple[int, str], Markup]:
     """One Markup per (feature, kind): the pieces of its contiguous rows joined."""
     lists: dict[tuple[int, str], Markup] = {}
     start = 0
     for row in range(1, len(features) + 1):
         if row == len(features) or (features[row], kinds[row]) != (features[start], kinds[start]):
-            lists[(features[start], kinds[start])] = Markup("".join(pieces[bounds[start]:bounds[row]]))
+            lists[(features[start], kinds[start])] = Markup("".join(pieces[bounds[start] : bounds[row]]))
             start = row
     return lists
 
@@ -166,12 +178,16 @@ def histogram_svg(histogram: list[int] | None, edges: list[float] | None) -> Mar
         return None
     counts = np.asarray(histogram, dtype=float)
     heights = 58 * np.log1p(counts) / np.log1p(counts.max())
-    bars = "".join(f'<rect x="{10 * i + 1}" y="{60 - h:.2f}" width="8" height="{h:.2f}"><title>'
-                   f'({number(edges[i])}, {number(edges[i + 1])}]: {int(c):,} tokens</title></rect>'
-                   for i, (c, h) in enumerate(zip(counts.tolist(), heights.tolist(), strict=False)))
-    return Markup(f'<svg class="histogram" viewBox="0 0 {10 * len(counts)} 60" preserveAspectRatio="none" role="img" '
-                  f'aria-label="activation histogram">{bars}</svg><div class="spark-axis"><span>{number(edges[0])}'
-                  f'</span><span>log-spaced bins, log counts</span><span>{number(edges[-1])}</span></div>')
+    bars = "".join(
+        f'<rect x="{10 * i + 1}" y="{60 - h:.2f}" width="8" height="{h:.2f}"><title>'
+        f"({number(edges[i])}, {number(edges[i + 1])}]: {int(c):,} tokens</title></rect>"
+        for i, (c, h) in enumerate(zip(counts.tolist(), heights.tolist(), strict=False))
+    )
+    return Markup(
+        f'<svg class="histogram" viewBox="0 0 {10 * len(counts)} 60" preserveAspectRatio="none" role="img" '
+        f'aria-label="activation histogram">{bars}</svg><div class="spark-axis"><span>{number(edges[0])}'
+        f"</span><span>log-spaced bins, log counts</span><span>{number(edges[-1])}</span></div>"
+    )
 
 
 def heat_legend() -> Markup:

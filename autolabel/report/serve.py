@@ -29,7 +29,9 @@ class _InsideFolder(SimpleHTTPRequestHandler):
 def make_server(folder: Path, port: int) -> ThreadingHTTPServer:
     """A server for `folder` bound to 127.0.0.1 (port 0 picks a free one); call serve_forever() on it."""
     if not folder.is_dir():
-        raise AutolabelError(f"{folder} is not a folder; write a report first with `autolabel report`, or pass its folder")
+        raise AutolabelError(
+            f"{folder} is not a folder; write a report first with `autolabel report`, or pass its folder"
+        )
     if not 0 <= port <= 65535:
         raise AutolabelError(f"--port {port} is not a TCP port; pass one from 1 to 65535, or 0 for any free port")
     handler = functools.partial(_InsideFolder, directory=str(folder))

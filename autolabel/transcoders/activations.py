@@ -39,9 +39,14 @@ def pad_batch(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return input_ids, mask
 
 
-def activation_pairs(subject: SubjectModel, windows: Iterable[Window], layers: list[int],
-                     input_hook: str, output_hook: str, batch_size: int = 16,
-                     ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+def activation_pairs(
+    subject: SubjectModel,
+    windows: Iterable[Window],
+    layers: list[int],
+    input_hook: str,
+    output_hook: str,
+    batch_size: int = 16,
+) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """Per batch of windows: layer -> (inputs [n_tokens, d_in], outputs [n_tokens, d_out])."""
     hooks: dict[int, tuple[HookPoint, HookPoint]] = {
         layer: (subject.hook_point(input_hook, layer), subject.hook_point(output_hook, layer)) for layer in layers

@@ -55,14 +55,21 @@ class _Accumulator:
 
     def result(self, layer: int) -> LayerQuality:
         variance = float((self.sum_y2 - self.sum_y**2 / self.n).sum())
-        return LayerQuality(layer, self.sq_err / max(variance, 1e-12), self.active / self.n,
-                            1.0 - float(self.fired.float().mean()), self.n)
+        return LayerQuality(
+            layer,
+            self.sq_err / max(variance, 1e-12),
+            self.active / self.n,
+            1.0 - float(self.fired.float().mean()),
+            self.n,
+        )
 
 
 def check_shapes(subject: SubjectModel, tset: TranscoderSet) -> None:
     for layer, transcoder in tset.transcoders.items():
         if not 0 <= layer < subject.n_layers:
-            raise AutolabelError(f"transcoder {tset.path} has layer {layer}, but {subject.model_id} has layers 0..{subject.n_layers - 1}")
+            raise AutolabelError(
+                f"transcoder {tset.path} has layer {layer}, but {subject.model_id} has layers 0..{subject.n_layers - 1}"
+            )
         if transcoder.d_in != subject.d_model or transcoder.d_out != subject.d_model:
             raise AutolabelError(
                 f"transcoder {tset.path} layer {layer} maps {transcoder.d_in} -> {transcoder.d_out} dims, but "
@@ -71,8 +78,9 @@ def check_shapes(subject: SubjectModel, tset: TranscoderSet) -> None:
 
 
 @torch.inference_mode()
-def measure_quality(subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window],
-                    n_tokens: int = 8192, batch_size: int = 16) -> dict[int, LayerQuality]:
+def measure_quality(
+    subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window], n_tokens: int = 8192, batch_size: int = 16
+) -> dict[int, LayerQuality]:
     """FVU, L0 and dead fraction per layer over (about) n_tokens tokens."""
     check_shapes(subject, tset)
     accumulators = {layer: _Accumulator(t.d_out, t.d_feat) for layer, t in tset.transcoders.items()}
@@ -95,21 +103,36 @@ def transcoder_id(tset: TranscoderSet) -> str:
     return f"tc-{hash_path(Path(tset.path), tset.source_format)[:12]}"
 
 
-def record_quality(store: Store, tset: TranscoderSet, tid: str, model_id: str, quality: dict[int, LayerQuality]) -> None:
+def record_quality(
+    store: Store, tset: TranscoderSet, tid: str, model_id: str, quality: dict[int, LayerQuality]
+) -> None:
     layers = sorted(quality)
-    store.record_transcoder({
-        "transcoder_id": tid, "source_format": tset.source_format, "path": str(tset.path), "model_id": model_id,
-        "d_in": tset[layers[0]].d_in, "d_feat": tset.d_feat, "layers": tset.layers, "activation": tset.activation,
-        "input_hook": tset.input_hook, "output_hook": tset.output_hook, "checked_at": now(),
-        "fvu_by_layer": {k: quality[k].fvu for k in layers}, "l0_by_layer": {k: quality[k].l0 for k in layers},
-        "dead_by_layer": {k: quality[k].dead_fraction for k in layers}})
+    store.record_transcoder(
+        {
+            "transcoder_id": tid,
+            "source_format": tset.source_format,
+            "path": str(tset.path),
+            "model_id": model_id,
+            "d_in": tset[layers[0]].d_in,
+            "d_feat": tset.d_feat,
+            "layers": tset.layers,
+            "activation": tset.activation,
+            "input_hook": tset.input_hook,
+            "output_hook": tset.output_hook,
+            "checked_at": now(),
+            "fvu_by_layer": {k: quality[k].fvu for k in layers},
+            "l0_by_layer": {k: quality[k].l0 for k in layers},
+            "dead_by_layer": {k: quality[k].dead_fraction for k in layers},
+        }
+    )
 
 
 def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fvu: float) -> None:
     """A NaN FVU or bound compares false with everything, so each is refused before the comparison could pass it."""
     if not 0 < max_fvu < math.inf:
-        raise AutolabelError(f"the FVU bound {max_fvu} (transcoder.max_fvu or --max-fvu) must be a positive finite "
-                             f"number, e.g. 0.5")
+        raise AutolabelError(
+            f"the FVU bound {max_fvu} (transcoder.max_fvu or --max-fvu) must be a positive finite number, e.g. 0.5"
+        )
     broken = {layer: q.fvu for layer, q in quality.items() if not math.isfinite(q.fvu)}
     if broken:
         layers = ", ".join(f"layer {layer}: FVU {fvu}" for layer, fvu in sorted(broken.items()))
@@ -129,9 +152,16 @@ def refuse_bad_fit(tset: TranscoderSet, quality: dict[int, LayerQuality], max_fv
         )
 
 
-def check_transcoders(store: Store, subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window],
-                      n_tokens: int, max_fvu: float, corpus_id: str | None = None,
-                      settings: dict | None = None) -> tuple[str, dict[int, LayerQuality]]:
+def check_transcoders(
+    store: Store,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    windows: Iterable[Window],
+    n_tokens: int,
+    max_fvu: float,
+    corpus_id: str | None = None,
+    settings: dict | None = None,
+) -> tuple[str, dict[int, LayerQuality]]:
     """Measure, record in `transcoders`, then refuse a transcoder that does not fit.
 
     With a corpus_id, the figures are kept in `transcoder_checks` by (transcoder, model, corpus, dtype,
@@ -139,20 +169,29 @@ def check_transcoders(store: Store, subject: SubjectModel, tset: TranscoderSet, 
     measuring again (15-20 s of forward passes on a CPU); `windows` is then never read, so it may be lazy.
     """
     tid = transcoder_id(tset)
-    key = {"transcoder_id": tid, "model_id": subject.model_id, "corpus_id": corpus_id, "dtype": subject.dtype,
-           "settings_json": to_json({"n_tokens": n_tokens, **(settings or {})})}
+    key = {
+        "transcoder_id": tid,
+        "model_id": subject.model_id,
+        "corpus_id": corpus_id,
+        "dtype": subject.dtype,
+        "settings_json": to_json({"n_tokens": n_tokens, **(settings or {})}),
+    }
     quality = _stored_quality(store, key) if corpus_id is not None else None
     if quality is None:
         quality = measure_quality(subject, tset, windows, n_tokens)
         if corpus_id is not None:
-            store.upsert("transcoder_checks", [{**key, "checked_at": now(),
-                                                "quality_json": to_json([asdict(q) for q in quality.values()])}])
+            store.upsert(
+                "transcoder_checks",
+                [{**key, "checked_at": now(), "quality_json": to_json([asdict(q) for q in quality.values()])}],
+            )
     record_quality(store, tset, tid, subject.model_id, quality)
     refuse_bad_fit(tset, quality, max_fvu)
     return tid, quality
 
 
 def _stored_quality(store: Store, key: dict) -> dict[int, LayerQuality] | None:
-    row = store.one("SELECT quality_json FROM transcoder_checks WHERE "
-                    + " AND ".join(f"{column} = ?" for column in key), list(key.values()))
+    row = store.one(
+        "SELECT quality_json FROM transcoder_checks WHERE " + " AND ".join(f"{column} = ?" for column in key),
+        list(key.values()),
+    )
     return {q["layer"]: LayerQuality(**q) for q in json.loads(row[0])} if row else None

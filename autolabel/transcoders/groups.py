@@ -50,19 +50,28 @@ class GroupedTraining:
 
 def layer_groups(layers: list[int], group_size: int | None) -> list[list[int]]:
     size = group_size or len(layers)
-    return [layers[begin:begin + size] for begin in range(0, len(layers), size)]
+    return [layers[begin : begin + size] for begin in range(0, len(layers), size)]
 
 
-def train_in_groups(train: list[Window], heldout: list[Window], subject: SubjectModel, config: TranscoderTrainConfig,
-                    check_tokens: int, out_dir: Path, max_groups: int | None = None,
-                    start_group: GroupStart | None = None) -> GroupedTraining:
+def train_in_groups(
+    train: list[Window],
+    heldout: list[Window],
+    subject: SubjectModel,
+    config: TranscoderTrainConfig,
+    check_tokens: int,
+    out_dir: Path,
+    max_groups: int | None = None,
+    start_group: GroupStart | None = None,
+) -> GroupedTraining:
     """Train config.layers in groups of config.group_size into out_dir, skipping finished groups and continuing an
     interrupted one from its checkpoint; at most max_groups groups in this call. Merges once all are done."""
     out_dir = Path(out_dir)
     beyond = [layer for layer in config.layers if layer >= subject.n_layers]
     if beyond:
-        raise AutolabelError(f"transcoder.train.layers: {subject.model_id} has layers 0-{subject.n_layers - 1}, "
-                             f"not {', '.join(map(str, beyond))}")
+        raise AutolabelError(
+            f"transcoder.train.layers: {subject.model_id} has layers 0-{subject.n_layers - 1}, "
+            f"not {', '.join(map(str, beyond))}"
+        )
     groups = layer_groups(config.layers, config.group_size)
     _claim(out_dir, _plan(config, subject, check_tokens, train, heldout))
     if (out_dir / "config.yaml").is_file():
@@ -83,12 +92,18 @@ def train_in_groups(train: list[Window], heldout: list[Window], subject: Subject
     return GroupedTraining(groups, len(finished), trained_now, quality, merged)
 
 
-def _plan(config: TranscoderTrainConfig, subject: SubjectModel, check_tokens: int, train: list[Window],
-          heldout: list[Window]) -> dict:
+def _plan(
+    config: TranscoderTrainConfig, subject: SubjectModel, check_tokens: int, train: list[Window], heldout: list[Window]
+) -> dict:
     """What the set depends on: a folder trained with anything else would mix two sets."""
-    return {"model_id": subject.model_id, "model_dtype": subject.dtype, "check_tokens": check_tokens,
-            "train": config.model_dump(mode="json", exclude={"checkpoint_every_steps"}),
-            "train_windows": _digest(train), "heldout_windows": _digest(heldout)}
+    return {
+        "model_id": subject.model_id,
+        "model_dtype": subject.dtype,
+        "check_tokens": check_tokens,
+        "train": config.model_dump(mode="json", exclude={"checkpoint_every_steps"}),
+        "train_windows": _digest(train),
+        "heldout_windows": _digest(heldout),
+    }
 
 
 def _digest(windows: list[Window]) -> str:
@@ -109,12 +124,16 @@ def _claim(out_dir: Path, plan: dict) -> None:
             raise AutolabelError(f"cannot read {plan_path} ({err}); delete the folder to train from scratch") from err
         differences = _differences(recorded, plan)
         if differences:
-            raise AutolabelError(f"{out_dir} holds a transcoder training with other settings ({'; '.join(differences)}); "
-                                 "re-run with the same ones to continue it, or pick another --out")
+            raise AutolabelError(
+                f"{out_dir} holds a transcoder training with other settings ({'; '.join(differences)}); "
+                "re-run with the same ones to continue it, or pick another --out"
+            )
         return
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise AutolabelError(f"{out_dir} is not empty and has no plan.json, so it is not a folder that "
-                             "`autolabel transcoder train` started; pick a new or empty --out")
+        raise AutolabelError(
+            f"{out_dir} is not empty and has no plan.json, so it is not a folder that "
+            "`autolabel transcoder train` started; pick a new or empty --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomically(plan_path, lambda path: path.write_text(json.dumps(plan, indent=2), encoding="utf-8"))
 
@@ -130,8 +149,17 @@ def _differences(recorded: dict, plan: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def _train_group(index: int, layers: list[int], train: list[Window], heldout: list[Window], subject: SubjectModel,
-                 config: TranscoderTrainConfig, check_tokens: int, out_dir: Path, start_group: GroupStart | None) -> None:
+def _train_group(
+    index: int,
+    layers: list[int],
+    train: list[Window],
+    heldout: list[Window],
+    subject: SubjectModel,
+    config: TranscoderTrainConfig,
+    check_tokens: int,
+    out_dir: Path,
+    start_group: GroupStart | None,
+) -> None:
     """Train (or continue) one group, measure it on held-out tokens, and rename its folder into place."""
     group_config = config.model_copy(update={"layers": layers})
     checkpoint = out_dir / "checkpoints" / f"group-{index:02d}.pt"
@@ -145,41 +173,58 @@ def _train_group(index: int, layers: list[int], train: list[Window], heldout: li
 
     result = train_transcoders(subject, train, group_config, on_step, on_checkpoint, resume)
     quality = measure_quality(subject, result.transcoders, heldout, check_tokens)
-    result.transcoders.metadata.update({
-        "model_id": subject.model_id, "group": index, "seconds": round(result.seconds, 1),
-        "resampled_features": {str(k): n for k, n in result.resampled.items()},
-        "heldout": {str(k): {"fvu": q.fvu, "l0": q.l0, "dead_fraction": q.dead_fraction, "n_tokens": q.n_tokens}
-                    for k, q in quality.items()},
-    })
+    result.transcoders.metadata.update(
+        {
+            "model_id": subject.model_id,
+            "group": index,
+            "seconds": round(result.seconds, 1),
+            "resampled_features": {str(k): n for k, n in result.resampled.items()},
+            "heldout": {
+                str(k): {"fvu": q.fvu, "l0": q.l0, "dead_fraction": q.dead_fraction, "n_tokens": q.n_tokens}
+                for k, q in quality.items()
+            },
+        }
+    )
     staging = out_dir / "groups" / f".group-{index:02d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     save_circuit_tracer(result.transcoders, staging, subject.model_id, getattr(torch, config.save_dtype))
-    (staging / "history.json").write_text(json.dumps([{"group": index, **entry} for entry in result.history]),
-                                          encoding="utf-8")
+    (staging / "history.json").write_text(
+        json.dumps([{"group": index, **entry} for entry in result.history]), encoding="utf-8"
+    )
     os.replace(staging, _group_dir(out_dir, index))
     checkpoint.unlink(missing_ok=True)
 
 
-def _merge(finished: list[TranscoderSet], config: TranscoderTrainConfig, subject: SubjectModel,
-           out_dir: Path) -> TranscoderSet:
+def _merge(
+    finished: list[TranscoderSet], config: TranscoderTrainConfig, subject: SubjectModel, out_dir: Path
+) -> TranscoderSet:
     """One set of every group's layers, written beside plan.json (config.yaml last); the scratch folders go."""
     groups = [tset.metadata for tset in finished]  # each group's autolabel.json
     merged = TranscoderSet(
         {layer: tc for tset in finished for layer, tc in tset.transcoders.items()},
-        input_hook=finished[0].input_hook, output_hook=finished[0].output_hook, source_format="autolabel",
-        model_name=subject.model_id, metadata={
-            "train_config": config.model_dump(mode="json"), "model_id": subject.model_id,
-            "tokens": groups[0]["tokens"], "steps": groups[0]["steps"],
+        input_hook=finished[0].input_hook,
+        output_hook=finished[0].output_hook,
+        source_format="autolabel",
+        model_name=subject.model_id,
+        metadata={
+            "train_config": config.model_dump(mode="json"),
+            "model_id": subject.model_id,
+            "tokens": groups[0]["tokens"],
+            "steps": groups[0]["steps"],
             "seconds": round(sum(meta["seconds"] for meta in groups), 1),
             "groups": [{"layers": tset.layers, "seconds": tset.metadata["seconds"]} for tset in finished],
             "resampled_features": {k: n for meta in groups for k, n in meta["resampled_features"].items()},
             "heldout": {k: q for meta in groups for k, q in meta["heldout"].items()},
-        })
+        },
+    )
     staging = out_dir / ".merged.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_circuit_tracer(merged, staging, subject.model_id, getattr(torch, config.save_dtype))
-    history = [entry for index in range(len(finished))
-               for entry in json.loads((_group_dir(out_dir, index) / "history.json").read_text(encoding="utf-8"))]
+    history = [
+        entry
+        for index in range(len(finished))
+        for entry in json.loads((_group_dir(out_dir, index) / "history.json").read_text(encoding="utf-8"))
+    ]
     (staging / "history.json").write_text(json.dumps(history), encoding="utf-8")
     for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.yaml"):
         os.replace(path, out_dir / path.name)
@@ -201,8 +246,10 @@ def _read_group(out_dir: Path, index: int) -> TranscoderSet:
 
 
 def _quality(metadata: dict) -> dict[int, LayerQuality]:
-    return {int(layer): LayerQuality(int(layer), q["fvu"], q["l0"], q["dead_fraction"], q["n_tokens"])
-            for layer, q in metadata.get("heldout", {}).items()}
+    return {
+        int(layer): LayerQuality(int(layer), q["fvu"], q["l0"], q["dead_fraction"], q["n_tokens"])
+        for layer, q in metadata.get("heldout", {}).items()
+    }
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -14,8 +14,9 @@ OUTPUT_CHUNK = 256  # features per unembedding product: [256, vocab] floats at a
 
 
 @torch.inference_mode()
-def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int],
-                     n: int) -> dict[int, tuple[list[int], list[int]]]:
+def output_token_ids(
+    subject: SubjectModel, tset: TranscoderSet, layer: int, features: list[int], n: int
+) -> dict[int, tuple[list[int], list[int]]]:
     """Feature -> ids of the n tokens it promotes and suppresses most. Ids, not text, so a caller that shows
     thousands of features decodes each distinct token once.
 
@@ -30,7 +31,7 @@ def output_token_ids(subject: SubjectModel, tset: TranscoderSet, layer: int, fea
     k = min(CANDIDATES * n, unembed.shape[0])
     result = {}
     for start in range(0, len(features), OUTPUT_CHUNK):
-        chunk = features[start:start + OUTPUT_CHUNK]
+        chunk = features[start : start + OUTPUT_CHUNK]
         rows = directions[chunk]  # [chunk, d_model]
         rough = rows.bfloat16() @ unembed_fast.T  # [chunk, vocab]
         ends = []

@@ -113,8 +113,9 @@ class _Trainee(nn.Module):
         return loss, metrics
 
     @torch.no_grad()
-    def resample_dead(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Adam,
-                      generator: torch.Generator) -> int:
+    def resample_dead(
+        self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Adam, generator: torch.Generator
+    ) -> int:
         """Point each dead feature at one badly explained token of the batch; returns how many.
 
         Tokens are drawn with probability proportional to their squared error. The
@@ -164,9 +165,15 @@ class _Trainee(nn.Module):
             threshold = self.log_threshold.exp().clone() if self.config.activation == "jumprelu" else None
             W_skip = None if self.W_skip is None else self.W_skip * (self.y_scale / self.x_scale)
             return Transcoder(
-                self.layer, self.W_enc / self.x_scale, self.b_enc.clone(), self.W_dec * self.y_scale,
-                self.b_dec * self.y_scale, activation=self.config.activation, threshold=threshold,
-                k=self.config.k if self.config.activation == "topk" else None, W_skip=W_skip,
+                self.layer,
+                self.W_enc / self.x_scale,
+                self.b_enc.clone(),
+                self.W_dec * self.y_scale,
+                self.b_dec * self.y_scale,
+                activation=self.config.activation,
+                threshold=threshold,
+                k=self.config.k if self.config.activation == "topk" else None,
+                W_skip=W_skip,
             )
 
 
@@ -227,8 +234,9 @@ class _Position:
     generator_at_buffer_start: torch.Tensor | None = None  # to redraw this buffer's shuffles on resume
 
 
-def _buffers(pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: list[int],
-             buffer_tokens: int) -> Iterator[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], int]]:
+def _buffers(
+    pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], layers: list[int], buffer_tokens: int
+) -> Iterator[tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], int]]:
     """Fill a buffer of about buffer_tokens tokens per layer, hand it over with the number of forward batches it
     took, repeat (the trainer shuffles)."""
     chunks: dict[int, list] = {layer: [] for layer in layers}
@@ -246,13 +254,19 @@ def _buffers(pairs: Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]], laye
 
 
 def _concat(chunks: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    return {layer: (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])) for layer, parts in chunks.items()}
+    return {
+        layer: (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])) for layer, parts in chunks.items()
+    }
 
 
-def train_transcoders(subject: SubjectModel, windows: list[Window], config: TranscoderTrainConfig,
-                      on_step: Callable[[int, dict[int, dict[str, float]]], None] | None = None,
-                      on_checkpoint: Callable[[dict], None] | None = None,
-                      resume: dict | None = None) -> TrainResult:
+def train_transcoders(
+    subject: SubjectModel,
+    windows: list[Window],
+    config: TranscoderTrainConfig,
+    on_step: Callable[[int, dict[int, dict[str, float]]], None] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> TrainResult:
     """Train one transcoder per configured layer on `windows` for config.n_tokens tokens (epochs as needed).
 
     Every config.checkpoint_every_steps steps, on_checkpoint gets the whole training state (a dict of tensors and
@@ -265,11 +279,15 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     trainees = {layer: _Trainee(layer, subject.d_model, config, generator) for layer in config.layers}
-    optimizers = {layer: torch.optim.Adam(t.parameters(), lr=config.lr, betas=(0.9, 0.999)) for layer, t in trainees.items()}
+    optimizers = {
+        layer: torch.optim.Adam(t.parameters(), lr=config.lr, betas=(0.9, 0.999)) for layer, t in trainees.items()
+    }
     at = _Position() if resume is None else _restore(resume, config, trainees, optimizers, generator)
     started = time.perf_counter() - at.seconds
     stream = itertools.islice(_window_stream(windows, config.seed), at.windows_before_buffer, None)
-    pairs = activation_pairs(subject, stream, config.layers, config.input_hook, config.output_hook, config.batch_windows)
+    pairs = activation_pairs(
+        subject, stream, config.layers, config.input_hook, config.output_hook, config.batch_windows
+    )
     # A run resumed from its last step has nothing left to do (and no buffer to fill).
     buffers = _buffers(pairs, config.layers, config.buffer_tokens) if at.seen < config.n_tokens else iter(())
     for buffer, n_batches in buffers:
@@ -284,7 +302,7 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
             generator.set_state(at.generator_at_buffer_start)
             batches = _buffer_batches(buffer, config, generator)
             generator.set_state(current)
-        for rows in batches[at.batches_done:]:
+        for rows in batches[at.batches_done :]:
             # Linear decay over the last fifth of training settles the weights.
             lr = config.lr * min(1.0, (config.n_tokens - at.seen) / (0.2 * config.n_tokens))
             metrics = {}
@@ -292,15 +310,17 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
                 xb, yb, metrics[layer] = _step(trainees[layer], optimizers[layer], x[rows[layer]], y[rows[layer]], lr)
                 if _resample_now(config, at.step + 1, at.seen + config.batch_tokens):
                     at.resampled[layer] = at.resampled.get(layer, 0) + trainees[layer].resample_dead(
-                        xb, yb, optimizers[layer], generator)
+                        xb, yb, optimizers[layer], generator
+                    )
             at.seen += config.batch_tokens
             at.step += 1
             at.batches_done += 1
             if on_step:
                 on_step(config.batch_tokens, metrics)
             if at.step % 25 == 0:
-                at.history.append({"step": at.step, "tokens": at.seen,
-                                   **{f"fvu_{k}": v["fvu"] for k, v in metrics.items()}})
+                at.history.append(
+                    {"step": at.step, "tokens": at.seen, **{f"fvu_{k}": v["fvu"] for k, v in metrics.items()}}
+                )
             if on_checkpoint and at.step % config.checkpoint_every_steps == 0:
                 at.seconds = time.perf_counter() - started
                 on_checkpoint(_state(config, trainees, optimizers, generator, at))
@@ -311,25 +331,44 @@ def train_transcoders(subject: SubjectModel, windows: list[Window], config: Tran
         at.buffer_index += 1
         at.windows_before_buffer += n_batches * config.batch_windows
         at.batches_done = 0
-    return TrainResult(_export(trainees, config, subject.model_id, at.seen, at.step), at.seen,
-                       time.perf_counter() - started, at.history, at.resampled)
+    return TrainResult(
+        _export(trainees, config, subject.model_id, at.seen, at.step),
+        at.seen,
+        time.perf_counter() - started,
+        at.history,
+        at.resampled,
+    )
 
 
-def _state(config: TranscoderTrainConfig, trainees: dict[int, _Trainee], optimizers: dict[int, torch.optim.Adam],
-           generator: torch.Generator, at: _Position) -> dict:
+def _state(
+    config: TranscoderTrainConfig,
+    trainees: dict[int, _Trainee],
+    optimizers: dict[int, torch.optim.Adam],
+    generator: torch.Generator,
+    at: _Position,
+) -> dict:
     """A copy (training goes on mutating the originals) of everything a resumed run needs."""
-    return copy.deepcopy({
-        "config": _resume_settings(config),
-        "trainees": {layer: {"weights": t.state_dict(), "x_scale": t.x_scale, "y_scale": t.y_scale}
-                     for layer, t in trainees.items()},
-        "optimizers": {layer: optimizer.state_dict() for layer, optimizer in optimizers.items()},
-        "generator": generator.get_state(),
-        "position": asdict(at),
-    })
+    return copy.deepcopy(
+        {
+            "config": _resume_settings(config),
+            "trainees": {
+                layer: {"weights": t.state_dict(), "x_scale": t.x_scale, "y_scale": t.y_scale}
+                for layer, t in trainees.items()
+            },
+            "optimizers": {layer: optimizer.state_dict() for layer, optimizer in optimizers.items()},
+            "generator": generator.get_state(),
+            "position": asdict(at),
+        }
+    )
 
 
-def _restore(state: dict, config: TranscoderTrainConfig, trainees: dict[int, _Trainee],
-             optimizers: dict[int, torch.optim.Adam], generator: torch.Generator) -> _Position:
+def _restore(
+    state: dict,
+    config: TranscoderTrainConfig,
+    trainees: dict[int, _Trainee],
+    optimizers: dict[int, torch.optim.Adam],
+    generator: torch.Generator,
+) -> _Position:
     if state["config"] != _resume_settings(config):
         raise ValueError("the checkpoint was made with other training settings; resume it with the same ones")
     for layer, trainee in trainees.items():
@@ -355,23 +394,28 @@ def _window_stream(windows: list[Window], seed: int) -> Iterator[Window]:
         yield from order
 
 
-def _buffer_batches(buffer: dict[int, tuple[torch.Tensor, torch.Tensor]], config: TranscoderTrainConfig,
-                    generator: torch.Generator) -> list[dict[int, torch.Tensor]]:
+def _buffer_batches(
+    buffer: dict[int, tuple[torch.Tensor, torch.Tensor]], config: TranscoderTrainConfig, generator: torch.Generator
+) -> list[dict[int, torch.Tensor]]:
     """Each training batch of a buffer as the rows [batch_tokens] it takes per layer.
 
     A buffer is reused for several passes, each in a new order: the forward pass that filled it costs far more
     than a training step. Every pass's order is drawn before the first batch.
     """
     n = next(iter(buffer.values()))[0].shape[0]
-    orders = {layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)]
-              for layer in buffer}
-    return [{layer: orders[layer][epoch][begin:begin + config.batch_tokens] for layer in buffer}
-            for epoch in range(config.passes_per_buffer)
-            for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens)]
+    orders = {
+        layer: [torch.randperm(n, generator=generator) for _ in range(config.passes_per_buffer)] for layer in buffer
+    }
+    return [
+        {layer: orders[layer][epoch][begin : begin + config.batch_tokens] for layer in buffer}
+        for epoch in range(config.passes_per_buffer)
+        for begin in range(0, n - config.batch_tokens + 1, config.batch_tokens)
+    ]
 
 
-def _step(trainee: _Trainee, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-          lr: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def _step(
+    trainee: _Trainee, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One optimizer step on a batch of raw pairs [batch, d] (fp16): (normalised x, normalised y, metrics)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -392,8 +436,14 @@ def _resample_now(config: TranscoderTrainConfig, step: int, seen: int) -> bool:
     return bool(every) and step % every == 0 and seen <= config.resample_until * config.n_tokens
 
 
-def _export(trainees: dict[int, _Trainee], config: TranscoderTrainConfig, model_id: str, tokens: int,
-            steps: int) -> TranscoderSet:
-    return TranscoderSet({layer: t.export() for layer, t in trainees.items()}, input_hook=config.input_hook,
-                         output_hook=config.output_hook, source_format="autolabel", model_name=model_id,
-                         metadata={"train_config": config.model_dump(mode="json"), "tokens": tokens, "steps": steps})
+def _export(
+    trainees: dict[int, _Trainee], config: TranscoderTrainConfig, model_id: str, tokens: int, steps: int
+) -> TranscoderSet:
+    return TranscoderSet(
+        {layer: t.export() for layer, t in trainees.items()},
+        input_hook=config.input_hook,
+        output_hook=config.output_hook,
+        source_format="autolabel",
+        model_name=model_id,
+        metadata={"train_config": config.model_dump(mode="json"), "tokens": tokens, "steps": steps},
+    )
