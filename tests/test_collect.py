@@ -28,22 +28,54 @@ from autolabel.transcoders.transcoder import Transcoder, TranscoderSet
 
 WORDS = "the cat sat on a mat while rain fell over old town roads and quiet rivers ran past green hills".split()
 LAYER = 1
-CONFIG = CollectConfig(top_k=6, example_tokens=8, quantile_bins=4, per_bin=3, random_examples=5,
-                       bins_per_octave=2, octaves=3, batch_windows=3, shard_tokens=700)
-TABLES = {"features": "layer, feature", "role_stats": "layer, feature, role",
-          "category_stats": "layer, feature, category, role", "examples": "layer, feature, kind, rank"}
+CONFIG = CollectConfig(
+    top_k=6,
+    example_tokens=8,
+    quantile_bins=4,
+    per_bin=3,
+    random_examples=5,
+    bins_per_octave=2,
+    octaves=3,
+    batch_windows=3,
+    shard_tokens=700,
+)
+TABLES = {
+    "features": "layer, feature",
+    "role_stats": "layer, feature, role",
+    "category_stats": "layer, feature, category, role",
+    "examples": "layer, feature, kind, rank",
+}
 
 
 def write_corpus(path, n_text: int = 24, n_chat: int = 16, seed: int = 0) -> None:
     rng = random.Random(seed)
-    rows = [{"id": f"t{i}", "category": ["news", "story"][i % 2],
-             "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 150)))} for i in range(n_text)]
-    rows += [{"id": f"c{i}", "category": ["help", "chit"][i % 2], "messages": [
-        {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 30)))},
-        {"role": "assistant", "content": "well certainly " + " ".join(rng.choices(WORDS, k=rng.randint(20, 90)))},
-        {"role": "user", "content": " ".join(rng.choices(WORDS, k=5))},
-        {"role": "assistant", "content": "well certainly " + " ".join(rng.choices(WORDS, k=rng.randint(2, 10)))}]}
-        for i in range(n_chat)]
+    rows = [
+        {
+            "id": f"t{i}",
+            "category": ["news", "story"][i % 2],
+            "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 150))),
+        }
+        for i in range(n_text)
+    ]
+    rows += [
+        {
+            "id": f"c{i}",
+            "category": ["help", "chit"][i % 2],
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 30)))},
+                {
+                    "role": "assistant",
+                    "content": "well certainly " + " ".join(rng.choices(WORDS, k=rng.randint(20, 90))),
+                },
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=5))},
+                {
+                    "role": "assistant",
+                    "content": "well certainly " + " ".join(rng.choices(WORDS, k=rng.randint(2, 10))),
+                },
+            ],
+        }
+        for i in range(n_chat)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -61,11 +93,13 @@ def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: Col
     """(window, [len, d_feat] activations) for every window, through the same batches collection runs."""
     with Store(store_path) as store:
         index = CorpusIndex.read(store, corpus_id)
-        shards = [shard_windows(store, corpus_id, index, a, b) for a, b in plan_shards(index.doc_tokens, config.shard_tokens)]
+        shards = [
+            shard_windows(store, corpus_id, index, a, b) for a, b in plan_shards(index.doc_tokens, config.shard_tokens)
+        ]
     pairs = []
     for windows in shards:
         for start in range(0, len(windows), config.batch_windows):
-            group = windows[start:start + config.batch_windows]
+            group = windows[start : start + config.batch_windows]
             ((_, inputs),) = capture_batches(subject, tset, group, index, len(group))
             acts = encode(tset, LAYER, inputs[LAYER])
             pairs += [(w, acts[row, : len(w.token_ids)]) for row, w in enumerate(group)]
@@ -75,8 +109,12 @@ def window_acts(subject, tset: TranscoderSet, store_path, corpus_id, config: Col
 def mlp_inputs(subject, windows) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """The MLP inputs [N, d] at LAYER of every window token but the first, with their token ids and roles [N]."""
     point = subject.hook_point("mlp_in", LAYER)
-    raw = torch.cat([subject.capture(torch.from_numpy(w.token_ids.astype("int64"))[None], None, [point])[point][0, 1:]
-                     for w in windows])
+    raw = torch.cat(
+        [
+            subject.capture(torch.from_numpy(w.token_ids.astype("int64"))[None], None, [point])[point][0, 1:]
+            for w in windows
+        ]
+    )
     return raw, np.concatenate([w.token_ids[1:] for w in windows]), np.concatenate([w.roles[1:] for w in windows])
 
 
@@ -118,8 +156,9 @@ def table(store: Store, name: str, run_id: str) -> list[tuple]:
 def collect(store_path, corpus_id, subject, tset, config=CONFIG, **kwargs) -> tuple[str, object]:
     with Store(store_path) as store:
         run_id = kwargs.pop("run_id", None) or store.start_run("{}", subject.model_id)
-        return run_id, collect_stage(store, subject, tset, corpus_id, "tc-test", config, run_id, show_progress=False,
-                                     **kwargs)
+        return run_id, collect_stage(
+            store, subject, tset, corpus_id, "tc-test", config, run_id, show_progress=False, **kwargs
+        )
 
 
 def reference(pairs, config: CollectConfig):
@@ -163,13 +202,13 @@ def reference(pairs, config: CollectConfig):
             first = min(max(p - T // 2, 1), max(len(w.token_ids) - T, 1))
             length = min(len(w.token_ids) - first, T)
             key = (ordinal[w.doc_id] << 20) | (w.start + p)
-            peaks.append((f, float(value[f]), key, w, first, length, p, valid[first:first + length, f]))
+            peaks.append((f, float(value[f]), key, w, first, length, p, valid[first : first + length, f]))
     top, quantile = defaultdict(list), defaultdict(list)
     for f in range(F):
         mine = sorted((c for c in peaks if c[0] == f), key=lambda c: (-c[1], c[2]))
         seen = set()
         for c in mine:
-            prefix = tuple(c[3].token_ids[c[4]:c[6] + 1])
+            prefix = tuple(c[3].token_ids[c[4] : c[6] + 1])
             if prefix not in seen and len(top[f]) < config.top_k:
                 seen.add(prefix)
                 top[f].append(c)
@@ -177,8 +216,14 @@ def reference(pairs, config: CollectConfig):
             continue
         peak_hist = torch.bincount(bins.bin_of(torch.tensor([c[1] for c in mine]), exponent[f]), minlength=bins.n)
         qbin = quantile_bins(peak_hist[:, None], config.quantile_bins)[:, 0]
-        keyed = [(int(qbin[int(bins.bin_of(torch.tensor(c[1]), exponent[f]))]),
-                  int(priorities(torch.tensor(c[2]), feature_salts(F, config.seed)[f])), c) for c in mine]
+        keyed = [
+            (
+                int(qbin[int(bins.bin_of(torch.tensor(c[1]), exponent[f]))]),
+                int(priorities(torch.tensor(c[2]), feature_salts(F, config.seed)[f])),
+                c,
+            )
+            for c in mine
+        ]
         for q in range(config.quantile_bins):
             chosen = sorted((k for k in keyed if k[0] == q), key=lambda k: k[1])[: config.per_bin]
             quantile[f] += [(q, len(quantile[f]) + rank, k[2]) for rank, k in enumerate(chosen)]
@@ -191,11 +236,22 @@ def reference(pairs, config: CollectConfig):
                 continue
             key = (ordinal[w.doc_id] << 20) | (w.start + first)
             for f in range(F):
-                if acts[first:first + length, f].max() == 0:
-                    negatives[f].append((int(priorities(torch.tensor(key), feature_salts(F, config.seed)[f])), w, first))
+                if acts[first : first + length, f].max() == 0:
+                    negatives[f].append(
+                        (int(priorities(torch.tensor(key), feature_salts(F, config.seed)[f])), w, first)
+                    )
     negatives = {f: sorted(found, key=lambda n: n[0])[: config.random_examples] for f, found in negatives.items()}
-    return {"stats": stats, "by_role": by_role, "by_group": by_group, "turns": turns, "hist": hist, "top": top,
-            "quantile": quantile, "negatives": negatives, "n_tokens": tokens.shape[0]}
+    return {
+        "stats": stats,
+        "by_role": by_role,
+        "by_group": by_group,
+        "turns": turns,
+        "hist": hist,
+        "top": top,
+        "quantile": quantile,
+        "negatives": negatives,
+        "n_tokens": tokens.shape[0],
+    }
 
 
 def test_collection_equals_brute_force_reference(corpus, tiny_subject, planted, collected):
@@ -205,15 +261,29 @@ def test_collection_equals_brute_force_reference(corpus, tiny_subject, planted, 
     ref = reference(window_acts(tiny_subject, tset, store_path, corpus_id, CONFIG), CONFIG)
     assert summary.n_tokens == ref["n_tokens"]
     with Store(store_path) as store:
-        features = {r[0]: r for r in store.query(
-            "SELECT feature, n_active, mean_act, max_act, histogram, status, n_tokens FROM features "
-            "WHERE run_id = ? ORDER BY feature", [run_id])[1]}
-        roles = store.query("SELECT feature, role, n_tokens, n_active, sum_act, n_turns, n_turns_active FROM role_stats "
-                            "WHERE run_id = ?", [run_id])[1]
-        groups = store.query("SELECT feature, category, role, n_tokens, n_active, n_turns, n_turns_active "
-                             "FROM category_stats WHERE run_id = ?", [run_id])[1]
-        examples = store.query("SELECT feature, kind, rank, bin, doc_id, start, tokens, acts, max_act FROM examples "
-                               "WHERE run_id = ? ORDER BY feature, kind, bin, rank", [run_id])[1]
+        features = {
+            r[0]: r
+            for r in store.query(
+                "SELECT feature, n_active, mean_act, max_act, histogram, status, n_tokens FROM features "
+                "WHERE run_id = ? ORDER BY feature",
+                [run_id],
+            )[1]
+        }
+        roles = store.query(
+            "SELECT feature, role, n_tokens, n_active, sum_act, n_turns, n_turns_active FROM role_stats "
+            "WHERE run_id = ?",
+            [run_id],
+        )[1]
+        groups = store.query(
+            "SELECT feature, category, role, n_tokens, n_active, n_turns, n_turns_active "
+            "FROM category_stats WHERE run_id = ?",
+            [run_id],
+        )[1]
+        examples = store.query(
+            "SELECT feature, kind, rank, bin, doc_id, start, tokens, acts, max_act FROM examples "
+            "WHERE run_id = ? ORDER BY feature, kind, bin, rank",
+            [run_id],
+        )[1]
 
     F = tset.d_feat
     for f in range(F):
@@ -242,8 +312,18 @@ def test_collection_equals_brute_force_reference(corpus, tiny_subject, planted, 
     for f, kind, rank, bin_, doc_id, start, tokens, acts, max_act in examples:
         got[(f, kind)].append((bin_, rank, doc_id, start, tokens, acts, max_act))
     for f in range(F):
-        expected = [(None, rank, c[3].doc_id, c[3].start + c[4], c[3].token_ids[c[4]:c[4] + c[5]].tolist(), c[7].tolist(), c[1])
-                    for rank, c in enumerate(ref["top"][f])]
+        expected = [
+            (
+                None,
+                rank,
+                c[3].doc_id,
+                c[3].start + c[4],
+                c[3].token_ids[c[4] : c[4] + c[5]].tolist(),
+                c[7].tolist(),
+                c[1],
+            )
+            for rank, c in enumerate(ref["top"][f])
+        ]
         assert [e[:5] for e in got[(f, "top")]] == [e[:5] for e in expected], f"top examples of feature {f}"
         for row, e in zip(got[(f, "top")], expected, strict=True):
             # Context activations are kept in bfloat16 (3 significant digits); the peak in float32.
@@ -260,12 +340,21 @@ def test_planted_features_fire_where_built(corpus, tiny_subject, planted, collec
     run_id, summary = collected
     with Store(store_path) as store:
         status = dict(store.query("SELECT feature, status FROM features WHERE run_id = ?", [run_id])[1])
-        top = store.query("SELECT feature, tokens[list_position(acts, list_max(acts))] FROM examples "
-                          "WHERE run_id = ? AND kind = 'top' AND feature IN (2, 3, 4)", [run_id])[1]
-        turn_share = dict(store.query(
-            "SELECT role, n_turns_active / n_turns FROM role_stats WHERE run_id = ? AND feature = 5", [run_id])[1])
-        constant = store.one("SELECT count(*), count(DISTINCT tokens[1:2]) FROM examples "
-                             "WHERE run_id = ? AND feature = 1 AND kind = 'top'", [run_id])
+        top = store.query(
+            "SELECT feature, tokens[list_position(acts, list_max(acts))] FROM examples "
+            "WHERE run_id = ? AND kind = 'top' AND feature IN (2, 3, 4)",
+            [run_id],
+        )[1]
+        turn_share = dict(
+            store.query(
+                "SELECT role, n_turns_active / n_turns FROM role_stats WHERE run_id = ? AND feature = 5", [run_id]
+            )[1]
+        )
+        constant = store.one(
+            "SELECT count(*), count(DISTINCT tokens[1:2]) FROM examples "
+            "WHERE run_id = ? AND feature = 1 AND kind = 'top'",
+            [run_id],
+        )
     assert status[0] == "dead" and summary.status_by_layer[LAYER]["dead"] >= 1
     for feature, peak_token in top:  # token detectors peak on their token
         assert peak_token == targets[feature - 2]
@@ -315,8 +404,14 @@ def test_resume_refuses_other_settings(corpus, tiny_subject, planted):
     with pytest.raises(Crash):
         collect(store_path, corpus_id, tiny_subject, planted[0], run_id=run_id, after_shard=crash)
     with pytest.raises(AutolabelError, match="other collect settings"):
-        collect(store_path, corpus_id, tiny_subject, planted[0], config=CONFIG.model_copy(update={"top_k": 9}),
-                run_id=run_id)
+        collect(
+            store_path,
+            corpus_id,
+            tiny_subject,
+            planted[0],
+            config=CONFIG.model_copy(update={"top_k": 9}),
+            run_id=run_id,
+        )
 
 
 def tiny_run_config(folder, model_dir, cache_dir) -> dict:
@@ -326,20 +421,38 @@ def tiny_run_config(folder, model_dir, cache_dir) -> dict:
 
     write_corpus(folder / "docs.jsonl", n_text=60, n_chat=30)
     generator = torch.Generator().manual_seed(1)
-    tset = TranscoderSet({layer: Transcoder(layer, torch.randn(32, 64, generator=generator), torch.zeros(64),
-                                            1e-3 * torch.randn(64, 32, generator=generator), torch.zeros(32))
-                          for layer in (1, 2)})
+    tset = TranscoderSet(
+        {
+            layer: Transcoder(
+                layer,
+                torch.randn(32, 64, generator=generator),
+                torch.zeros(64),
+                1e-3 * torch.randn(64, 32, generator=generator),
+                torch.zeros(32),
+            )
+            for layer in (1, 2)
+        }
+    )
     save_circuit_tracer(tset, folder / "tc", "tiny")
-    return {"cache_dir": str(cache_dir), "store": str(folder / "s.duckdb"), "model": {"source": str(model_dir)},
-            "corpus": {"sources": [{"name": "file", "path": str(folder / "docs.jsonl")}], "ctx_len": 48,
-                       "generation": {"enabled": False}},
-            "transcoder": {"source": str(folder / "tc"), "max_fvu": 1e6, "check_tokens": 500},
-            "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump(),
-            "report": {"out_dir": str(folder / "reports")}, "audit": {"label_flagged": 0}}
+    return {
+        "cache_dir": str(cache_dir),
+        "store": str(folder / "s.duckdb"),
+        "model": {"source": str(model_dir)},
+        "corpus": {
+            "sources": [{"name": "file", "path": str(folder / "docs.jsonl")}],
+            "ctx_len": 48,
+            "generation": {"enabled": False},
+        },
+        "transcoder": {"source": str(folder / "tc"), "max_fvu": 1e6, "check_tokens": 500},
+        "collect": CONFIG.model_copy(update={"shard_tokens": 150, "batch_windows": 2}).model_dump(),
+        "report": {"out_dir": str(folder / "reports")},
+        "audit": {"label_flagged": 0},
+    }
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir,
-                                                     prefect_api):
+def test_kill_9_then_resume_equals_uninterrupted_run(
+    monkeypatch, capsys, tmp_path, tiny_model_dir, cache_dir, prefect_api
+):
     """The real thing: SIGKILL the CLI mid-collection, `collect --resume`, compare every table."""
     import os
     import signal
@@ -354,13 +467,18 @@ def test_kill_9_then_resume_equals_uninterrupted_run(monkeypatch, capsys, tmp_pa
 
     # The child stops itself (SIGSTOP) right after its second shard is committed and checkpointed; then
     # it is killed with SIGKILL, at exactly that point however loaded the machine is.
-    stop_after_two = ("import os, signal\nfrom autolabel.collect import stage\nkeep = stage.Checkpoints.drop_older\n"
-                      "def drop_then_stop(self, n_done):\n    keep(self, n_done)\n    if n_done == 2:\n"
-                      "        os.kill(os.getpid(), signal.SIGSTOP)\n"
-                      "stage.Checkpoints.drop_older = drop_then_stop\nfrom autolabel.cli import main\nmain()")
-    process = subprocess.Popen([sys.executable, "-c", stop_after_two, "collect", "-q", "-c", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PREFECT_API_URL": prefect_api})
+    stop_after_two = (
+        "import os, signal\nfrom autolabel.collect import stage\nkeep = stage.Checkpoints.drop_older\n"
+        "def drop_then_stop(self, n_done):\n    keep(self, n_done)\n    if n_done == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "stage.Checkpoints.drop_older = drop_then_stop\nfrom autolabel.cli import main\nmain()"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", stop_after_two, "collect", "-q", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+    )
     _, wait_status = os.waitpid(process.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(wait_status), process.stderr.read().decode()
     os.kill(process.pid, signal.SIGKILL)
@@ -393,8 +511,10 @@ def test_slices_collected_apart_and_merged_equal_one_pass(corpus, tiny_subject, 
         merged_run = store.start_run("{}", tiny_subject.model_id)
         slices = slice_plan(store, corpus_id, CONFIG, 3)
     assert len(slices) == 3 and slices[0][0] == 0 and all(a < b for a, b in slices)
-    paths = [collect_slice(str(store_path), tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, a, b)
-             for a, b in slices]
+    paths = [
+        collect_slice(str(store_path), tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, a, b)
+        for a, b in slices
+    ]
     with Store(store_path) as store:
         merge_slices(store, tiny_subject, planted[0], corpus_id, "tc-test", CONFIG, merged_run, paths, 0.0)
         for name in TABLES:
@@ -425,8 +545,15 @@ def test_bfloat16_encode_agrees_with_float32_on_planted_features(corpus, tiny_su
     assert clear.any(0).all() and (ours[:, 2:6][clear] > 0).all()
 
     k = 4
-    topk = Transcoder(LAYER, relu.W_enc.detach(), relu.b_enc.detach(), relu.W_dec.detach(), relu.b_dec.detach(),
-                      activation="topk", k=k)
+    topk = Transcoder(
+        LAYER,
+        relu.W_enc.detach(),
+        relu.b_enc.detach(),
+        relu.W_dec.detach(),
+        relu.b_dec.detach(),
+        activation="topk",
+        k=k,
+    )
     reference, ours = topk.encode(x), topk.encode_at_input_precision(x)
     kth = topk.pre_acts(x).topk(k, dim=-1).values[:, -1:]  # [N, 1] float32 k-th largest
     flipped = (ours > 0) != (reference > 0)
@@ -442,8 +569,13 @@ def test_float32_encode_unchanged_and_bfloat16_weights_follow_training(planted):
     transcoder = planted[0][LAYER]
     x = torch.randn(64, transcoder.d_in, generator=torch.Generator().manual_seed(1))
     assert torch.equal(transcoder.encode_at_input_precision(x), transcoder.encode(x))
-    copy = Transcoder(LAYER, transcoder.W_enc.detach().clone(), transcoder.b_enc.detach(), transcoder.W_dec.detach(),
-                      transcoder.b_dec.detach())
+    copy = Transcoder(
+        LAYER,
+        transcoder.W_enc.detach().clone(),
+        transcoder.b_enc.detach(),
+        transcoder.W_dec.detach(),
+        transcoder.b_dec.detach(),
+    )
     before = copy.encode_at_input_precision(x.bfloat16())
     with torch.no_grad():
         copy.W_enc.mul_(-1)

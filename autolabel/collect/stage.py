@@ -61,16 +61,24 @@ class CorpusIndex:
 
     @classmethod
     def read(cls, store: Store, corpus_id: str) -> CorpusIndex:
-        rows = store.rows("SELECT doc_id, n_tokens, category FROM documents WHERE corpus_id = ? ORDER BY doc_id",
-                                 [corpus_id])
+        rows = store.rows(
+            "SELECT doc_id, n_tokens, category FROM documents WHERE corpus_id = ? ORDER BY doc_id", [corpus_id]
+        )
         if not rows:
             raise AutolabelError(f"corpus {corpus_id} has no documents; build it first with `autolabel corpus build`")
         too_long = [doc_id for doc_id, n, _ in rows if n >= MAX_DOC_TOKENS]
         if too_long:
-            raise AutolabelError(f"documents {too_long[:3]} have {MAX_DOC_TOKENS:,} tokens or more; split them into smaller documents")
+            raise AutolabelError(
+                f"documents {too_long[:3]} have {MAX_DOC_TOKENS:,} tokens or more; split them into smaller documents"
+            )
         categories = sorted({category for _, _, category in rows})
-        return cls([r[0] for r in rows], [r[1] for r in rows], categories,
-                   {r[0]: i for i, r in enumerate(rows)}, {c: i for i, c in enumerate(categories)})
+        return cls(
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            categories,
+            {r[0]: i for i, r in enumerate(rows)},
+            {c: i for i, c in enumerate(categories)},
+        )
 
 
 def plan_shards(doc_tokens: list[int], shard_tokens: int) -> list[tuple[int, int]]:
@@ -105,13 +113,18 @@ def make_batch(windows: list[Window], index: CorpusIndex, pad_id: int) -> tuple[
     starts = torch.tensor([w.start for w in windows])[:, None]
     valid = mask.bool()
     valid[:, 0] = False
-    return input_ids, mask, Batch(
-        valid=valid, roles=roles,
-        turn_keys=(ordinals << POS_BITS) | (turns << 3) | roles,
-        keys=(ordinals << POS_BITS) | (starts + torch.arange(S)[None, :]),
-        tokens=input_ids,
-        categories=torch.tensor([index.category_index[w.category] for w in windows]),
-        lengths=torch.tensor([len(w.token_ids) for w in windows]),
+    return (
+        input_ids,
+        mask,
+        Batch(
+            valid=valid,
+            roles=roles,
+            turn_keys=(ordinals << POS_BITS) | (turns << 3) | roles,
+            keys=(ordinals << POS_BITS) | (starts + torch.arange(S)[None, :]),
+            tokens=input_ids,
+            categories=torch.tensor([index.category_index[w.category] for w in windows]),
+            lengths=torch.tensor([len(w.token_ids) for w in windows]),
+        ),
     )
 
 
@@ -153,11 +166,15 @@ class Checkpoints:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
         except (OSError, SafetensorError) as err:
-            raise AutolabelError(f"cannot continue collecting: the state file {path} is missing or unreadable "
-                                 f"({err}); start a new collection without --resume") from err
+            raise AutolabelError(
+                f"cannot continue collecting: the state file {path} is missing or unreadable "
+                f"({err}); start a new collection without --resume"
+            ) from err
         if metadata.get("fingerprint") != self.fingerprint:
-            raise AutolabelError(f"cannot continue from {path}: it was made with other collect settings, corpus or "
-                                 f"transcoder; start a new collection without --resume")
+            raise AutolabelError(
+                f"cannot continue from {path}: it was made with other collect settings, corpus or "
+                f"transcoder; start a new collection without --resume"
+            )
         for layer, state in states.items():
             for name in state.tensors.names():
                 setattr(state.tensors, name, tensors[f"{layer}/{name}"])
@@ -172,15 +189,21 @@ def fingerprint(config: CollectConfig, corpus_id: str, transcoder_id: str, model
     The dtype is part of it: a bfloat16 forward pass gives (slightly) different activations, and its
     transcoders encode with bfloat16 weights (`encode`), which collections before that did not.
     """
-    spec = {"collect": config.model_dump(mode="json"), "corpus": corpus_id, "transcoder": transcoder_id,
-            "model": model_id, "dtype": dtype}
+    spec = {
+        "collect": config.model_dump(mode="json"),
+        "corpus": corpus_id,
+        "transcoder": transcoder_id,
+        "model": model_id,
+        "dtype": dtype,
+    }
     if dtype == "bfloat16":
         spec["encode"] = "bfloat16"
     return hashlib.sha256(to_json(spec).encode()).hexdigest()[:16]
 
 
-def capture_batches(subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window], index: CorpusIndex,
-                    batch_size: int) -> Iterator[tuple[Batch, dict[int, torch.Tensor]]]:
+def capture_batches(
+    subject: SubjectModel, tset: TranscoderSet, windows: Iterable[Window], index: CorpusIndex, batch_size: int
+) -> Iterator[tuple[Batch, dict[int, torch.Tensor]]]:
     """Per batch of windows: its token facts and layer -> transcoder inputs [B, S, d_in]."""
     points = {layer: subject.hook_point(tset.input_hook, layer) for layer in tset.layers}
     pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
@@ -197,9 +220,17 @@ def encode(tset: TranscoderSet, layer: int, x: torch.Tensor) -> torch.Tensor:
     return tset[layer].encode_at_input_precision(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
 
 
-def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
-                  config: CollectConfig, run_id: str, show_progress: bool = True,
-                  after_shard: Callable[[int], None] | None = None) -> CollectSummary:
+def collect_stage(
+    store: Store,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    corpus_id: str,
+    transcoder_id: str,
+    config: CollectConfig,
+    run_id: str,
+    show_progress: bool = True,
+    after_shard: Callable[[int], None] | None = None,
+) -> CollectSummary:
     """Collect (or finish collecting) run_id; `after_shard(n_done)` runs after each committed shard."""
     started = time.perf_counter()
     index = CorpusIndex.read(store, corpus_id)
@@ -210,8 +241,10 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
         return collect_summary(store, run_id, time.perf_counter() - started, len(plan))
     n_done = next((i for i, name in enumerate(names) if name not in done), len(names))
     if done - set(names[:n_done]):
-        raise AutolabelError(f"run {run_id} has collect shards out of order ({sorted(done)[:5]}); "
-                             f"start a new collection without --resume")
+        raise AutolabelError(
+            f"run {run_id} has collect shards out of order ({sorted(done)[:5]}); "
+            f"start a new collection without --resume"
+        )
 
     states = new_states(tset, index, config)
     key = fingerprint(config, corpus_id, transcoder_id, subject.model_id, subject.dtype)
@@ -219,8 +252,11 @@ def collect_stage(store: Store, subject: SubjectModel, tset: TranscoderSet, corp
     if n_done:
         checkpoints.load(states, n_done)
     with progress_bar("tok", disable=not show_progress) as bar:
-        task = bar.add_task("collecting", total=sum(index.doc_tokens),
-                            completed=sum(index.doc_tokens[: plan[n_done - 1][1] + 1]) if n_done else 0)
+        task = bar.add_task(
+            "collecting",
+            total=sum(index.doc_tokens),
+            completed=sum(index.doc_tokens[: plan[n_done - 1][1] + 1]) if n_done else 0,
+        )
         for k in range(n_done, len(plan)):
             run_shard(store, subject, tset, corpus_id, index, plan[k], states, config, lambda n: bar.advance(task, n))
             checkpoints.save(states, k + 1)
@@ -237,9 +273,17 @@ def new_states(tset: TranscoderSet, index: CorpusIndex, config: CollectConfig) -
     return {layer: LayerState(tset[layer].d_feat, len(index.categories), config) for layer in tset.layers}
 
 
-def run_shard(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, index: CorpusIndex,
-              shard: tuple[int, int], states: dict[int, LayerState], config: CollectConfig,
-              advance: Callable[[int], None]) -> None:
+def run_shard(
+    store: Store,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    corpus_id: str,
+    index: CorpusIndex,
+    shard: tuple[int, int],
+    states: dict[int, LayerState],
+    config: CollectConfig,
+    advance: Callable[[int], None],
+) -> None:
     """Update `states` with one shard's windows (documents shard[0]..shard[1]); turns close at its end."""
     windows = shard_windows(store, corpus_id, index, *shard)
     with torch.inference_mode():
@@ -261,8 +305,9 @@ def write_tables(store: Store, corpus_id: str, index: CorpusIndex, run_id: str, 
         tables["category_stats"].append(category_table)
         tables["examples"].append(example_rows(store, corpus_id, index.doc_ids, run_id, layer, state))
     # Rows of a run are only ever written here, once: a plain insert (fresh) keeps peak memory low.
-    store.write_shard(run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()},
-                      fresh=True)
+    store.write_shard(
+        run_id, STAGE, "final", {name: pa.concat_tables(parts) for name, parts in tables.items()}, fresh=True
+    )
 
 
 # -- scale-out: slices of the shard plan collected apart, then merged -------------------------
@@ -277,8 +322,17 @@ def slice_plan(store: Store, corpus_id: str, config: CollectConfig, n_slices: in
     return list(pairwise(bounds))
 
 
-def collect_slice(store_path: str, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
-                  config: CollectConfig, run_id: str, first: int, last: int) -> str:
+def collect_slice(
+    store_path: str,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    corpus_id: str,
+    transcoder_id: str,
+    config: CollectConfig,
+    run_id: str,
+    first: int,
+    last: int,
+) -> str:
     """Collect shards [first, last) into a state file beside the store (one worker's share); its path.
 
     Workers only read the store (any number of processes may), so the merge is the only writer.
@@ -296,8 +350,17 @@ def collect_slice(store_path: str, subject: SubjectModel, tset: TranscoderSet, c
     return str(path)
 
 
-def merge_slices(store: Store, subject: SubjectModel, tset: TranscoderSet, corpus_id: str, transcoder_id: str,
-                 config: CollectConfig, run_id: str, paths: list[str], seconds: float) -> CollectSummary:
+def merge_slices(
+    store: Store,
+    subject: SubjectModel,
+    tset: TranscoderSet,
+    corpus_id: str,
+    transcoder_id: str,
+    config: CollectConfig,
+    run_id: str,
+    paths: list[str],
+    seconds: float,
+) -> CollectSummary:
     """Fold the slices' states together (equal to one pass over all of them) and write the run's tables."""
     index = CorpusIndex.read(store, corpus_id)
     key = fingerprint(config, corpus_id, transcoder_id, subject.model_id, subject.dtype)
@@ -317,8 +380,10 @@ def merge_slices(store: Store, subject: SubjectModel, tset: TranscoderSet, corpu
 
 
 def collect_summary(store: Store, run_id: str, seconds: float, resumed_shards: int) -> CollectSummary:
-    rows = store.rows("SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? "
-                             "GROUP BY ALL ORDER BY ALL", [run_id])
+    rows = store.rows(
+        "SELECT layer, status, count(*), max(n_tokens) FROM features WHERE run_id = ? GROUP BY ALL ORDER BY ALL",
+        [run_id],
+    )
     by_layer: dict[int, dict[str, int]] = {}
     for layer, status, count, _ in rows:
         by_layer.setdefault(layer, {"active": 0, "rare": 0, "dead": 0})[status] = count

@@ -137,16 +137,19 @@ class LayerState:
         counts = torch.bincount(bins * self.d_feat + features, minlength=self.bins.n * self.d_feat)
         getattr(self.tensors, name).add_(counts.view(self.bins.n, self.d_feat))
 
-    def _token_stats(self, tokens: torch.Tensor, token_groups: torch.Tensor, roles: torch.Tensor, fired: Fired,
-                     groups: torch.Tensor) -> None:
+    def _token_stats(
+        self, tokens: torch.Tensor, token_groups: torch.Tensor, roles: torch.Tensor, fired: Fired, groups: torch.Tensor
+    ) -> None:
         """tokens [N, F] and token_groups [N] of the valid tokens; roles and groups [B * S] of every position."""
         one_hot = torch.nn.functional.one_hot(token_groups, self.n_groups).float()  # [N, n_groups]
         self.tensors.group_tokens.add_(torch.bincount(token_groups, minlength=self.n_groups))
-        self.tensors.group_active.view(-1).add_(torch.bincount(groups[fired.token] * self.d_feat + fired.feature,
-                                                               minlength=self.n_groups * self.d_feat))
+        self.tensors.group_active.view(-1).add_(
+            torch.bincount(groups[fired.token] * self.d_feat + fired.feature, minlength=self.n_groups * self.d_feat)
+        )
         self.tensors.group_sum.add_((one_hot.T @ tokens).double())
-        self.tensors.role_max.view(-1).scatter_reduce_(0, roles[fired.token] * self.d_feat + fired.feature,
-                                                       fired.value, "amax")
+        self.tensors.role_max.view(-1).scatter_reduce_(
+            0, roles[fired.token] * self.d_feat + fired.feature, fired.value, "amax"
+        )
         self._add_histogram("hist_tokens", fired.value, fired.feature)
 
     def _turn_stats(self, fired: Fired, turn_keys: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor) -> None:
@@ -207,13 +210,16 @@ class LayerState:
         tokens = batch.tokens.gather(1, at.reshape(len(at), -1)).view(at.shape)
         mixed = mix32(((tokens + 1) ^ (offsets << 17)) & 0xFFFFFFFF)
         prefix_hash = (mixed * (at <= p[..., None])).sum(-1) + (p - first)  # [B, S]
-        return Peaks(value=value, key=batch.keys.gather(1, position),
-                     first=first.gather(1, position), length=length.gather(1, position),
-                     hash=prefix_hash.gather(1, position),
-                     ctx_key=batch.keys.gather(1, first.gather(1, position)))
+        return Peaks(
+            value=value,
+            key=batch.keys.gather(1, position),
+            first=first.gather(1, position),
+            length=length.gather(1, position),
+            hash=prefix_hash.gather(1, position),
+            ctx_key=batch.keys.gather(1, first.gather(1, position)),
+        )
 
-    def _context_acts(self, fired: Fired, peaks: Peaks, windows: torch.Tensor,
-                      features: torch.Tensor) -> torch.Tensor:
+    def _context_acts(self, fired: Fired, peaks: Peaks, windows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """[n, T] activations across the contexts of n distinct (window, feature) peaks, zero past their end.
 
         Read from the fired list rather than gathered from the dense tensor: n x T scattered reads
@@ -257,7 +263,9 @@ class LayerState:
         admitted = rank[K:] < K  # [B, n] windows that got in (as many as freed slots, per column)
         # The i-th admitted window of a column takes its i-th freed slot.
         free_slots = torch.full((K + 1, len(cols)), K, dtype=torch.long)
-        free_slots.scatter_(0, torch.where(freed, freed.long().cumsum(0) - 1, K), torch.arange(K)[:, None].expand(K, len(cols)))
+        free_slots.scatter_(
+            0, torch.where(freed, freed.long().cumsum(0) - 1, K), torch.arange(K)[:, None].expand(K, len(cols))
+        )
         window, col = admitted.nonzero(as_tuple=True)
         slot = free_slots[(admitted.long().cumsum(0) - 1)[window, col], col]
         feature = cols[col]
@@ -296,12 +304,16 @@ class LayerState:
         self.tensors.hist_peaks.add_(other.tensors.hist_peaks)
 
         P = self.config.per_bin
-        _, keep = torch.cat([self.tensors.res_prio, other.tensors.res_prio], dim=1).topk(P, dim=1, largest=False)  # [G, P, F]
+        _, keep = torch.cat([self.tensors.res_prio, other.tensors.res_prio], dim=1).topk(
+            P, dim=1, largest=False
+        )  # [G, P, F]
         self._select(other, ("res_prio", "res_value", "res_key", "res_ctx", "res_len", "res_acts"), keep, dim=1)
 
         values = torch.cat([self.tensors.top_value, other.tensors.top_value])  # [2K, F]
         keys = torch.cat([self.tensors.top_key, other.tensors.top_key])
-        duplicate = repeated_hashes(value_key_order(values, keys), torch.cat([self.tensors.top_hash, other.tensors.top_hash]))
+        duplicate = repeated_hashes(
+            value_key_order(values, keys), torch.cat([self.tensors.top_hash, other.tensors.top_hash])
+        )
         keep = value_key_order(values.masked_fill(duplicate, float("-inf")), keys.masked_fill(duplicate, EMPTY_KEY))
         keep = keep[: self.config.top_k]
         self._select(other, ("top_value", "top_key", "top_hash", "top_ctx", "top_len", "top_acts"), keep, dim=0)
@@ -310,7 +322,9 @@ class LayerState:
         self.tensors.top_key.masked_fill_(dropped, EMPTY_KEY)
 
         if self.config.random_examples:
-            _, keep = torch.cat([self.tensors.neg_prio, other.tensors.neg_prio]).topk(self.config.random_examples, dim=0, largest=False)
+            _, keep = torch.cat([self.tensors.neg_prio, other.tensors.neg_prio]).topk(
+                self.config.random_examples, dim=0, largest=False
+            )
             self._select(other, ("neg_prio", "neg_ctx", "neg_len"), keep, dim=0)
 
     def _select(self, other: LayerState, names: tuple[str, ...], index: torch.Tensor, dim: int) -> None:
@@ -318,7 +332,8 @@ class LayerState:
         for name in names:
             both = torch.cat([getattr(self.tensors, name), getattr(other.tensors, name)], dim=dim)
             expanded = index.reshape(*index.shape, *([1] * (both.dim() - index.dim()))).expand(
-                *index.shape, *both.shape[index.dim():])
+                *index.shape, *both.shape[index.dim() :]
+            )
             setattr(self.tensors, name, both.gather(dim, expanded))
 
     def top_order(self) -> torch.Tensor:
@@ -370,8 +385,12 @@ class LayerState:
         prio = torch.where(silent, priorities(keys.reshape(-1, 1), self.salts), EMPTY_KEY)
         pool = torch.cat([self.tensors.neg_prio, prio])
         best, index = pool.topk(R, dim=0, largest=False)
-        self.tensors.neg_ctx.copy_(torch.cat([self.tensors.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index))
-        self.tensors.neg_len.copy_(torch.cat([self.tensors.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index))
+        self.tensors.neg_ctx.copy_(
+            torch.cat([self.tensors.neg_ctx, keys.reshape(-1, 1).expand(-1, F)]).gather(0, index)
+        )
+        self.tensors.neg_len.copy_(
+            torch.cat([self.tensors.neg_len, lengths.reshape(-1, 1).expand(-1, F)]).gather(0, index)
+        )
         self.tensors.neg_prio.copy_(best)
 
 
@@ -391,5 +410,11 @@ class Fired:
         flat = (acts.reshape(-1) > 0).nonzero().squeeze(1)
         F, S = acts.shape[-1], acts.shape[1]
         token = flat // F
-        return cls(token=token, window=token // S, position=token % S, feature=flat % F,
-                   value=acts.reshape(-1)[flat], seq_len=S)
+        return cls(
+            token=token,
+            window=token // S,
+            position=token % S,
+            feature=flat % F,
+            value=acts.reshape(-1)[flat],
+            seq_len=S,
+        )

@@ -62,20 +62,26 @@ def feature_rows(run_id: str, layer: int, state: LayerState, n_layer_tokens: int
     edges = state.bins.edges(torch.where(fired, state.tensors.exponent, 0))  # [G + 1, F]
     q_edges = quantile_edges(state, edges)
     density = n_active.double() / max(n_layer_tokens, 1)
-    status = np.where(n_active.numpy() == 0, "dead",
-                      np.where(density.numpy() < state.config.rare_density, "rare", "active"))
+    status = np.where(
+        n_active.numpy() == 0, "dead", np.where(density.numpy() < state.config.rare_density, "rare", "active")
+    )
     F, G = state.d_feat, state.bins.n
-    return pa.table({
-        "run_id": pa.array([run_id] * F), "layer": pa.array(np.full(F, layer, dtype=np.int32)),
-        "feature": pa.array(np.arange(F, dtype=np.int32)),
-        "n_tokens": pa.array(np.full(F, n_layer_tokens, dtype=np.int64)), "n_active": n_active.numpy(),
-        "density": density.numpy(), "max_act": state.tensors.role_max.amax(0).double().numpy(),
-        "mean_act": pa.array((sums / n_active.clamp_min(1)).numpy(), mask=~fired.numpy()),
-        "quantile_edges": pa.array(list(q_edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
-        "histogram": _list_column(state.tensors.hist_tokens.T.reshape(-1).numpy(), np.full(F, G), pa.int64()),
-        "histogram_edges": pa.array(list(edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
-        "status": pa.array(status),
-    })
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * F),
+            "layer": pa.array(np.full(F, layer, dtype=np.int32)),
+            "feature": pa.array(np.arange(F, dtype=np.int32)),
+            "n_tokens": pa.array(np.full(F, n_layer_tokens, dtype=np.int64)),
+            "n_active": n_active.numpy(),
+            "density": density.numpy(),
+            "max_act": state.tensors.role_max.amax(0).double().numpy(),
+            "mean_act": pa.array((sums / n_active.clamp_min(1)).numpy(), mask=~fired.numpy()),
+            "quantile_edges": pa.array(list(q_edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
+            "histogram": _list_column(state.tensors.hist_tokens.T.reshape(-1).numpy(), np.full(F, G), pa.int64()),
+            "histogram_edges": pa.array(list(edges.T.numpy()), type=pa.list_(pa.float64()), mask=~fired.numpy()),
+            "status": pa.array(status),
+        }
+    )
 
 
 def role_rows(run_id: str, layer: int, state: LayerState, categories: list[str]) -> tuple[pa.Table, pa.Table]:
@@ -86,37 +92,52 @@ def role_rows(run_id: str, layer: int, state: LayerState, categories: list[str])
         counts = getattr(state.tensors, name)  # [n_groups, ...], category-major
         return counts.reshape(C, N_ROLES, *counts.shape[1:])
 
-    per_role = {name: by_group(name).sum(0) for name in
-                ("group_tokens", "group_active", "group_sum", "group_turns", "group_turns_active")}
-    role_table = pa.table({
-        "run_id": pa.array([run_id] * (N_ROLES * F)), "layer": pa.array(np.full(N_ROLES * F, layer, dtype=np.int32)),
-        "feature": pa.array(np.tile(np.arange(F, dtype=np.int32), N_ROLES)),
-        "role": pa.array(np.repeat(np.array(ROLES), F)),
-        "n_tokens": np.repeat(per_role["group_tokens"].numpy(), F),
-        "n_active": per_role["group_active"].reshape(-1).numpy(),
-        "sum_act": per_role["group_sum"].reshape(-1).numpy(),
-        "max_act": state.tensors.role_max.reshape(-1).double().numpy(),
-        "n_turns": np.repeat(per_role["group_turns"].numpy(), F),
-        "n_turns_active": per_role["group_turns_active"].reshape(-1).numpy(),
-    })
+    per_role = {
+        name: by_group(name).sum(0)
+        for name in ("group_tokens", "group_active", "group_sum", "group_turns", "group_turns_active")
+    }
+    role_table = pa.table(
+        {
+            "run_id": pa.array([run_id] * (N_ROLES * F)),
+            "layer": pa.array(np.full(N_ROLES * F, layer, dtype=np.int32)),
+            "feature": pa.array(np.tile(np.arange(F, dtype=np.int32), N_ROLES)),
+            "role": pa.array(np.repeat(np.array(ROLES), F)),
+            "n_tokens": np.repeat(per_role["group_tokens"].numpy(), F),
+            "n_active": per_role["group_active"].reshape(-1).numpy(),
+            "sum_act": per_role["group_sum"].reshape(-1).numpy(),
+            "max_act": state.tensors.role_max.reshape(-1).double().numpy(),
+            "n_turns": np.repeat(per_role["group_turns"].numpy(), F),
+            "n_turns_active": per_role["group_turns_active"].reshape(-1).numpy(),
+        }
+    )
     present = (state.tensors.group_tokens > 0).nonzero().squeeze(1).numpy()  # groups with tokens
     n = len(present) * F
-    category_table = pa.table({
-        "run_id": pa.array([run_id] * n), "layer": pa.array(np.full(n, layer, dtype=np.int32)),
-        "feature": pa.array(np.tile(np.arange(F, dtype=np.int32), len(present))),
-        "category": pa.array(np.repeat(np.array(categories, dtype=object)[present // N_ROLES], F)),
-        "role": pa.array(np.repeat(np.array(ROLES)[present % N_ROLES], F)),
-        "n_tokens": np.repeat(state.tensors.group_tokens[present].numpy(), F),
-        "n_active": state.tensors.group_active[present].reshape(-1).numpy(),
-        "sum_act": state.tensors.group_sum[present].reshape(-1).numpy(),
-        "n_turns": np.repeat(state.tensors.group_turns[present].numpy(), F),
-        "n_turns_active": state.tensors.group_turns_active[present].reshape(-1).numpy(),
-    })
+    category_table = pa.table(
+        {
+            "run_id": pa.array([run_id] * n),
+            "layer": pa.array(np.full(n, layer, dtype=np.int32)),
+            "feature": pa.array(np.tile(np.arange(F, dtype=np.int32), len(present))),
+            "category": pa.array(np.repeat(np.array(categories, dtype=object)[present // N_ROLES], F)),
+            "role": pa.array(np.repeat(np.array(ROLES)[present % N_ROLES], F)),
+            "n_tokens": np.repeat(state.tensors.group_tokens[present].numpy(), F),
+            "n_active": state.tensors.group_active[present].reshape(-1).numpy(),
+            "sum_act": state.tensors.group_sum[present].reshape(-1).numpy(),
+            "n_turns": np.repeat(state.tensors.group_turns[present].numpy(), F),
+            "n_turns_active": state.tensors.group_turns_active[present].reshape(-1).numpy(),
+        }
+    )
     return role_table, category_table
 
 
-def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, layer: int,
-                 state: LayerState, docs_per_read: int = 256) -> pa.Table:
+def example_rows(
+    store: Store,
+    corpus_id: str,
+    doc_ids: list[str],
+    run_id: str,
+    layer: int,
+    state: LayerState,
+    docs_per_read: int = 256,
+) -> pa.Table:
     """Top, quantile and random examples of every feature, with their tokens read back from the corpus."""
     T = state.config.example_tokens
     kind, rank, bins, feature, ctx, length, acts, max_act = _kept_examples(state)
@@ -125,17 +146,23 @@ def example_rows(store: Store, corpus_id: str, doc_ids: list[str], run_id: str, 
     tokens, role, turn = _read_contexts(store, corpus_id, doc_ids, ordinal, start, peak, T, docs_per_read)
     inside = np.arange(T)[None, :] < length[:, None]
     n = len(ctx)
-    return pa.table({
-        "run_id": pa.array([run_id] * n), "layer": pa.array(np.full(n, layer, dtype=np.int32)),
-        "feature": pa.array(feature.astype(np.int32)), "kind": pa.array(kind), "rank": pa.array(rank.astype(np.int32)),
-        "bin": pa.array(bins.astype(np.int32), mask=bins < 0),
-        "doc_id": pa.array([doc_ids[i] for i in ordinal], type=pa.string()),
-        "turn": pa.array(turn.astype(np.int32)), "role": pa.array(np.array(ROLES)[role]),
-        "start": pa.array(start.astype(np.int32)),
-        "tokens": _list_column(tokens[inside], length, pa.int32()),
-        "acts": _list_column(acts[inside].astype(np.float32), length, pa.float32()),
-        "max_act": max_act,
-    })
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * n),
+            "layer": pa.array(np.full(n, layer, dtype=np.int32)),
+            "feature": pa.array(feature.astype(np.int32)),
+            "kind": pa.array(kind),
+            "rank": pa.array(rank.astype(np.int32)),
+            "bin": pa.array(bins.astype(np.int32), mask=bins < 0),
+            "doc_id": pa.array([doc_ids[i] for i in ordinal], type=pa.string()),
+            "turn": pa.array(turn.astype(np.int32)),
+            "role": pa.array(np.array(ROLES)[role]),
+            "start": pa.array(start.astype(np.int32)),
+            "tokens": _list_column(tokens[inside], length, pa.int32()),
+            "acts": _list_column(acts[inside].astype(np.float32), length, pa.float32()),
+            "max_act": max_act,
+        }
+    )
 
 
 def _kept_examples(state: LayerState) -> tuple[np.ndarray, ...]:
@@ -150,25 +177,56 @@ def _kept_examples(state: LayerState) -> tuple[np.ndarray, ...]:
     neg_slot, neg_feature = (tensors.neg_prio != EMPTY_KEY).nonzero(as_tuple=True)
     top_value, q_value = tensors.top_value[top_slot, top_feature], tensors.res_value[g, p, q_feature]
     parts = [  # kind, rank, bin, feature, context key, context length, activations [n, T]
-        ("top", top_rank, None, top_feature, tensors.top_ctx[top_slot, top_feature],
-         tensors.top_len[top_slot, top_feature], tensors.top_acts[top_slot, top_feature]),
-        ("quantile", q_rank, q_bin, q_feature, tensors.res_ctx[g, p, q_feature], tensors.res_len[g, p, q_feature],
-         tensors.res_acts[g, p, q_feature]),
-        ("random", neg_slot, None, neg_feature, tensors.neg_ctx[neg_slot, neg_feature],
-         tensors.neg_len[neg_slot, neg_feature], torch.zeros(len(neg_slot), T)),
+        (
+            "top",
+            top_rank,
+            None,
+            top_feature,
+            tensors.top_ctx[top_slot, top_feature],
+            tensors.top_len[top_slot, top_feature],
+            tensors.top_acts[top_slot, top_feature],
+        ),
+        (
+            "quantile",
+            q_rank,
+            q_bin,
+            q_feature,
+            tensors.res_ctx[g, p, q_feature],
+            tensors.res_len[g, p, q_feature],
+            tensors.res_acts[g, p, q_feature],
+        ),
+        (
+            "random",
+            neg_slot,
+            None,
+            neg_feature,
+            tensors.neg_ctx[neg_slot, neg_feature],
+            tensors.neg_len[neg_slot, neg_feature],
+            torch.zeros(len(neg_slot), T),
+        ),
     ]
-    return (np.concatenate([np.full(len(part[1]), part[0]) for part in parts]),
-            torch.cat([part[1] for part in parts]).numpy(),
-            np.concatenate([part[2].numpy() if part[2] is not None else np.full(len(part[1]), -1) for part in parts]),
-            torch.cat([part[3] for part in parts]).numpy(),
-            torch.cat([part[4] for part in parts]).numpy(),
-            torch.cat([part[5] for part in parts]).numpy(),
-            torch.cat([part[6].float() for part in parts]).numpy(),  # [n, T]
-            torch.cat([top_value, q_value, torch.zeros(len(neg_slot))]).double().numpy())
+    return (
+        np.concatenate([np.full(len(part[1]), part[0]) for part in parts]),
+        torch.cat([part[1] for part in parts]).numpy(),
+        np.concatenate([part[2].numpy() if part[2] is not None else np.full(len(part[1]), -1) for part in parts]),
+        torch.cat([part[3] for part in parts]).numpy(),
+        torch.cat([part[4] for part in parts]).numpy(),
+        torch.cat([part[5] for part in parts]).numpy(),
+        torch.cat([part[6].float() for part in parts]).numpy(),  # [n, T]
+        torch.cat([top_value, q_value, torch.zeros(len(neg_slot))]).double().numpy(),
+    )
 
 
-def _read_contexts(store: Store, corpus_id: str, doc_ids: list[str], ordinal: np.ndarray, start: np.ndarray,
-                   peak: np.ndarray, T: int, docs_per_read: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_contexts(
+    store: Store,
+    corpus_id: str,
+    doc_ids: list[str],
+    ordinal: np.ndarray,
+    start: np.ndarray,
+    peak: np.ndarray,
+    T: int,
+    docs_per_read: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [n, T], role code at the peak [n], turn at the peak [n]) of each example, read from the corpus a
     few documents at a time (positions past a document's end repeat its last token)."""
     tokens = np.zeros((len(ordinal), T), dtype=np.int32)
@@ -178,14 +236,18 @@ def _read_contexts(store: Store, corpus_id: str, doc_ids: list[str], ordinal: np
     sorted_ordinals = ordinal[order]
     wanted = np.unique(ordinal)
     for chunk in range(0, len(wanted), docs_per_read):
-        ordinals = wanted[chunk:chunk + docs_per_read]
+        ordinals = wanted[chunk : chunk + docs_per_read]
         rows = store.rows(
             "SELECT doc_id, token_ids, list_transform(roles, lambda r: enum_code(r)), turns FROM doc_tokens "
-            "WHERE corpus_id = ? AND doc_id IN (SELECT unnest(?))", [corpus_id, [doc_ids[i] for i in ordinals]])
+            "WHERE corpus_id = ? AND doc_id IN (SELECT unnest(?))",
+            [corpus_id, [doc_ids[i] for i in ordinals]],
+        )
         by_doc = {doc_id: (np.asarray(ids), np.asarray(codes), np.asarray(turns)) for doc_id, ids, codes, turns in rows}
         for doc_ordinal in ordinals:
             ids, codes, turns = by_doc[doc_ids[doc_ordinal]]
-            here = order[np.searchsorted(sorted_ordinals, doc_ordinal):np.searchsorted(sorted_ordinals, doc_ordinal, "right")]
+            here = order[
+                np.searchsorted(sorted_ordinals, doc_ordinal) : np.searchsorted(sorted_ordinals, doc_ordinal, "right")
+            ]
             positions = np.minimum(start[here, None] + np.arange(T)[None, :], len(ids) - 1)
             tokens[here] = ids[positions]
             role[here], turn[here] = codes[start[here] + peak[here]], turns[start[here] + peak[here]]

@@ -30,10 +30,20 @@ class Transcoder(nn.Module):
     `origin` (the file the weights came from, where known) only serves error messages.
     """
 
-    def __init__(self, layer: int, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                 b_dec: torch.Tensor, activation: Activation = "relu", threshold: torch.Tensor | None = None,
-                 k: int | None = None, W_skip: torch.Tensor | None = None, b_in: torch.Tensor | None = None,
-                 origin: str = ""):
+    def __init__(
+        self,
+        layer: int,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        activation: Activation = "relu",
+        threshold: torch.Tensor | None = None,
+        k: int | None = None,
+        W_skip: torch.Tensor | None = None,
+        b_in: torch.Tensor | None = None,
+        origin: str = "",
+    ):
         super().__init__()
         d_in, d_feat = W_enc.shape
         if W_dec.shape[0] != d_feat:
@@ -146,7 +156,8 @@ def refuse_non_finite(transcoder: Transcoder, origin: str) -> None:
             raise AutolabelError(
                 f"transcoder layer {transcoder.layer}: {name}{f' in {origin}' if origin else ''} holds {n_nan} NaN and "
                 f"{n_inf} infinite value(s) of {tensor.numel()} (first at index {first}); the weights are damaged (a "
-                f"diverged training run, a bad export or a corrupt download): export, download or train them again")
+                f"diverged training run, a bad export or a corrupt download): export, download or train them again"
+            )
 
 
 @dataclass
