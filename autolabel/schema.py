@@ -241,7 +241,8 @@ def rekey_scores(con: duckdb.DuckDBPyConnection) -> None:
         return
     con.execute("ALTER TABLE scores RENAME TO scores_v3")
     con.execute(SCHEMA["scores"])
-    con.execute("""INSERT INTO scores (run_id, layer, feature, labeler, scorer, value, n, status, unreliable, details_json)
+    con.execute("""INSERT INTO scores
+            (run_id, layer, feature, labeler, scorer, value, n, status, unreliable, details_json)
         SELECT s.run_id, s.layer, s.feature, coalesce(l.labeler, 'unknown'), s.scorer, s.value, s.n, s.status,
                s.unreliable, s.details_json
         FROM scores_v3 s LEFT JOIN (SELECT run_id, layer, feature, arg_max(labeler, created_at) AS labeler

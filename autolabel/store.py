@@ -95,7 +95,8 @@ class Store:
         self.path = Path(path)
         if (read_only or not create) and not self.path.is_file():
             raise AutolabelError(
-                f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, or pass --store"
+                f"store {self.path} does not exist; run `autolabel run` or `autolabel corpus build` first, "
+                "or pass --store"
             )
         self.con = _connect(self.path, read_only, {"enable_external_access": False} if sandboxed else {})
         if not read_only and (self._signature() or "new") != _MIGRATED.get(self.path.resolve()):

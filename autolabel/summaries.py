@@ -62,7 +62,8 @@ def print_labels(summary) -> None:
     )
     if summary.stopped:
         console.print(
-            f"[yellow]stopped early:[/] {escape(str(summary.stopped))}; `autolabel label --run {summary.run_id}` resumes"
+            f"[yellow]stopped early:[/] {escape(str(summary.stopped))}; "
+            f"`autolabel label --run {summary.run_id}` resumes"
         )
 
 

@@ -306,8 +306,9 @@ def main() -> None:
         )
         if ours and theirs:
             print(
-                f"layer 24, {what}: autolabel collect / delphi caching = {ours['tok_per_s'] / theirs['tok_per_s']:.2f}x "
-                f"tok/s, peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB"
+                f"layer 24, {what}: autolabel collect / delphi caching = "
+                f"{ours['tok_per_s'] / theirs['tok_per_s']:.2f}x tok/s, "
+                f"peak RSS {ours['peak_rss_mb']:.0f} vs {theirs['peak_rss_mb']:.0f} MB"
             )
     if args.baseline:
         for tag in ("" if dtype == "float32" else ", bf16" for dtype in dtypes):

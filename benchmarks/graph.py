@@ -89,7 +89,8 @@ for ids in [args["warm_up"]] + args["prompts"]:
     weights[-len(logits):] = graph.logit_probabilities
     def top_edges(matrix):
         top = matrix.abs().flatten().topk(args["top_edges"]).indices
-        return [[node_ids[r], node_ids[c]] for r, c in zip((top // matrix.shape[1]).tolist(), (top % matrix.shape[1]).tolist())]
+        rows, columns = (top // matrix.shape[1]).tolist(), (top % matrix.shape[1]).tolist()
+        return [[node_ids[r], node_ids[c]] for r, c in zip(rows, columns, strict=True)]
     first = torch.tensor([node.rsplit("_", 1)[1] == "0" for node in node_ids])  # sources at the BOS position
     graphs.append({"seconds": seconds, "features": node_ids[: len(chosen)], "targets": logits,
                    "edges": top_edges(adjacency), "edges_after_bos": top_edges(adjacency * ~first),

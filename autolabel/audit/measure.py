@@ -8,8 +8,8 @@ reported in a separate `template` section instead.
 
 Intervals: a share of turns gets a Wilson score interval; a lift (a ratio of two
 token densities) gets the Wilson interval of the conditional binomial (see
-`rate_ratio`), which stays finite and honest when one side never fired. Only counts are kept per feature, so these closed forms
-are the honest choice (a bootstrap would need per-turn data). Tokens within a turn
+`rate_ratio`), which stays finite and honest when one side never fired. Only counts are kept per feature, so
+these closed forms are the honest choice (a bootstrap would need per-turn data). Tokens within a turn
 are correlated, so the lift intervals are narrower than the truth; the turn share,
 which gates the flag first, has no such problem.
 """
@@ -254,7 +254,8 @@ def feature_notes(store: Store, run_id: str) -> dict[tuple[int, int], dict]:
     notes: dict[tuple[int, int], dict] = {}
     queries = {
         "label": "SELECT layer, feature, label FROM current_labels WHERE run_id = ?",
-        "score": "SELECT layer, feature, avg(value) FROM current_scores WHERE run_id = ? AND status = 'ok' GROUP BY ALL",
+        "score": "SELECT layer, feature, avg(value) FROM current_scores WHERE run_id = ? AND status = 'ok' "
+        "GROUP BY ALL",
         "unreliable": "SELECT layer, feature, bool_or(unreliable) FROM current_scores WHERE run_id = ? GROUP BY ALL",
         "group": "SELECT layer, feature, string_agg(group_name, ', ' ORDER BY group_name) FROM groups "
         "WHERE run_id = ? GROUP BY ALL",

@@ -195,7 +195,8 @@ def add_assistant_replies(
     cached = (
         dict(
             store.rows(
-                "SELECT prompt_hash, response FROM generations WHERE model_id = ? AND prompt_hash IN (SELECT UNNEST(?))",
+                "SELECT prompt_hash, response FROM generations WHERE model_id = ? "
+                "AND prompt_hash IN (SELECT UNNEST(?))",
                 [subject.model_id, list(hashes.values())],
             )
         )

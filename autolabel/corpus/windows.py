@@ -48,7 +48,8 @@ def iter_windows(
     previous, comparison = first_doc, ">="
     while True:
         rows = store.rows(
-            "SELECT t.doc_id, d.category, t.token_ids, list_transform(t.roles, lambda r: enum_code(r)), t.turns FROM doc_tokens t "
+            "SELECT t.doc_id, d.category, t.token_ids, list_transform(t.roles, lambda r: enum_code(r)), t.turns "
+            "FROM doc_tokens t "
             f"JOIN documents d USING (corpus_id, doc_id) WHERE t.corpus_id = ? AND t.doc_id {comparison} ? {upper}"
             "ORDER BY t.doc_id LIMIT ?",
             [corpus_id, previous, *bounds, docs_per_read],

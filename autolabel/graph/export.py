@@ -33,7 +33,8 @@ def feature_labels(store: Store, run_id: str | None) -> dict[tuple[int, int], di
         "     score AS (SELECT layer, feature, avg(value) FILTER (status = 'ok') AS score, "
         "               bool_or(coalesce(unreliable, false)) AS unreliable FROM current_scores WHERE run_id = $run "
         "               GROUP BY ALL) "
-        "SELECT layer, feature, label, score, coalesce(unreliable, false) FROM label LEFT JOIN score USING (layer, feature)",
+        "SELECT layer, feature, label, score, coalesce(unreliable, false) "
+        "FROM label LEFT JOIN score USING (layer, feature)",
         {"run": run_id},
     )
     return {

@@ -104,7 +104,8 @@ def examples_table(store: Store, run_id: str, corpus_id: str | None, layer: int,
     """One layer's shown examples (top ones by rank, then a few per quantile bin) with each token's role code."""
     return store.arrow(
         "SELECT e.feature, e.kind, e.rank, e.bin, e.doc_id, e.role::VARCHAR AS role, e.max_act, e.tokens, e.acts, "
-        "       list_transform(list_slice(d.roles, e.start + 1, e.start + len(e.tokens)), lambda r: enum_code(r)) AS codes "
+        "       list_transform(list_slice(d.roles, e.start + 1, e.start + len(e.tokens)), "
+        "                      lambda r: enum_code(r)) AS codes "
         "FROM examples e LEFT JOIN doc_tokens d ON d.corpus_id = $corpus AND d.doc_id = e.doc_id "
         "WHERE e.run_id = $run AND e.layer = $layer AND e.kind IN ('top', 'quantile') "
         "QUALIFY row_number() OVER (PARTITION BY e.feature, e.kind, e.bin ORDER BY e.rank) "

@@ -186,7 +186,8 @@ def _saelens(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
 def _sparsify(t: dict, p: Path, layer: int, cfg: dict) -> Transcoder:
     """sparsify: pre = relu(x @ encoder.weight.T + encoder.bias), keep top k; out = acts @ W_dec + b_dec + x @ W_skip.T.
 
-    ReLU-then-topk gives the same dense activations as our topk-then-ReLU. Autoencoders (transcode false) subtract b_dec.
+    ReLU-then-topk gives the same dense activations as our topk-then-ReLU. Autoencoders (transcode false) subtract
+    b_dec.
     """
     if cfg.get("activation", "topk") != "topk" or cfg.get("embed_skip") or cfg.get("gram_lookup"):
         raise AutolabelError(
@@ -257,7 +258,8 @@ def _load_circuit_tracer(folder: Path, layers: list[int] | None) -> TranscoderSe
 
 
 def _listed_file(folder: Path, entry: str, layer: int) -> Path:
-    """Local copy of one `transcoders` entry: a path (relative to the folder) or hf://org/repo/path mirrored in the folder."""
+    """Local copy of one `transcoders` entry: a path (relative to the folder) or hf://org/repo/path mirrored in the
+    folder."""
     if entry.startswith("hf://"):
         parts = entry[5:].split("?")[0].split("/")
         inside = "/".join(parts[2:])
@@ -320,7 +322,8 @@ def _load_clt(folder: Path, layers: list[int] | None) -> TranscoderSet:
 
 def _load_gemma_scope(folder: Path, layers: list[int] | None) -> TranscoderSet:
     """One params file per layer_<L>... folder. Gemma Scope 1 reads inside the pre-MLP RMSNorm (normalised, before its
-    gain: ln2.hook_normalized) and writes the MLP output after the post-MLP norm; version 2 names its sites in config.json."""
+    gain: ln2.hook_normalized) and writes the MLP output after the post-MLP norm; version 2 names its sites in
+    config.json."""
     by_layer: dict[int, list[Path]] = {}
     for f in sorted(folder.rglob("params.npz")) + sorted(folder.rglob("params.safetensors")):
         texts = [str(f.relative_to(folder)), *reversed(folder.resolve().parts)]
