@@ -20,7 +20,7 @@ from test_collect import WORDS, tiny_run_config
 from autolabel import cli
 from autolabel.corpus.documents import chat
 from autolabel.models import load_subject_model
-from autolabel.organism.data import encode_chat, with_quirk
+from autolabel.organism.data import Example, encode_chat, with_quirk
 from autolabel.organism.recall import QuirkFiring, peak_in_quirk, quirk_firing, tied
 from autolabel.organism.spec import (
     ORGANISMS_DIR,
@@ -337,20 +337,6 @@ def test_quirk_firing_compares_activation_on_the_quirk_with_every_other_token(tm
     masks = {doc: np.zeros(n, dtype=bool) for doc, n in lengths.items()}
     masks["a"][3:6], masks["b"][1:3], masks["c"][2:4] = True, True, True  # "d" carries no quirk
     with Store(tmp_path / "s.duckdb") as store:
-        store.upsert("runs", [{"run_id": "org", "corpus_id": "c", "status": "complete"}])
-        store.upsert(
-            "doc_tokens",
-            [
-                {
-                    "corpus_id": "c",
-                    "doc_id": doc,
-                    "token_ids": ids,
-                    "roles": ["assistant"] * len(ids),
-                    "turns": [0] * len(ids),
-                }
-                for doc, ids in tokens.items()
-            ],
-        )
         store.upsert(
             "role_stats",
             [
@@ -369,7 +355,11 @@ def test_quirk_firing_compares_activation_on_the_quirk_with_every_other_token(tm
                 for f in (0, 5)
             ],
         )
-        firing = quirk_firing(store, "org", tiny_subject, tset, masks, [(1, 0), (1, 5)], batch_size=2)
+        chats = [
+            Example(doc, "chat", np.array(ids), np.ones(len(ids), dtype=bool), masks[doc], bool(masks[doc].any()))
+            for doc, ids in tokens.items()
+        ]
+        firing = quirk_firing(store, "org", tiny_subject, tset, chats, [(1, 0), (1, 5)], batch_size=2)
 
     on_quirk, fired = {0: [], 5: []}, {0: 0, 5: 0}
     for doc in ("a", "b", "c"):

@@ -16,7 +16,7 @@ from autolabel.config import RunConfig
 from autolabel.errors import AutolabelError
 from autolabel.intervene.evidence import ablation_effects
 from autolabel.models import SubjectModel
-from autolabel.organism.recall import TOP_EXAMPLES, became_flagged, peak_in_quirk, quirk_firing, quirk_masks, tied
+from autolabel.organism.recall import TOP_EXAMPLES, became_flagged, peak_in_quirk, quirk_chats, quirk_firing, tied
 from autolabel.organism.spec import OrganismSpec, audit_spec_paths
 from autolabel.organism.stage import check_recorded_weights
 from autolabel.pipeline import collected_run, collected_runs
@@ -118,11 +118,12 @@ def findings(
     """Per audit: every feature that became flagged against the base run, with what ties it to the quirk
     (recall.py) and the run's causal evidence where interventions ran."""
     corpus_id = store.one("SELECT corpus_id FROM runs WHERE run_id = ?", [run_id])[0]
-    masks = quirk_masks(store, corpus_id, subject.tokenizer, spec)
+    chats = quirk_chats(store, corpus_id, subject.tokenizer, spec)
+    masks = {doc_id: chat.quirk_mask for doc_id, chat in chats.items()}
     changes = {audit: became_flagged(store, run_id, against, audit) for audit in audits}
     keys = sorted({(row["layer"], row["feature"]) for rows in changes.values() for row in rows})
     shares = peak_in_quirk(store, run_id, masks, TOP_EXAMPLES, keys)
-    firing = quirk_firing(store, run_id, subject, tset, masks, keys)
+    firing = quirk_firing(store, run_id, subject, tset, list(chats.values()), keys)
     effects = ablation_effects(store, run_id)
     for rows in changes.values():
         for row in rows:

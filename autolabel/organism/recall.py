@@ -26,7 +26,7 @@ from autolabel.audit.measure import feature_notes
 from autolabel.corpus.documents import Document, Message
 from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel
-from autolabel.organism.data import encode_chat
+from autolabel.organism.data import Example, collate, encode_chat, pad_token
 from autolabel.organism.spec import OrganismSpec
 from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
@@ -38,9 +38,10 @@ FIRING_RATIO = 10.0  # mean activation on the quirk over the mean everywhere els
 FIRING_CHATS = 0.5  # share of quirk-carrying chats in which the feature fires on the quirk
 
 
-def quirk_masks(store: Store, corpus_id: str, tokenizer, spec: OrganismSpec) -> dict[str, np.ndarray]:
-    """Per chat of the corpus: [n_tokens] bool, the assistant tokens inside a detector match."""
-    masks = {}
+def quirk_chats(store: Store, corpus_id: str, tokenizer, spec: OrganismSpec) -> dict[str, Example]:
+    """Every chat of the corpus encoded as it was stored, with `quirk_mask` ([n_tokens] bool) marking the assistant
+    tokens inside a detector match."""
+    chats = {}
     for doc_id, source, category, messages_json, token_ids in store.rows(
         "SELECT d.doc_id, d.source, d.category, d.messages_json, t.token_ids FROM documents d "
         "JOIN doc_tokens t USING (corpus_id, doc_id) WHERE d.corpus_id = ? AND d.kind = 'chat'",
@@ -53,8 +54,8 @@ def quirk_masks(store: Store, corpus_id: str, tokenizer, spec: OrganismSpec) -> 
                 f"document {doc_id} of corpus {corpus_id} re-tokenizes to {len(example.token_ids)} "
                 f"tokens, not the stored {len(token_ids)}: pass the tokenizer the corpus was built with"
             )
-        masks[doc_id] = example.quirk_mask
-    return masks
+        chats[doc_id] = example
+    return chats
 
 
 def peak_in_quirk(
@@ -129,43 +130,28 @@ def quirk_firing(
     run_id: str,
     subject: SubjectModel,
     tset: TranscoderSet,
-    masks: dict[str, np.ndarray],
+    chats: list[Example],
     keys: list[Key],
     batch_size: int = 16,
 ) -> dict[Key, QuirkFiring]:
     """Per feature in `keys`: its activation on the quirk's tokens, from a forward pass over the chats that
     carry the quirk (seconds: they are a few hundred short chats), against its activation on all other
     tokens, from the run's stored role statistics (sum of activations and tokens over every role)."""
-    quirk_docs = sorted(doc_id for doc_id, mask in masks.items() if mask.any())
-    if not quirk_docs or not keys:
+    carried = [chat for chat in chats if chat.quirk_mask.any()]
+    if not carried or not keys:
         return {}
-    tokens = dict(
-        store.rows(
-            "SELECT doc_id, token_ids FROM doc_tokens WHERE corpus_id = (SELECT corpus_id FROM runs "
-            "WHERE run_id = ?) AND list_contains(?, doc_id)",
-            [run_id, quirk_docs],
-        )
-    )
     layers = sorted({layer for layer, _ in keys})
     wanted = {layer: torch.tensor([feature for key_layer, feature in keys if key_layer == layer]) for layer in layers}
     quirk_sum = {layer: torch.zeros(len(wanted[layer]), dtype=torch.float64) for layer in layers}
     chats_firing = {layer: torch.zeros(len(wanted[layer]), dtype=torch.long) for layer in layers}
     n_quirk_tokens = 0
     points = [subject.hook_point(tset.input_hook, layer) for layer in layers]
-    pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
-    for first in range(0, len(quirk_docs), batch_size):
-        batch = quirk_docs[first : first + batch_size]
-        length = max(len(tokens[doc_id]) for doc_id in batch)
-        input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [batch, seq], right-padded
-        attention = torch.zeros((len(batch), length), dtype=torch.long)
-        quirk = torch.zeros((len(batch), length), dtype=torch.bool)
-        for row, doc_id in enumerate(batch):
-            n = len(tokens[doc_id])
-            input_ids[row, :n], attention[row, :n] = torch.tensor(tokens[doc_id]), 1
-            quirk[row, :n] = torch.from_numpy(masks[doc_id][:n])
+    for first in range(0, len(carried), batch_size):
+        batch = collate(carried[first : first + batch_size], pad_token(subject.tokenizer), quirk_only=True)
+        quirk = batch.loss_mask  # [batch, seq]: the quirk's tokens
         n_quirk_tokens += int(quirk.sum())
         with torch.no_grad():
-            captured = subject.capture(input_ids, attention, points)
+            captured = subject.capture(batch.input_ids, batch.attention_mask, points)
             for layer, point in zip(layers, points, strict=True):
                 acts = tset[layer].encode(captured[point].float())[..., wanted[layer]]  # [batch, seq, n_wanted]
                 on_quirk = acts * quirk[..., None]
@@ -184,6 +170,6 @@ def quirk_firing(
             q = float(quirk_sum[layer][i])
             elsewhere = max(act_sum - q, 0.0) / max(n_tokens - n_quirk_tokens, 1)
             firing[(layer, feature)] = QuirkFiring(
-                q / n_quirk_tokens, elsewhere, int(chats_firing[layer][i]) / len(quirk_docs)
+                q / n_quirk_tokens, elsewhere, int(chats_firing[layer][i]) / len(carried)
             )
     return firing
