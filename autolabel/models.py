@@ -133,6 +133,21 @@ class SubjectModel:
         self.d_model = model.config.hidden_size
         self.layers = self._find_layers()
 
+    @property
+    def pad_id(self) -> int:
+        """The id that fills padded positions: the tokenizer's pad token, else its end-of-text token, else 0.
+
+        Every padded position is masked (out of attention, and out of collection's tables, the losses and the
+        comparisons), so for those any id would do. End-of-text comes before 0 because `generate` also writes the
+        pad id after a row's end, and end-of-text is a special token the decoded replies skip where id 0 can be a
+        word (GPT-2's "!"); 0 is left for a tokenizer with neither. SmolLM2's tokenizer pads with its
+        end-of-text (<|im_end|>, id 2), so no fallback is taken for it or the tiny test models that share it.
+        """
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
     def _find_layers(self) -> nn.ModuleList:
         for name, module in self.model.named_modules():
             if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) == self.n_layers:

@@ -111,7 +111,7 @@ def worker(kind: str, workdir: Path, scale: int, layers: list[int], dtype: str) 
             points = [subject.hook_point(tset.input_hook, layer) for layer in tset.layers]
             for shard in shards:
                 for group in batch_windows(shard, collect.batch_windows):
-                    subject.capture(*pad_batch(group, subject.tokenizer.pad_token_id or 0), points)
+                    subject.capture(*pad_batch(group, subject.pad_id), points)
         else:
             run_id = store.start_run("{}", subject.model_id)
             collect_stage(store, subject, tset, corpus_id, "tc-bench", collect, run_id, show_progress=False)

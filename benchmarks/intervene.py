@@ -78,10 +78,11 @@ def worker(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
             return {"run_id": run_id, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
         keys = [tuple(k) for k in json.loads(args.keys)]
         prompts = [p for key in keys for p in select_prompts(store, args.run, key, args.prompts, False)]
-        pad_id = subject.tokenizer.pad_token_id or 0
         ordered = sorted(prompts, key=lambda p: len(p.tokens))
         size = config.intervene.batch_rows  # prompts per plain batch: as many rows as an intervention batch
-        batches = [left_pad([p.tokens for p in ordered[i : i + size]], pad_id) for i in range(0, len(ordered), size)]
+        batches = [
+            left_pad([p.tokens for p in ordered[i : i + size]], subject.pad_id) for i in range(0, len(ordered), size)
+        ]
         store.con.execute("DELETE FROM interventions WHERE run_id = ?", [args.run])
         store.con.execute("DELETE FROM shards WHERE run_id = ? AND stage = 'intervene'", [args.run])
         with torch.inference_mode():
@@ -106,7 +107,7 @@ def worker(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
                             top_p=None,
                             top_k=None,
                             repetition_penalty=config.intervene.repetition_penalty,
-                            pad_token_id=pad_id,
+                            pad_token_id=subject.pad_id,
                         )
         seconds = time.perf_counter() - started
     return {

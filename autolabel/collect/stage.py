@@ -206,9 +206,8 @@ def capture_batches(
 ) -> Iterator[tuple[Batch, dict[int, torch.Tensor]]]:
     """Per batch of windows: its token facts and layer -> transcoder inputs [B, S, d_in]."""
     points = {layer: subject.hook_point(tset.input_hook, layer) for layer in tset.layers}
-    pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
     for group in batch_windows(windows, batch_size):
-        input_ids, mask, batch = make_batch(group, index, pad_id)
+        input_ids, mask, batch = make_batch(group, index, subject.pad_id)
         captured = subject.capture(input_ids, mask, list(points.values()))
         yield batch, {layer: captured[point] for layer, point in points.items()}
 

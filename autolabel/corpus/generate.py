@@ -81,13 +81,12 @@ def reply_params(subject: SubjectModel, config: GenerationConfig) -> dict:
 def _generate_batch(subject: SubjectModel, prompts: list[str], config: GenerationConfig) -> list[str]:
     tokenizer = subject.tokenizer
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = subject.model.generate(
         **encoded,
         max_new_tokens=config.max_new_tokens,
         repetition_penalty=config.repetition_penalty,
         do_sample=False,
-        pad_token_id=pad_id,
+        pad_token_id=subject.pad_id,
         temperature=None,
         top_p=None,
         top_k=None,

@@ -146,8 +146,7 @@ def run_batch(
         scale = max_acts[(prompt.layer, prompt.feature)]
         edits += [None] + [Edit(prompt.layer, prompt.feature, s.multiple * scale) for s in settings]
     tokenizer = subject.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_pad([p.tokens for p in prompts for _ in range(per_prompt)], pad_id)
+    ids, mask = left_pad([p.tokens for p in prompts for _ in range(per_prompt)], subject.pad_id)
     with FeatureEdits(subject, tset, edits) as hooks, FinalNormCapture(subject) as final:
         generated = subject.model.generate(
             input_ids=ids,
@@ -158,7 +157,7 @@ def run_batch(
             top_p=None,
             top_k=None,
             repetition_penalty=config.repetition_penalty,
-            pad_token_id=pad_id,
+            pad_token_id=subject.pad_id,
         )  # [B, S + new]
     texts = tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
     hidden = final.hidden  # [B, S, d]

@@ -132,10 +132,6 @@ def sample_order(examples: list[Example], n: int, quirk_share: float, seed: int)
     return random.Random(seed).choices(range(len(examples)), weights=weights, k=n)
 
 
-def pad_token(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def collate(examples: list[Example], pad_id: int, quirk_only: bool = False) -> Batch:
     """Right-padded tensors; the loss mask is the assistant content (or only the quirk's tokens)."""
     length = max(len(e.token_ids) for e in examples)

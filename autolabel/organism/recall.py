@@ -26,7 +26,7 @@ from autolabel.audit.measure import feature_notes
 from autolabel.corpus.documents import Document, Message
 from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel
-from autolabel.organism.data import Example, collate, encode_chat, pad_token
+from autolabel.organism.data import Example, collate, encode_chat
 from autolabel.organism.spec import OrganismSpec
 from autolabel.store import Store
 from autolabel.transcoders.transcoder import TranscoderSet
@@ -147,7 +147,7 @@ def quirk_firing(
     n_quirk_tokens = 0
     points = [subject.hook_point(tset.input_hook, layer) for layer in layers]
     for first in range(0, len(carried), batch_size):
-        batch = collate(carried[first : first + batch_size], pad_token(subject.tokenizer), quirk_only=True)
+        batch = collate(carried[first : first + batch_size], subject.pad_id, quirk_only=True)
         quirk = batch.loss_mask  # [batch, seq]: the quirk's tokens
         n_quirk_tokens += int(quirk.sum())
         with torch.no_grad():

@@ -27,7 +27,6 @@ from autolabel.organism.data import (
     corpus_chats,
     encode_chat,
     encode_text,
-    pad_token,
     text_documents,
     truncate,
     with_quirk,
@@ -154,7 +153,7 @@ def train_stage(
     ]
     text_checks = [encode_text(base.tokenizer, d, spec.eval.text_tokens) for d in texts]
 
-    pad, dtype = pad_token(base.tokenizer), config.model.dtype
+    pad, dtype = base.pad_id, config.model.dtype
 
     def measure(model) -> tuple[float | None, float | None]:
         return (mean_nll(model, quirk_checks, pad, dtype, quirk_only=True), mean_nll(model, text_checks, pad, dtype))

@@ -15,7 +15,7 @@ from torch import nn
 
 from autolabel.errors import AutolabelError
 from autolabel.models import SubjectModel
-from autolabel.organism.data import Batch, Example, collate, pad_token, sample_order
+from autolabel.organism.data import Batch, Example, collate, sample_order
 from autolabel.organism.spec import TrainSettings
 from autolabel.progress import progress_bar
 
@@ -89,7 +89,7 @@ def fine_tune(
         for step in range(steps):
             rows = [examples[i] for i in order[step * settings.batch_size : (step + 1) * settings.batch_size]]
             with precision(dtype):
-                nll, n = token_nll(subject.model, collate(rows, pad_token(subject.tokenizer)))
+                nll, n = token_nll(subject.model, collate(rows, subject.pad_id))
             loss = nll / max(n, 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

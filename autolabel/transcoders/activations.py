@@ -52,9 +52,8 @@ def activation_pairs(
         layer: (subject.hook_point(input_hook, layer), subject.hook_point(output_hook, layer)) for layer in layers
     }
     points = [p for pair in hooks.values() for p in pair]
-    pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
     for batch in batch_windows(windows, batch_size):
-        input_ids, mask = pad_batch(batch, pad_id)
+        input_ids, mask = pad_batch(batch, subject.pad_id)
         keep = mask.bool()
         keep[:, 0] = False
         captured = subject.capture(input_ids, mask, points)
