@@ -1,4 +1,5 @@
-"""Options and helpers every `autolabel` command module shares (cli.py, cli_inputs.py, organism/command.py)."""
+"""Options and helpers every `autolabel` command module shares (cli_pipeline.py, cli_commands.py, cli_inputs.py,
+organism/command.py)."""
 
 from __future__ import annotations
 
