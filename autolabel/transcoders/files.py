@@ -26,6 +26,8 @@ EXPECTED_FILES = (
     "cfg.json + sae.safetensors per hookpoint folder such as layers.6.mlp (sparsify); "
     "params.npz or params.safetensors under layer_<L>... folders (Gemma Scope 1 / 2)"
 )
+# What a `k` setting means, for the error naming a bad one (circuit-tracer, SAELens and sparsify TopK).
+K_MEANING = " (the number of features each token keeps, at most the transcoder's width d_feat)"
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
