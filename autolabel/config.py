@@ -243,6 +243,8 @@ class LabelConfig(Strict):
     output_tokens: int = Field(default=8, ge=0)  # promoted and suppressed tokens shown
     # Tag each example with its role and category and show where the feature fires by role.
     role_evidence: bool = True
+    # Count which tokens fire over the shown examples ("'said' in 6 of 8 examples") and say so in the prompt.
+    token_evidence: bool = True
     scorers: list[Literal["detection", "fuzzing", "embedding"]] = Field(
         default_factory=lambda: ["detection", "fuzzing", "embedding"]
     )

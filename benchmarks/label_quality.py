@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/label_quality.py --store CORPUS.duckdb [--workdir DIR]
         [--labeler smollm2] [--labeler labeler:qwen2.5-coder-1.5b] [--labeler MODEL.gguf]
         [--base-url URL --labeler MODEL] [--flagged STORE [--flagged-run ID]] [--known] [--no-role-evidence]
-        [--candidates N] [--hard-negatives SHARE]
+        [--no-token-evidence] [--scorers detection,fuzzing,embedding] [--candidates N] [--hard-negatives SHARE]
 
 1. Concepts. The layer-15 MLP inputs of the default corpus's tokens (in --store; built
    there first when it has none) are captured: every held-out window and every other
@@ -423,6 +423,8 @@ def label_settings(args: argparse.Namespace, **fields) -> LabelConfig:
     return LabelConfig(
         layers=[LAYER],
         role_evidence=not args.no_role_evidence,
+        token_evidence=not args.no_token_evidence,
+        scorers=args.scorers.split(","),
         candidates=args.candidates,
         hard_negatives=args.hard_negatives,
         **fields,
@@ -435,6 +437,8 @@ def variant(args: argparse.Namespace) -> str:
     return "".join(
         [
             " (no role evidence)" if args.no_role_evidence else "",
+            " (no token evidence)" if args.no_token_evidence else "",
+            f" (scorers {args.scorers})" if args.scorers.split(",") != default.scorers else "",
             f" (candidates {args.candidates})" if args.candidates != default.candidates else "",
             f" (hard negatives {args.hard_negatives:g})" if args.hard_negatives != default.hard_negatives else "",
         ]
@@ -534,7 +538,10 @@ def slug(labeler: str) -> str:
 
 def passed_on(args: argparse.Namespace) -> list[str]:
     """The options a worker process needs to label as this run does."""
-    return (["--no-role-evidence"] if args.no_role_evidence else []) + [
+    flags = ["--no-role-evidence"] * args.no_role_evidence + ["--no-token-evidence"] * args.no_token_evidence
+    return flags + [
+        "--scorers",
+        args.scorers,
         "--candidates",
         str(args.candidates),
         "--hard-negatives",
@@ -718,6 +725,16 @@ def main() -> None:
         "--no-role-evidence",
         action="store_true",
         help="label without the examples' role tags and the role statistics (label.role_evidence)",
+    )
+    parser.add_argument(
+        "--no-token-evidence",
+        action="store_true",
+        help="label without the counts of which tokens fire (label.token_evidence)",
+    )
+    parser.add_argument(
+        "--scorers",
+        default=",".join(LabelConfig().scorers),
+        help="comma-separated scorers to run (label.scorers); 'embedding' alone asks one request per feature",
     )
     parser.add_argument(
         "--candidates",

@@ -80,6 +80,10 @@ def test_labels_and_scores_from_the_local_server_then_a_free_rerun(corpus, tiny_
     label_prompts = [prompt for prompt in asked if prompt.startswith("Examples:")]
     assert len(label_prompts) == len(FEATURES) and all("\nWhere it fires: " in p for p in label_prompts)
     assert any("[assistant turn" in p and "of assistant turns" in p for p in label_prompts)
+    # Which tokens fire, counted over the shown examples, and where it fires by document category.
+    assert all("\nFiring tokens: " in p for p in label_prompts)
+    assert any("'" in p.split("\nFiring tokens: ")[1].split("\n")[0] for p in label_prompts)  # tokens named
+    assert any("\nBy category: " in p for p in label_prompts)  # a category stands out for a planted feature
 
 
 def test_output_that_never_parses_is_recorded_as_a_failure_not_a_label(corpus, tiny_subject, planted, collected):

@@ -11,7 +11,9 @@ from autolabel.label.prompts import (
     WORKED_EXAMPLES,
     Evidence,
     around_peak,
+    by_category,
     explain_messages,
+    firing_tokens,
     mark,
     parse_label,
     tagged,
@@ -48,6 +50,64 @@ def test_messages_hold_the_examples_and_evidence_after_varied_worked_examples():
     assert LABEL_SCHEMA["json_schema"]["schema"]["required"] == ["label", "explanation"]
 
 
+def test_firing_tokens_counts_each_token_once_per_example_whitespace_and_case_aside():
+    windows = [
+        ([" He", " said", " it", " said"], [0.0, 4.0, 0.0, 3.0]),  # ' said' twice in one example counts once
+        (["She", " Said", " no", "."], [0.0, 2.0, 0.1, 0.0]),  # 0.1 is under a quarter of the peak
+        (["they", " told", " us", " x"], [0.0, 1.0, 0.0, 0.0]),
+    ]
+    assert firing_tokens(windows, 0.25) == (
+        "Firing tokens: 'said' in 2 of 3 examples, 'told' in 1 of 3; 33% of the tokens shown fire."
+    )
+
+
+def test_firing_tokens_calls_a_feature_of_most_tokens_or_of_long_runs_whole_stretches():
+    windows = [(["a", "b", "c", "d"], [1.0, 2.0, 1.0, 0.0]), (["e", "f"], [3.0, 3.0])]
+    assert firing_tokens(windows, 0.25) == (
+        "Firing tokens: 83% of the tokens shown fire, in stretches of 2 tokens on average (whole stretches of text)."
+    )
+    # 40% of the tokens fire, but in runs of 4: a kind of text (a user's question), not a word
+    long_runs = [(list("abcdefghij"), [0.0, 1, 1, 1, 1, 0, 0, 0, 0, 0]), (list("klmnopqrst"), [0.0] * 6 + [2.0] * 4)]
+    assert firing_tokens(long_runs, 0.25) == (
+        "Firing tokens: 40% of the tokens shown fire, in stretches of 4 tokens on average (whole stretches of text)."
+    )
+    # digits in runs of 3 are still a word feature: its tokens are named
+    digits = [(["in", "2", "0", "0", "4", "x", "y", "z"], [0.0, 1, 1, 1, 0, 0, 0, 0])]
+    assert firing_tokens(digits, 0.25) == (
+        "Firing tokens: '0' in 1 of 1 examples, '2' in 1 of 1; 38% of the tokens shown fire."
+    )
+    assert firing_tokens([(["a"], [0.0])], 0.25) == ""
+    assert firing_tokens([(["\n", "x", "y"], [2.0, 0.0, 0.0])], 0.25) == (
+        "Firing tokens: a space or line break in 1 of 1 examples; 33% of the tokens shown fire."
+    )
+
+
+def test_messages_carry_the_firing_tokens_line_after_the_examples_as_the_worked_examples_do():
+    evidence = Evidence("Where it fires: 90% of its firing tokens are plain text.", [], [])
+    body = explain_messages(
+        ["a<< b>>"], evidence, "Firing tokens: 'b' in 1 of 1 examples; 50% of the tokens shown fire."
+    )
+    assert body[-1]["content"] == (
+        "Examples:\n1. a<< b>>\nFiring tokens: 'b' in 1 of 1 examples; 50% of the tokens shown fire.\n"
+        "Where it fires: 90% of its firing tokens are plain text."
+    )
+    assert all("\nFiring tokens: " in shown for shown, _ in WORKED_EXAMPLES)
+    assert "Firing tokens" not in explain_messages(["a<< b>>"], evidence)[-1]["content"]
+
+
+def test_by_category_shows_a_category_that_stands_out_beside_its_share_of_all_tokens():
+    text = by_category({"news": 970, "chitchat": 20, "recipe": 10}, {"news": 340, "chitchat": 390, "recipe": 270})
+    assert text == "By category: 97% of its firing tokens are in news (34% of all tokens)."
+    assert by_category({"news": 75, "chitchat": 25}, {"news": 20, "chitchat": 80}) == (
+        "By category: 75% of its firing tokens are in news (20% of all tokens), 25% in chitchat (80%)."
+    )
+    # no category stands out: under half the firing tokens, or no more than the category's share of the corpus
+    assert by_category({"news": 40, "chitchat": 30, "recipe": 30}, {"news": 10, "chitchat": 10, "recipe": 80}) == ""
+    assert by_category({"news": 60, "chitchat": 40}, {"news": 50, "chitchat": 50}) == ""
+    assert by_category({"news": 5}, {"news": 10}) == ""  # one category says nothing
+    assert by_category({"news": 0, "chitchat": 0}, {"news": 5, "chitchat": 5}) == ""
+
+
 def test_where_it_fires_gives_role_shares_and_turn_coverage():
     text = where_it_fires(
         {"assistant": 970, "user": 20, "text": 12, "system": 0, "template": 1},
@@ -58,6 +118,10 @@ def test_where_it_fires_gives_role_shares_and_turn_coverage():
         "it fires in 96% of assistant turns and 1% of user turns."
     )
     assert where_it_fires({"assistant": 0}, {}) == ""
+    # turns it hardly fires in say nothing a small labeler should read as a turn feature
+    assert where_it_fires({"text": 50, "user": 1}, {"user": (1, 100), "assistant": (0, 100)}) == (
+        "Where it fires: 98% of its firing tokens are plain text, 2% user turn."
+    )
     assert where_it_fires({"text": 5}, {}) == "Where it fires: 100% of its firing tokens are plain text."
 
 

@@ -40,7 +40,9 @@ from autolabel.label.prompts import (
     Evidence,
     Label,
     around_peak,
+    by_category,
     explain_messages,
+    firing_tokens,
     parse_label,
     tagged,
     where_it_fires,
@@ -154,7 +156,8 @@ def read_examples(store: Store, run_id: str, layer: int, feature: int, tokenizer
 def feature_evidence(
     store: Store, run_id: str, keys: list[Key], outputs: dict[Key, tuple[list[str], list[str]]], settings: LabelConfig
 ) -> dict[Key, Evidence]:
-    """Each feature's role statistics (with `role_evidence`) and output tokens, as the prompt shows them."""
+    """Each feature's role and category statistics (with `role_evidence`) and output tokens, as the prompt
+    shows them."""
     active: dict[Key, dict[str, int]] = {key: {} for key in keys}
     turns: dict[Key, dict[str, tuple[int, int]]] = {key: {} for key in keys}
     if settings.role_evidence and keys:
@@ -167,7 +170,28 @@ def feature_evidence(
                 continue
             active[(layer, feature)][role] = n_active
             turns[(layer, feature)][role] = (n_turns_active, n_turns)
-    return {key: Evidence(where_it_fires(active[key], turns[key]), *outputs[key]) for key in keys}
+    categories = category_evidence(store, run_id, keys) if settings.role_evidence else {}
+    return {
+        key: Evidence(where_it_fires(active[key], turns[key]), *outputs[key], categories.get(key, "")) for key in keys
+    }
+
+
+def category_evidence(store: Store, run_id: str, keys: list[Key]) -> dict[Key, str]:
+    """Each feature's by_category line from category_stats (summed over roles)."""
+    if not keys:
+        return {}
+    rows = store.rows(
+        "SELECT layer, feature, category, sum(n_active), sum(n_tokens) FROM category_stats "
+        "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?)) GROUP BY ALL",
+        [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})],
+    )
+    active: dict[Key, dict[str, int]] = {key: {} for key in keys}
+    tokens: dict[Key, dict[str, int]] = {key: {} for key in keys}
+    for layer, feature, category, n_active, n_tokens in rows:
+        if (layer, feature) in active:
+            active[(layer, feature)][category] = int(n_active)
+            tokens[(layer, feature)][category] = int(n_tokens)
+    return {key: by_category(active[key], tokens[key]) for key in keys}
 
 
 @dataclass
@@ -187,12 +211,13 @@ async def draft_label(
     settings: LabelConfig,
     refresh: bool,
 ) -> Draft:
+    windows = [around_peak(example.pieces, example.acts, settings.context_tokens) for example in shown]
     marked = []
-    for example in shown:
-        pieces, acts = around_peak(example.pieces, example.acts, settings.context_tokens)
+    for example, (pieces, acts) in zip(shown, windows, strict=True):
         text = Example(pieces, acts).marked(settings.mark_fraction * max(acts))
         marked.append(tagged(example.role, example.category, text) if settings.role_evidence else text)
-    messages = explain_messages(marked, evidence)
+    tokens = firing_tokens(windows, settings.mark_fraction) if settings.token_evidence else ""
+    messages = explain_messages(marked, evidence, tokens)
     prompt_hash = hashlib.sha256(to_json(messages).encode()).hexdigest()
     return Draft(subset, prompt_hash, await client.complete(messages, parse_label, LABEL_SCHEMA, refresh=refresh))
 
