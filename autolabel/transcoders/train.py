@@ -259,6 +259,50 @@ def _concat(chunks: dict[int, list]) -> dict[int, tuple[torch.Tensor, torch.Tens
     }
 
 
+def _buffer_batches_from(
+    buffer: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    config: TranscoderTrainConfig,
+    generator: torch.Generator,
+    at: _Position,
+) -> list[dict[int, torch.Tensor]]:
+    """The batches of `buffer` still to train: all of a fresh buffer (its shuffles drawn now, the generator's
+    state before them saved), or, resumed inside it, its shuffles redrawn from that saved state with the
+    generator then put back where the checkpoint left it, less the batches already done."""
+    if at.batches_done == 0:
+        at.generator_at_buffer_start = generator.get_state()
+        return _buffer_batches(buffer, config, generator)
+    current = generator.get_state()
+    generator.set_state(at.generator_at_buffer_start)
+    batches = _buffer_batches(buffer, config, generator)
+    generator.set_state(current)
+    return batches[at.batches_done :]
+
+
+def _train_batch(
+    buffer: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    rows: dict[int, torch.Tensor],
+    trainees: dict[int, _Trainee],
+    optimizers: dict[int, torch.optim.Optimizer],
+    config: TranscoderTrainConfig,
+    generator: torch.Generator,
+    at: _Position,
+) -> dict[int, dict[str, float]]:
+    """One optimizer step per layer on the buffer's `rows`, dead features resampled when due; advances `at`.
+    The learning rate decays linearly over the last fifth of training, which settles the weights."""
+    lr = config.lr * min(1.0, (config.n_tokens - at.seen) / (0.2 * config.n_tokens))
+    metrics = {}
+    for layer, (x, y) in buffer.items():
+        xb, yb, metrics[layer] = _step(trainees[layer], optimizers[layer], x[rows[layer]], y[rows[layer]], lr)
+        if _resample_now(config, at.step + 1, at.seen + config.batch_tokens):
+            at.resampled[layer] = at.resampled.get(layer, 0) + trainees[layer].resample_dead(
+                xb, yb, optimizers[layer], generator
+            )
+    at.seen += config.batch_tokens
+    at.step += 1
+    at.batches_done += 1
+    return metrics
+
+
 def train_transcoders(
     subject: SubjectModel,
     windows: list[Window],
@@ -294,27 +338,8 @@ def train_transcoders(
         if at.buffer_index == 0 and at.batches_done == 0:
             for layer, (x, y) in buffer.items():
                 trainees[layer].calibrate(x, y)
-        if at.batches_done == 0:
-            at.generator_at_buffer_start = generator.get_state()
-            batches = _buffer_batches(buffer, config, generator)
-        else:  # resumed inside this buffer: redraw its shuffles, then go on from the saved generator state
-            current = generator.get_state()
-            generator.set_state(at.generator_at_buffer_start)
-            batches = _buffer_batches(buffer, config, generator)
-            generator.set_state(current)
-        for rows in batches[at.batches_done :]:
-            # Linear decay over the last fifth of training settles the weights.
-            lr = config.lr * min(1.0, (config.n_tokens - at.seen) / (0.2 * config.n_tokens))
-            metrics = {}
-            for layer, (x, y) in buffer.items():
-                xb, yb, metrics[layer] = _step(trainees[layer], optimizers[layer], x[rows[layer]], y[rows[layer]], lr)
-                if _resample_now(config, at.step + 1, at.seen + config.batch_tokens):
-                    at.resampled[layer] = at.resampled.get(layer, 0) + trainees[layer].resample_dead(
-                        xb, yb, optimizers[layer], generator
-                    )
-            at.seen += config.batch_tokens
-            at.step += 1
-            at.batches_done += 1
+        for rows in _buffer_batches_from(buffer, config, generator, at):
+            metrics = _train_batch(buffer, rows, trainees, optimizers, config, generator, at)
             if on_step:
                 on_step(config.batch_tokens, metrics)
             if at.step % 25 == 0:
