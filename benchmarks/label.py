@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from autolabel.config import LabelConfig, LLMConfig, RunConfig
-from autolabel.label.stage import label_stage, read_examples
+from autolabel.label.evidence import read_examples
+from autolabel.label.stage import label_stage
 from autolabel.llm import local_server
 from autolabel.models import load_subject_model
 from autolabel.store import Store

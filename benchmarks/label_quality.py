@@ -470,8 +470,8 @@ def known_worker(
     import asyncio
 
     from autolabel.label.candidates import held_out_splits, score_label
+    from autolabel.label.evidence import read_examples
     from autolabel.label.prompts import Label
-    from autolabel.label.stage import read_examples
     from autolabel.llm import open_client
     from autolabel.pipeline import subject_model
 
@@ -679,8 +679,8 @@ def summarise(name: str, result: dict, concepts: list[dict], embedder) -> dict:
 
 
 def flagged_scores(store_path: str, run_id: str | None) -> None:
-    """Mean scores of the labels on a run's flagged features (the default run labels the best-ranked 24).
-    `scores` has no labeler column yet (issue 16, item 6): a run labeled twice shows the latest scores under both."""
+    """Mean scores of the labels on a run's flagged features (the default run labels the best-ranked 24), per
+    labeler: a run labeled by two labelers shows each one's own scores."""
     with Store(store_path, create=False) as store:
         run_id = (
             run_id

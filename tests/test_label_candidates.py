@@ -14,10 +14,11 @@ from test_llm import FaultServer
 
 from autolabel.config import LabelConfig, LLMConfig, RunConfig
 from autolabel.label.candidates import held_out_splits, selection_value, shown_subsets
+from autolabel.label.evidence import read_examples
 from autolabel.label.negatives import content_words, detection_negatives, mentions, silent_stretches
 from autolabel.label.prompts import Label
 from autolabel.label.scorers import Score
-from autolabel.label.stage import label_stage, read_examples
+from autolabel.label.stage import label_stage
 from autolabel.store import Store
 
 # Twice the test collection's examples, so each held-out split has enough texts of each kind to score.
