@@ -1,20 +1,19 @@
 """The labeling prompt and the parsing of its answer.
 
 The prompt is short on purpose (a small local labeler has a small context, and a
-server reuses the shared prefix): a fixed instruction and four worked examples of
-different kinds (a word, a kind of turn, a word family, a kind of document, so labels
-stop copying one form),
-then the feature's examples, each about 20 tokens around its peak with the firing
-tokens marked <<like this>> and tagged with whose text it is and its document
-category, then which tokens fire (counted over the shown examples: a small labeler
-reads "'said' in 6 of 6 examples" where it misses the pattern in six marked
-texts, and "most of the tokens shown fire" tells a feature of a kind of text from
-one of a word), then where the feature fires by role and by document category
-(no peer shows this: a feature of the assistant's turn can only be named as one if
-the labeler sees that it fires on 97% of assistant turns and 1% of user turns, a
-feature of news text if 97% of its firing tokens are in the news that holds 34% of
-the corpus), then the tokens its
-decoder row promotes and suppresses through the unembedding.
+server reuses the shared prefix): a fixed instruction that decides in order, four
+worked examples, one per rule (a word, a word family, a kind of turn, a kind of
+document, so labels stop copying one form), then the feature's examples, each about
+20 tokens around its peak with the firing tokens marked <<like this>> and tagged
+with whose text it is and its document category, then which tokens fire (counted
+over the shown examples: a small labeler reads "'said' in 6 of 6 examples" where it
+misses the pattern in six marked texts, and "most of the tokens shown fire" tells a
+feature of a kind of text from one of a word), then where the feature fires by role
+and by document category (no peer shows this: a feature of the assistant's turn can
+only be named as one if the labeler sees that it fires on 97% of assistant turns and
+1% of user turns, a feature of news text if 97% of its firing tokens are in the news
+that holds 34% of the corpus), then the tokens its decoder row promotes and
+suppresses through the unembedding.
 """
 
 from __future__ import annotations
