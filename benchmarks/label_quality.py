@@ -286,11 +286,10 @@ def capture(corpus_store: Path, workdir: Path, base: RunConfig) -> dict[str, np.
         train, held = split_heldout(list(iter_windows(store, corpus_id)), HELDOUT_EVERY)
     train = train[::2]  # every other training window is plenty to fit on, and halves the forward passes
     parts: dict[str, list] = {"x": [], "tokens": [], "roles": [], "categories": [], "heldout": []}
-    pad = subject.tokenizer.pad_token_id or 0
     with torch.inference_mode():
         for is_held, windows in ((False, train), (True, held)):
             for group in batch_windows(windows, 16):
-                input_ids, mask, batch = make_batch(group, index, pad)
+                input_ids, mask, batch = make_batch(group, index, subject.pad_id)
                 x = subject.capture(input_ids, mask, [point])[point]  # [B, S, d_model]
                 valid = batch.valid
                 parts["x"].append(x[valid].to(torch.float16).numpy())
