@@ -104,6 +104,8 @@ def test_by_category_shows_a_category_that_stands_out_beside_its_share_of_all_to
     # no category stands out: under half the firing tokens, or no more than the category's share of the corpus
     assert by_category({"news": 40, "chitchat": 30, "recipe": 30}, {"news": 10, "chitchat": 10, "recipe": 80}) == ""
     assert by_category({"news": 60, "chitchat": 40}, {"news": 50, "chitchat": 50}) == ""
+    spread = {f"c{i}": 1 for i in range(25)}  # every category under 5% of the firing tokens
+    assert by_category(spread, spread) == ""
     assert by_category({"news": 5}, {"news": 10}) == ""  # one category says nothing
     assert by_category({"news": 0, "chitchat": 0}, {"news": 5, "chitchat": 5}) == ""
 

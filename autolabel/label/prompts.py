@@ -240,6 +240,8 @@ def by_category(active_by_category: dict[str, int], tokens_by_category: dict[str
     shares = sorted(
         ((n / firing, category) for category, n in active_by_category.items() if n / firing >= 0.05), reverse=True
     )[:CATEGORIES_SHOWN]
+    if not shares:  # spread over more than 20 categories: none can stand out
+        return ""
     top_share, top = shares[0]
     if top_share < CATEGORY_STANDS_OUT or top_share < CATEGORY_LIFT * tokens_by_category[top] / total:
         return ""
