@@ -51,17 +51,17 @@ def feature_evidence(
     shows them."""
     active: dict[Key, dict[str, int]] = {key: {} for key in keys}
     turns: dict[Key, dict[str, tuple[int, int]]] = {key: {} for key in keys}
-    if settings.role_evidence and keys:
-        for layer, feature, role, n_active, n_turns_active, n_turns in store.rows(
-            "SELECT layer, feature, role::VARCHAR, n_active, n_turns_active, n_turns FROM role_stats "
-            "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?))",
-            [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})],
+    categories: dict[Key, str] = {}
+    if settings.role_evidence:
+        for layer, feature, role, n_active, n_turns_active, n_turns in keyed_rows(
+            store,
+            "SELECT layer, feature, role::VARCHAR, n_active, n_turns_active, n_turns FROM role_stats",
+            run_id,
+            keys,
         ):
-            if (layer, feature) not in active:
-                continue
             active[(layer, feature)][role] = n_active
             turns[(layer, feature)][role] = (n_turns_active, n_turns)
-    categories = category_evidence(store, run_id, keys) if settings.role_evidence else {}
+        categories = category_evidence(store, run_id, keys)
     return {
         key: Evidence(where_it_fires(active[key], turns[key]), *outputs[key], categories.get(key, "")) for key in keys
     }
@@ -69,17 +69,28 @@ def feature_evidence(
 
 def category_evidence(store: Store, run_id: str, keys: list[Key]) -> dict[Key, str]:
     """Each feature's by_category line from category_stats (summed over roles)."""
-    if not keys:
-        return {}
-    rows = store.rows(
-        "SELECT layer, feature, category, sum(n_active), sum(n_tokens) FROM category_stats "
-        "WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?)) GROUP BY ALL",
-        [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})],
-    )
     active: dict[Key, dict[str, int]] = {key: {} for key in keys}
     tokens: dict[Key, dict[str, int]] = {key: {} for key in keys}
-    for layer, feature, category, n_active, n_tokens in rows:
-        if (layer, feature) in active:
-            active[(layer, feature)][category] = int(n_active)
-            tokens[(layer, feature)][category] = int(n_tokens)
+    for layer, feature, category, n_active, n_tokens in keyed_rows(
+        store,
+        "SELECT layer, feature, category, sum(n_active), sum(n_tokens) FROM category_stats",
+        run_id,
+        keys,
+        "GROUP BY ALL",
+    ):
+        active[(layer, feature)][category] = int(n_active)
+        tokens[(layer, feature)][category] = int(n_tokens)
     return {key: by_category(active[key], tokens[key]) for key in keys}
+
+
+def keyed_rows(store: Store, select: str, run_id: str, keys: list[Key], tail: str = "") -> list[tuple]:
+    """The rows of `select` (a statistics table's columns, layer and feature first) for the run's features
+    `keys` only: filtered in SQL by their layers and feature ids, then to the exact pairs."""
+    if not keys:
+        return []
+    rows = store.rows(
+        f"{select} WHERE run_id = ? AND layer IN (SELECT unnest(?)) AND feature IN (SELECT unnest(?)) {tail}",
+        [run_id, sorted({layer for layer, _ in keys}), sorted({feature for _, feature in keys})],
+    )
+    wanted = set(keys)
+    return [row for row in rows if (row[0], row[1]) in wanted]
